@@ -1,0 +1,29 @@
+"""Models: plain ``nn.Module`` classifiers (no Lightning inside)."""
+
+from pdelightning.models.attention import MultiHeadSelfAttention
+from pdelightning.models.base import SequenceClassifier, masked_mean
+from pdelightning.models.bottleneck import GaussianBottleneck, gaussian_kl_to_standard_normal
+from pdelightning.models.embedding import InputEmbedding
+from pdelightning.models.hooks import HookPoint
+from pdelightning.models.pde import PDEClassifier, PDEStep, laplacian_1d
+from pdelightning.models.protocol import AnalysisTargets, LayerTarget, PDEStepParams, SupportsAnalysis
+from pdelightning.models.transformer import TransformerBlock, TransformerClassifier
+
+__all__ = [
+    "AnalysisTargets",
+    "GaussianBottleneck",
+    "HookPoint",
+    "InputEmbedding",
+    "LayerTarget",
+    "MultiHeadSelfAttention",
+    "PDEClassifier",
+    "PDEStep",
+    "PDEStepParams",
+    "SequenceClassifier",
+    "SupportsAnalysis",
+    "TransformerBlock",
+    "TransformerClassifier",
+    "gaussian_kl_to_standard_normal",
+    "laplacian_1d",
+    "masked_mean",
+]
