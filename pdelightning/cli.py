@@ -1,0 +1,54 @@
+"""``pdelightning`` command line: LightningCLI with YAML configs (``fit``, ``validate``, ``test``, ``predict``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+import pdelightning.callbacks  # noqa: F401  (registers the callbacks' short names)
+import pdelightning.data  # noqa: F401  (registers the data modules' short names)
+import pdelightning.models  # noqa: F401  (registers the models' short names)
+from pdelightning.data.base import ClassificationDataModule
+from pdelightning.task import ClassificationTask
+
+_DEFAULT_LOGGER = {
+    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+    "init_args": {"save_dir": "logs", "name": "pdelightning"},
+}
+
+
+class PDELightningCLI(LightningCLI):
+    """LightningCLI whose data module tells the model what it would otherwise be told twice.
+
+    Linked (``apply_on="instantiate"``): ``data.num_classes`` into the task and the model,
+    ``data.input_kind``, ``data.image_size``, ``data.vocab_size`` and ``data.max_len`` into the model.
+    """
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """Link the data module's attributes to the model's arguments."""
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        for attr in ("num_classes", "input_kind", "image_size", "vocab_size", "max_len"):
+            parser.link_arguments(f"data.{attr}", f"model.model.init_args.{attr}", apply_on="instantiate")
+
+
+def build_cli(args: ArgsType = None, run: bool = True) -> PDELightningCLI:
+    """Build (and by default run) the CLI; ``args`` as for ``LightningCLI``."""
+    return PDELightningCLI(
+        ClassificationTask,
+        ClassificationDataModule,
+        subclass_mode_data=True,
+        trainer_defaults={"logger": _DEFAULT_LOGGER},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``pdelightning`` console script and ``python -m pdelightning``."""
+    build_cli(args)
+
+
+if __name__ == "__main__":
+    main()
