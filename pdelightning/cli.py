@@ -31,6 +31,19 @@ class PDELightningCLI(LightningCLI):
         for attr in ("num_classes", "input_kind", "image_size", "vocab_size", "max_len"):
             parser.link_arguments(f"data.{attr}", f"model.model.init_args.{attr}", apply_on="instantiate")
 
+    def after_fit(self) -> None:
+        """Say where the logs are, how to view them, and the final validation numbers."""
+        trainer = self.trainer
+        if not trainer.is_global_zero or trainer.logger is None:
+            return
+        log_dir = trainer.logger.log_dir or trainer.default_root_dir
+        final = ", ".join(
+            f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "train/acc"))
+        )
+        print(f"\nFinished after {trainer.global_step} steps ({trainer.current_epoch} epochs). {final}")
+        print(f"Logs and checkpoints: {log_dir}")
+        print(f"View them with:       tensorboard --logdir {trainer.logger.save_dir}")
+
 
 def build_cli(args: ArgsType = None, run: bool = True) -> PDELightningCLI:
     """Build (and by default run) the CLI; ``args`` as for ``LightningCLI``."""

@@ -92,7 +92,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 def random_subset(n: int, size: int | None, seed: int) -> np.ndarray:
-    """Sorted indices of ``min(size, n)`` of ``range(n)`` drawn without replacement (all of them if ``size`` is None)."""
+    """Sorted indices of ``min(size, n)`` items of ``range(n)``, drawn at random (all of them if ``size`` is None)."""
     if size is None or size >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).permutation(n)[:size])
@@ -103,11 +103,11 @@ def pad_sequences(seqs: Sequence[Sequence[int]], max_len: int, pad_id: int = PAD
 
     An empty sequence becomes the single ``<unk>`` id, so every row holds at least one non-pad token.
     """
-    out = torch.full((len(seqs), max_len), pad_id, dtype=torch.long)
+    out = np.full((len(seqs), max_len), pad_id, dtype=np.int64)
     for i, seq in enumerate(seqs):
         ids = list(seq[:max_len]) or [UNK_ID]
-        out[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-    return out
+        out[i, : len(ids)] = ids
+    return torch.from_numpy(out)
 
 
 class ClassificationDataModule(L.LightningDataModule):

@@ -106,7 +106,7 @@ def encode(tokens: Sequence[str], vocab: dict[str, int]) -> list[int]:
 
 
 def strip_text(text: str, remove: Sequence[str]) -> str:
-    """Apply scikit-learn's own ``strip_newsgroup_{header,footer,quoting}``, in that order, as ``fetch_20newsgroups``."""
+    """Apply scikit-learn's own ``strip_newsgroup_{header,footer,quoting}`` in ``fetch_20newsgroups``'s order."""
     from sklearn.datasets._twenty_newsgroups import (
         strip_newsgroup_footer,
         strip_newsgroup_header,
@@ -184,7 +184,7 @@ def read_sklearn(data_home: str | Path | None, download: bool) -> Documents:
                 f"fetch it, or use source: tarball with a {TARBALL_NAME}"
             ) from err
         names = list(bunch.target_names)
-        docs[split] = [(names[t], text) for t, text in zip(bunch.target, bunch.data)]
+        docs[split] = [(names[t], text) for t, text in zip(bunch.target, bunch.data, strict=True)]
     return docs
 
 
@@ -194,9 +194,10 @@ class NewsgroupsDataModule(ClassificationDataModule):
     Each post is decoded as latin-1, optionally stripped of headers/footers/quotes with scikit-learn's
     own functions, lowercased and split into words (:func:`tokenize`). The vocabulary is built on the
     training split only (after the validation posts are held out, over whole posts): ``<pad>`` = 0,
-    ``<unk>`` = 1, then the ``vocab_size - 2`` most frequent words, so ``vocab_size`` is exactly the embedding size. Other
-    words, including every word seen only in validation or test, map to ``<unk>``. Sequences are cut to
-    the first ``max_len`` tokens and padded with 0 at the end; an empty post becomes the single ``<unk>``.
+    ``<unk>`` = 1, then the ``vocab_size - 2`` most frequent words, so ``vocab_size`` is exactly the
+    embedding size. Other words, including every word seen only in validation or test, map to ``<unk>``.
+    Sequences are cut to the first ``max_len`` tokens and padded with 0 at the end; an empty post becomes
+    the single ``<unk>``.
     Batches: ``x`` int64 ``[B, max_len]``, ``y`` int64 ``[B]``.
 
     Labels index the alphabetically sorted group names (scikit-learn's ``target_names``), i.e.
@@ -263,9 +264,8 @@ class NewsgroupsDataModule(ClassificationDataModule):
         self.source = check_choice("source", source, SOURCES)
         self.sklearn_data_home = sklearn_data_home
         self.download = bool(download)
-        if isinstance(remove, str):
-            remove = (remove,)
-        self.remove = tuple(check_choice("remove entry", r, REMOVE_KINDS) for r in remove)
+        remove_list = [remove] if isinstance(remove, str) else list(remove)
+        self.remove = tuple(check_choice("remove entry", r, REMOVE_KINDS) for r in remove_list)
         if categories is not None:
             if isinstance(categories, str) or not categories:
                 raise ValueError(f"categories={categories!r} must be a non-empty list of group names or None")

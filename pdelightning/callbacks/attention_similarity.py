@@ -1,0 +1,817 @@
+"""Attention similarity to a reference model, with null baselines (paper section 3.2, experiment 2).
+
+The paper reports that the PDE model's attention matches the Transformer's ("cosine similarity 0.9870,
+KL 0.0144, > 0.98 at every layer", section 3.2.3). This module measures that comparison between the model
+under training and any *reference* model on the same probe inputs, and adds what a bare similarity lacks:
+null baselines and skill scores.
+
+**Why the nulls matter.** Attention rows are probability vectors over the keys; when both models attend
+almost uniformly (typical early in training, and for short image-row sequences), two *unrelated*
+attention maps already score cosine ≈ 0.99 and KL ≈ 0.01. A similarity of 0.987 is therefore only
+evidence of shared structure if it clearly beats what an unrelated attention scores against the same
+reference. The skill score ``(s - s_null) / (1 - s_null)`` (``(d_null - d) / d_null`` for divergences)
+says which fraction of the distance from the null to perfect agreement the model covers; it is ~0 for the
+near-uniform case above even though the raw cosine is > 0.98.
+
+The math lives in plain functions (rows are the last axis, probabilities over keys):
+:func:`attention_cosine`, :func:`attention_kl`, :func:`attention_js`, :func:`attention_entropy`,
+:func:`masked_row_mean`, :func:`uniform_attention`, :func:`pairwise_head_sums`, :func:`match_heads`,
+:func:`skill_score`. :class:`AttentionSimilarity` is a thin adapter that runs the probes, gathers
+per-sample sums across ranks and logs.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+from typing_extensions import override
+
+from pdelightning.callbacks._capture import Capture
+from pdelightning.callbacks._probe import GatherStore, ProbeCallback, ProbeSet, _validation_loader
+from pdelightning.callbacks._targets import resolve_targets, unwrap
+from pdelightning.models.protocol import AnalysisTargets
+
+NULLS = ("uniform", "shuffled", "random_init")
+"""The null baselines: uniform attention, the reference on another probe sample, a re-initialised model copy."""
+MATCH_BY = ("cosine", "js")
+METRICS = ("cosine", "kl", "js")
+LINKED_ARGS = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
+"""The model arguments our CLI links from the data module; copied into a ``reference_config`` that lacks them."""
+
+
+# ---- pure math -----------------------------------------------------------------------------------------------
+def attention_cosine(p: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
+    """Cosine similarity of each attention row (last axis): ``<p, q> / (|p| |q|)``, in [0, 1] for probabilities.
+
+    Example::
+
+        >>> attention_cosine(torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+        tensor([1.0000, 0.7071])
+    """
+    return (p * q).sum(-1) / (p.norm(dim=-1) * q.norm(dim=-1)).clamp_min(eps)
+
+
+def attention_kl(p: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
+    """``KL(p || q) = sum_k p_k ln(p_k / max(q_k, eps))`` per row, in nats; ``0 ln 0 = 0``.
+
+    ``p`` is the model's attention, ``q`` the reference's (the direction used throughout this module). The
+    guard ``eps`` bounds the penalty for a key the reference ignores (``q_k = 0``) at ``p_k ln(p_k / eps)``.
+
+    Example::
+
+        >>> round(float(attention_kl(torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75]))), 4)  # ½ln2 + ½ln⅔
+        0.1438
+    """
+    return (torch.xlogy(p, p) - p * q.clamp_min(eps).log()).sum(-1)
+
+
+def attention_js(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence per row in nats: ``½ KL(p||m) + ½ KL(q||m)``, ``m = (p + q) / 2``; in [0, ln 2].
+
+    Symmetric and finite without any guard (``m_k >= p_k / 2``). Divide by ``ln 2`` for bits.
+
+    Example::
+
+        >>> float(attention_js(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))) == math.log(2)
+        True
+    """
+    m = 0.5 * (p + q)
+    js = 0.5 * (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1) + 0.5 * (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
+    return js.clamp_min(0.0)
+
+
+def attention_entropy(p: Tensor) -> Tensor:
+    """Shannon entropy of each attention row, ``-sum_k p_k ln p_k`` in nats (``ln T`` for uniform rows).
+
+    Example::
+
+        >>> round(float(attention_entropy(torch.full((4,), 0.25))), 4) == round(math.log(4), 4)
+        True
+    """
+    return -torch.xlogy(p, p).sum(-1)
+
+
+def masked_row_mean(values: Tensor, row_mask: Tensor | None) -> Tensor:
+    """Mean of per-row values ``[B, ..., T]`` over the rows where ``row_mask`` ``[B, T]`` is ``True``.
+
+    Rows of padded queries are excluded; every valid row of the batch weighs the same. This is the
+    "per query row, then averaged" reduction, never a metric of flattened tensors.
+
+    Example::
+
+        >>> masked_row_mean(torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[True, True, False]]))
+        tensor(2.)
+    """
+    if row_mask is None:
+        return values.mean()
+    mask = row_mask.reshape(row_mask.shape[0], *([1] * (values.dim() - 2)), row_mask.shape[-1]).expand_as(values)
+    return values[mask].mean()
+
+
+def uniform_attention(valid: Tensor) -> Tensor:
+    """Uniform attention over the valid keys: ``[B, 1, T, T]`` with rows ``valid / #valid`` (``valid``: ``[B, T]``).
+
+    Example::
+
+        >>> uniform_attention(torch.tensor([[True, True, False]]))[0, 0, 0]
+        tensor([0.5000, 0.5000, 0.0000])
+    """
+    v = valid.float()
+    row = v / v.sum(-1, keepdim=True).clamp_min(1.0)
+    return row[:, None, None, :].expand(-1, 1, valid.shape[-1], -1)
+
+
+def pairwise_head_sums(p: Tensor, q: Tensor, row_mask: Tensor, eps: float = 1e-8) -> dict[str, Tensor]:
+    """Per-sample sums over valid query rows of cosine, KL(p||q) and JS for every pair of heads.
+
+    Args:
+        p: attention probabilities of the model, ``[B, Hp, T, T]``.
+        q: attention probabilities of the reference, ``[B, Hq, T, T]``.
+        row_mask: ``[B, T]``, ``True`` for the query rows to count.
+        eps: the KL guard of :func:`attention_kl`.
+
+    Returns:
+        ``{"cosine", "kl", "js": [B, Hp, Hq]}``; divide by ``row_mask.sum()`` (over the samples you pool)
+        for the mean over rows. Memory is ``O(B Hq T^2)``: the model's heads are taken one at a time.
+    """
+    w = row_mask.to(p.dtype)[:, None, :]  # (B, 1, T)
+    out: dict[str, list[Tensor]] = {m: [] for m in METRICS}
+    for h in range(p.shape[1]):
+        ph = p[:, h : h + 1]  # (B, 1, T, T) against (B, Hq, T, T)
+        out["cosine"].append((attention_cosine(ph, q) * w).sum(-1))
+        out["kl"].append((attention_kl(ph, q, eps) * w).sum(-1))
+        out["js"].append((attention_js(ph, q) * w).sum(-1))
+    return {m: torch.stack(v, dim=1) for m, v in out.items()}  # (B, Hp, Hq)
+
+
+def match_heads(score: Tensor, maximize: bool = True) -> tuple[Tensor, Tensor]:
+    """Optimal one-to-one pairing of model heads (rows) with reference heads (columns), the Hungarian method.
+
+    Head order is arbitrary (any permutation of heads is the same model), so heads are paired to maximise the
+    summed similarity (or minimise the summed divergence) with ``scipy.optimize.linear_sum_assignment``.
+    With ``Hp != Hq`` heads, ``min(Hp, Hq)`` pairs are formed.
+
+    Returns:
+        ``(rows, cols)`` index tensors; ``score[rows, cols]`` are the matched pairs.
+
+    Example::
+
+        >>> match_heads(torch.tensor([[0.1, 0.9], [0.8, 0.2]]))
+        (tensor([0, 1]), tensor([1, 0]))
+    """
+    rows, cols = linear_sum_assignment(score.detach().double().cpu().numpy(), maximize=maximize)
+    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+
+
+def skill_score(value: float, null: float, higher_is_better: bool = True) -> float:
+    """Improvement over a null baseline as a fraction of the way to perfect agreement.
+
+    ``(s - s_null) / (1 - s_null)`` for a similarity (perfect = 1), ``(d_null - d) / d_null`` for a divergence
+    (perfect = 0). 1: perfect; 0: no better than the null; negative: worse. ``nan`` when the null is already
+    perfect (no room to improve) or either value is ``nan``.
+
+    Example::
+
+        >>> skill_score(0.99, 0.98), skill_score(0.01, 0.04, higher_is_better=False)
+        (0.5000000000000004, 0.75)
+    """
+    room = (1.0 - null) if higher_is_better else null
+    if not (math.isfinite(value) and math.isfinite(null)) or room <= 1e-12:
+        return float("nan")
+    return ((value - null) if higher_is_better else (null - value)) / room
+
+
+def summarize_pairs(sums: Mapping[str, Tensor], rows: Tensor, match_by: str = "cosine") -> dict[str, Any]:
+    """Pool per-sample pair sums over the probe set, match heads and return matched means.
+
+    Args:
+        sums: ``{"cosine", "kl", "js": [N, Hp, Hq]}`` per-sample sums over valid rows (:func:`pairwise_head_sums`).
+        rows: ``[N]`` number of valid rows of each sample.
+        match_by: ``"cosine"`` (maximise) or ``"js"`` (minimise) for the head matching.
+
+    Returns:
+        ``{"cosine", "kl", "js": float}`` over matched head pairs, ``"cosine_unmatched"`` (head ``i`` with head
+        ``i``), ``"matching": (rows, cols)`` and the pooled ``[Hp, Hq]`` matrices under ``"matrix"``.
+    """
+    n = rows.sum().clamp_min(1).to(torch.float64)
+    mean = {m: sums[m].sum(0).double() / n for m in METRICS}
+    r, c = match_heads(mean[match_by], maximize=match_by == "cosine")
+    k = min(mean["cosine"].shape)
+    return {
+        **{m: float(mean[m][r, c].mean()) for m in METRICS},
+        "cosine_unmatched": float(torch.diagonal(mean["cosine"])[:k].mean()),
+        "matching": (r, c),
+        "matrix": mean,
+    }
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+def _import(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ImportError(f"cannot import {path!r} (expected a dotted path such as 'my_pkg.models.MyModule')") from err
+
+
+def reinitialised_copy(module: nn.Module, seed: int) -> nn.Module:
+    """A frozen deep copy of ``module`` with fresh parameters: ``reset_parameters()`` on every submodule, seeded.
+
+    ``nn.MultiheadAttention`` resets through its ``_reset_parameters``. Parameters owned by modules with no
+    reset method (e.g. the PDE step's ``alpha`` and diffusion) keep the values they had when copied. The draw
+    is on the CPU under a forked RNG with ``seed``, so it is identical on every rank and device and leaves the
+    global RNG untouched.
+    """
+    clone = copy.deepcopy(unwrap(module)).cpu()  # LightningModule.__getstate__ drops the trainer
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in clone.modules():
+            reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
+            if callable(reset):
+                reset()
+    return _freeze(clone)
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def _linked_values(pl_module: nn.Module) -> dict[str, Any]:
+    """The data-linked model arguments of the model under training: from its CLI hparams, else its attributes."""
+    hp = getattr(pl_module, "hparams", None) or {}
+    inner = hp.get("model") if isinstance(hp, Mapping) else None
+    if isinstance(inner, Mapping) and isinstance(inner.get("init_args"), Mapping):
+        return {k: inner["init_args"][k] for k in LINKED_ARGS if k in inner["init_args"]}
+    from pdelightning.models.base import SequenceClassifier
+
+    for m in pl_module.modules():
+        if isinstance(m, SequenceClassifier):
+            e = m.embed
+            tokens = e.input_kind == "tokens"
+            return {
+                "num_classes": m.num_classes,
+                "input_kind": e.input_kind,
+                "image_size": 0 if tokens else e.image_size,
+                "vocab_size": e.proj.num_embeddings if tokens else 0,
+                "max_len": e.n_tokens if tokens else 0,
+            }
+    return {}
+
+
+def _init_params(class_path: str) -> set[str] | None:
+    """Names of the ``__init__`` parameters of ``class_path`` (a short name is looked up in our models)."""
+    try:
+        cls = (
+            _import(class_path)
+            if "." in class_path
+            else getattr(importlib.import_module("pdelightning.models"), class_path)
+        )
+        return set(inspect.signature(cls).parameters)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def build_from_config(path: str, linked: Mapping[str, Any], cls: type | None = None) -> nn.Module:
+    """Instantiate the ``model:`` section of a YAML config in our CLI format.
+
+    ``model:`` holds the :class:`~pdelightning.task.ClassificationTask` arguments (``model: {class_path,
+    init_args}``, ``num_classes``, ...), or the ``init_args`` of ``cls``, or is itself ``{class_path, init_args}``.
+    Arguments our CLI links from the data module (:data:`LINKED_ARGS`) are filled from ``linked`` where the
+    file does not give them; the file's ``data:`` section is not read.
+    """
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    section = config.get("model") if isinstance(config, Mapping) else None
+    if not isinstance(section, Mapping):
+        raise ValueError(f"reference_config={path!r} has no `model:` section (keys: {sorted(config)})")
+    section = copy.deepcopy(dict(section))
+    from lightning.pytorch.cli import instantiate_module
+
+    if "class_path" in section:
+        cls = _import(section["class_path"]) if "." in section["class_path"] else cls
+        if cls is None:
+            raise ValueError(f"reference_config={path!r}: give `model.class_path` as a dotted path")
+        section = dict(section.get("init_args") or {})
+    if cls is None:
+        from pdelightning.task import ClassificationTask
+
+        cls = ClassificationTask
+    inner = section.get("model")
+    if isinstance(inner, Mapping) and "class_path" in inner:
+        inner = section["model"] = dict(inner)
+        accepted = _init_params(inner["class_path"])
+        fill = {k: v for k, v in linked.items() if accepted is None or k in accepted}
+        inner["init_args"] = {**fill, **dict(inner.get("init_args") or {})}
+        if "num_classes" in linked:
+            section.setdefault("num_classes", linked["num_classes"])
+    return instantiate_module(cls, section)
+
+
+def _valid_tokens(x: Any, length: int, pad_id: int | None, device: torch.device) -> Tensor:
+    """``[B, T]`` mask of non-padding positions: ``x != pad_id`` for ``[B, T]`` integer ids, else all ``True``."""
+    if (
+        isinstance(x, Tensor)
+        and pad_id is not None
+        and x.dim() == 2
+        and not x.is_floating_point()
+        and x.shape[1] == length
+    ):
+        return (x != pad_id).to(device)
+    batch = x.shape[0] if isinstance(x, Tensor) else len(x)
+    return torch.ones(batch, length, dtype=torch.bool, device=device)
+
+
+def _pad_pattern(p: Tensor, length: int) -> Tensor:
+    t = p.shape[-1]
+    return p if t == length else torch.nn.functional.pad(p, (0, length - t, 0, length - t))
+
+
+def _pad_mask(m: Tensor, length: int) -> Tensor:
+    t = m.shape[-1]
+    return m if t == length else torch.nn.functional.pad(m, (0, length - t), value=False)
+
+
+def _stack_inputs(xs: list[Tensor], pad_id: int | None) -> Tensor:
+    """Concatenate single-sample batches; integer sequences of different lengths are right-padded with ``pad_id``."""
+    if all(x.shape == xs[0].shape for x in xs):
+        return torch.cat(xs)
+    if pad_id is None or any(x.dim() != 2 or x.is_floating_point() for x in xs):
+        raise ValueError(f"cannot batch probe inputs of shapes {[tuple(x.shape) for x in xs]}")
+    t = max(x.shape[1] for x in xs)
+    return torch.cat([torch.nn.functional.pad(x, (0, t - x.shape[1]), value=pad_id) for x in xs])
+
+
+def derangement(n: int, seed: int) -> Tensor:
+    """A seeded permutation of ``range(n)`` with no fixed point (one random cycle); ``n >= 2``.
+
+    Example::
+
+        >>> bool((derangement(5, 0) != torch.arange(5)).all())
+        True
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    partner = torch.empty(n, dtype=torch.long)
+    partner[order] = order.roll(-1)
+    return partner
+
+
+# ---- the callback --------------------------------------------------------------------------------------------
+class AttentionSimilarity(ProbeCallback):
+    r"""Compare the attention of the model under training with a reference model's (paper section 3.2).
+
+    On a fixed probe set both models run on the same inputs; their attention probabilities (softmax of
+    eq. (10), ``[B, H, T, T]``) are compared layer by layer:
+
+    * **Layers**: model layer ``i`` with reference layer ``i`` for ``i < min(L, L_ref)`` (extra layers of the
+      deeper model are not compared), or as given by ``layer_map``. Keys carry the model's layer names.
+    * **Heads**: head order is arbitrary, so heads are paired per layer by the Hungarian method
+      (:func:`match_heads`) on the probe-set mean of the per-row cosine (``match_by="cosine"``) or JS
+      divergence; with different head counts ``min(H, H_ref)`` pairs are formed. The matching is made after
+      the gather, on the whole probe set, identically on every rank. ``cosine_unmatched`` pairs head ``i``
+      with head ``i`` for comparison.
+    * **Metrics**, computed per query row and then averaged over the valid rows of the probe set (never over
+      flattened maps): cosine similarity, ``KL(model || reference)`` in nats with the reference clamped at
+      ``eps``, and Jensen-Shannon divergence in nats (in ``[0, ln 2]``). Rows of padded queries are
+      excluded (padding is ``x == pad_id`` for integer token inputs); padded keys already have probability 0.
+    * **Nulls** (each gets the same head matching, so the matching's optimism is in the null too):
+      ``uniform``: uniform attention over the valid keys vs the reference (averaged over all reference
+      heads); ``shuffled``: the model's attention on sample ``i`` vs the reference's on another probe sample
+      ``π(i)`` (a fixed seeded derangement of the probe set: realistic attention statistics, no
+      correspondence; rows valid in both are compared); ``random_init``: a copy of the model re-initialised
+      with ``reset_parameters()`` (seeded, made at the first probe) vs the reference.
+    * **Skill** against the *strongest* enabled null (highest null cosine; lowest null KL/JS):
+      :func:`skill_score`, ``(s - s_null) / (1 - s_null)`` for cosine and ``(d_null - d) / d_null`` for KL/JS.
+    * **Entropy**: mean attention entropy per row (nats) of the model and of the reference.
+
+    Why the nulls: two unrelated near-uniform attentions score cosine ≈ 0.99 and KL ≈ 0.01 (see the module
+    docstring); only the skill says whether the model's agreement exceeds such chance agreement.
+
+    The reference is one of:
+
+    * ``reference``: an ``nn.Module`` given in Python (frozen and put in eval mode by this callback);
+    * ``reference_checkpoint``: a Lightning checkpoint, loaded with ``reference_class.load_from_checkpoint``
+      (default :class:`~pdelightning.task.ClassificationTask`, which rebuilds from checkpoints our CLI wrote,
+      whose hparams hold the model's ``class_path``);
+    * ``reference_config``: a YAML config in our CLI format whose ``model:`` section is instantiated (see
+      :func:`build_from_config`; data-linked arguments such as ``num_classes`` and ``image_size`` missing from
+      the file are copied from the model under training). Alone it gives a freshly initialised reference;
+      together with ``reference_checkpoint`` the checkpoint's ``state_dict`` is loaded into it (for
+      checkpoints whose hparams cannot rebuild the model, e.g. a task built in Python);
+    * none of them: a frozen copy of the model taken at the start of training (attention drift from
+      initialisation); this copy is saved in the callback state so a resumed run keeps it.
+
+    Loaded references are frozen, in eval mode, moved to the module's device at each probe; their layers are
+    found by :func:`~pdelightning.callbacks._targets.resolve_targets` (protocol, hook names, or the
+    ``reference_layers``/``reference_attention`` globs). Both models must tokenize the probe inputs alike
+    (same ``T``).
+
+    Args:
+        reference: the reference module.
+        reference_checkpoint: path of a Lightning checkpoint of the reference.
+        reference_config: path of a YAML config (our CLI format) describing the reference.
+        reference_class: dotted path of the ``LightningModule`` class for ``reference_checkpoint`` or of the
+            class whose arguments ``reference_config``'s ``model:`` section holds.
+        reference_layers: glob of the reference's layer modules (``None``: discovery; the initial-copy
+            reference uses ``layers``).
+        reference_attention: glob of the reference's attention modules.
+        layer_map: ``{model layer index: reference layer index}`` (``None``: ``i -> i``).
+        match_by: head-matching criterion, ``"cosine"`` or ``"js"``.
+        nulls: the null baselines to compute, a subset of ``("uniform", "shuffled", "random_init")``.
+        eps: the KL guard (reference probabilities are clamped at ``eps``), in ``(0, 1)``.
+        pad_id: padding id of integer token inputs (``None``: no padding).
+        log_figures: write the attention-map and per-layer figures at each probe.
+        null_seed: seed of the re-initialisation and of the shuffled pairing.
+        **kwargs: :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (cadence, probe set, globs).
+
+    Raises:
+        ValueError: on conflicting reference arguments, an unknown null or ``match_by``, a bad ``eps`` or
+            ``layer_map``; at setup, on a ``layer_map`` index out of range.
+        TargetNotFoundError: at setup, when the model or the reference has no layers with attention.
+        FileNotFoundError: at setup, when ``reference_checkpoint`` or ``reference_config`` does not exist.
+
+    Logged metrics (``analysis/attention_similarity/<quantity>/<layer>`` and ``.../<quantity>/mean`` over
+    layers, ``<layer>`` the model's layer name, e.g. ``blocks.0``):
+        ``cosine``, ``kl``, ``js`` (matched heads); ``cosine_unmatched``;
+        ``cosine_null_uniform``, ``kl_null_uniform``, ``js_null_uniform``,
+        ``cosine_null_shuffled``, ``kl_null_shuffled``, ``js_null_shuffled``,
+        ``cosine_null_random_init``, ``kl_null_random_init``, ``js_null_random_init`` (enabled nulls only);
+        ``cosine_skill``, ``kl_skill``, ``js_skill`` (vs the strongest enabled null);
+        ``entropy``, ``entropy_reference`` (nats).
+        Figures: ``analysis/attention_similarity/attention_maps`` (head-averaged attention of probe sample 0,
+        model above reference, per layer) and ``analysis/attention_similarity/by_layer`` (cosine per layer
+        with its nulls).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[AttentionSimilarity(reference_checkpoint="transformer.ckpt", every_n_epochs=1)])
+        trainer.fit(pde_task, datamodule=dm)
+    """
+
+    name = "attention_similarity"
+    needs = ("layers", "attention")
+
+    def __init__(
+        self,
+        reference: nn.Module | None = None,
+        reference_checkpoint: str | None = None,
+        reference_config: str | None = None,
+        reference_class: str | None = None,
+        reference_layers: str | None = None,
+        reference_attention: str | None = None,
+        layer_map: dict[int, int] | None = None,
+        match_by: str = "cosine",
+        nulls: Sequence[str] = NULLS,
+        eps: float = 1e-8,
+        pad_id: int | None = 0,
+        log_figures: bool = True,
+        null_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if reference is not None and (reference_checkpoint is not None or reference_config is not None):
+            raise ValueError(
+                "give the reference either as a module (reference=...) or by file (reference_checkpoint and/or "
+                "reference_config), not both"
+            )
+        if reference is not None and not isinstance(reference, nn.Module):
+            raise ValueError(f"reference must be an nn.Module, got {type(reference).__name__}")
+        if reference_class is not None and reference_checkpoint is None and reference_config is None:
+            raise ValueError(f"reference_class={reference_class!r} needs reference_checkpoint or reference_config")
+        if reference_class is not None and "." not in reference_class:
+            raise ValueError(f"reference_class={reference_class!r} must be a dotted path such as 'my_pkg.MyModule'")
+        if match_by not in MATCH_BY:
+            raise ValueError(f"match_by={match_by!r} is not one of {MATCH_BY}")
+        if isinstance(nulls, str):
+            nulls = (nulls,)
+        unknown = [n for n in nulls if n not in NULLS]
+        if unknown:
+            raise ValueError(f"nulls={list(nulls)!r} contains unknown baselines {unknown}; choose from {NULLS}")
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"eps={eps} must lie in (0, 1)")
+        if layer_map is not None:
+            bad = {
+                k: v
+                for k, v in layer_map.items()
+                if not (isinstance(k, int) and isinstance(v, int) and k >= 0 and v >= 0)
+            }
+            if bad or not layer_map:
+                raise ValueError(
+                    f"layer_map={layer_map!r} must map model layer indices to reference layer indices "
+                    f"(non-negative ints, at least one pair); bad entries: {bad}"
+                )
+        self.reference_checkpoint = reference_checkpoint
+        self.reference_config = reference_config
+        self.reference_class = reference_class
+        self.reference_patterns = {"layers": reference_layers, "attention": reference_attention}
+        self.layer_map = dict(layer_map) if layer_map is not None else None
+        self.match_by = match_by
+        self.nulls = tuple(n for n in NULLS if n in nulls)
+        self.eps = eps
+        self.pad_id = pad_id
+        self.log_figures = log_figures
+        self.null_seed = null_seed
+        self.initial = reference is None and reference_checkpoint is None and reference_config is None
+        self._reference: nn.Module | None = _freeze(reference) if reference is not None else None
+        self._pending_initial: dict[str, Tensor] | None = None
+        self._null_model: nn.Module | None = None
+        self._partner_inputs: list[Any] | None = None
+        self.last_results: dict[str, dict[str, Any]] = {}
+        """Per model layer, the results of the latest probe (including head matchings and pooled matrices)."""
+
+    @property
+    @override
+    def state_key(self) -> str:
+        ref = "initial" if self.initial else (self.reference_checkpoint or self.reference_config or "module")
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs, reference=ref, **self.patterns
+        )
+
+    # ---- reference ---------------------------------------------------------------------------------------------
+    def _load_reference(self, pl_module: L.LightningModule) -> nn.Module:
+        for arg in ("reference_checkpoint", "reference_config"):
+            path = getattr(self, arg)
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"{arg}={path!r} does not exist")
+        cls = _import(self.reference_class) if self.reference_class else None
+        if self.reference_config is not None:
+            module = build_from_config(self.reference_config, _linked_values(pl_module), cls)
+            if self.reference_checkpoint is not None:
+                ckpt = torch.load(self.reference_checkpoint, map_location="cpu", weights_only=False)
+                module.load_state_dict(ckpt.get("state_dict", ckpt))
+            else:
+                rank_zero_warn(
+                    f"AttentionSimilarity: the reference built from {self.reference_config!r} is freshly initialised "
+                    "(no reference_checkpoint given)"
+                )
+            return module
+        if cls is None:
+            from pdelightning.task import ClassificationTask
+
+            cls = ClassificationTask
+        try:
+            return cls.load_from_checkpoint(self.reference_checkpoint, map_location="cpu")
+        except TypeError as err:
+            raise TypeError(
+                f"{cls.__name__}.load_from_checkpoint({self.reference_checkpoint!r}) failed ({err}). If the checkpoint "
+                "comes from a task built in Python (its hparams do not hold the model), also give reference_config "
+                "(a YAML describing the architecture); for another LightningModule give reference_class"
+            ) from err
+
+    def _reference_targets(self, reference: nn.Module) -> AnalysisTargets:
+        patterns = self.patterns if self.initial else self.reference_patterns
+        return resolve_targets(reference, layers=patterns["layers"], attention=patterns["attention"], need=self.needs)
+
+    def _layer_pairs(self, n_model: int, n_ref: int) -> list[tuple[int, int]]:
+        if self.layer_map is None:
+            return [(i, i) for i in range(min(n_model, n_ref))]
+        bad = {k: v for k, v in self.layer_map.items() if k >= n_model or v >= n_ref}
+        if bad:
+            raise ValueError(
+                f"layer_map entries {bad} are out of range: the model has {n_model} layers (0..{n_model - 1}) and the "
+                f"reference {n_ref} (0..{n_ref - 1})"
+            )
+        return sorted(self.layer_map.items())
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if self._reference is None and not self.initial:
+            self._reference = _freeze(self._load_reference(pl_module))
+        reference = self._reference if self._reference is not None else pl_module
+        ref_targets = self._reference_targets(reference)  # fail fast, before training
+        self._layer_pairs(len(self.targets(pl_module).layers), len(ref_targets.layers))
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.initial and self._reference is None:
+            snapshot = copy.deepcopy(unwrap(pl_module))  # after DDP's broadcast: the same on every rank
+            if self._pending_initial is not None:
+                snapshot.load_state_dict(self._pending_initial)
+                self._pending_initial = None
+            else:
+                rank_zero_info(
+                    "AttentionSimilarity: no reference given; comparing with the model at the start of training"
+                )
+            self._reference = _freeze(snapshot)
+        super().on_train_start(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._null_model = None
+        self._partner_inputs = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.initial and self._reference is not None:
+            return {"initial_reference": {k: v.detach().cpu() for k, v in self._reference.state_dict().items()}}
+        return {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.initial and "initial_reference" in state_dict:
+            self._pending_initial = state_dict["initial_reference"]
+            self._reference = None
+
+    # ---- probing -----------------------------------------------------------------------------------------------
+    def _partners(self, trainer: L.Trainer) -> list[Any] | None:
+        """Single-sample inputs of the whole probe set (every rank), for the shuffled null; ``None`` if < 2."""
+        if self._partner_inputs is None:
+            loader = _validation_loader(trainer)
+            assert loader is not None  # probe_set() has already checked
+            full = ProbeSet(loader.dataset, loader.collate_fn, self.probe_size, 1, self.seed)
+            self._partner_inputs = [x for x, _, _ in full]
+        return self._partner_inputs if len(self._partner_inputs) >= 2 else None
+
+    def _patterns(self, module: nn.Module, targets: AnalysisTargets, x: Any) -> dict[str, Tensor]:
+        with Capture(targets, layers=False, attention=True) as cap:
+            self.forward(module, x)
+            return cap.pop()[1]
+
+    @override
+    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        device = pl_module.device
+        targets = self.targets(pl_module)
+        assert self._reference is not None
+        reference = self._reference.to(device).eval()
+        ref_targets = self._reference_targets(reference)
+        pairs = [
+            (targets.layers[i].name, ref_targets.layers[j].name)
+            for i, j in self._layer_pairs(len(targets.layers), len(ref_targets.layers))
+        ]
+        if "random_init" in self.nulls and self._null_model is None:
+            self._null_model = reinitialised_copy(pl_module, self.null_seed)
+        null_model = (
+            self._null_model.to(device) if "random_init" in self.nulls and self._null_model is not None else None
+        )
+        null_targets = resolve_targets(null_model, need=self.needs, **self.patterns) if null_model is not None else None
+        partners = self._partners(trainer) if "shuffled" in self.nulls else None
+        partner_of = derangement(len(partners), self.null_seed) if partners is not None else None
+
+        comps = (
+            ["main"]
+            + (["shuffled"] if partners is not None else [])
+            + (["random_init"] if null_model is not None else [])
+        )
+        keys = [f"rows/{a}" for a, _ in pairs] + [f"rows_shuffled/{a}" for a, _ in pairs]
+        keys += [f"{c}/{m}/{a}" for c in comps for m in METRICS for a, _ in pairs]
+        keys += [f"uniform/{m}/{a}" for m in METRICS for a, _ in pairs]
+        keys += [f"entropy/{a}" for a, _ in pairs] + [f"entropy_reference/{a}" for a, _ in pairs]
+        store = GatherStore(keys).to(device)
+        maps: dict[str, tuple[Tensor, Tensor]] = {}
+
+        with torch.no_grad():
+            for x, _, idx in self.iter_probe(trainer, pl_module):
+                p_all = self._patterns(pl_module, targets, x)
+                r_all = self._patterns(reference, ref_targets, x)
+                n_all = self._patterns(null_model, null_targets, x) if null_model is not None else {}
+                rs_all: dict[str, Tensor] = {}
+                if partners is not None and partner_of is not None:
+                    xs = _stack_inputs([partners[int(j)] for j in partner_of[idx.cpu()]], self.pad_id).to(device)
+                    rs_all = self._patterns(reference, ref_targets, xs)
+                    valid_s = _valid_tokens(xs, next(iter(rs_all.values())).shape[-1], self.pad_id, device)
+                update: dict[str, Tensor] = {}
+                for a, b in pairs:
+                    p, r = p_all[a].float(), r_all[b].float()
+                    if p.shape[-1] != r.shape[-1]:
+                        raise ValueError(
+                            f"model layer {a} attends over T={p.shape[-1]} tokens but reference layer {b} over "
+                            f"T={r.shape[-1]}: both models must tokenize the probe inputs the same way"
+                        )
+                    valid = _valid_tokens(x, p.shape[-1], self.pad_id, device)
+                    update[f"rows/{a}"] = valid.sum(-1)
+                    for m, v in pairwise_head_sums(p, r, valid, self.eps).items():
+                        update[f"main/{m}/{a}"] = v
+                    for m, v in pairwise_head_sums(uniform_attention(valid), r, valid, self.eps).items():
+                        update[f"uniform/{m}/{a}"] = v[:, 0]
+                    w = valid.float()[:, None, :]
+                    update[f"entropy/{a}"] = (attention_entropy(p) * w).sum((-1, -2)) / p.shape[1]
+                    update[f"entropy_reference/{a}"] = (attention_entropy(r) * w).sum((-1, -2)) / r.shape[1]
+                    if null_model is not None:
+                        for m, v in pairwise_head_sums(n_all[a].float(), r, valid, self.eps).items():
+                            update[f"random_init/{m}/{a}"] = v
+                    if rs_all:
+                        rs = rs_all[b].float()
+                        t = max(p.shape[-1], rs.shape[-1])
+                        both = _pad_mask(valid, t) & _pad_mask(valid_s, t)
+                        update[f"rows_shuffled/{a}"] = both.sum(-1)
+                        for m, v in pairwise_head_sums(_pad_pattern(p, t), _pad_pattern(rs, t), both, self.eps).items():
+                            update[f"shuffled/{m}/{a}"] = v
+                    else:
+                        update[f"rows_shuffled/{a}"] = torch.zeros_like(valid.sum(-1))
+                    if self.log_figures and bool((idx == 0).any()):  # probe sample 0 lives on rank zero
+                        k = int((idx == 0).nonzero()[0, 0])
+                        n = int(valid[k].sum())
+                        maps[a] = (p[k].mean(0)[:n, :n].cpu(), r[k].mean(0)[:n, :n].cpu())
+                store.update(idx, **update)
+                del p_all, r_all, n_all, rs_all, update
+
+        out = store.compute()  # a collective: every rank, same tensors
+        results = {a: self._summarize(out, a, comps) for a, _ in pairs}
+        self.last_results = results
+        metrics: dict[str, float] = {}
+        for a, res in results.items():
+            metrics.update({self.key(q, a): v for q, v in res.items() if isinstance(v, float)})
+        for q in sorted({q for res in results.values() for q, v in res.items() if isinstance(v, float)}):
+            metrics[self.key(q, "mean")] = float(np.nanmean([res[q] for res in results.values() if q in res]))
+        self.log_scalars(trainer, metrics)
+        if self.log_figures and trainer.is_global_zero:
+            if maps:
+                self.add_figure(trainer, self.key("attention_maps"), _maps_figure(maps, pairs))
+            self.add_figure(trainer, self.key("by_layer"), _by_layer_figure(results, self.nulls))
+
+    def _summarize(self, out: dict[str, Tensor], layer: str, comps: list[str]) -> dict[str, Any]:
+        rows = out[f"rows/{layer}"]
+        n = rows.sum().clamp_min(1).double()
+        main = summarize_pairs({m: out[f"main/{m}/{layer}"] for m in METRICS}, rows, self.match_by)
+        res: dict[str, Any] = {m: main[m] for m in METRICS}
+        res["cosine_unmatched"] = main["cosine_unmatched"]
+        res["matching"] = main["matching"]
+        res["matrix"] = main["matrix"]
+        nulls: dict[str, dict[str, float]] = {}
+        if "uniform" in self.nulls:
+            nulls["uniform"] = {m: float(out[f"uniform/{m}/{layer}"].sum(0).double().mean() / n) for m in METRICS}
+        if "shuffled" in comps:
+            s = summarize_pairs(
+                {m: out[f"shuffled/{m}/{layer}"] for m in METRICS}, out[f"rows_shuffled/{layer}"], self.match_by
+            )
+            nulls["shuffled"] = {m: s[m] for m in METRICS}
+        if "random_init" in comps:
+            s = summarize_pairs({m: out[f"random_init/{m}/{layer}"] for m in METRICS}, rows, self.match_by)
+            nulls["random_init"] = {m: s[m] for m in METRICS}
+        for null, vals in nulls.items():
+            res.update({f"{m}_null_{null}": v for m, v in vals.items()})
+        if nulls:
+            strongest_cos = max(v["cosine"] for v in nulls.values())
+            res["cosine_skill"] = skill_score(res["cosine"], strongest_cos)
+            for m in ("kl", "js"):
+                res[f"{m}_skill"] = skill_score(res[m], min(v[m] for v in nulls.values()), higher_is_better=False)
+        res["entropy"] = float(out[f"entropy/{layer}"].sum().double() / n)
+        res["entropy_reference"] = float(out[f"entropy_reference/{layer}"].sum().double() / n)
+        return res
+
+    @override
+    def layout(self) -> dict[str, list[str]]:
+        base = f"analysis/{self.name}"
+        quantities = ["cosine", "kl", "js", "cosine_unmatched", "entropy", "entropy_reference"]
+        quantities += [f"{m}_null_{n}" for n in self.nulls for m in METRICS]
+        quantities += [f"{m}_skill" for m in METRICS] if self.nulls else []
+        charts = {f"{q} per layer": [rf"^{base}/{q}/.*"] for q in quantities}
+        for m in METRICS:
+            charts[f"{m} vs nulls (mean over layers)"] = [rf"^{base}/{m}(_null_[a-z_]+)?/mean$"]
+        return charts
+
+
+# ---- figures -------------------------------------------------------------------------------------------------
+def _maps_figure(maps: Mapping[str, tuple[Tensor, Tensor]], pairs: Sequence[tuple[str, str]]) -> Any:
+    """Head-averaged attention of probe sample 0: model (top row) and reference (bottom row), one column per layer."""
+    from matplotlib.figure import Figure
+
+    names = [a for a, _ in pairs if a in maps]
+    fig = Figure(figsize=(2.6 * len(names) + 0.6, 5.2), layout="constrained")
+    axes = fig.subplots(2, len(names), squeeze=False)
+    ref_of = dict(pairs)
+    for col, a in enumerate(names):
+        for row, (mat, title) in enumerate(((maps[a][0], f"model {a}"), (maps[a][1], f"reference {ref_of[a]}"))):
+            ax = axes[row][col]
+            im = ax.imshow(mat.numpy(), cmap="viridis", vmin=0.0, aspect="auto")
+            ax.set_title(title, fontsize=8)
+            ax.set_xlabel("key", fontsize=7)
+            ax.set_ylabel("query", fontsize=7)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    return fig
+
+
+def _by_layer_figure(results: Mapping[str, Mapping[str, Any]], nulls: Sequence[str]) -> Any:
+    """Per-layer matched cosine with its null baselines."""
+    from matplotlib.figure import Figure
+
+    layers = list(results)
+    series = ["cosine"] + [f"cosine_null_{n}" for n in nulls]
+    fig = Figure(figsize=(max(4.0, 1.2 * len(layers) + 2.0), 3.2), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(series)
+    for k, s in enumerate(series):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(layers))]
+        ax.bar(xs, [results[a].get(s, float("nan")) for a in layers], width, label=s.replace("cosine_", ""))
+    ax.set_xticks(range(len(layers)), layers, fontsize=7)
+    ax.set_ylabel("cosine similarity (per row)")
+    ax.set_ylim(0.0, 1.05)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig

@@ -1,0 +1,368 @@
+"""Per-layer gradient magnitudes during training (paper section 3.4, experiment 4: gradient flow analysis).
+
+The paper compares "average gradient magnitudes across different layers" of the PDE model and the
+Transformer (PDE mostly ``1e-3..1e-2``, first layer markedly higher; Transformer ``1e-4..1e-3`` and more
+uniform) and looks for vanishing or exploding gradients, the backward counterpart of eqs. (22)-(23).
+:class:`GradientFlow` reads the training gradients themselves, so unlike the probe callbacks it runs no
+forward of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from pdelightning.callbacks._probe import _LAYOUTS, tensorboard
+from pdelightning.callbacks._targets import TargetNotFoundError, clean_name, resolve_targets
+
+EMBEDDING, HEAD, OTHER = "embedding", "head", "other"
+
+
+def grouped_norms(tensors: Sequence[Tensor], groups: Tensor, num_groups: int, ord: float = 2.0) -> Tensor:
+    """Norm of each group of tensors, as if each group's tensors were flattened into one vector.
+
+    One fused ``torch._foreach_norm`` over all tensors, then a segment reduction: for ``ord=2`` the
+    square root of the summed squares, for ``ord=1`` the sum. Groups with no tensors get ``0``.
+
+    Args:
+        tensors: the tensors (e.g. gradients), any shapes, on one device.
+        groups: ``[len(tensors)]`` long, the group index of each tensor.
+        num_groups: number of groups.
+        ord: ``2`` (Euclidean) or ``1`` (sum of absolute values).
+
+    Returns:
+        ``[num_groups]`` float32 norms.
+
+    Raises:
+        ValueError: for another ``ord``.
+
+    Example::
+
+        >>> grouped_norms([torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([-2.0, 2.0])], torch.tensor([0, 0, 1]), 2)
+        tensor([5.0000, 2.8284])
+        >>> grouped_norms([torch.tensor([3.0]), torch.tensor([-2.0, 2.0])], torch.tensor([0, 0]), 1, ord=1)
+        tensor([7.])
+    """
+    if ord not in (1, 2):
+        raise ValueError(f"ord={ord} must be 1 or 2")
+    if not tensors:
+        return torch.zeros(num_groups)
+    norms = torch.stack([n.float() for n in torch._foreach_norm(list(tensors), ord)])
+    values = norms.pow(2) if ord == 2 else norms
+    out = torch.zeros(num_groups, device=norms.device).index_add_(0, groups.to(norms.device), values)
+    return out.sqrt() if ord == 2 else out
+
+
+def update_ratio(before: Sequence[Tensor], after: Sequence[Tensor], groups: Tensor, num_groups: int) -> Tensor:
+    """``||θ_after - θ_before|| / ||θ_before||`` per group (the update-to-weight ratio of one optimizer step).
+
+    Example::
+
+        >>> update_ratio([torch.tensor([3.0, 4.0])], [torch.tensor([3.0, 4.5])], torch.tensor([0]), 1)
+        tensor([0.1000])
+    """
+    delta = torch._foreach_sub(list(after), list(before))
+    return grouped_norms(delta, groups, num_groups) / grouped_norms(before, groups, num_groups).clamp_min(1e-30)
+
+
+@dataclass
+class _Groups:
+    names: list[str]  # group names: layers in depth order, then embedding / head / other (non-empty only)
+    params: list[nn.Parameter]  # every trainable parameter of the module, in registration order
+    index: list[int]  # group of each parameter
+
+
+def _block_of(target_module: nn.Module, parents: dict[int, nn.Module], all_targets: set[int]) -> nn.Module:
+    """The module whose parameters make up a layer: the layer module if it has parameters, else its parent
+    (our ``hook_resid_post`` lives in its block), unless that parent also holds another layer."""
+    if next(target_module.parameters(), None) is not None:
+        return target_module
+    parent = parents.get(id(target_module))
+    if parent is None:
+        return target_module
+    if any(id(m) in all_targets for m in parent.modules() if m is not target_module):
+        return target_module
+    return parent
+
+
+def group_parameters(pl_module: nn.Module, layers: list[tuple[str, nn.Module]], embedding: nn.Module | None) -> _Groups:
+    """Assign every trainable parameter of ``pl_module`` to one group.
+
+    A layer's group is the parameters of its block (see :func:`_block_of`). The remaining parameters go to
+    ``"embedding"`` (the embedding module's own parameters, and any registered before the first layer's),
+    ``"head"`` (registered after the last layer's) or ``"other"`` (in between). Empty groups are dropped.
+    """
+    parents = {id(child): m for m in pl_module.modules() for child in m.children()}
+    target_ids = {id(m) for _, m in layers}
+    owner: dict[int, str] = {}
+    for name, module in layers:
+        for p in _block_of(module, parents, target_ids).parameters():
+            owner.setdefault(id(p), name)
+    if embedding is not None:
+        for p in embedding.parameters():
+            owner.setdefault(id(p), EMBEDDING)
+    params = [p for p in pl_module.parameters() if p.requires_grad]
+    layer_names = {name for name, _ in layers}
+    positions = [i for i, p in enumerate(params) if owner.get(id(p)) in layer_names]
+    first, last = (positions[0], positions[-1]) if positions else (len(params), len(params))
+    labels = []
+    for i, p in enumerate(params):
+        label = owner.get(id(p))
+        labels.append(label if label is not None else (EMBEDDING if i < first else HEAD if i > last else OTHER))
+    names = [n for n, _ in layers if n in labels] + [n for n in (EMBEDDING, HEAD, OTHER) if n in labels]
+    slot = {n: i for i, n in enumerate(names)}
+    return _Groups(names, params, [slot[label] for label in labels])
+
+
+class GradientFlow(Callback):
+    """Log per-layer gradient magnitudes, update-to-weight ratios and vanishing/exploding-gradient flags.
+
+    Gradients are read in ``on_before_optimizer_step``: after gradient accumulation and AMP unscaling,
+    before clipping, once per optimizer step; under DDP they are already averaged across ranks there, so
+    rank zero reads and logs them and no collective is needed. On every ``every_n_steps``-th optimizer step
+    (counting from step 0, so the first step is always read) all gradient norms come from ONE fused
+    ``torch._foreach_norm`` and a segment sum; on other steps the callback does nothing but one integer check.
+
+    Parameters are grouped by layer: the layers found by :func:`~pdelightning.callbacks._targets.resolve_targets`
+    (the analysis protocol, TransformerLens hook names, or the ``layers`` glob); a layer owns the parameters
+    of its block (the layer module, or, when that module holds none, like our ``blocks.<i>.hook_resid_post``,
+    its parent). The other parameters form ``embedding`` (the embedding module's and anything registered
+    before the first layer), ``head`` (registered after the last layer) and ``other`` (in between). A
+    globbed layer that owns no parameters (``nn.ReLU``) is skipped. A model in which no layers can be found
+    and no ``layers`` glob is given (e.g. a plain MLP) falls back to one group per module that directly
+    owns parameters (``net.1``, ``net.3``). Groups whose gradients are all ``None`` are not logged.
+
+    Two magnitudes are logged per layer: the L2 norm over all of the layer's gradient entries, and the mean
+    absolute gradient per element (``||g||_1 / numel``), the paper's "average gradient magnitude", which,
+    unlike the norm, does not grow with the layer's size. The vanishing/exploding flags compare the L2 norm
+    with the thresholds (a non-finite norm counts as exploding); a warning names the layer when a flag turns on.
+
+    Args:
+        every_n_steps: read gradients on every ``n``-th optimizer step (``global_step % n == 0``).
+        histogram_every_n_steps: also write per-layer gradient histograms to TensorBoard on these steps
+            (a multiple of ``every_n_steps``); ``None`` for none.
+        vanishing_threshold: a layer whose gradient L2 norm is below this is flagged as vanishing.
+        exploding_threshold: a layer whose gradient L2 norm is above this (or non-finite) is flagged as exploding.
+        log_update_ratio: on read steps, copy the parameters before the optimizer step and log
+            ``||Δθ|| / ||θ||`` per layer after it (costs one copy of the weights, on those steps only).
+        layers: glob of the layer modules, overriding discovery (e.g. ``"encoder.layers.*"``).
+        attention: glob of their attention modules (unused for grouping; accepted for config symmetry).
+        embedding: name/glob of the input-embedding module (its parameters form the ``embedding`` group).
+
+    Raises:
+        ValueError: for a non-positive cadence, a histogram cadence that is not a multiple of
+            ``every_n_steps``, or thresholds that are not ``0 <= vanishing < exploding``.
+        TargetNotFoundError: at ``setup`` when a ``layers``/``embedding`` glob matches nothing.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[GradientFlow(every_n_steps=50, histogram_every_n_steps=500)])
+
+    Logged metrics:
+        On read steps (rank zero, at the ``global_step`` of the optimizer step whose gradients they are):
+
+        * ``analysis/gradient_flow/grad_norm/<layer>``: L2 norm of the layer's gradient.
+        * ``analysis/gradient_flow/grad_abs_mean/<layer>``: mean absolute gradient per parameter entry.
+        * ``analysis/gradient_flow/param_group_norm/<i>``: L2 gradient norm of optimizer parameter group ``i``
+          (``<j>.<i>`` for optimizer ``j`` when there are several).
+        * ``analysis/gradient_flow/update_ratio/<layer>``: ``||Δθ|| / ||θ||`` of this optimizer step.
+        * ``analysis/gradient_flow/vanishing/<layer>``, ``analysis/gradient_flow/exploding/<layer>``: 0/1 flags.
+        * ``analysis/gradient_flow/grad_hist/<layer>``: TensorBoard histogram, on histogram steps.
+
+        ``<layer>`` is a layer name (``blocks.0``, ``encoder.layers.1``) or ``embedding``, ``head``, ``other``.
+    """
+
+    name = "gradient_flow"
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        histogram_every_n_steps: int | None = None,
+        vanishing_threshold: float = 1e-7,
+        exploding_threshold: float = 1e3,
+        log_update_ratio: bool = True,
+        layers: str | None = None,
+        attention: str | None = None,
+        embedding: str | None = None,
+    ) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps <= 0:
+            raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer")
+        if histogram_every_n_steps is not None and (
+            histogram_every_n_steps <= 0 or histogram_every_n_steps % every_n_steps != 0
+        ):
+            raise ValueError(
+                f"histogram_every_n_steps={histogram_every_n_steps} must be None or a positive multiple of "
+                f"every_n_steps={every_n_steps} (e.g. {10 * every_n_steps})"
+            )
+        if not 0 <= vanishing_threshold < exploding_threshold:
+            raise ValueError(
+                f"vanishing_threshold={vanishing_threshold} and exploding_threshold={exploding_threshold} must "
+                "satisfy 0 <= vanishing_threshold < exploding_threshold"
+            )
+        self.every_n_steps = every_n_steps
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.vanishing_threshold = vanishing_threshold
+        self.exploding_threshold = exploding_threshold
+        self.log_update_ratio = log_update_ratio
+        self.patterns = {"layers": layers, "attention": attention, "embedding": embedding}
+        self._layer_modules: tuple[list[tuple[str, nn.Module]], nn.Module | None] | None = None
+        self._groups: _Groups | None = None
+        self._flagged: set[tuple[str, str]] = set()
+        self._snapshot: tuple[int, list[nn.Parameter], list[Tensor], Tensor] | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, **self.patterns)
+
+    # ---- grouping --------------------------------------------------------------------------------------
+    def _layers(self, pl_module: nn.Module) -> tuple[list[tuple[str, nn.Module]], nn.Module | None]:
+        try:
+            targets = resolve_targets(pl_module, need=("layers",), **self.patterns)
+        except TargetNotFoundError:
+            if self.patterns["layers"] is not None or self.patterns["embedding"] is not None:
+                raise
+            owners = [
+                (clean_name(n), m) for n, m in pl_module.named_modules() if next(m.parameters(recurse=False), None) is not None
+            ]
+            rank_zero_info(
+                f"GradientFlow: no layers found in {type(pl_module).__name__}; grouping gradients by the modules "
+                f"that own parameters: {[n for n, _ in owners]} (give `layers` to choose)"
+            )
+            return owners, None
+        return [(t.name, t.module) for t in targets.layers], targets.embedding
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._layer_modules = self._layers(pl_module)  # fail fast on a bad glob, before training
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        layers, embedding = self._layer_modules or self._layers(pl_module)
+        self._groups = group_parameters(pl_module, layers, embedding)
+        self._write_layout(trainer)
+
+    def layout(self) -> dict[str, list[str]]:
+        """Custom-scalars charts: one multiline chart per quantity, all layers on it."""
+        quantities = ("grad_norm", "grad_abs_mean", "param_group_norm", "update_ratio", "vanishing", "exploding")
+        return {q: [rf"analysis/{self.name}/{q}/.*"] for q in quantities}
+
+    def _write_layout(self, trainer: L.Trainer) -> None:
+        writer = tensorboard(trainer)
+        if writer is None:
+            return
+        merged = _LAYOUTS.setdefault(id(writer), {})
+        merged[f"analysis/{self.name}"] = {title: ["Multiline", rx] for title, rx in self.layout().items()}
+        writer.add_custom_scalars(merged)
+
+    # ---- hooks -----------------------------------------------------------------------------------------
+    @override
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
+        if trainer.global_step % self.every_n_steps:
+            return
+        if trainer.is_global_zero and self._groups is not None:
+            self._read(trainer, optimizer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._snapshot is None:
+            return
+        step, params, before, groups = self._snapshot
+        self._snapshot = None
+        assert self._groups is not None
+        with torch.no_grad():
+            ratio = update_ratio(before, [p.detach() for p in params], groups, len(self._groups.names))
+        present = sorted(set(groups.tolist()))
+        values = ratio.tolist()
+        self._log(trainer, {self._key("update_ratio", self._groups.names[g]): values[g] for g in present}, step)
+
+    # ---- measurement -----------------------------------------------------------------------------------
+    def _key(self, quantity: str, layer: str) -> str:
+        return f"analysis/{self.name}/{quantity}/{layer}"
+
+    def _read(self, trainer: L.Trainer, optimizer: Optimizer) -> None:
+        groups = self._groups
+        assert groups is not None
+        step = trainer.global_step
+        with_grad = [(p, g) for p, g in zip(groups.params, groups.index, strict=True) if p.grad is not None]
+        if not with_grad:
+            return
+        params = [p for p, _ in with_grad]
+        grads = [p.grad for p in params]
+        seg = torch.tensor([g for _, g in with_grad])
+        n = len(groups.names)
+        with torch.no_grad():
+            l2 = grouped_norms(grads, seg, n).tolist()
+            l1 = grouped_norms(grads, seg, n, ord=1).cpu().double()
+            numel = torch.zeros(n, dtype=torch.float64).index_add_(0, seg, torch.tensor([float(p.numel()) for p in params], dtype=torch.float64))
+            abs_mean = (l1 / numel.clamp_min(1)).tolist()
+            pg_norms = self._param_group_norms(trainer, optimizer, params, grads)
+        present = sorted(set(seg.tolist()))
+        metrics: dict[str, float] = {}
+        for g in present:
+            layer = groups.names[g]
+            metrics[self._key("grad_norm", layer)] = l2[g]
+            metrics[self._key("grad_abs_mean", layer)] = abs_mean[g]
+            vanishing = l2[g] < self.vanishing_threshold
+            exploding = not l2[g] <= self.exploding_threshold  # also NaN/inf
+            metrics[self._key("vanishing", layer)] = float(vanishing)
+            metrics[self._key("exploding", layer)] = float(exploding)
+            self._flag("vanishing", layer, vanishing, f"grad_norm={l2[g]:.3g} < vanishing_threshold={self.vanishing_threshold:g}", step)
+            self._flag("exploding", layer, exploding, f"grad_norm={l2[g]:.3g} > exploding_threshold={self.exploding_threshold:g}", step)
+        metrics.update(pg_norms)
+        self._log(trainer, metrics, step)
+        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
+            writer = tensorboard(trainer)
+            if writer is not None:
+                for g in present:
+                    values = torch.cat([gr.detach().flatten().float() for gr, s in zip(grads, seg.tolist(), strict=True) if s == g])
+                    writer.add_histogram(self._key("grad_hist", groups.names[g]), values.cpu(), global_step=step)
+        if self.log_update_ratio:
+            with torch.no_grad():
+                before = torch._foreach_mul([p.detach() for p in params], 1.0)
+            self._snapshot = (step, params, before, seg)
+
+    def _param_group_norms(
+        self, trainer: L.Trainer, optimizer: Optimizer, params: list[nn.Parameter], grads: list[Tensor]
+    ) -> dict[str, float]:
+        where = {id(p): i for i, p in enumerate(params)}
+        index, members = [], []
+        for i, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                if id(p) in where:
+                    index.append(i)
+                    members.append(grads[where[id(p)]])
+        if not members:
+            return {}
+        norms = grouped_norms(members, torch.tensor(index), len(optimizer.param_groups)).tolist()
+        optimizers = trainer.optimizers
+        position = next((j for j, o in enumerate(optimizers) if o is optimizer), 0)
+        prefix = f"{position}." if len(optimizers) > 1 else ""
+        return {self._key("param_group_norm", f"{prefix}{i}"): norms[i] for i in sorted(set(index))}
+
+    def _flag(self, kind: str, layer: str, on: bool, detail: str, step: int) -> None:
+        if on and (kind, layer) not in self._flagged:
+            rank_zero_warn(f"GradientFlow: {kind} gradient in {layer} at step {step}: {detail}")
+            self._flagged.add((kind, layer))
+        elif not on:
+            self._flagged.discard((kind, layer))
+
+    @staticmethod
+    def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+        if not metrics:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)

@@ -1,0 +1,535 @@
+"""Information flow across depth (paper section 3.1, Tables 2 and 3, Figures 1 and 2).
+
+For a fixed probe set, every layer's representation (the embedding ``u_0`` as layer 0, then each block's
+output ``u_l``) is pooled over tokens into one vector per sample. From these ``[n, d]`` matrices the
+callback measures how much consecutive layers resemble each other (Table 2), how much the same layer of two
+models resemble each other (Table 3, e.g. the Transformer against the PDE model), and linear CKA with the
+unbiased HSIC estimator (a similarity index that, unlike a raw correlation, is invariant to rotations and
+scaling of the feature space), and draws per-layer heatmaps as in Figure 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+from typing_extensions import override
+
+from pdelightning.callbacks._capture import Capture
+from pdelightning.callbacks._cka import cka_matrix
+from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.callbacks._targets import TargetNotFoundError, resolve_targets, unwrap
+from pdelightning.models.protocol import AnalysisTargets
+
+Pooling = Literal["mean", "flatten"]
+CorrelationMode = Literal["flattened", "per_sample"]
+CorrelationMethod = Literal["pearson", "spearman"]
+POOLINGS = ("mean", "flatten")
+CORRELATION_MODES = ("flattened", "per_sample")
+EMBEDDING = "embedding"
+_REF = "reference/"
+
+
+# ---- pure functions --------------------------------------------------------------------------------------
+def padding_mask_from_inputs(x: Any, pad_id: int = 0) -> Tensor | None:
+    """The token padding mask ``[B, T]`` (``True`` at padding) of a probe batch, as our models derive it.
+
+    Integer inputs are token ids: ``x == pad_id`` is padding. Float inputs (images) and anything else have
+    no padding: ``None``.
+
+    Example::
+
+        >>> padding_mask_from_inputs(torch.tensor([[5, 3, 0, 0]]))
+        tensor([[False, False,  True,  True]])
+        >>> padding_mask_from_inputs(torch.zeros(1, 4, 4)) is None
+        True
+    """
+    if isinstance(x, Tensor) and x.dim() == 2 and not x.dtype.is_floating_point and not x.dtype.is_complex:
+        return x == pad_id
+    return None
+
+
+def pool_tokens(h: Tensor, padding_mask: Tensor | None = None, pooling: Pooling = "mean") -> Tensor:
+    """One vector per sample from a layer output ``h`` ``[B, T, d]``.
+
+    ``"mean"``: masked mean over the valid tokens, ``Σ_t keep_t h_t / Σ_t keep_t`` -> ``[B, d]`` (the
+    model's own pooling; a sample with no valid token gives zeros). ``"flatten"``: all tokens and features,
+    ``[B, T*d]``, with padded positions zeroed (for images, where ``T`` is fixed, this keeps the spatial layout).
+    An already pooled ``[B, d]`` output is returned as is.
+
+    Args:
+        h: ``[B, T, d]`` (batch first) or ``[B, d]``.
+        padding_mask: ``[B, T]``, ``True`` at padding, or ``None``; ignored when its shape does not match.
+        pooling: ``"mean"`` or ``"flatten"``.
+
+    Raises:
+        ValueError: for an unknown ``pooling`` or an output that is not 2-D or 3-D.
+
+    Example::
+
+        >>> h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+        >>> pool_tokens(h, torch.tensor([[False, False, True]]))
+        tensor([[2., 3.]])
+        >>> pool_tokens(h, torch.tensor([[False, False, True]]), "flatten")
+        tensor([[1., 2., 3., 4., 0., 0.]])
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
+    if h.dim() == 2:
+        return h
+    if h.dim() != 3:
+        raise ValueError(f"expected a layer output [B, T, d] (or pooled [B, d]), got shape {tuple(h.shape)}")
+    keep = None
+    if padding_mask is not None and padding_mask.shape == h.shape[:2]:
+        keep = (~padding_mask.bool()).unsqueeze(-1).to(h.dtype)
+    if pooling == "flatten":
+        return (h if keep is None else h * keep).flatten(1)
+    if keep is None:
+        return h.mean(1)
+    return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+def layer_correlation(
+    a: Tensor, b: Tensor, method: CorrelationMethod = "pearson", mode: CorrelationMode = "flattened"
+) -> Tensor:
+    """Correlation between two pooled representations ``a``, ``b`` ``[n, d]`` of the same samples.
+
+    ``mode="flattened"`` (default; our reading of Tables 2 and 3): one coefficient between the two
+    ``n*d``-vectors ``vec(a)`` and ``vec(b)``, i.e. over all samples and features jointly (so it also rewards
+    agreeing per-feature offsets). ``mode="per_sample"``: the coefficient across the ``d`` features of each
+    sample, averaged over the ``n`` samples (the "average correlation of feature representations" of
+    Figure 2 may mean this). ``method`` picks Pearson's ``r`` or Spearman's ``ρ`` (Pearson on ranks, ties
+    averaged), both from :mod:`torchmetrics.functional`. NaN when one side is constant.
+
+    Raises:
+        ValueError: when the shapes differ or ``method``/``mode`` is unknown.
+
+    Example::
+
+        >>> a = torch.arange(12.0).reshape(4, 3)
+        >>> float(layer_correlation(a, 2 * a + 1))
+        1.0
+        >>> round(float(layer_correlation(a, a.exp(), "spearman")), 6)
+        1.0
+    """
+    if a.shape != b.shape:
+        raise ValueError(
+            f"correlation needs representations of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if method not in ("pearson", "spearman"):
+        raise ValueError(f"method={method!r} is not one of ('pearson', 'spearman')")
+    if mode not in CORRELATION_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {CORRELATION_MODES}")
+    fn = pearson_corrcoef if method == "pearson" else spearman_corrcoef
+    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    if mode == "flattened":
+        return fn(a.flatten(), b.flatten())
+    # torchmetrics correlates each column over the rows: transpose so that each sample is one column.
+    return fn(a.flatten(1).T.contiguous(), b.flatten(1).T.contiguous()).mean()
+
+
+def consecutive_correlations(reps: Sequence[Tensor], mode: CorrelationMode = "flattened") -> list[Tensor | None]:
+    """Pearson correlation between layer ``l`` and ``l+1`` for each consecutive pair (paper Table 2).
+
+    Returns one value per pair, ``len(reps) - 1`` in all; ``None`` where the two widths differ.
+
+    Example::
+
+        >>> x = torch.randn(8, 4)
+        >>> [round(float(c), 6) for c in consecutive_correlations([x, x, 3 * x - 1])]
+        [1.0, 1.0]
+    """
+    return [
+        layer_correlation(a, b, "pearson", mode) if a.shape == b.shape else None for a, b in itertools.pairwise(reps)
+    ]
+
+
+def _import_class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise ValueError(
+            f"reference_class={path!r} must be a dotted path such as 'pdelightning.task.ClassificationTask'"
+        )
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reference_class={path!r} cannot be imported: {err}") from err
+    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
+        raise ValueError(f"reference_class={path!r} is not a LightningModule subclass (it needs load_from_checkpoint)")
+    return cls
+
+
+# ---- the callback ----------------------------------------------------------------------------------------
+class InformationFlow(ProbeCallback):
+    r"""Layer-by-layer similarity of representations, within one model and against a reference model.
+
+    On each probe, every layer's output on the fixed probe set is pooled into one vector per sample
+    (:func:`pool_tokens`: the mean over valid tokens, padding masked, or all tokens flattened) and gathered
+    over ranks into ``R_l`` ``[n, d]``, ``l = 0`` being the input embedding ``u_0`` (eq. 6's initial
+    condition) when the model exposes one, ``l >= 1`` the outputs ``u_l`` of the blocks (one explicit Euler
+    step, eq. 20, in the PDE model). Then:
+
+    * **consecutive correlation** (Table 2): Pearson's ``r`` between ``vec(R_{l-1})`` and ``vec(R_l)``, over
+      all probe samples and features jointly (``correlation="flattened"``). The paper does not define it;
+      ``correlation="per_sample"`` instead averages over samples the correlation across features of each
+      sample (see :func:`layer_correlation`). Logged under the later layer ``l``.
+    * **linear CKA** with the unbiased HSIC estimator (:func:`~pdelightning.callbacks._cka.linear_cka`;
+      Kornblith et al. 2019, Song et al. 2012, Nguyen et al. 2021) between every pair of layers: the
+      consecutive values as scalars, the whole ``(L+1) x (L+1)`` matrix as a figure.
+    * **against a reference model** (Table 3), run on the same probe inputs: Pearson's ``r`` and Spearman's
+      ``ρ`` (``torchmetrics.functional``) between the same layer of both models, and linear CKA (which also
+      compares layers of different widths; the correlations are skipped there). Layers pair by depth: the
+      embeddings with each other when both models have one, block ``i`` with reference block ``i`` for
+      ``i < min(L, L_ref)``. Logged under this model's layer name.
+    * **heatmaps** (Figure 1): for the first ``heatmap_samples`` probe samples, one panel per layer (samples
+      x features, colour scale shared along a row so that shrinking activations show), the reference model
+      on a second row (Figure 2).
+
+    Padding is read from the probe inputs, since the callback cannot see the model's mask: integer inputs
+    are token ids and ``x == pad_id`` marks padding; float inputs (images) have none. Layer outputs must be
+    batch first, ``[B, T, d]``.
+
+    Args:
+        reference: a second model to compare with, run on the same probe inputs (moved to this model's
+            device at setup, run in eval mode, never trained: it is not part of the LightningModule).
+        reference_checkpoint: path of a checkpoint to load the reference from, with
+            ``reference_class.load_from_checkpoint`` (a checkpoint written under ``pdelightning fit`` records
+            its model's config; for one written outside the CLI pass ``reference=
+            ClassificationTask.load_from_checkpoint(path, model=...)`` instead).
+        reference_class: dotted path of the ``LightningModule`` class of ``reference_checkpoint``; default
+            ``pdelightning.task.ClassificationTask``.
+        reference_layers: glob of the reference's layer modules (as ``layers``, for stock reference models).
+        reference_embedding: name/glob of the reference's embedding module.
+        pooling: ``"mean"`` (masked mean over tokens, ``[n, d]``) or ``"flatten"`` (``[n, T*d]``, for images).
+        correlation: ``"flattened"`` or ``"per_sample"``, see above; applies to all three correlations.
+        unbiased: unbiased (default) or biased HSIC in CKA. The unbiased estimator needs 4 probe samples.
+        pad_id: the padding token id of integer inputs.
+        heatmap_samples: probe samples (rows) in each heatmap panel.
+        figures: draw the heatmaps and the CKA matrix (TensorBoard only).
+        every_n_steps, every_n_epochs, probe_at_start, probe_size, probe_batch_size, layers, attention,
+            embedding, seed: see :class:`~pdelightning.callbacks._probe.ProbeCallback`.
+
+    Raises:
+        ValueError: for an unknown ``pooling`` or ``correlation``, both ``reference`` and
+            ``reference_checkpoint``, a ``reference_class`` without a checkpoint or that is not a
+            ``LightningModule``, ``heatmap_samples < 1``, ``probe_size < 4`` with ``unbiased``, or bad
+            cadence/probe arguments.
+        TargetNotFoundError: at setup, when the model (or the reference) has no layers to analyse, e.g. an
+            MLP, with the list of modules seen; pass ``layers``/``embedding`` globs for other models.
+
+    Logged metrics:
+        With ``<layer>`` the later layer of each consecutive pair (``blocks.0`` is the pair
+        ``embedding -> blocks.0``), or the layer of this model in a pair with the reference:
+
+        - ``analysis/information_flow/consecutive_corr/<layer>``: Pearson ``r(R_{l-1}, R_l)`` (Table 2).
+        - ``analysis/information_flow/cka_consecutive/<layer>``: ``CKA(R_{l-1}, R_l)``.
+        - ``analysis/information_flow/pearson_vs_reference/<layer>``: Pearson ``r`` against the reference (Table 3).
+        - ``analysis/information_flow/spearman_vs_reference/<layer>``: Spearman ``ρ`` against the reference (Table 3).
+        - ``analysis/information_flow/cka_vs_reference/<layer>``: CKA against the reference's same layer.
+        - figure ``analysis/information_flow/heatmaps``: per-layer heatmaps (reference on a second row).
+        - figure ``analysis/information_flow/cka_matrix``: the layer x layer CKA matrix (and this model x
+          reference when there is one).
+
+    Example::
+
+        from pdelightning.models import PDEClassifier, TransformerClassifier
+        from pdelightning.task import ClassificationTask
+
+        transformer = ClassificationTask.load_from_checkpoint("transformer.ckpt")  # or any nn.Module
+        pde = ClassificationTask(PDEClassifier(num_classes=10, d_model=64, n_layers=10, image_size=28))
+        trainer = L.Trainer(callbacks=[InformationFlow(reference=transformer, probe_size=256)])
+        trainer.fit(pde, datamodule=mnist)  # Tables 2 and 3 as curves over training, Figure 1 as images
+
+    or in YAML (``trainer: callbacks+:``)::
+
+        - class_path: pdelightning.callbacks.information_flow.InformationFlow
+          init_args: {reference_checkpoint: logs/transformer/checkpoints/last.ckpt, every_n_epochs: 1}
+    """
+
+    name = "information_flow"
+    needs = ("layers",)
+
+    def __init__(
+        self,
+        reference: nn.Module | None = None,
+        reference_checkpoint: str | None = None,
+        reference_class: str | None = None,
+        reference_layers: str | None = None,
+        reference_embedding: str | None = None,
+        pooling: Pooling = "mean",
+        correlation: CorrelationMode = "flattened",
+        unbiased: bool = True,
+        pad_id: int = 0,
+        heatmap_samples: int = 8,
+        figures: bool = True,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        probe_at_start: bool = True,
+        probe_size: int = 256,
+        probe_batch_size: int = 128,
+        layers: str | None = None,
+        attention: str | None = None,
+        embedding: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            probe_at_start=probe_at_start,
+            probe_size=probe_size,
+            probe_batch_size=probe_batch_size,
+            layers=layers,
+            attention=attention,
+            embedding=embedding,
+            seed=seed,
+        )
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
+        if correlation not in CORRELATION_MODES:
+            raise ValueError(f"correlation={correlation!r} is not one of {CORRELATION_MODES}")
+        if reference is not None and reference_checkpoint is not None:
+            raise ValueError("give either reference (a module) or reference_checkpoint (a path), not both")
+        if reference is not None and not isinstance(reference, nn.Module):
+            raise ValueError(f"reference must be an nn.Module, got {type(reference).__name__}")
+        if reference_class is not None and reference_checkpoint is None:
+            raise ValueError(
+                f"reference_class={reference_class!r} is only used with reference_checkpoint, which is not set"
+            )
+        if heatmap_samples < 1:
+            raise ValueError(f"heatmap_samples={heatmap_samples} must be at least 1")
+        if unbiased and probe_size < 4:
+            raise ValueError(
+                f"probe_size={probe_size} is too small: unbiased CKA needs at least 4 samples (or unbiased=False)"
+            )
+        self.reference_checkpoint = reference_checkpoint
+        self.reference_class = reference_class
+        self._reference_cls = _import_class(reference_class) if reference_class is not None else None
+        self.reference_patterns = {"layers": reference_layers, "embedding": reference_embedding}
+        self.pooling = pooling
+        self.correlation = correlation
+        self.unbiased = unbiased
+        self.pad_id = pad_id
+        self.heatmap_samples = heatmap_samples
+        self.figures = figures
+        self._reference = reference
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    @property
+    def reference(self) -> nn.Module | None:
+        """The reference model (loaded from ``reference_checkpoint`` at setup), or ``None``."""
+        return self._reference
+
+    def _load_reference(self) -> nn.Module:
+        cls = self._reference_cls
+        if cls is None:
+            from pdelightning.task import ClassificationTask
+
+            cls = ClassificationTask
+        return cls.load_from_checkpoint(self.reference_checkpoint, map_location="cpu")  # type: ignore[attr-defined]
+
+    def reference_targets(self, reference: nn.Module) -> AnalysisTargets:
+        """Resolve the reference model's layers (``reference_layers``/``reference_embedding`` globs first)."""
+        try:
+            return resolve_targets(reference, need=("layers",), **self.reference_patterns)
+        except TargetNotFoundError as err:
+            raise TargetNotFoundError(
+                f"reference model: {err} (set reference_layers / reference_embedding for the reference)"
+            ) from err
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._reference is None and self.reference_checkpoint is not None:
+            self._reference = self._load_reference()
+        if self._reference is not None:
+            self._reference.to(pl_module.device)
+            if stage == "fit":
+                self.reference_targets(self._reference)
+
+    # ---- measuring ---------------------------------------------------------------------------------------
+    @staticmethod
+    def layer_names(targets: AnalysisTargets) -> list[str]:
+        """``["embedding", <layer names>...]`` (no ``"embedding"`` when the model exposes none)."""
+        return ([EMBEDDING] if targets.embedding is not None else []) + [t.name for t in targets.layers]
+
+    def _pooled(self, model: nn.Module, targets: AnalysisTargets, x: Any, mask: Tensor | None) -> dict[str, Tensor]:
+        with Capture(targets, layers=True, embedding=targets.embedding is not None) as cap:
+            self.forward(model, x)
+            hidden, _ = cap.pop()
+        missing = [n for n in self.layer_names(targets) if n not in hidden]
+        if missing:
+            raise RuntimeError(f"{type(self).__name__}: layers {missing} produced no output in the probe forward")
+        return {n: pool_tokens(hidden[n], mask, self.pooling).float() for n in self.layer_names(targets)}
+
+    def gather(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
+        """Pooled representations of the whole probe set, ``{layer: [n, d]}``, identical on every rank.
+
+        Reference layers are prefixed ``"reference/"``. A collective: every rank must call it.
+        """
+        targets = self.targets(pl_module)
+        names = self.layer_names(targets)
+        ref = self._reference
+        ref_targets = self.reference_targets(ref) if ref is not None else None
+        ref_names = self.layer_names(ref_targets) if ref_targets is not None else []
+        store = GatherStore(names + [_REF + n for n in ref_names]).to(pl_module.device)
+        ref_was_training = ref.training if ref is not None else False
+        if ref is not None:
+            ref.eval()
+        try:
+            with torch.no_grad():
+                for x, _, idx in self.iter_probe(trainer, pl_module):
+                    mask = padding_mask_from_inputs(x, self.pad_id)
+                    pooled = self._pooled(pl_module, targets, x, mask)
+                    if ref is not None and ref_targets is not None:
+                        pooled |= {_REF + k: v for k, v in self._pooled(unwrap(ref), ref_targets, x, mask).items()}
+                    store.update(idx, **pooled)
+        finally:
+            if ref is not None:
+                ref.train(ref_was_training)
+        return store.compute()
+
+    def measure(self, reps: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
+        """Scalars ``{key: value}``, the layer CKA matrix and the model x reference CKA matrix from :meth:`gather`."""
+        names = [k for k in reps if not k.startswith(_REF)]
+        ref_names = [k[len(_REF) :] for k in reps if k.startswith(_REF)]
+        xs = [reps[n] for n in names]
+        n = xs[0].shape[0] if xs else 0
+        cka_ok = n >= (4 if self.unbiased else 2)
+        out: dict[str, Tensor] = {}
+        for later, c in zip(names[1:], consecutive_correlations(xs, self.correlation), strict=True):
+            if c is not None:
+                out[self.key("consecutive_corr", later)] = c
+        matrix = cka_matrix(xs, unbiased=self.unbiased) if cka_ok else None
+        if matrix is not None:
+            for i in range(1, len(names)):
+                out[self.key("cka_consecutive", names[i])] = matrix[i - 1, i]
+        cross = None
+        if ref_names:
+            ys = [reps[_REF + r] for r in ref_names]
+            cross = cka_matrix(xs, ys, unbiased=self.unbiased) if cka_ok else None
+            for i, j in _pairs(names, ref_names):
+                a, b = xs[i], ys[j]
+                if a.shape == b.shape:
+                    out[self.key("pearson_vs_reference", names[i])] = layer_correlation(
+                        a, b, "pearson", self.correlation
+                    )
+                    out[self.key("spearman_vs_reference", names[i])] = layer_correlation(
+                        a, b, "spearman", self.correlation
+                    )
+                if cross is not None:
+                    out[self.key("cka_vs_reference", names[i])] = cross[i, j]
+        return out, matrix, cross
+
+    @override
+    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        reps = self.gather(trainer, pl_module)  # collective on every rank; the rest is rank-zero output
+        if not trainer.is_global_zero:
+            return
+        n = next(iter(reps.values())).shape[0]
+        if n < (4 if self.unbiased else 2):
+            rank_zero_warn(f"{type(self).__name__}: only {n} probe samples, too few for CKA; CKA is skipped")
+        scalars, matrix, cross = self.measure(reps)
+        self.log_scalars(trainer, scalars)
+        if self.figures:
+            names = [k for k in reps if not k.startswith(_REF)]
+            ref_names = [k[len(_REF) :] for k in reps if k.startswith(_REF)]
+            self.add_figure(trainer, self.key("heatmaps"), self.heatmap_figure(reps, names, ref_names))
+            if matrix is not None:
+                self.add_figure(trainer, self.key("cka_matrix"), cka_figure(names, matrix, ref_names, cross))
+
+    # ---- output ----------------------------------------------------------------------------------------
+    def heatmap_figure(self, reps: dict[str, Tensor], names: list[str], ref_names: list[str]) -> Any:
+        """Figure 1: one panel per layer, ``heatmap_samples`` probe samples x features; reference below."""
+        rows = [("model", [reps[n] for n in names], names)]
+        if ref_names:
+            rows.append(("reference", [reps[_REF + r] for r in ref_names], ref_names))
+        return heatmap_figure(rows, self.heatmap_samples)
+
+    @override
+    def layout(self) -> dict[str, list[str]]:
+        prefix = f"analysis/{self.name}"
+        charts = {
+            "consecutive-layer correlation": [rf"{prefix}/consecutive_corr/.*"],
+            "consecutive-layer CKA": [rf"{prefix}/cka_consecutive/.*"],
+        }
+        if self._reference is not None or self.reference_checkpoint is not None:
+            charts |= {
+                "Pearson vs reference": [rf"{prefix}/pearson_vs_reference/.*"],
+                "Spearman vs reference": [rf"{prefix}/spearman_vs_reference/.*"],
+                "CKA vs reference": [rf"{prefix}/cka_vs_reference/.*"],
+            }
+        return charts
+
+
+def _pairs(names: list[str], ref_names: list[str]) -> list[tuple[int, int]]:
+    """Depth pairing: embedding with embedding when both have one, then block ``i`` with reference block ``i``."""
+    pairs = [(0, 0)] if names[:1] == [EMBEDDING] and ref_names[:1] == [EMBEDDING] else []
+    off, ref_off = int(names[:1] == [EMBEDDING]), int(ref_names[:1] == [EMBEDDING])
+    n_blocks = min(len(names) - off, len(ref_names) - ref_off)
+    return pairs + [(off + i, ref_off + i) for i in range(n_blocks)]
+
+
+def heatmap_figure(rows: list[tuple[str, list[Tensor], list[str]]], n_samples: int = 8) -> Any:
+    """Grid of heatmaps: one row per model, one panel per layer, the first ``n_samples`` samples x features.
+
+    Each row shares one symmetric colour scale (so fading activations with depth are visible) and a colour bar.
+    """
+    from matplotlib.figure import Figure
+
+    n_cols = max(len(reps) for _, reps, _ in rows)
+    fig = Figure(figsize=(2.0 * n_cols + 1.0, 2.0 * len(rows) + 0.4), layout="constrained")
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
+    for r, (label, reps, names) in enumerate(rows):
+        panels = [x[:n_samples].detach().float().cpu() for x in reps]
+        vmax = max(float(p.abs().max()) for p in panels) or 1.0
+        image = None
+        for c, ax in enumerate(axes[r]):
+            if c >= len(panels):
+                ax.axis("off")
+                continue
+            image = ax.imshow(
+                panels[c].numpy(), aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest"
+            )
+            ax.set_title(names[c], fontsize=8)
+            ax.tick_params(labelsize=6)
+            ax.set_xlabel("feature", fontsize=7)
+            if c == 0:
+                ax.set_ylabel(f"{label}\nsample", fontsize=7)
+        if image is not None:
+            fig.colorbar(image, ax=list(axes[r]), shrink=0.8)
+    return fig
+
+
+def cka_figure(
+    names: list[str], matrix: Tensor, ref_names: list[str] | None = None, cross: Tensor | None = None
+) -> Any:
+    """The layer x layer CKA matrix, and beside it this model x reference when ``cross`` is given."""
+    from matplotlib.figure import Figure
+
+    panels = [("CKA between layers", matrix, names, names)]
+    if cross is not None and ref_names:
+        panels.append(("CKA vs reference", cross, names, ref_names))
+    m = len(names)
+    fig = Figure(figsize=(4.2 * len(panels) + 0.6, 0.35 * m + 2.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    image = None
+    for ax, (title, mat, rows, cols) in zip(axes, panels, strict=True):
+        values = mat.detach().float().cpu()
+        image = ax.imshow(values.numpy(), cmap="viridis", vmin=min(0.0, float(values.nan_to_num(0).min())), vmax=1.0)
+        ax.set_title(title, fontsize=9)
+        ax.set_yticks(range(len(rows)), rows, fontsize=6)
+        ax.set_xticks(range(len(cols)), cols, fontsize=6, rotation=90)
+        if max(values.shape) <= 12:
+            for i, row in enumerate(values.tolist()):
+                for j, v in enumerate(row):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="w" if v < 0.5 else "k")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), shrink=0.8)
+    return fig

@@ -1,0 +1,669 @@
+"""Per-layer mutual information I(X;T_l) and I(T_l;Y) over training: the information plane (paper section 3.3).
+
+The paper tracks "the mutual information between each layer's output and the input labels over the course
+of training" (section 3.3.3, Figure 4) to test the information-bottleneck picture of eq. (3), in which
+training trades the task loss against the compression term ``I(X; T_theta(X))``. For a deterministic
+network and continuous activations both quantities are ill-posed (``I(X;T)`` is infinite, or ``log2 N``
+for any plug-in estimate on ``N`` distinct samples), so every number here comes from an *estimator* whose
+meaning is spelled out below, and estimates stuck at that ceiling are flagged instead of being read as
+compression.
+
+The math lives in plain functions (:func:`binning_mutual_information`, :func:`kde_mutual_information`,
+:func:`probe_mutual_information`, :func:`is_saturated`, :func:`pool_tokens`, :func:`information_plane_figure`);
+:class:`LayerMutualInformation` is the Lightning adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from pdelightning.callbacks._capture import Capture
+from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+
+Estimator = Literal["probe", "kde", "binning"]
+Pooling = Literal["mean", "flatten"]
+ESTIMATORS = ("probe", "kde", "binning")
+POOLINGS = ("mean", "flatten")
+_LN2 = math.log(2.0)
+
+
+# ---- representations ---------------------------------------------------------------------------------
+def padding_mask_from_inputs(x: Any, seq_len: int, pad_id: int = 0) -> Tensor | None:
+    """``[B, T]`` padding mask (``True`` at padding) of integer token inputs, else ``None``.
+
+    Float inputs (images) have no padding; integer inputs of shape ``[B, T]`` are padded where
+    ``x == pad_id``, as our :class:`~pdelightning.models.embedding.InputEmbedding` assumes. A layer whose
+    token axis does not have the input's length (e.g. a model that prepends a CLS token) gets no mask.
+
+    Example::
+
+        >>> padding_mask_from_inputs(torch.tensor([[5, 3, 0]]), seq_len=3)
+        tensor([[False, False,  True]])
+        >>> padding_mask_from_inputs(torch.rand(2, 4, 4), seq_len=4) is None
+        True
+    """
+    if not isinstance(x, Tensor) or x.is_floating_point() or x.dim() != 2 or x.shape[1] != seq_len:
+        return None
+    return x == pad_id
+
+
+def pool_tokens(hidden: Tensor, padding_mask: Tensor | None = None, pooling: Pooling = "mean") -> Tensor:
+    """The representation ``T_l`` of each sample: a layer output ``[B, T, d]`` reduced to ``[B, D]``.
+
+    ``"mean"``: the masked mean over tokens (padding excluded), ``[B, d]`` — the same pooling our
+    classifiers apply before their head. ``"flatten"``: all tokens concatenated, ``[B, T*d]``, with padded
+    positions zeroed (so padding carries no information); needs the same ``T`` for every sample.
+
+    Example::
+
+        >>> h = torch.tensor([[[1.0], [3.0], [100.0]]])
+        >>> pool_tokens(h, torch.tensor([[False, False, True]]))
+        tensor([[2.]])
+        >>> pool_tokens(h, torch.tensor([[False, False, True]]), "flatten")
+        tensor([[1., 3., 0.]])
+    """
+    if hidden.dim() == 2:
+        return hidden
+    if hidden.dim() != 3:
+        raise ValueError(f"expected a layer output [B, T, d], got shape {tuple(hidden.shape)}")
+    if pooling == "flatten":
+        if padding_mask is not None:
+            hidden = hidden.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        return hidden.flatten(1)
+    if padding_mask is None:
+        return hidden.mean(1)
+    keep = (~padding_mask).unsqueeze(-1).to(hidden.dtype)
+    return (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+# ---- discrete entropies ------------------------------------------------------------------------------
+def _codes(rows: Tensor) -> Tensor:
+    """Integer id of each distinct row (or value) of ``rows``."""
+    rows = rows if rows.dim() > 1 else rows.unsqueeze(1)
+    return torch.unique(rows, dim=0, return_inverse=True)[1]
+
+
+def entropy_bits(labels: Tensor) -> float:
+    """Plug-in (empirical) Shannon entropy, in bits, of discrete values or of the distinct rows of a 2-D tensor.
+
+    Example::
+
+        >>> entropy_bits(torch.tensor([0, 1, 2, 3]))
+        2.0
+        >>> entropy_bits(torch.tensor([[0, 1], [0, 1], [1, 0], [1, 0]]))
+        1.0
+    """
+    if labels.numel() == 0:
+        return 0.0
+    counts = torch.bincount(_codes(labels)).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum()) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+# ---- estimator 1: binning ------------------------------------------------------------------------------
+def principal_components(t: Tensor, n_components: int | None) -> Tensor:
+    """Coordinates of the centred ``t`` ``[N, D]`` on its top ``n_components`` principal axes (SVD); ``None``: ``t``."""
+    if n_components is None:
+        return t
+    tc = t - t.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(tc, full_matrices=False)
+    return tc @ vh[:n_components].T
+
+
+def bin_codes(t: Tensor, n_bins: int) -> Tensor:
+    """Discretize each column of ``t`` ``[N, D]`` into ``n_bins`` equal-width bins over its own ``[min, max]``.
+
+    Returns integer bin indices ``[N, D]`` in ``0..n_bins-1`` (a constant column is all ``0``).
+
+    Example::
+
+        >>> bin_codes(torch.tensor([[0.0], [0.49], [0.51], [1.0]]), n_bins=2).flatten().tolist()
+        [0, 0, 1, 1]
+    """
+    lo, hi = t.min(0).values, t.max(0).values
+    width = (hi - lo).clamp_min(torch.finfo(t.dtype).tiny)
+    return ((t - lo) / width * n_bins).floor().clamp(0, n_bins - 1).long()
+
+
+def binning_mutual_information(
+    t: Tensor, y: Tensor, n_bins: int = 10, n_components: int | None = 2
+) -> tuple[float, float]:
+    """Plug-in ``(I(X;T), I(T;Y))`` in bits after discretizing ``T`` (Shwartz-Ziv & Tishby, 2017).
+
+    ``T`` ``[N, D]`` is projected on its top ``n_components`` principal components (``None``: all units, the
+    classic "binning every neuron") and each component is cut into ``n_bins`` equal-width bins; the cell of a
+    sample is its code. The network is deterministic and every probe sample is a distinct ``X``, so
+    ``H(T|X) = 0`` and ``I(X;T) = H(T_binned)``; ``I(T;Y) = H(T) - H(T|Y) = H(T) + H(Y) - H(T,Y)``.
+
+    What it measures: the entropy of a coarse-graining of the representation, not a property of the network
+    alone — it depends on ``n_bins`` and ``n_components``, is capped by ``log2 min(N, n_bins**n_components)``,
+    and with many bins or all units every sample gets its own cell, so the estimate saturates at
+    ``I(X;T) = log2 N`` and ``I(T;Y) = H(Y)`` whatever the network does (see :func:`is_saturated`).
+
+    Args:
+        t: representations ``[N, D]``.
+        y: integer labels ``[N]``.
+        n_bins: bins per component.
+        n_components: principal components kept, or ``None`` for all units.
+
+    Example::
+
+        >>> y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+        >>> binning_mutual_information(F.one_hot(y).double(), y, n_components=None)
+        (2.0, 2.0)
+    """
+    t = t.detach().double().cpu()
+    y = y.detach().cpu()
+    codes = bin_codes(principal_components(t, n_components), n_bins)
+    h_t = entropy_bits(codes)
+    h_ty = entropy_bits(torch.cat([codes, y.long().unsqueeze(1)], 1))
+    i_ty = h_t + entropy_bits(y) - h_ty
+    return h_t, max(0.0, i_ty)
+
+
+# ---- estimator 2: Gaussian KDE (pairwise-distance bound) -----------------------------------------------
+def kde_entropy_bits(t: Tensor, noise_variance: float) -> float:
+    """Pairwise-KL upper bound on ``H(T + Z) - H(Z)``, ``Z ~ N(0, sigma^2 I)``, in bits (Kolchinsky & Tracey, 2017).
+
+    ``-1/N sum_i log2 1/N sum_j exp(-||t_i - t_j||^2 / (2 sigma^2))``: between ``0`` (all points within
+    ``sigma`` of each other) and ``log2 N`` (all points many ``sigma`` apart).
+
+    Example::
+
+        >>> kde_entropy_bits(torch.tensor([[0.0], [1.0], [2.0], [3.0]]), noise_variance=1e-6)
+        2.0
+    """
+    t = t.detach().double().cpu()
+    n = t.shape[0]
+    if n <= 1:
+        return 0.0
+    d2 = torch.cdist(t, t, compute_mode="donot_use_mm_for_euclid_dist").square()  # exact: 0 between equal rows
+    log_mix = torch.logsumexp(-d2 / (2.0 * noise_variance), dim=1) - math.log(n)  # log 1/N sum_j K_ij
+    return float(-log_mix.mean()) / _LN2
+
+
+def subsample(n: int, max_samples: int | None, seed: int = 0) -> Tensor:
+    """Indices of a seeded, sorted random subset of ``range(n)`` of size ``min(n, max_samples)``."""
+    if max_samples is None or n <= max_samples:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:max_samples].sort().values
+
+
+def kde_mutual_information(t: Tensor, y: Tensor, noise_variance: float = 0.1) -> tuple[float, float]:
+    """Gaussian-KDE ``(I(X;T), I(T;Y))`` in bits (Kolchinsky & Tracey, 2017; Saxe et al., 2018).
+
+    The deterministic representation is made stochastic by adding ``Z ~ N(0, sigma^2 I)``; ``T + Z`` is then a
+    mixture of ``N`` Gaussians centred on the samples, ``H(T+Z|X) = H(Z)`` and the pairwise-KL bound gives
+
+    ``I(X;T) <= -1/N sum_i log2 1/N sum_j exp(-||t_i - t_j||^2 / (2 sigma^2))`` (an upper bound on the
+    mutual information of the *noisy* representation) and, as in Saxe et al.,
+    ``I(T;Y) = I(X;T) - sum_y p(y) I_kde(X;T | Y=y)`` with the same bound evaluated within each class.
+
+    What it measures: how many noise-width balls the samples spread over — a function of the geometry and
+    scale of ``T`` relative to ``sigma``. ``I(X;T)`` is a true upper bound for the noisy channel; ``I(T;Y)``
+    is a difference of two bounds (an estimate, not a bound), lies in ``[0, H(Y)]`` up to rounding and is
+    clipped at ``0``. A huge ``sigma^2`` gives ``~0``; a tiny one (or widely spread activations) gives the
+    saturated ``log2 N`` / ``H(Y)``. Cost ``O(N^2 D)``.
+
+    Args:
+        t: representations ``[N, D]``.
+        y: integer labels ``[N]``.
+        noise_variance: ``sigma^2`` of the added Gaussian noise (in the units of ``T`` squared).
+
+    Example::
+
+        >>> t = torch.tensor([[0.0], [0.0], [10.0], [10.0]])
+        >>> i_xt, i_ty = kde_mutual_information(t, torch.tensor([0, 0, 1, 1]), noise_variance=0.01)
+        >>> round(i_xt, 6), round(i_ty, 6)
+        (1.0, 1.0)
+    """
+    t = t.detach().double().cpu()
+    y = y.detach().cpu()
+    i_xt = kde_entropy_bits(t, noise_variance)
+    n = len(y)
+    h_cond = 0.0
+    for c in torch.unique(y):
+        member = y == c
+        h_cond += float(member.sum()) / n * kde_entropy_bits(t[member], noise_variance)
+    return i_xt, max(0.0, i_xt - h_cond)
+
+
+# ---- estimator 3: probe classifier (variational lower bound) -------------------------------------------
+def split_halves(y: Tensor, seed: int = 0) -> Tensor:
+    """A seeded, class-stratified split of probe positions into a fitting half (``True``) and a scoring half.
+
+    Within each class the members (in probe-index order) are shuffled with a generator seeded by ``seed``
+    and the class label, and alternately assigned to the two halves. It depends only on the gathered
+    labels (ordered by probe index) and the seed, so every rank and every world size gets the same split.
+    A strided split (even/odd positions) would be simpler but can put whole classes on one side when the
+    labels are periodic in the dataset order.
+
+    Example::
+
+        >>> fit = split_halves(torch.tensor([0, 1, 0, 1, 0, 1, 0, 1]))
+        >>> int(fit.sum()), int(fit[::2].sum()), int(fit[1::2].sum())
+        (4, 2, 2)
+    """
+    y = y.detach().long().cpu()
+    fit = torch.zeros(len(y), dtype=torch.bool)
+    for c in torch.unique(y):
+        members = (y == c).nonzero().flatten()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + int(c))
+        members = members[torch.randperm(len(members), generator=g)]
+        fit[members[0::2]] = True
+    return fit
+
+
+def fit_linear_probe(
+    t: Tensor, y: Tensor, num_classes: int, l2: float = 1e-3, max_iter: int = 200
+) -> tuple[Tensor, Tensor]:
+    """Multinomial logistic regression ``softmax(t W + b)`` by full-batch L-BFGS from zeros (deterministic).
+
+    Minimizes ``mean CE + l2 ||W||^2`` (convex, so the zero start loses nothing). Returns ``(W [D, C], b [C])``.
+    """
+    t = t.detach().double().cpu()
+    y = y.detach().long().cpu()
+    w = torch.zeros(t.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(t @ w + b, y) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def probe_mutual_information(
+    t: Tensor, y: Tensor, fit: Tensor | None = None, l2: float = 1e-3, max_iter: int = 200
+) -> tuple[float, float]:
+    """Variational lower bound ``I(T;Y) >= H(Y) - CE`` in bits, from a held-out probe classifier.
+
+    A linear softmax classifier ``q(y|t)`` (on features standardized with the fitting half's statistics) is
+    fitted on the samples where ``fit`` is ``True`` and scored on the rest: ``CE = -mean log2 q(y|t)`` there,
+    and ``H(Y)`` is the empirical label entropy of that scoring half. Since ``E[-log q(Y|T)] >= H(Y|T)`` for
+    any ``q``, ``H(Y) - CE <= I(T;Y)``: a lower bound (up to the sampling error of the scoring half), tight
+    when the classes are linearly decodable from ``T``. It can come out negative for an over-fitted probe
+    on an uninformative ``T``; it is clipped at ``0``.
+
+    What it measures: the label information *linearly decodable* from ``T`` — it ranks representations by
+    usable information and does not saturate with ``N``. It gives no estimate of ``I(X;T)``.
+
+    Args:
+        t: representations ``[N, D]``.
+        y: integer labels ``[N]``.
+        fit: boolean mask ``[N]`` of the fitting half; default :func:`split_halves` of ``y``.
+        l2: L2 penalty on the probe's weights.
+        max_iter: L-BFGS iterations.
+
+    Returns:
+        ``(I(T;Y) lower bound, H(Y) of the scoring half)``.
+
+    Example::
+
+        >>> y = torch.arange(40) % 2
+        >>> i_ty, h_y = probe_mutual_information(F.one_hot(y).double() * 3, y, l2=1e-6)
+        >>> h_y, round(i_ty, 2)
+        (1.0, 1.0)
+    """
+    t = t.detach().double().cpu()
+    y = y.detach().long().cpu()
+    if fit is None:
+        fit = split_halves(y)
+    fit = fit.cpu().bool()
+    score = ~fit
+    if fit.sum() < 1 or score.sum() < 1:
+        raise ValueError(f"the probe estimator needs samples in both halves, got {int(fit.sum())} and {int(score.sum())}")
+    mean = t[fit].mean(0)
+    std = t[fit].std(0, unbiased=False).clamp_min(1e-8)
+    z = (t - mean) / std
+    num_classes = int(y.max()) + 1
+    w, b = fit_linear_probe(z[fit], y[fit], num_classes, l2=l2, max_iter=max_iter)
+    ce_bits = float(F.cross_entropy(z[score] @ w + b, y[score])) / _LN2
+    h_y = entropy_bits(y[score])
+    return max(0.0, h_y - ce_bits), h_y
+
+
+# ---- saturation ----------------------------------------------------------------------------------------
+def is_saturated(i_xt: float, log2_n: float, tol: float = 0.1) -> bool:
+    """Whether an ``I(X;T)`` estimate sits at the ``log2 N`` ceiling (within ``tol`` bits).
+
+    At the ceiling every probe sample occupies its own bin / noise ball, so the estimator reports
+    ``I(X;T) = log2 N`` — and, for binning and KDE, ``I(T;Y) = H(Y)`` — whatever the representation is:
+    the point says "the estimator cannot resolve this layer", not "no compression". (The second symptom,
+    ``I(T;Y) ~ H(Y)`` together with ``I(X;T) ~ log2 N``, implies the first, so the test is on ``I(X;T)``.)
+
+    Example::
+
+        >>> is_saturated(7.95, log2_n=8.0), is_saturated(5.0, log2_n=8.0)
+        (True, False)
+    """
+    return i_xt >= log2_n - tol
+
+
+# ---- the figure ----------------------------------------------------------------------------------------
+def information_plane_figure(
+    history: Sequence[Mapping[str, Any]], layers: Sequence[str], title: str = "Information plane"
+) -> Any:
+    """The information plane: ``x = I(X;T)``, ``y = I(T;Y)``, one coloured trajectory per layer over training.
+
+    Each history entry is ``{"step", "I_XT": {layer: bits}, "I_TY": {...}, "saturated": {...}, "log2_N", "H_Y"}``.
+    Points grow more opaque with training time, arrows join consecutive probes, the last point is ringed;
+    saturated points are drawn hollow. The ``log2 N`` ceiling (dashed, vertical) and ``H(Y)`` (dotted,
+    horizontal) of the latest probe are drawn as reference lines.
+    """
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 5.0))
+    ax = fig.add_subplot(1, 1, 1)
+    cmap = colormaps["viridis"]
+    n_points = len(history)
+    any_saturated = False
+    for li, layer in enumerate(layers):
+        color = cmap(li / max(1, len(layers) - 1))
+        pts = [(h["I_XT"].get(layer), h["I_TY"].get(layer), bool(h["saturated"].get(layer, False))) for h in history]
+        pts = [p for p in pts if p[0] is not None and p[1] is not None]
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(xs, ys, "-", color=color, alpha=0.35, lw=1, label=layer)
+        for k in range(1, len(pts)):
+            ax.annotate(
+                "", xy=(xs[k], ys[k]), xytext=(xs[k - 1], ys[k - 1]),
+                arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.6, "lw": 1},
+            )  # fmt: skip
+        for k, (x, y, sat) in enumerate(pts):
+            alpha = 0.3 + 0.7 * (k + 1) / max(1, n_points)
+            any_saturated |= sat
+            ax.scatter(
+                [x], [y], s=36, edgecolors=[color], facecolors="none" if sat else [color], alpha=alpha, linewidths=1.5,
+                zorder=3,
+            )  # fmt: skip
+        ax.scatter([xs[-1]], [ys[-1]], s=120, facecolors="none", edgecolors="black", linewidths=0.8, zorder=4)
+    if history:
+        last = history[-1]
+        ax.axvline(last["log2_N"], color="gray", ls="--", lw=1, label=f"log2 N = {last['log2_N']:.2f} (ceiling)")
+        ax.axhline(last["H_Y"], color="gray", ls=":", lw=1, label=f"H(Y) = {last['H_Y']:.2f}")
+    if any_saturated:
+        ax.scatter([], [], s=36, facecolors="none", edgecolors="gray", label="saturated (at log2 N)")
+    ax.set_xlabel("I(X;T) [bits]")
+    ax.set_ylabel("I(T;Y) [bits]")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+# ---- the callback -------------------------------------------------------------------------------------
+class LayerMutualInformation(ProbeCallback):
+    """Track ``I(X;T_l)`` and ``I(T_l;Y)`` of every layer over training and draw the information plane.
+
+    Paper experiment 3 (section 3.3, Figure 4): the mutual information between each layer's output and the
+    labels over training, read against the information-bottleneck objective of eq. (3). On each probe the
+    layer outputs of the fixed probe set are pooled into ``T_l`` (:func:`pool_tokens`: masked mean over
+    tokens, padding taken from integer inputs equal to ``pad_id``; or ``pooling="flatten"``), gathered across
+    ranks with a :class:`~pdelightning.callbacks._probe.GatherStore` (so a DDP run gives the one-process
+    numbers), and passed to the chosen estimator. All values are in bits.
+
+    Estimators (see each function for what it really measures):
+
+    * ``"probe"`` (default): ``I(T;Y)`` is the variational lower bound ``H(Y) - CE`` of a linear softmax
+      probe fitted on one half of the probe set and scored on the other (:func:`probe_mutual_information`;
+      the halves are a seeded class-stratified split of the probe positions, :func:`split_halves`, hence the
+      same for any world size), clipped at ``0``; ``H(Y)`` is the label
+      entropy of the scoring half. The probe gives no bound on ``I(X;T)``: the x-axis of the information
+      plane is the Gaussian-KDE *upper* bound of :func:`kde_mutual_information` (with ``noise_variance``
+      and ``kde_max_samples``), so a probe point pairs a lower bound on ``I(T;Y)`` with an upper bound on
+      ``I(X;T)``.
+    * ``"kde"``: both from the Gaussian-KDE pairwise-distance bound with noise variance ``noise_variance``
+      (:func:`kde_mutual_information`). ``O(N^2)``: at most ``kde_max_samples`` probe samples (a seeded
+      subset) enter it; ``log2_N`` then refers to that capped ``N`` and the cap is reported in the logs.
+    * ``"binning"``: plug-in entropies after ``n_bins`` equal-width bins on the top ``n_components``
+      principal components (:func:`binning_mutual_information`); ``I(X;T) = H(T_binned)``.
+
+    Saturation: for continuous activations, plain binning over all units and small-variance KDE report
+    ``I(X;T) = log2 N`` and ``I(T;Y) = H(Y)`` no matter what the layer does. Estimates within
+    ``saturation_tol`` bits of ``log2 N`` are flagged (:func:`is_saturated`), drawn hollow against the
+    dashed ``log2 N`` ceiling in the figure, and a warning is issued once.
+
+    The trajectory ``(step, I(X;T), I(T;Y), saturated)`` per layer is kept for the figure and saved in
+    checkpoints (``state_dict``), so a resumed run continues its curves.
+
+    Args:
+        estimator: ``"probe"``, ``"kde"`` or ``"binning"`` (above).
+        noise_variance: KDE noise variance ``sigma^2`` (``"kde"``, and ``I(X;T)`` of ``"probe"``).
+        kde_max_samples: at most this many samples enter the ``O(N^2)`` KDE (``None``: all).
+        n_bins: bins per component for ``"binning"``.
+        n_components: principal components binned (``None``: every unit, which saturates).
+        probe_l2: L2 penalty of the probe classifier.
+        probe_max_iter: L-BFGS iterations of the probe classifier.
+        pooling: ``"mean"`` (masked mean over tokens) or ``"flatten"`` (all tokens; fixed length only).
+        pad_id: the token id marking padding in integer inputs.
+        saturation_tol: bits below ``log2 N`` within which an ``I(X;T)`` estimate counts as saturated.
+        every_n_steps, every_n_epochs, probe_at_start, probe_size, probe_batch_size, layers, attention,
+            embedding, seed: see :class:`~pdelightning.callbacks._probe.ProbeCallback`; ``seed`` also draws
+            the KDE subset.
+
+    Raises:
+        ValueError: for an unknown ``estimator`` or ``pooling``, or non-positive sizes / variances.
+        TargetNotFoundError: at ``setup`` when the model has no layers to analyse (e.g. a plain MLP) and no
+            ``layers`` glob is given.
+        RuntimeError: when the probe batches carry no labels.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[LayerMutualInformation(estimator="probe", every_n_epochs=1)])
+        # a stock nn.TransformerEncoder: LayerMutualInformation(layers="encoder.layers.*")
+
+    **Logged metrics** (``<layer>`` is the layer name, e.g. ``blocks.0``):
+
+    * ``analysis/layer_mutual_information/I_XT/<layer>``: ``I(X;T_l)`` estimate [bits].
+    * ``analysis/layer_mutual_information/I_TY/<layer>``: ``I(T_l;Y)`` estimate [bits].
+    * ``analysis/layer_mutual_information/saturated/<layer>``: ``1`` if the estimate is at the ``log2 N``
+      ceiling, else ``0``.
+    * ``analysis/layer_mutual_information/H_Y``: label entropy, the ceiling of ``I(T;Y)`` [bits].
+    * ``analysis/layer_mutual_information/log2_N``: the ``I(X;T)`` ceiling ``log2 N`` of the samples used.
+    * ``analysis/layer_mutual_information/information_plane``: the figure (TensorBoard image).
+    """
+
+    name = "layer_mutual_information"
+    needs = ("layers",)
+
+    def __init__(
+        self,
+        estimator: Estimator = "probe",
+        noise_variance: float = 0.1,
+        kde_max_samples: int | None = 1000,
+        n_bins: int = 10,
+        n_components: int | None = 2,
+        probe_l2: float = 1e-3,
+        probe_max_iter: int = 200,
+        pooling: Pooling = "mean",
+        pad_id: int = 0,
+        saturation_tol: float = 0.1,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        probe_at_start: bool = True,
+        probe_size: int = 512,
+        probe_batch_size: int = 128,
+        layers: str | None = None,
+        attention: str | None = None,
+        embedding: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps,
+            every_n_epochs=every_n_epochs,
+            probe_at_start=probe_at_start,
+            probe_size=probe_size,
+            probe_batch_size=probe_batch_size,
+            layers=layers,
+            attention=attention,
+            embedding=embedding,
+            seed=seed,
+        )
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={estimator!r} is not one of {ESTIMATORS}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
+        if not noise_variance > 0:
+            raise ValueError(f"noise_variance={noise_variance} must be positive")
+        if kde_max_samples is not None and kde_max_samples < 2:
+            raise ValueError(f"kde_max_samples={kde_max_samples} must be at least 2 (or None for no cap)")
+        if n_bins < 2:
+            raise ValueError(f"n_bins={n_bins} must be at least 2")
+        if n_components is not None and n_components < 1:
+            raise ValueError(f"n_components={n_components} must be a positive integer or None (all units)")
+        if probe_l2 < 0:
+            raise ValueError(f"probe_l2={probe_l2} must be non-negative")
+        if probe_max_iter < 1:
+            raise ValueError(f"probe_max_iter={probe_max_iter} must be positive")
+        if saturation_tol < 0:
+            raise ValueError(f"saturation_tol={saturation_tol} must be non-negative")
+        self.estimator = estimator
+        self.noise_variance = noise_variance
+        self.kde_max_samples = kde_max_samples
+        self.n_bins = n_bins
+        self.n_components = n_components
+        self.probe_l2 = probe_l2
+        self.probe_max_iter = probe_max_iter
+        self.pooling = pooling
+        self.pad_id = pad_id
+        self.saturation_tol = saturation_tol
+        self.history: list[dict[str, Any]] = []
+        self._warned_saturation = False
+        self._told_cap = False
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            estimator=self.estimator, pooling=self.pooling, every_n_steps=self.every_n_steps,
+            every_n_epochs=self.every_n_epochs, **self.patterns,
+        )  # fmt: skip
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"estimator": self.estimator, "history": [dict(h) for h in self.history]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("estimator", self.estimator) != self.estimator:
+            rank_zero_warn(
+                f"LayerMutualInformation: the checkpoint's trajectory was measured with estimator="
+                f"{state_dict['estimator']!r}, this run uses {self.estimator!r}; the curves will mix both"
+            )
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+
+    @override
+    def layout(self) -> dict[str, list[str]]:
+        return {
+            "I(X;T) per layer [bits]": [self.key("I_XT") + "/.*", self.key("log2_N")],
+            "I(T;Y) per layer [bits]": [self.key("I_TY") + "/.*", self.key("H_Y")],
+            "saturated estimate per layer": [self.key("saturated") + "/.*"],
+        }
+
+    # ---- measuring ---------------------------------------------------------------------------------
+    def _gather(self, trainer: L.Trainer, pl_module: L.LightningModule, names: list[str]) -> dict[str, Tensor]:
+        targets = self.targets(pl_module)
+        store = GatherStore(["y"] + [f"t/{n}" for n in names]).to(pl_module.device)
+        widths: dict[str, int] = {}
+        with torch.no_grad(), Capture(targets, layers=True) as cap:
+            for x, y, idx in self.iter_probe(trainer, pl_module):
+                if y is None:
+                    raise RuntimeError(
+                        "LayerMutualInformation needs labels: the validation batches must be (x, y) pairs "
+                        "(or dicts with a 'y'/'label' entry)"
+                    )
+                self.forward(pl_module, x)
+                hidden, _ = cap.pop()
+                pooled = {}
+                for n in names:
+                    h = hidden[n]
+                    mask = padding_mask_from_inputs(x, h.shape[1], self.pad_id) if h.dim() == 3 else None
+                    t = pool_tokens(h, mask, self.pooling).float()
+                    if widths.setdefault(n, t.shape[1]) != t.shape[1]:
+                        raise ValueError(
+                            f"pooling='flatten' needs sequences of one length, but layer {n} gave {t.shape[1]} "
+                            f"features in one probe batch and {widths[n]} in another; use pooling='mean'"
+                        )
+                    pooled[f"t/{n}"] = t
+                store.update(idx.to(pl_module.device), y=y.long(), **pooled)
+        return store.compute()  # a collective: every rank runs it
+
+    def estimate(self, t: Tensor, y: Tensor) -> tuple[float, float, float, float]:
+        """``(I(X;T), I(T;Y), log2 N, H(Y))`` of one layer's gathered representations with this estimator."""
+        n = len(y)
+        if self.estimator == "binning":
+            i_xt, i_ty = binning_mutual_information(t, y, self.n_bins, self.n_components)
+            return i_xt, i_ty, math.log2(n), entropy_bits(y)
+        keep = subsample(n, self.kde_max_samples, self.seed)
+        i_xt, i_ty = kde_mutual_information(t[keep], y[keep], self.noise_variance)
+        if self.estimator == "kde":
+            return i_xt, i_ty, math.log2(len(keep)), entropy_bits(y[keep])
+        fit = split_halves(y, self.seed)
+        i_ty, h_y = probe_mutual_information(t, y, fit, l2=self.probe_l2, max_iter=self.probe_max_iter)
+        return i_xt, i_ty, math.log2(len(keep)), h_y
+
+    @override
+    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        names = [t.name for t in self.targets(pl_module).layers]
+        gathered = self._gather(trainer, pl_module, names)
+        y = gathered["y"].cpu()
+        n = len(y)
+        if n < 4:
+            rank_zero_warn(f"LayerMutualInformation: only {n} probe samples; skipping (need at least 4)")
+            return
+        if self.estimator != "binning" and self.kde_max_samples is not None and n > self.kde_max_samples:
+            if not self._told_cap:
+                rank_zero_info(
+                    f"LayerMutualInformation: the O(N^2) KDE uses {self.kde_max_samples} of the {n} probe samples "
+                    f"(kde_max_samples); log2_N = log2({self.kde_max_samples})"
+                )
+                self._told_cap = True
+        # Every rank holds the same gathered tensors and computes the same (deterministic) numbers, so the
+        # history is identical everywhere; only rank zero writes.
+        entry: dict[str, Any] = {"step": trainer.global_step, "I_XT": {}, "I_TY": {}, "saturated": {}}
+        for name in names:
+            i_xt, i_ty, log2_n, h_y = self.estimate(gathered[f"t/{name}"].cpu().double(), y)
+            entry["I_XT"][name], entry["I_TY"][name] = i_xt, i_ty
+            entry["saturated"][name] = is_saturated(i_xt, log2_n, self.saturation_tol)
+            entry["log2_N"], entry["H_Y"] = log2_n, h_y
+        self.history.append(entry)
+        del gathered
+
+        saturated = [n for n in names if entry["saturated"][n]]
+        if saturated and not self._warned_saturation:
+            rank_zero_warn(
+                f"LayerMutualInformation ({self.estimator}): the I(X;T) estimate of {saturated} is at the log2 N = "
+                f"{entry['log2_N']:.2f} ceiling, where it no longer depends on the layer (every sample in its own "
+                "bin / noise ball); these points are flagged, not compression. Use fewer bins / components, a larger "
+                "noise_variance, or the 'probe' estimator."
+            )
+            self._warned_saturation = True
+        metrics: dict[str, float] = {self.key("H_Y"): entry["H_Y"], self.key("log2_N"): entry["log2_N"]}
+        for name in names:
+            metrics[self.key("I_XT", name)] = entry["I_XT"][name]
+            metrics[self.key("I_TY", name)] = entry["I_TY"][name]
+            metrics[self.key("saturated", name)] = float(entry["saturated"][name])
+        self.log_scalars(trainer, metrics)
+        if trainer.is_global_zero:
+            fig = information_plane_figure(self.history, names, title=f"Information plane ({self.estimator})")
+            self.add_figure(trainer, self.key("information_plane"), fig)
