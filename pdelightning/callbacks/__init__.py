@@ -1,3 +1,19 @@
-"""Analysis callbacks that attach to any Lightning run."""
+"""Analysis callbacks that attach to any Lightning run (see ``README.md`` in this folder)."""
 
-__all__: list[str] = []
+from pdelightning.callbacks._targets import TargetNotFoundError
+from pdelightning.callbacks.attention_similarity import AttentionSimilarity
+from pdelightning.callbacks.gradient_flow import GradientFlow
+from pdelightning.callbacks.information_flow import InformationFlow
+from pdelightning.callbacks.layer_mutual_information import LayerMutualInformation
+from pdelightning.callbacks.perturbation_eval import PerturbationEval
+from pdelightning.callbacks.stability_monitor import StabilityMonitor
+
+__all__ = [
+    "AttentionSimilarity",
+    "GradientFlow",
+    "InformationFlow",
+    "LayerMutualInformation",
+    "PerturbationEval",
+    "StabilityMonitor",
+    "TargetNotFoundError",
+]

@@ -110,12 +110,12 @@ class ProbeSet:
         return iter(self.batches)
 
 
-def _validation_loader(trainer: L.Trainer) -> DataLoader | None:
+def validation_loader(trainer: L.Trainer) -> DataLoader | None:
+    """The validation ``DataLoader`` the probe set is drawn from (datamodule, trainer, or ``None``)."""
     dm = trainer.datamodule
     for get in (
         lambda: dm.val_dataloader() if dm is not None else None,
         lambda: trainer.val_dataloaders,
-        lambda: trainer.fit_loop._data_source.dataloader() if trainer.fit_loop._data_source.is_defined() else None,
     ):
         try:
             loader = get()
@@ -127,6 +127,8 @@ def _validation_loader(trainer: L.Trainer) -> DataLoader | None:
             return loader
     return None
 
+
+_validation_loader = validation_loader  # older name
 
 _LAYOUTS: dict[int, dict[str, dict[str, list[Any]]]] = {}
 
@@ -210,7 +212,7 @@ class ProbeCallback(Callback):
     def probe_set(self, trainer: L.Trainer) -> ProbeSet:
         """The fixed probe set (built on first use from the validation data)."""
         if self._probe is None:
-            loader = _validation_loader(trainer)
+            loader = validation_loader(trainer)
             if loader is None:
                 raise RuntimeError(
                     f"{type(self).__name__} needs validation data for its probe set: give the trainer a "

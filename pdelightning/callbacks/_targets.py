@@ -165,7 +165,9 @@ def resolve_targets(
                 prefix = _RESID_POST.match(hooked[0][0]).group("prefix")  # type: ignore[union-attr]
                 targets = AnalysisTargets(layers=layer_targets, embedding=modules.get(f"{prefix}hook_embed"))
                 source = "TransformerLens hook names"
-    if targets is None or not targets.layers:
+    if (targets is None or not targets.layers) and "layers" not in need:
+        targets = AnalysisTargets(layers=[], embedding=targets.embedding if targets is not None else None)
+    if targets is None or (not targets.layers and "layers" in need):
         raise TargetNotFoundError(
             f"{type(model).__name__} has no layers to analyse: it does not implement analysis_targets(), has no "
             f"TransformerLens hook points (blocks.<i>.hook_resid_post), and no `layers` glob was given "
