@@ -9,6 +9,7 @@ scratch directory under the system temp dir (the source is left untouched). No n
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import logging
@@ -124,7 +125,8 @@ def prepare_mnist_root(data_dir: str | Path, download: bool = False) -> Path:
         if dst.is_file():
             continue
         if src.is_file():  # decompressed in the read-only source already: link it into the scratch root
-            os.symlink(src.resolve(), dst)
+            with contextlib.suppress(FileExistsError):  # another process linked it first
+                os.symlink(src.resolve(), dst)
         else:
             _gunzip(src.with_name(f"{name}.gz"), dst)
     return target_root

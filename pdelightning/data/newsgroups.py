@@ -15,6 +15,7 @@ Both sources give the same documents in the same order (group, then file name, a
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 from collections import Counter
@@ -45,6 +46,8 @@ RemoveKind = Literal["headers", "footers", "quotes"]
 SOURCES = ("auto", "tarball", "sklearn")
 REMOVE_KINDS = ("headers", "footers", "quotes")
 TARBALL_NAME = "20news-bydate.tar.gz"
+SKLEARN_CACHE_NAME = "20news-bydate_py3.pkz"
+"""scikit-learn's cache file in its ``data_home`` (``CACHE_NAME`` plus the ``_py3`` suffix of ``_pkl_filepath``)."""
 NEWSGROUPS = (
     "alt.atheism",
     "comp.graphics",
@@ -160,31 +163,37 @@ def read_tarball(path: str | Path) -> Documents:
     return {split: [(g, text) for g, _, text in sorted(items, key=lambda t: t[:2])] for split, items in docs.items()}
 
 
+def sklearn_cache_path(data_home: str | Path | None) -> Path:
+    """Where scikit-learn keeps its 20 Newsgroups cache, resolved like ``get_data_home`` but creating nothing."""
+    home = data_home if data_home is not None else os.environ.get("SCIKIT_LEARN_DATA", "~/scikit_learn_data")
+    return Path(home).expanduser() / SKLEARN_CACHE_NAME
+
+
 def read_sklearn(data_home: str | Path | None, download: bool) -> Documents:
     """Read both splits from scikit-learn's 20 Newsgroups cache (downloading only if ``download``).
 
     Raises:
         FileNotFoundError: if the cache is missing and ``download`` is false.
     """
-    from sklearn.datasets import fetch_20newsgroups, get_data_home
+    cache = sklearn_cache_path(data_home)
+    if not download and not cache.is_file():
+        raise FileNotFoundError(
+            f"scikit-learn's 20 Newsgroups cache not found in data_home={cache.parent} (expected {cache}); set "
+            f"download: true to let scikit-learn fetch it, or use source: tarball with a {TARBALL_NAME}"
+        )
+    from sklearn.datasets import fetch_20newsgroups
 
     docs: Documents = {}
     for split in ("train", "test"):
-        try:
-            bunch = fetch_20newsgroups(
-                data_home=data_home, subset=split, shuffle=False, download_if_missing=download, remove=()
-            )
-        except OSError as err:
-            if download:
-                raise
-            home = get_data_home(data_home)
-            raise FileNotFoundError(
-                f"scikit-learn's 20 Newsgroups cache not found in data_home={home} "
-                f"(expected {Path(home) / '20news-bydate_py3.pkz'}); set download: true to let scikit-learn "
-                f"fetch it, or use source: tarball with a {TARBALL_NAME}"
-            ) from err
+        bunch = fetch_20newsgroups(
+            data_home=data_home, subset=split, shuffle=False, download_if_missing=download, remove=()
+        )
         names = list(bunch.target_names)
-        docs[split] = [(names[t], text) for t, text in zip(bunch.target, bunch.data, strict=True)]
+        # the cache is in load_files' shuffled order: restore the (group, file name) order of read_tarball
+        items = [
+            (names[t], Path(f).name, text) for t, f, text in zip(bunch.target, bunch.filenames, bunch.data, strict=True)
+        ]
+        docs[split] = [(g, text) for g, _, text in sorted(items, key=lambda t: t[:2])]
     return docs
 
 
@@ -287,13 +296,10 @@ class NewsgroupsDataModule(ClassificationDataModule):
         self.save_hyperparameters()
 
     def _missing_message(self) -> str:
-        from sklearn.datasets import get_data_home
-
         looked = ", ".join(str(p) for p in tarball_candidates(self.data_dir))
-        home = Path(get_data_home(self.sklearn_data_home))
         return (
             f"20 Newsgroups not found (source={self.source!r}): no {TARBALL_NAME} at {looked}, and no "
-            f"scikit-learn cache {home / '20news-bydate_py3.pkz'}. Put the tarball at data_dir "
+            f"scikit-learn cache {sklearn_cache_path(self.sklearn_data_home)}. Put the tarball at data_dir "
             f"(or data_dir/{TARBALL_NAME}), point sklearn_data_home at a scikit-learn cache, "
             f"or set download: true to let scikit-learn fetch it."
         )

@@ -17,13 +17,14 @@ MNIST_N_TRAIN = 50  # test_mnist.py relies on these sizes and on `mnist_arrays`
 MNIST_N_TEST = 20
 
 # Tiny bydate layout: {split: {group: {file id: body}}}. Every post gets a header (see `news_post`).
-# "common" is the most frequent train word by far; "zebraquux" occurs only in test; "café" checks latin-1.
+# "common" is the most frequent train word by far; "zebraquux" occurs only in test; "café" checks latin-1;
+# each train body has a unique word "id<file id>", to tell the posts apart after tokenization.
 NEWS_GROUPS = ("alt.atheism", "rec.autos", "sci.space")
 NEWS_DOCS: dict[str, dict[str, dict[str, str]]] = {
     "train": {
-        "alt.atheism": {f"{100 + i}": f"common common common god belief number{i} café" for i in range(6)},
-        "rec.autos": {f"{200 + i}": f"common common common car engine wheel number{i}" for i in range(6)},
-        "sci.space": {f"{300 + i}": f"common common common orbit rocket launch number{i}" for i in range(6)},
+        "alt.atheism": {f"{100 + i}": f"common common common god belief id{100 + i} café" for i in range(6)},
+        "rec.autos": {f"{200 + i}": f"common common common car engine wheel id{200 + i}" for i in range(6)},
+        "sci.space": {f"{300 + i}": f"common common common orbit rocket launch id{300 + i}" for i in range(6)},
     },
     "test": {
         "alt.atheism": {"900": "zebraquux god", "901": ""},  # 901 has an empty body
@@ -117,6 +118,6 @@ def make_news_tarball() -> Callable[..., Path]:
 
 @pytest.fixture
 def news_tarball(tmp_path: Path) -> Path:
-    """Path of a tiny ``20news-bydate.tar.gz`` (3 groups, 18 train and 5 test posts)."""
+    """Path of a tiny ``20news-bydate.tar.gz`` (3 groups, 18 train and 4 test posts)."""
     (tmp_path / "news").mkdir()
     return write_news_tarball(tmp_path / "news" / "20news-bydate.tar.gz")

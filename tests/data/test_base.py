@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from jsonargparse import ArgumentParser
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from torch import nn
 
 import pdelightning.data as data_pkg
@@ -223,3 +224,38 @@ def test_runs_in_a_trainer(cls: type) -> None:
     trainer.test(model, datamodule=dm, verbose=False)
     preds = trainer.predict(model, datamodule=dm)
     assert preds is not None and preds[0].shape == (16,)
+
+
+class _LinkedModel(L.LightningModule):
+    def __init__(
+        self, num_classes: int = -1, input_kind: str = "", image_size: int = -1, vocab_size: int = -1, max_len: int = -1
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+
+class _LinkingCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name in ("num_classes", "input_kind", "image_size", "vocab_size", "max_len"):
+            parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--data=SyntheticTokenDataModule", "--data.vocab_size=50", "--data.max_len=12"], (4, "tokens", 0, 50, 12)),
+        (["--data=DigitsDataModule"], (10, "image", 8, 0, 0)),
+        (["--data=NewsgroupsDataModule", "--data.categories=[sci.space, sci.med]"], (2, "tokens", 0, 20000, 256)),
+    ],
+)
+def test_lightning_cli_links_attributes_on_instantiate(args: list[str], expected: tuple) -> None:
+    cli = _LinkingCLI(
+        _LinkedModel,
+        ClassificationDataModule,
+        subclass_mode_data=True,
+        run=False,
+        args=["--trainer.logger=false", *args],
+        save_config_callback=None,
+    )
+    hp = cli.model.hparams
+    assert (hp.num_classes, hp.input_kind, hp.image_size, hp.vocab_size, hp.max_len) == expected

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gzip
 import os
 import stat
 import tempfile
@@ -76,6 +77,23 @@ def test_read_only_dir_uses_scratch_copy(mnist_gz_dir: Path, tmp_path: Path) -> 
     assert root != mnist_gz_dir and root.is_relative_to(tmp_path / "scratch")
     assert all((root / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES)
     assert len(dm.train_dataset) + len(dm.val_dataset) == MNIST_N_TRAIN
+
+
+def test_read_only_dir_partly_decompressed(mnist_gz_dir: Path) -> None:
+    raw = mnist_gz_dir / "MNIST" / "raw"
+    gz = raw / "t10k-labels-idx1-ubyte.gz"
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(gzip.decompress(gz.read_bytes()))
+    gz.unlink()  # this file exists only decompressed; the other three only as .gz
+    mode = raw.stat().st_mode
+    raw.chmod(0o555)
+    try:
+        root = prepare_mnist_root(mnist_gz_dir)
+        dm = MNISTDataModule(data_dir=mnist_gz_dir)
+        dm.setup("test")
+    finally:
+        raw.chmod(mode)
+    assert (root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").is_symlink()
+    assert dm.test_dataset.tensors[1].tolist() == [i % 10 for i in range(100, 100 + MNIST_N_TEST)]
 
 
 def test_already_decompressed_is_used_as_is(mnist_gz_dir: Path) -> None:
