@@ -196,9 +196,14 @@ class InformationFlow(ProbeCallback):
     are token ids and ``x == pad_id`` marks padding; float inputs (images) have none. Layer outputs must be
     batch first, ``[B, T, d]``.
 
+    Cost per probe: one eager forward of each model over the probe set, then (rank zero, CPU) about 1 s for
+    11 layers of a 64-wide model and its reference at ``probe_size=256`` with mean pooling; with
+    ``pooling="flatten"`` on 28 x 64 tokens x features about 10 s, Spearman's ranking of ``n*T*d`` values
+    dominating. Nothing is kept between probes, so there is no checkpoint state.
+
     Args:
         reference: a second model to compare with, run on the same probe inputs (moved to this model's
-            device at setup, run in eval mode, never trained: it is not part of the LightningModule).
+            device and run in eval mode at each probe; never trained: it is not part of the LightningModule).
         reference_checkpoint: path of a checkpoint to load the reference from, with
             ``reference_class.load_from_checkpoint`` (a checkpoint written under ``pdelightning fit`` records
             its model's config; for one written outside the CLI pass ``reference=
@@ -249,7 +254,7 @@ class InformationFlow(ProbeCallback):
 
     or in YAML (``trainer: callbacks+:``)::
 
-        - class_path: pdelightning.callbacks.information_flow.InformationFlow
+        - class_path: pdelightning.callbacks.InformationFlow
           init_args: {reference_checkpoint: logs/transformer/checkpoints/last.ckpt, every_n_epochs: 1}
     """
 
@@ -348,10 +353,8 @@ class InformationFlow(ProbeCallback):
         super().setup(trainer, pl_module, stage)
         if self._reference is None and self.reference_checkpoint is not None:
             self._reference = self._load_reference()
-        if self._reference is not None:
-            self._reference.to(pl_module.device)
-            if stage == "fit":
-                self.reference_targets(self._reference)
+        if self._reference is not None and stage == "fit":
+            self.reference_targets(self._reference)  # fail fast, before any training
 
     # ---- measuring ---------------------------------------------------------------------------------------
     @staticmethod
@@ -381,7 +384,7 @@ class InformationFlow(ProbeCallback):
         store = GatherStore(names + [_REF + n for n in ref_names]).to(pl_module.device)
         ref_was_training = ref.training if ref is not None else False
         if ref is not None:
-            ref.eval()
+            ref.to(pl_module.device).eval()  # here, not in setup: the strategy moves pl_module after setup
         try:
             with torch.no_grad():
                 for x, _, idx in self.iter_probe(trainer, pl_module):
@@ -432,6 +435,8 @@ class InformationFlow(ProbeCallback):
         reps = self.gather(trainer, pl_module)  # collective on every rank; the rest is rank-zero output
         if not trainer.is_global_zero:
             return
+        # float64 math below: stay on CUDA (fast ranking for Spearman), else the CPU (MPS has no float64)
+        reps = {k: v if v.device.type in ("cpu", "cuda") else v.cpu() for k, v in reps.items()}
         n = next(iter(reps.values())).shape[0]
         if n < (4 if self.unbiased else 2):
             rank_zero_warn(f"{type(self).__name__}: only {n} probe samples, too few for CKA; CKA is skipped")
@@ -524,6 +529,8 @@ def cka_figure(
         values = mat.detach().float().cpu()
         image = ax.imshow(values.numpy(), cmap="viridis", vmin=min(0.0, float(values.nan_to_num(0).min())), vmax=1.0)
         ax.set_title(title, fontsize=9)
+        ax.set_ylabel("layer", fontsize=7)
+        ax.set_xlabel("layer" if cols is rows else "reference layer", fontsize=7)
         ax.set_yticks(range(len(rows)), rows, fontsize=6)
         ax.set_xticks(range(len(cols)), cols, fontsize=6, rotation=90)
         if max(values.shape) <= 12:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ def our_task(kind: str = "transformer", n_layers: int = 2, d_model: int = 16, im
     """Our task around a tiny Transformer or PDE model on ``image_size`` x ``image_size`` images."""
     cls = TransformerClassifier if kind == "transformer" else PDEClassifier
     model = cls(num_classes=4, d_model=d_model, n_layers=n_layers, n_heads=2, d_ff=32, image_size=image_size, **kw)
-    return ClassificationTask(model, num_classes=4, optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    return ClassificationTask(model, num_classes=4, optimizer=functools.partial(torch.optim.Adam, lr=1e-2))
 
 
 class StockEncoderModule(L.LightningModule):

@@ -1,0 +1,375 @@
+"""PerturbationEval: the math against known answers, then the callback on our models, a stock encoder and an MLP."""
+
+from __future__ import annotations
+
+import doctest
+import math
+from functools import partial
+from pathlib import Path
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import pdelightning.callbacks.perturbation_eval as pe
+from pdelightning.callbacks._targets import TargetNotFoundError
+from pdelightning.callbacks.perturbation_eval import (
+    PerturbationEval,
+    amplification,
+    critical_epsilon,
+    format_eps,
+    gaussian_noise,
+    per_sample_rms,
+    resolve_mode,
+)
+from pdelightning.models import PDEClassifier, TransformerClassifier
+from pdelightning.task import ClassificationTask
+from tests.helpers.models import MLPModule, StockEncoderModule, image_loaders, our_task
+from tests.helpers.tb import read_events
+
+K = "analysis/perturbation_eval"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and much faster on a shared, busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---- fixtures ----------------------------------------------------------------------------------------------------
+class Scale(nn.Module):
+    """A layer that multiplies its input by ``k`` (``k = 1``: identity)."""
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.k * u
+
+
+class ToyModule(StockEncoderModule):
+    """Rows of an image -> ``embed`` (Linear) -> ``layers.i`` (Scale) -> mean -> head."""
+
+    def __init__(self, scales: tuple[float, ...] = (1.0,), image_size: int = 8, d: int = 8) -> None:
+        L.LightningModule.__init__(self)
+        self.embed = nn.Linear(image_size, d)
+        self.layers = nn.ModuleList(Scale(k) for k in scales)
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        u = self.embed(x)
+        for layer in self.layers:
+            u = layer(u)
+        return self.head(u.mean(1))
+
+
+class LinearModule(MLPModule):
+    """``logits = W x + b`` on flattened images."""
+
+    def __init__(self, image_size: int = 8) -> None:
+        L.LightningModule.__init__(self)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(image_size * image_size, 4))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=5e-2)
+
+
+def token_loaders(n: int = 48, max_len: int = 12, vocab: int = 20, seed: int = 0, pad_to: int | None = None):
+    """A tiny token task padded with 0 at the end: the class is the parity of ``(first id, length)``."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, max_len + 1, (n,), generator=g)
+    x = torch.zeros(n, pad_to or max_len, dtype=torch.long)
+    for i, length in enumerate(lengths.tolist()):
+        x[i, :length] = torch.randint(1, vocab, (length,), generator=g)
+    y = (x[:, 0] % 2) * 2 + lengths % 2
+    ds = TensorDataset(x, y)
+    return DataLoader(ds, batch_size=16, shuffle=True), DataLoader(ds, batch_size=16)
+
+
+def token_task(kind: str, max_len: int = 16) -> ClassificationTask:
+    """Our tiny Transformer/PDE model on token ids (picklable, for ``ddp_spawn``)."""
+    cls = TransformerClassifier if kind == "transformer" else PDEClassifier
+    model = cls(num_classes=4, d_model=16, n_layers=2, n_heads=2, d_ff=32, input_kind="tokens", vocab_size=20,
+                max_len=max_len, bottleneck_dim=None)  # fmt: skip
+    return ClassificationTask(model, num_classes=4, optimizer=partial(torch.optim.Adam, lr=1e-2))
+
+
+def trainer(tmp_path: Path | None = None, **kw) -> L.Trainer:
+    args = dict(
+        max_steps=1, num_sanity_val_steps=0, limit_val_batches=0, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+        logger=TensorBoardLogger(tmp_path) if tmp_path is not None else False,
+    )  # fmt: skip
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+def probe_once(module: L.LightningModule, loaders, tmp_path: Path | None = None, **kw) -> PerturbationEval:
+    """Run one probe before the first training step (the model as built) and return the callback."""
+    cb = PerturbationEval(every_n_epochs=None, probe_at_start=True, probe_size=kw.pop("probe_size", 32), **kw)
+    trainer(tmp_path, callbacks=[cb]).fit(module, *loaders)
+    return cb
+
+
+# ---- pure functions ----------------------------------------------------------------------------------------------
+def test_doctests() -> None:
+    assert doctest.testmod(pe, raise_on_error=False).failed == 0
+
+
+def test_format_eps() -> None:
+    assert format_eps(1e-3) == "1e-03"
+    assert format_eps(1.0) == "1e+00"
+    assert format_eps(10**-3.5) == "3.16e-04"
+    assert len({format_eps(e) for e in pe.DEFAULT_EPSILONS}) == 9
+
+
+def test_critical_epsilon_on_hand_made_curves() -> None:
+    eps = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+    assert critical_epsilon(eps, [1.0, 1.1, 1.9, 2.1, 5.0], 1.0) == 1e-1
+    assert critical_epsilon(eps, [1.0, 1.1, 1.9, 2.1, 5.0], 1.0, factor=1.5) == 1e-2
+    assert critical_epsilon(eps, [1.0, 1.1, 2.0, 2.0, 2.0], 1.0) != critical_epsilon(
+        eps, [1.0, 1.1, 2.0, 2.0, 2.1], 1.0
+    )
+    assert math.isnan(critical_epsilon(eps, [1.0, 1.1, 2.0, 2.0, 2.0], 1.0))  # exactly 2x does not depart
+    assert critical_epsilon(eps, [1.0, float("inf"), 1.0, 1.0, 1.0], 1.0) == 1e-3  # a diverged forward departs
+    assert critical_epsilon(eps[::-1], [5.0, 2.1, 1.9, 1.1, 1.0], 1.0) == 1e-1  # order of the grid does not matter
+    assert math.isnan(critical_epsilon(eps, [1.0] * 5, float("nan")))
+    with pytest.raises(ValueError, match="2 losses"):
+        critical_epsilon(eps, [1.0, 2.0], 1.0)
+
+
+def test_noise_is_per_sample_and_shard_invariant() -> None:
+    idx = torch.arange(8)
+    z = gaussian_noise(idx, [5, 3], seed=3)
+    for rank in range(2):  # a strided shard as ProbeSet makes them
+        assert torch.equal(gaussian_noise(idx[rank::2], [5, 3], seed=3), z[rank::2])
+    assert torch.equal(gaussian_noise(idx, [5, 3], seed=3), z)  # deterministic
+    assert not torch.equal(gaussian_noise(idx, [5, 3], seed=4), z)  # the seed matters
+    assert not torch.equal(z[0], z[1])  # samples differ
+    # with a padding mask: zero at padding, and the same draws whatever the padded length
+    valid = torch.tensor([[True, True, False, False, False], [True, True, True, True, False]])
+    zm = gaussian_noise(idx[:2], [5, 3], seed=3, valid=valid)
+    assert zm[0, 2:].abs().sum() == 0 and zm[1, 4:].abs().sum() == 0
+    longer = torch.cat([valid, torch.zeros(2, 3, dtype=torch.bool)], 1)
+    assert torch.equal(gaussian_noise(idx[:2], [8, 3], seed=3, valid=longer)[:, :5], zm)
+
+
+def test_per_sample_rms_and_amplification() -> None:
+    u = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]])
+    assert torch.allclose(per_sample_rms(u), torch.tensor([2.5, 1.0]))
+    valid = torch.tensor([[True, False], [True, True]])
+    assert torch.allclose(per_sample_rms(u, valid), torch.tensor([12.5**0.5, 1.0]))
+    dh0 = torch.randn(3, 4, 5)
+    assert torch.equal(amplification(dh0, dh0), torch.ones(3))  # identity layer
+    assert torch.equal(amplification(2 * dh0, dh0), torch.full((3,), 2.0))  # doubling layer
+    dh = dh0.clone()
+    dh[:, 3] = 100.0  # a change at a padded position is not counted
+    assert torch.allclose(amplification(dh, dh0, torch.tensor([[True, True, True, False]] * 3)), torch.ones(3))
+    assert torch.isnan(amplification(dh0, torch.zeros(3, 4, 5))).all()
+
+
+def test_resolve_mode() -> None:
+    ids, img = torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 8, 8)
+    assert resolve_mode("auto", img) == "input" and resolve_mode("auto", ids) == "embedding"
+    assert resolve_mode("embedding", img) == "embedding" and resolve_mode("input", img) == "input"
+    with pytest.raises(ValueError, match="mode='embedding'"):
+        resolve_mode("input", ids)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(epsilons=[]), "epsilons is empty"),
+        (dict(epsilons=[1e-3, 0.0]), "positive and finite"),
+        (dict(epsilons=[1e-3, float("nan")]), "positive and finite"),
+        (dict(epsilons=[1e-3, 1.0000000001e-3]), "repeated metric keys"),
+        (dict(mode="tokens"), r"mode='tokens' is not one of \('auto', 'input', 'embedding'\)"),
+        (dict(critical_factor=1.0), "critical_factor=1.0 must be"),
+        (dict(amplification_eps=0.0), "amplification_eps=0.0 must be"),
+        (dict(probe_size=0), "probe_size=0 must be positive"),
+    ],
+)
+def test_bad_arguments(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        PerturbationEval(**kw)
+
+
+# ---- the callback: known answers ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["input", "embedding"])
+def test_amplification_of_identity_and_doubling_layers(mode: str) -> None:
+    torch.manual_seed(0)
+    cb = probe_once(
+        ToyModule(scales=(1.0, 2.0, 2.0)), image_loaders(n=32), mode=mode, layers="layers.*", embedding="embed",
+        epsilons=[1e-12, 1e-1],
+    )  # fmt: skip
+    m = cb.last_metrics
+    assert m[f"{K}/amplification/layers.0"] == 1.0
+    assert m[f"{K}/amplification/layers.1"] == 2.0
+    assert m[f"{K}/amplification/layers.2"] == 4.0
+    assert abs(m[f"{K}/loss/eps=1e-12"] - m[f"{K}/loss_clean"]) < 1e-6  # ε -> 0 gives the clean loss
+    assert m[f"{K}/acc/eps=1e-12"] == m[f"{K}/acc_clean"]
+    assert m[f"{K}/loss/eps=1e-01"] != m[f"{K}/loss_clean"]
+
+
+def test_noise_is_deterministic_across_runs_and_batch_sizes() -> None:
+    loaders = image_loaders(n=40)
+    torch.manual_seed(0)
+    module = our_task("pde")
+    a = probe_once(module, loaders, probe_batch_size=32, epsilons=[1e-2, 1e-1], fgsm=True)
+    torch.manual_seed(0)
+    b = probe_once(our_task("pde"), loaders, probe_batch_size=32, epsilons=[1e-2, 1e-1], fgsm=True)
+    torch.manual_seed(0)
+    c = probe_once(our_task("pde"), loaders, probe_batch_size=5, epsilons=[1e-2, 1e-1], fgsm=True)
+    assert b.last_metrics == pytest.approx(a.last_metrics, rel=0, abs=0, nan_ok=True)  # bit-identical
+    assert a.last_metrics.keys() == c.last_metrics.keys()
+    for k, v in a.last_metrics.items():
+        assert c.last_metrics[k] == pytest.approx(v, rel=1e-5, abs=1e-7, nan_ok=True), k
+
+
+def test_fgsm_beats_random_noise_on_a_trained_linear_model_and_leaves_parameter_grads_alone() -> None:
+    torch.manual_seed(0)
+    module = LinearModule()
+    train, val = image_loaders(n=96)
+    L.Trainer(max_epochs=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              enable_checkpointing=False).fit(module, train)  # fmt: skip
+    for p in module.parameters():
+        p.grad = None
+    cb = PerturbationEval(every_n_epochs=None, probe_size=64, epsilons=[1e-2, 1e-1, 1.0], fgsm=True)
+    t = trainer(callbacks=[cb])
+    probe = cb.probe
+
+    def probe_and_check(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        probe(trainer, pl_module)
+        assert all(p.grad is None for p in pl_module.parameters())
+
+    cb.probe = probe_and_check  # type: ignore[method-assign]
+    t.fit(module, train, val)
+    m = cb.last_metrics
+    assert m[f"{K}/acc_clean"] > 0.9
+    for e in ("1e-02", "1e-01", "1e+00"):
+        assert m[f"{K}/fgsm_loss/eps={e}"] > m[f"{K}/loss/eps={e}"] > m[f"{K}/loss_clean"] * 0.99
+    assert m[f"{K}/fgsm_acc/eps=1e+00"] < m[f"{K}/acc/eps=1e+00"]
+    assert m[f"{K}/fgsm_loss/eps=1e-01"] < m[f"{K}/fgsm_loss/eps=1e+00"]
+    assert not any(k.startswith(f"{K}/amplification") for k in m)  # no layers: amplification skipped
+
+
+# ---- token inputs ----------------------------------------------------------------------------------------------
+def test_token_model_in_input_mode_raises_a_clear_error() -> None:
+    cb = PerturbationEval(mode="input")
+    with pytest.raises(ValueError, match=r"mode='input'.*token ids.*use mode='embedding'"):
+        trainer(callbacks=[cb]).fit(token_task("transformer"), *token_loaders())
+    assert cb._probe is None  # raised at setup, before the probe set was drawn
+
+
+@pytest.mark.parametrize("kind", ["transformer", "pde"])
+def test_token_models_auto_switch_to_embedding_noise(kind: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cb = probe_once(token_task(kind), token_loaders(), tmp_path, fgsm=True)
+    assert cb._mode == "embedding"
+    m = cb.last_metrics
+    assert set(m) >= {f"{K}/amplification/blocks.0", f"{K}/amplification/blocks.1", f"{K}/fgsm_loss/eps=1e-02"}
+    assert all(math.isfinite(v) for k, v in m.items() if not k.endswith("critical_eps"))
+    assert abs(m[f"{K}/loss/eps=1e-04"] - m[f"{K}/loss_clean"]) < 1e-3
+    assert m[f"{K}/loss/eps=1e+00"] != m[f"{K}/loss_clean"]
+    assert m[f"{K}/fgsm_loss/eps=1e-01"] > m[f"{K}/loss_clean"]
+
+
+def test_padding_gets_no_noise() -> None:
+    """With padding masked out, the same posts padded to 12 or to 16 tokens give the same perturbed losses."""
+    results = []
+    for pad_to in (12, 16):
+        torch.manual_seed(0)
+        cb = probe_once(token_task("transformer"), token_loaders(pad_to=pad_to), epsilons=[1e-1, 1.0], fgsm=True)
+        results.append(cb.last_metrics)
+    for k, v in results[0].items():
+        assert results[1][k] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), k
+
+
+# ---- end to end with TensorBoard --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["transformer", "pde"])
+def test_our_models_log_every_documented_key(kind: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cb = PerturbationEval(probe_size=24, probe_batch_size=16, epsilons=[1e-3, 1e-1, 1.0], fgsm=True)
+    train, val = image_loaders(n=48)
+    trainer(tmp_path, max_steps=-1, max_epochs=1, limit_val_batches=None, callbacks=[cb]).fit(
+        our_task(kind), train, val
+    )
+    events = read_events(tmp_path)
+    tags = set(events.Tags()["scalars"])
+    expected = {f"{K}/loss_clean", f"{K}/acc_clean", f"{K}/critical_eps"}
+    for e in ("1e-03", "1e-01", "1e+00"):
+        expected |= {f"{K}/{q}/eps={e}" for q in ("loss", "acc", "fgsm_loss", "fgsm_acc")}
+    expected |= {f"{K}/amplification/blocks.{i}" for i in range(2)}
+    assert expected <= tags
+    for tag in expected - {f"{K}/critical_eps"}:
+        values = [e.value for e in events.Scalars(tag)]
+        assert len(values) == 2 and all(math.isfinite(v) for v in values), tag  # step 0 and end of epoch 1
+    assert f"{K}/loss_vs_eps" in events.Tags()["images"]
+    crit = events.Scalars(f"{K}/critical_eps")[-1].value
+    assert math.isnan(crit) or crit in {pytest.approx(e) for e in (1e-3, 1e-1, 1.0)}
+    assert cb.layout()[f"{K}/amplification"] == [rf"^{K}/amplification/.*"]
+
+
+@pytest.mark.parametrize("mode", ["auto", "embedding"])
+def test_stock_encoder_via_globs(mode: str) -> None:
+    torch.manual_seed(0)
+    cb = probe_once(
+        StockEncoderModule(), image_loaders(n=32), mode=mode, layers="encoder.layers.*", embedding="proj",
+        epsilons=[1e-12, 1e-2],
+    )  # fmt: skip
+    m = cb.last_metrics
+    assert cb._mode == ("input" if mode == "auto" else "embedding")
+    assert {f"{K}/amplification/encoder.layers.0", f"{K}/amplification/encoder.layers.1"} <= set(m)
+    assert all(math.isfinite(v) for k, v in m.items() if not k.endswith("critical_eps"))
+    assert abs(m[f"{K}/loss/eps=1e-12"] - m[f"{K}/loss_clean"]) < 1e-6
+
+
+def test_stock_encoder_embedding_mode_without_an_embedding_module_is_a_clear_error() -> None:
+    with pytest.raises(TargetNotFoundError, match="embedding='proj'"):
+        probe_once(StockEncoderModule(), image_loaders(n=32), mode="embedding", layers="encoder.layers.*")
+
+
+def test_mlp_in_input_mode_skips_amplification(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cb = probe_once(MLPModule(), image_loaders(n=32), tmp_path, epsilons=[1e-12, 1e-1])
+    m = cb.last_metrics
+    assert cb._mode == "input"
+    assert set(m) == {
+        f"{K}/loss_clean", f"{K}/acc_clean", f"{K}/critical_eps",
+        f"{K}/loss/eps=1e-12", f"{K}/acc/eps=1e-12", f"{K}/loss/eps=1e-01", f"{K}/acc/eps=1e-01",
+    }  # fmt: skip
+    assert abs(m[f"{K}/loss/eps=1e-12"] - m[f"{K}/loss_clean"]) < 1e-6
+    assert {f"{K}/loss_clean", f"{K}/loss/eps=1e-01"} <= set(read_events(tmp_path).Tags()["scalars"])
+
+
+def test_mlp_in_embedding_mode_is_a_clear_error() -> None:
+    with pytest.raises(TargetNotFoundError, match="needs the input-embedding module of MLPModule"):
+        probe_once(MLPModule(), image_loaders(n=32), mode="embedding")
+
+
+# ---- DDP ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_two_processes_log_what_one_process_logs(tmp_path: Path) -> None:
+    def run(devices: int, log_dir: Path) -> dict[str, float]:
+        torch.manual_seed(0)
+        module = token_task("pde")
+        cb = PerturbationEval(every_n_epochs=None, probe_size=30, probe_batch_size=4, epsilons=[1e-2, 1.0], fgsm=True)
+        strategy = "ddp_spawn" if devices > 1 else "auto"
+        trainer(log_dir, callbacks=[cb], accelerator="cpu", devices=devices, strategy=strategy).fit(
+            module, *token_loaders()
+        )
+        ev = read_events(log_dir)
+        return {t: ev.Scalars(t)[0].value for t in ev.Tags()["scalars"] if t.startswith(K)}
+
+    one, two = run(1, tmp_path / "one"), run(2, tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) > 10
+    for k, v in one.items():
+        assert two[k] == pytest.approx(v, rel=1e-5, abs=1e-7, nan_ok=True), k
