@@ -128,8 +128,6 @@ def validation_loader(trainer: L.Trainer) -> DataLoader | None:
     return None
 
 
-_validation_loader = validation_loader  # older name
-
 _LAYOUTS: dict[int, dict[str, dict[str, list[Any]]]] = {}
 
 

@@ -11,7 +11,8 @@ attention maps already score cosine ≈ 0.99 and KL ≈ 0.01. A similarity of 0.
 evidence of shared structure if it clearly beats what an unrelated attention scores against the same
 reference. The skill score ``(s - s_null) / (1 - s_null)`` (``(d_null - d) / d_null`` for divergences)
 says which fraction of the distance from the null to perfect agreement the model covers; it is ~0 for the
-near-uniform case above even though the raw cosine is > 0.98.
+near-uniform case above (at or below 0: uniform attention itself agrees better) although the raw cosine is
+> 0.98.
 
 The math lives in plain functions (rows are the last axis, probabilities over keys):
 :func:`attention_cosine`, :func:`attention_kl`, :func:`attention_js`, :func:`attention_entropy`,
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from pdelightning.callbacks._capture import Capture
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback, ProbeSet, _validation_loader
+from pdelightning.callbacks._probe import GatherStore, ProbeCallback, ProbeSet, validation_loader
 from pdelightning.callbacks._targets import resolve_targets, unwrap
 from pdelightning.models.protocol import AnalysisTargets
 
@@ -85,7 +86,7 @@ def attention_js(p: Tensor, q: Tensor) -> Tensor:
 
     Example::
 
-        >>> float(attention_js(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))) == math.log(2)
+        >>> round(float(attention_js(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))), 6) == round(math.log(2), 6)
         True
     """
     m = 0.5 * (p + q)
@@ -185,8 +186,8 @@ def skill_score(value: float, null: float, higher_is_better: bool = True) -> flo
 
     Example::
 
-        >>> skill_score(0.99, 0.98), skill_score(0.01, 0.04, higher_is_better=False)
-        (0.5000000000000004, 0.75)
+        >>> round(skill_score(0.99, 0.98), 6), round(skill_score(0.01, 0.04, higher_is_better=False), 6)
+        (0.5, 0.75)
     """
     room = (1.0 - null) if higher_is_better else null
     if not (math.isfinite(value) and math.isfinite(null)) or room <= 1e-12:
@@ -411,9 +412,16 @@ class AttentionSimilarity(ProbeCallback):
       :func:`build_from_config`; data-linked arguments such as ``num_classes`` and ``image_size`` missing from
       the file are copied from the model under training). Alone it gives a freshly initialised reference;
       together with ``reference_checkpoint`` the checkpoint's ``state_dict`` is loaded into it (for
-      checkpoints whose hparams cannot rebuild the model, e.g. a task built in Python);
+      checkpoints whose hparams cannot rebuild the model, e.g. a task built in Python). Checkpoints are
+      unpickled: give only files you trust;
     * none of them: a frozen copy of the model taken at the start of training (attention drift from
       initialisation); this copy is saved in the callback state so a resumed run keeps it.
+
+    Cost: per probe, four eager forwards per probe batch (model, reference, reference on the partner samples,
+    re-initialised copy); held between probes are the reference, the re-initialised copy and, for the
+    shuffled null, the probe set's *inputs* on every rank (the partner of a sample may live on another rank).
+    Nothing is kept across probes but per-sample ``[H, H_ref]`` sums until the gather; the callback keeps no
+    history, so its checkpoint state is empty except for the initial-copy reference.
 
     Loaded references are frozen, in eval mode, moved to the module's device at each probe; their layers are
     found by :func:`~pdelightning.callbacks._targets.resolve_targets` (protocol, hook names, or the
@@ -454,7 +462,7 @@ class AttentionSimilarity(ProbeCallback):
         ``entropy``, ``entropy_reference`` (nats).
         Figures: ``analysis/attention_similarity/attention_maps`` (head-averaged attention of probe sample 0,
         model above reference, per layer) and ``analysis/attention_similarity/by_layer`` (cosine per layer
-        with its nulls).
+        beside its nulls, and the cosine/JS skills per layer).
 
     Example::
 
@@ -564,7 +572,7 @@ class AttentionSimilarity(ProbeCallback):
 
             cls = ClassificationTask
         try:
-            return cls.load_from_checkpoint(self.reference_checkpoint, map_location="cpu")
+            return cls.load_from_checkpoint(str(self.reference_checkpoint), map_location="cpu")
         except TypeError as err:
             raise TypeError(
                 f"{cls.__name__}.load_from_checkpoint({self.reference_checkpoint!r}) failed ({err}). If the checkpoint "
@@ -633,7 +641,7 @@ class AttentionSimilarity(ProbeCallback):
     def _partners(self, trainer: L.Trainer) -> list[Any] | None:
         """Single-sample inputs of the whole probe set (every rank), for the shuffled null; ``None`` if < 2."""
         if self._partner_inputs is None:
-            loader = _validation_loader(trainer)
+            loader = validation_loader(trainer)
             assert loader is not None  # probe_set() has already checked
             full = ProbeSet(loader.dataset, loader.collate_fn, self.probe_size, 1, self.seed)
             self._partner_inputs = [x for x, _, _ in full]
@@ -680,7 +688,11 @@ class AttentionSimilarity(ProbeCallback):
             for x, _, idx in self.iter_probe(trainer, pl_module):
                 p_all = self._patterns(pl_module, targets, x)
                 r_all = self._patterns(reference, ref_targets, x)
-                n_all = self._patterns(null_model, null_targets, x) if null_model is not None else {}
+                n_all = (
+                    self._patterns(null_model, null_targets, x)
+                    if null_model is not None and null_targets is not None
+                    else {}
+                )
                 rs_all: dict[str, Tensor] = {}
                 if partners is not None and partner_of is not None:
                     xs = _stack_inputs([partners[int(j)] for j in partner_of[idx.cpu()]], self.pad_id).to(device)
@@ -762,6 +774,7 @@ class AttentionSimilarity(ProbeCallback):
             res["cosine_skill"] = skill_score(res["cosine"], strongest_cos)
             for m in ("kl", "js"):
                 res[f"{m}_skill"] = skill_score(res[m], min(v[m] for v in nulls.values()), higher_is_better=False)
+        res["rows"] = int(rows.sum())  # valid query rows pooled (an int: not logged)
         res["entropy"] = float(out[f"entropy/{layer}"].sum().double() / n)
         res["entropy_reference"] = float(out[f"entropy_reference/{layer}"].sum().double() / n)
         return res
@@ -784,34 +797,49 @@ def _maps_figure(maps: Mapping[str, tuple[Tensor, Tensor]], pairs: Sequence[tupl
     from matplotlib.figure import Figure
 
     names = [a for a, _ in pairs if a in maps]
-    fig = Figure(figsize=(2.6 * len(names) + 0.6, 5.2), layout="constrained")
+    vmax = max(float(m.max()) for a in names for m in maps[a])
+    fig = Figure(figsize=(2.4 * len(names) + 1.0, 5.0))
     axes = fig.subplots(2, len(names), squeeze=False)
     ref_of = dict(pairs)
+    im = None
     for col, a in enumerate(names):
         for row, (mat, title) in enumerate(((maps[a][0], f"model {a}"), (maps[a][1], f"reference {ref_of[a]}"))):
             ax = axes[row][col]
-            im = ax.imshow(mat.numpy(), cmap="viridis", vmin=0.0, aspect="auto")
+            im = ax.imshow(mat.numpy(), cmap="viridis", vmin=0.0, vmax=vmax)
             ax.set_title(title, fontsize=8)
             ax.set_xlabel("key", fontsize=7)
             ax.set_ylabel("query", fontsize=7)
-            fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.subplots_adjust(left=0.08, right=0.86, wspace=0.45, hspace=0.45)
+    if im is not None:
+        fig.colorbar(im, cax=fig.add_axes((0.89, 0.15, 0.02, 0.7)), label="attention (head mean)")
     return fig
 
 
 def _by_layer_figure(results: Mapping[str, Mapping[str, Any]], nulls: Sequence[str]) -> Any:
-    """Per-layer matched cosine with its null baselines."""
+    """Left: per-layer matched cosine beside its nulls (y axis zoomed to the data). Right: skill per layer."""
     from matplotlib.figure import Figure
 
     layers = list(results)
     series = ["cosine"] + [f"cosine_null_{n}" for n in nulls]
-    fig = Figure(figsize=(max(4.0, 1.2 * len(layers) + 2.0), 3.2), layout="constrained")
-    ax = fig.subplots()
+    fig = Figure(figsize=(max(7.0, 2.0 * len(layers) + 3.0), 3.4))
+    ax, ax_skill = fig.subplots(1, 2)
     width = 0.8 / len(series)
+    values = []
     for k, s in enumerate(series):
+        ys = [results[a].get(s, float("nan")) for a in layers]
+        values += [y for y in ys if math.isfinite(y)]
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(layers))]
-        ax.bar(xs, [results[a].get(s, float("nan")) for a in layers], width, label=s.replace("cosine_", ""))
+        ax.bar(xs, ys, width, label=s.replace("cosine_", ""))
+    low = min(values, default=0.0)
+    ax.set_ylim(max(0.0, low - 0.2 * (1.0 - low) - 1e-3), 1.0)
     ax.set_xticks(range(len(layers)), layers, fontsize=7)
     ax.set_ylabel("cosine similarity (per row)")
-    ax.set_ylim(0.0, 1.05)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=6)
+    for q in ("cosine_skill", "js_skill"):
+        ax_skill.plot(range(len(layers)), [results[a].get(q, float("nan")) for a in layers], marker="o", label=q)
+    ax_skill.axhline(0.0, color="grey", lw=0.8, ls="--")
+    ax_skill.set_xticks(range(len(layers)), layers, fontsize=7)
+    ax_skill.set_ylabel("skill vs strongest null")
+    ax_skill.legend(fontsize=6)
+    fig.subplots_adjust(bottom=0.18, wspace=0.3)
     return fig
