@@ -11,7 +11,9 @@ from pdelightning.models import InputEmbedding
 from pdelightning.models.embedding import sinusoidal_positions
 
 
-@pytest.mark.parametrize(("tokenization", "patch_size", "n_tokens"), [("rows", 4, 8), ("patches", 2, 16), ("patches", 4, 4)])
+@pytest.mark.parametrize(
+    ("tokenization", "patch_size", "n_tokens"), [("rows", 4, 8), ("patches", 2, 16), ("patches", 4, 4)]
+)
 def test_image_token_counts_and_channel_dim(tokenization: str, patch_size: int, n_tokens: int) -> None:
     torch.manual_seed(0)
     emb = InputEmbedding(6, "image", image_size=8, tokenization=tokenization, patch_size=patch_size)
@@ -24,7 +26,7 @@ def test_image_token_counts_and_channel_dim(tokenization: str, patch_size: int, 
 
 
 def test_rows_and_patches_hold_the_right_pixels() -> None:
-    """Token ``k`` is the projection of row ``k`` / of patch ``(k // n, k % n)`` in row-major order, plus position ``k``."""
+    """Token ``k`` is the projection of row ``k`` / patch ``(k // n, k % n)`` (row-major), plus position ``k``."""
     torch.manual_seed(0)
     x = torch.rand(2, 8, 8)
     rows = InputEmbedding(5, "image", image_size=8, tokenization="rows")
