@@ -95,7 +95,8 @@ def main() -> None:
         "steps": args.steps, "pairs": args.pairs, "every_n_steps": args.every_n_steps,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "median_ratio": statistics.median(ratios), "ratios": [round(r, 4) for r in ratios],
-        "peak_mib_none": max(r[False]["peak_mib"] for r in rows), "peak_mib_all": max(r[True]["peak_mib"] for r in rows),
+        "peak_mib_none": max(r[False]["peak_mib"] for r in rows),
+        "peak_mib_all": max(r[True]["peak_mib"] for r in rows),
     }))  # fmt: skip
 
 

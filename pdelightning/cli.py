@@ -6,8 +6,8 @@ from typing import Any
 
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
-import pdelightning.callbacks  # noqa: F401  (registers the callbacks' short names)
-import pdelightning.data  # noqa: F401  (registers the data modules' short names)
+import pdelightning.callbacks
+import pdelightning.data
 import pdelightning.models  # noqa: F401  (registers the models' short names)
 from pdelightning.data.base import ClassificationDataModule
 from pdelightning.task import ClassificationTask
@@ -38,7 +38,9 @@ class PDELightningCLI(LightningCLI):
             return
         log_dir = trainer.logger.log_dir or trainer.default_root_dir
         final = ", ".join(
-            f"{k}={float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()) if k.startswith(("val/", "train/acc"))
+            f"{k}={float(v):.4f}"
+            for k, v in sorted(trainer.callback_metrics.items())
+            if k.startswith(("val/", "train/acc"))
         )
         print(f"\nFinished after {trainer.global_step} steps ({trainer.current_epoch} epochs). {final}")
         print(f"Logs and checkpoints: {log_dir}")

@@ -105,7 +105,9 @@ def test_missing_dataset_names_the_path(tmp_path: Path) -> None:
 
 def test_bad_choice_is_rejected_with_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        build_cli(["fit", "-c", str(ROOT / "configs/quickstart.yaml"), "--model.model.init_args.norm=sideways"], run=False)
+        build_cli(
+            ["fit", "-c", str(ROOT / "configs/quickstart.yaml"), "--model.model.init_args.norm=sideways"], run=False
+        )
     err = capsys.readouterr().err
     assert "sideways" in err and "pre" in err and "post" in err
 

@@ -20,7 +20,9 @@ def first_tensor(output: Any) -> Tensor:
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
-    raise TypeError(f"expected a module output that is a Tensor or a tuple starting with one, got {type(output).__name__}")
+    raise TypeError(
+        f"expected a module output that is a Tensor or a tuple starting with one, got {type(output).__name__}"
+    )
 
 
 def _additive(mask: Tensor | None, like: Tensor) -> Tensor | None:
@@ -131,14 +133,18 @@ class Capture:
             if self.want_attention and t.attention is not None:
                 self._stack.callback(self._attention_hook(t.name, t.attention).remove)
         if self.want_embedding and self.targets.embedding is not None:
-            self._stack.callback(self.targets.embedding.register_forward_hook(self._store(self.hidden, "embedding")).remove)
+            self._stack.callback(
+                self.targets.embedding.register_forward_hook(self._store(self.hidden, "embedding")).remove
+            )
         if self.want_attention and hasattr(torch.backends, "mha"):
             was = torch.backends.mha.get_fastpath_enabled()
             torch.backends.mha.set_fastpath_enabled(False)
             self._stack.callback(torch.backends.mha.set_fastpath_enabled, was)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._stack.close()
 
     def pop(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

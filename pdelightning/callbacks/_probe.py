@@ -18,7 +18,6 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import Metric
@@ -68,14 +67,17 @@ def _cat(x: Tensor | list[Tensor]) -> Tensor:
 
 def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
     """``(inputs, targets)`` of a batch given as ``(x, y, ...)``, a dict (``x``/``input``/``input_ids`` and
-    ``y``/``label``/``labels``), or bare inputs."""
+    ``y``/``label``/``labels``), or bare inputs.
+    """
     if isinstance(batch, (tuple, list)):
         return batch[0], (batch[1] if len(batch) > 1 else None)
     if isinstance(batch, Mapping):
         x = next((batch[k] for k in ("x", "input", "inputs", "input_ids", "image") if k in batch), None)
         y = next((batch[k] for k in ("y", "label", "labels", "target") if k in batch), None)
         if x is None:
-            raise KeyError(f"cannot find the inputs in a batch with keys {sorted(batch)}; expected one of x, input, input_ids")
+            raise KeyError(
+                f"cannot find the inputs in a batch with keys {sorted(batch)}; expected one of x, input, input_ids"
+            )
         return x, y
     return batch, None
 
@@ -119,7 +121,7 @@ def validation_loader(trainer: L.Trainer) -> DataLoader | None:
     ):
         try:
             loader = get()
-        except Exception:  # noqa: BLE001, S112 - a datamodule without val data raises; try the next source
+        except Exception:
             continue
         if isinstance(loader, (list, tuple)):
             loader = loader[0] if loader else None
@@ -195,7 +197,9 @@ class ProbeCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs, **self.patterns)
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs, **self.patterns
+        )
 
     # ---- discovery and probe set -------------------------------------------------------------------
     def targets(self, pl_module: nn.Module) -> AnalysisTargets:
@@ -222,7 +226,9 @@ class ProbeCallback(Callback):
             )  # fmt: skip
         return self._probe
 
-    def iter_probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Iterator[tuple[Any, Tensor | None, Tensor]]:
+    def iter_probe(
+        self, trainer: L.Trainer, pl_module: L.LightningModule
+    ) -> Iterator[tuple[Any, Tensor | None, Tensor]]:
         """This rank's probe batches moved to the module's device: ``(x, y, index)``."""
         for x, y, idx in self.probe_set(trainer):
             x = x.to(pl_module.device) if isinstance(x, Tensor) else x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,6 +27,25 @@ def clean_name(name: str) -> str:
 def unwrap(module: nn.Module) -> nn.Module:
     """The eager module behind a ``torch.compile``d one (hooks on it fire when it is called directly)."""
     return getattr(module, "_orig_mod", module)
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+def module_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module``'s submodules, parameters and buffers that *shares* its other attributes.
+
+    A LightningModule carries configuration objects (optimizer factories, hyperparameters) that need not,
+    and sometimes cannot, be copied; sharing them keeps the copy cheap and safe. Take it before the
+    strategy wraps the model: under DDP the parameters carry reducer hooks that cannot be copied.
+    """
+    module = unwrap(module)
+    memo: dict[int, object] = {}
+    for m in module.modules():
+        for k, v in vars(m).items():
+            if k not in _MODULE_INTERNALS and not isinstance(v, (nn.Module, Tensor)):
+                memo[id(v)] = v
+    return copy.deepcopy(module, memo)
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
@@ -159,7 +179,11 @@ def resolve_targets(
                     attn = modules.get(f"{block}.attn")
                     layer_targets.append(
                         LayerTarget(
-                            name=block, module=m, attention=attn, out_proj=_out_proj(attn), value_weight=_value_weight(attn)
+                            name=block,
+                            module=m,
+                            attention=attn,
+                            out_proj=_out_proj(attn),
+                            value_weight=_value_weight(attn),
                         )
                     )
                 prefix = _RESID_POST.match(hooked[0][0]).group("prefix")  # type: ignore[union-attr]
@@ -171,7 +195,8 @@ def resolve_targets(
         raise TargetNotFoundError(
             f"{type(model).__name__} has no layers to analyse: it does not implement analysis_targets(), has no "
             f"TransformerLens hook points (blocks.<i>.hook_resid_post), and no `layers` glob was given "
-            f"(e.g. layers: 'encoder.layers.*', attention: 'encoder.layers.*.self_attn'). Modules seen: {_describe(modules)}"
+            f"(e.g. layers: 'encoder.layers.*', attention: 'encoder.layers.*.self_attn'). "
+            f"Modules seen: {_describe(modules)}"
         )
     if embedding is not None:
         found = _match(modules, embedding)

@@ -42,7 +42,7 @@ from typing_extensions import override
 
 from pdelightning.callbacks._capture import Capture
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback, ProbeSet, validation_loader
-from pdelightning.callbacks._targets import resolve_targets, unwrap
+from pdelightning.callbacks._targets import module_copy, resolve_targets, unwrap
 from pdelightning.models.protocol import AnalysisTargets
 
 NULLS = ("uniform", "shuffled", "random_init")
@@ -236,7 +236,7 @@ def reinitialised_copy(module: nn.Module, seed: int) -> nn.Module:
     is on the CPU under a forked RNG with ``seed``, so it is identical on every rank and device and leaves the
     global RNG untouched.
     """
-    clone = copy.deepcopy(unwrap(module)).cpu()  # LightningModule.__getstate__ drops the trainer
+    clone = module_copy(module).cpu()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in clone.modules():
@@ -536,6 +536,7 @@ class AttentionSimilarity(ProbeCallback):
         self.initial = reference is None and reference_checkpoint is None and reference_config is None
         self._reference: nn.Module | None = _freeze(reference) if reference is not None else None
         self._pending_initial: dict[str, Tensor] | None = None
+        self._template: nn.Module | None = None
         self._null_model: nn.Module | None = None
         self._partner_inputs: list[Any] | None = None
         self.last_results: dict[str, dict[str, Any]] = {}
@@ -602,6 +603,10 @@ class AttentionSimilarity(ProbeCallback):
             return
         if self._reference is None and not self.initial:
             self._reference = _freeze(self._load_reference(pl_module))
+        if self.initial or "random_init" in self.nulls:
+            # Copied now, before the strategy wraps the model: under DDP the parameters carry the reducer's
+            # hooks, which cannot be deep-copied. The weights are loaded at train start (after DDP's broadcast).
+            self._template = module_copy(pl_module)
         reference = self._reference if self._reference is not None else pl_module
         ref_targets = self._reference_targets(reference)  # fail fast, before training
         self._layer_pairs(len(self.targets(pl_module).layers), len(ref_targets.layers))
@@ -609,11 +614,12 @@ class AttentionSimilarity(ProbeCallback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.initial and self._reference is None:
-            snapshot = copy.deepcopy(unwrap(pl_module))  # after DDP's broadcast: the same on every rank
+            snapshot = module_copy(self._template if self._template is not None else pl_module)
             if self._pending_initial is not None:
                 snapshot.load_state_dict(self._pending_initial)
                 self._pending_initial = None
             else:
+                snapshot.load_state_dict(unwrap(pl_module).state_dict())  # after DDP's broadcast: same on every rank
                 rank_zero_info(
                     "AttentionSimilarity: no reference given; comparing with the model at the start of training"
                 )
@@ -623,6 +629,7 @@ class AttentionSimilarity(ProbeCallback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._null_model = None
+        self._template = None
         self._partner_inputs = None
 
     @override
@@ -664,7 +671,9 @@ class AttentionSimilarity(ProbeCallback):
             for i, j in self._layer_pairs(len(targets.layers), len(ref_targets.layers))
         ]
         if "random_init" in self.nulls and self._null_model is None:
-            self._null_model = reinitialised_copy(pl_module, self.null_seed)
+            self._null_model = reinitialised_copy(
+                self._template if self._template is not None else pl_module, self.null_seed
+            )
         null_model = (
             self._null_model.to(device) if "random_init" in self.nulls and self._null_model is not None else None
         )

@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -115,8 +114,8 @@ def principal_components(t: Tensor, n_components: int | None) -> Tensor:
     if n_components is None:
         return t
     tc = t - t.mean(0, keepdim=True)
-    _, _, vh = torch.linalg.svd(tc, full_matrices=False)
-    return tc @ vh[:n_components].T
+    u, sv, _ = torch.linalg.svd(tc, full_matrices=False)
+    return u[:, :n_components] * sv[:n_components]  # = tc @ V_k
 
 
 def bin_codes(t: Tensor, n_bins: int) -> Tensor:
@@ -158,7 +157,7 @@ def binning_mutual_information(
     Example::
 
         >>> y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-        >>> binning_mutual_information(F.one_hot(y).double(), y, n_components=None)
+        >>> binning_mutual_information(torch.eye(4)[y], y, n_components=None)
         (2.0, 2.0)
     """
     t = t.detach().double().cpu()
@@ -211,9 +210,10 @@ def kde_mutual_information(t: Tensor, y: Tensor, noise_variance: float = 0.1) ->
 
     What it measures: how many noise-width balls the samples spread over — a function of the geometry and
     scale of ``T`` relative to ``sigma``. ``I(X;T)`` is a true upper bound for the noisy channel; ``I(T;Y)``
-    is a difference of two bounds (an estimate, not a bound), lies in ``[0, H(Y)]`` up to rounding and is
-    clipped at ``0``. A huge ``sigma^2`` gives ``~0``; a tiny one (or widely spread activations) gives the
-    saturated ``log2 N`` / ``H(Y)``. Cost ``O(N^2 D)``.
+    is a difference of two bounds (an estimate, not a bound): it never exceeds ``H(Y)`` (each class's kernel
+    sum is part of the full one) but can dip below ``0``, where it is clipped. A huge ``sigma^2`` gives
+    ``~0``; a tiny one (or widely spread activations) gives the saturated ``log2 N`` / ``H(Y)``. Cost
+    ``O(N^2 D)``.
 
     Args:
         t: representations ``[N, D]``.
@@ -264,30 +264,23 @@ def split_halves(y: Tensor, seed: int = 0) -> Tensor:
     return fit
 
 
-def fit_linear_probe(
-    t: Tensor, y: Tensor, num_classes: int, l2: float = 1e-3, max_iter: int = 200
-) -> tuple[Tensor, Tensor]:
-    """Multinomial logistic regression ``softmax(t W + b)`` by full-batch L-BFGS from zeros (deterministic).
+def fit_linear_probe(t: Tensor, y: Tensor, l2: float = 1e-3, max_iter: int = 200) -> Any:
+    """Multinomial logistic regression ``softmax(t W + b)`` fitted by scikit-learn's L-BFGS (deterministic).
 
-    Minimizes ``mean CE + l2 ||W||^2`` (convex, so the zero start loses nothing). Returns ``(W [D, C], b [C])``.
+    Minimizes ``mean CE + l2 ||W||^2`` (``C = 1 / (2 l2 N)`` in scikit-learn's parametrization; convex, so
+    the result does not depend on a seed). Returns the fitted ``LogisticRegression``.
     """
-    t = t.detach().double().cpu()
-    y = y.detach().long().cpu()
-    w = torch.zeros(t.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe"
-    )
+    import warnings
 
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(t @ w + b, y) + l2 * w.square().sum()
-        loss.backward()
-        return loss
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
 
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach(), b.detach()
+    x_np, y_np = t.detach().double().cpu().numpy(), y.detach().long().cpu().numpy()
+    clf = LogisticRegression(C=1.0 / (2.0 * l2 * len(y_np)), max_iter=max_iter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # separable data: the optimum is far, the fit is fine
+        clf.fit(x_np, y_np)
+    return clf
 
 
 def probe_mutual_information(
@@ -318,7 +311,7 @@ def probe_mutual_information(
     Example::
 
         >>> y = torch.arange(40) % 2
-        >>> i_ty, h_y = probe_mutual_information(F.one_hot(y).double() * 3, y, l2=1e-6)
+        >>> i_ty, h_y = probe_mutual_information(torch.eye(2)[y] * 3, y, l2=1e-6)
         >>> h_y, round(i_ty, 2)
         (1.0, 1.0)
     """
@@ -329,14 +322,22 @@ def probe_mutual_information(
     fit = fit.cpu().bool()
     score = ~fit
     if fit.sum() < 1 or score.sum() < 1:
-        raise ValueError(f"the probe estimator needs samples in both halves, got {int(fit.sum())} and {int(score.sum())}")
+        raise ValueError(
+            f"the probe estimator needs samples in both halves, got {int(fit.sum())} and {int(score.sum())}"
+        )
+    h_y = entropy_bits(y[score])
+    seen = torch.unique(y[fit])
+    if len(seen) < 2:  # one class to learn: q(y|t) = 1 for it, no information beyond the prior
+        return 0.0, h_y
     mean = t[fit].mean(0)
     std = t[fit].std(0, unbiased=False).clamp_min(1e-8)
     z = (t - mean) / std
-    num_classes = int(y.max()) + 1
-    w, b = fit_linear_probe(z[fit], y[fit], num_classes, l2=l2, max_iter=max_iter)
-    ce_bits = float(F.cross_entropy(z[score] @ w + b, y[score])) / _LN2
-    h_y = entropy_bits(y[score])
+    clf = fit_linear_probe(z[fit], y[fit], l2=l2, max_iter=max_iter)
+    proba = torch.from_numpy(clf.predict_proba(z[score].numpy()))  # [N_score, classes seen in the fit half]
+    classes = torch.from_numpy(clf.classes_).long()
+    col = torch.searchsorted(classes, y[score]).clamp_max(len(classes) - 1)
+    q = proba.gather(1, col[:, None]).squeeze(1).where(classes[col] == y[score], torch.zeros(()))
+    ce_bits = float(-q.clamp_min(1e-12).log2().mean())  # a class never seen in fitting gets q = 1e-12
     return max(0.0, h_y - ce_bits), h_y
 
 
@@ -427,11 +428,10 @@ class LayerMutualInformation(ProbeCallback):
     * ``"probe"`` (default): ``I(T;Y)`` is the variational lower bound ``H(Y) - CE`` of a linear softmax
       probe fitted on one half of the probe set and scored on the other (:func:`probe_mutual_information`;
       the halves are a seeded class-stratified split of the probe positions, :func:`split_halves`, hence the
-      same for any world size), clipped at ``0``; ``H(Y)`` is the label
-      entropy of the scoring half. The probe gives no bound on ``I(X;T)``: the x-axis of the information
-      plane is the Gaussian-KDE *upper* bound of :func:`kde_mutual_information` (with ``noise_variance``
-      and ``kde_max_samples``), so a probe point pairs a lower bound on ``I(T;Y)`` with an upper bound on
-      ``I(X;T)``.
+      same for any world size), clipped at ``0``; ``H(Y)`` is the label entropy of the scoring half. The
+      probe gives no bound on ``I(X;T)``: the x-axis of the information plane is the Gaussian-KDE *upper*
+      bound of :func:`kde_mutual_information` (with ``noise_variance`` and ``kde_max_samples``), so a probe
+      point pairs a lower bound on ``I(T;Y)`` with an upper bound on ``I(X;T)``.
     * ``"kde"``: both from the Gaussian-KDE pairwise-distance bound with noise variance ``noise_variance``
       (:func:`kde_mutual_information`). ``O(N^2)``: at most ``kde_max_samples`` probe samples (a seeded
       subset) enter it; ``log2_N`` then refers to that capped ``N`` and the cap is reported in the logs.
@@ -453,7 +453,7 @@ class LayerMutualInformation(ProbeCallback):
         n_bins: bins per component for ``"binning"``.
         n_components: principal components binned (``None``: every unit, which saturates).
         probe_l2: L2 penalty of the probe classifier.
-        probe_max_iter: L-BFGS iterations of the probe classifier.
+        probe_max_iter: L-BFGS iterations of the probe classifier (scikit-learn ``LogisticRegression``).
         pooling: ``"mean"`` (masked mean over tokens) or ``"flatten"`` (all tokens; fixed length only).
         pad_id: the token id marking padding in integer inputs.
         saturation_tol: bits below ``log2 N`` within which an ``I(X;T)`` estimate counts as saturated.
@@ -531,8 +531,8 @@ class LayerMutualInformation(ProbeCallback):
             raise ValueError(f"n_bins={n_bins} must be at least 2")
         if n_components is not None and n_components < 1:
             raise ValueError(f"n_components={n_components} must be a positive integer or None (all units)")
-        if probe_l2 < 0:
-            raise ValueError(f"probe_l2={probe_l2} must be non-negative")
+        if not probe_l2 > 0:
+            raise ValueError(f"probe_l2={probe_l2} must be positive")
         if probe_max_iter < 1:
             raise ValueError(f"probe_max_iter={probe_max_iter} must be positive")
         if saturation_tol < 0:
@@ -631,21 +631,26 @@ class LayerMutualInformation(ProbeCallback):
         if n < 4:
             rank_zero_warn(f"LayerMutualInformation: only {n} probe samples; skipping (need at least 4)")
             return
-        if self.estimator != "binning" and self.kde_max_samples is not None and n > self.kde_max_samples:
-            if not self._told_cap:
-                rank_zero_info(
-                    f"LayerMutualInformation: the O(N^2) KDE uses {self.kde_max_samples} of the {n} probe samples "
-                    f"(kde_max_samples); log2_N = log2({self.kde_max_samples})"
-                )
-                self._told_cap = True
+        capped = self.estimator != "binning" and self.kde_max_samples is not None and n > self.kde_max_samples
+        if capped and not self._told_cap:
+            rank_zero_info(
+                f"LayerMutualInformation: the O(N^2) KDE uses {self.kde_max_samples} of the {n} probe samples "
+                f"(kde_max_samples); log2_N = log2({self.kde_max_samples})"
+            )
+            self._told_cap = True
         # Every rank holds the same gathered tensors and computes the same (deterministic) numbers, so the
         # history is identical everywhere; only rank zero writes.
+        # The estimators solve small problems (N <= a few thousand) on the CPU, where multi-threaded BLAS and
+        # OpenMP only spin against the training process and data workers sharing the cores: run them on one.
+        from threadpoolctl import threadpool_limits
+
         entry: dict[str, Any] = {"step": trainer.global_step, "I_XT": {}, "I_TY": {}, "saturated": {}}
-        for name in names:
-            i_xt, i_ty, log2_n, h_y = self.estimate(gathered[f"t/{name}"].cpu().double(), y)
-            entry["I_XT"][name], entry["I_TY"][name] = i_xt, i_ty
-            entry["saturated"][name] = is_saturated(i_xt, log2_n, self.saturation_tol)
-            entry["log2_N"], entry["H_Y"] = log2_n, h_y
+        with threadpool_limits(limits=1):
+            for name in names:
+                i_xt, i_ty, log2_n, h_y = self.estimate(gathered[f"t/{name}"].cpu().double(), y)
+                entry["I_XT"][name], entry["I_TY"][name] = i_xt, i_ty
+                entry["saturated"][name] = is_saturated(i_xt, log2_n, self.saturation_tol)
+                entry["log2_N"], entry["H_Y"] = log2_n, h_y
         self.history.append(entry)
         del gathered
 
@@ -654,8 +659,12 @@ class LayerMutualInformation(ProbeCallback):
             rank_zero_warn(
                 f"LayerMutualInformation ({self.estimator}): the I(X;T) estimate of {saturated} is at the log2 N = "
                 f"{entry['log2_N']:.2f} ceiling, where it no longer depends on the layer (every sample in its own "
-                "bin / noise ball); these points are flagged, not compression. Use fewer bins / components, a larger "
-                "noise_variance, or the 'probe' estimator."
+                "bin / noise ball); these points are flagged, not compression. "
+                + (
+                    "Use fewer bins or components, or the 'probe' estimator."
+                    if self.estimator == "binning"
+                    else "Use a larger noise_variance (it is in the units of T squared)."
+                )
             )
             self._warned_saturation = True
         metrics: dict[str, float] = {self.key("H_Y"): entry["H_Y"], self.key("log2_N"): entry["log2_N"]}

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from pdelightning.callbacks._capture import Capture, first_tensor
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback, validation_loader, split_batch, tensorboard
+from pdelightning.callbacks._probe import GatherStore, ProbeCallback, split_batch, tensorboard, validation_loader
 from pdelightning.callbacks._targets import TargetNotFoundError, clean_name, glob_to_regex, resolve_targets
 from pdelightning.models.embedding import InputEmbedding
 from pdelightning.models.protocol import AnalysisTargets

@@ -53,7 +53,9 @@ class SequenceClassifier(nn.Module):
             raise ValueError(f"d_model={d_model} must be positive")
         self.num_classes = num_classes
         self.d_model = d_model
-        self.embed = InputEmbedding(d_model, input_kind, image_size, tokenization, patch_size, vocab_size, max_len, pad_id)
+        self.embed = InputEmbedding(
+            d_model, input_kind, image_size, tokenization, patch_size, vocab_size, max_len, pad_id
+        )
         self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList()
         self.ln_final: nn.Module = nn.Identity()
@@ -70,9 +72,13 @@ class SequenceClassifier(nn.Module):
     def forward(self, x: Tensor, padding_mask: Tensor | None = ..., return_kl: Literal[False] = ...) -> Tensor: ...
 
     @overload
-    def forward(self, x: Tensor, padding_mask: Tensor | None = ..., *, return_kl: Literal[True]) -> tuple[Tensor, Tensor]: ...
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = ..., *, return_kl: Literal[True]
+    ) -> tuple[Tensor, Tensor]: ...
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None, return_kl: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, padding_mask: Tensor | None = None, return_kl: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Classify ``x``.
 
         Args:

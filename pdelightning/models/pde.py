@@ -158,7 +158,9 @@ class PDEStep(nn.Module):
         v = self.ln(u) if self.norm == "pre" else u
         rhs = self.hook_attn_out(self.alpha * self.attn(v, padding_mask)) + self.hook_mlp_out(self.mlp(v))
         if self.diffusion != "none":
-            rhs = rhs + self.hook_diffusion(self.diffusion_coefficients() * laplacian_1d(v, self.dx, self.boundary, padding_mask))
+            rhs = rhs + self.hook_diffusion(
+                self.diffusion_coefficients() * laplacian_1d(v, self.dx, self.boundary, padding_mask)
+            )
         if self.forcing:
             rhs = rhs + u0  # g(x, t) = u_0(x): the input re-injected at every step
         if self.c_in is not None and self.c_out is not None:

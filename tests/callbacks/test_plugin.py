@@ -59,7 +59,7 @@ def test_names_all_and_yaml(tmp_path: Path) -> None:
 def test_bad_spec_names_the_choices(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"unknown callback 'gradient_flw'.*gradient_flow"):
         build_callbacks("gradient_flw")
-    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml"):
         build_callbacks(str(tmp_path / "missing.yaml"))
 
 

@@ -14,7 +14,9 @@ from pdelightning.models import PDEClassifier, TransformerClassifier
 from pdelightning.task import ClassificationTask
 
 
-def our_task(kind: str = "transformer", n_layers: int = 2, d_model: int = 16, image_size: int = 8, **kw) -> ClassificationTask:
+def our_task(
+    kind: str = "transformer", n_layers: int = 2, d_model: int = 16, image_size: int = 8, **kw
+) -> ClassificationTask:
     """Our task around a tiny Transformer or PDE model on ``image_size`` x ``image_size`` images."""
     cls = TransformerClassifier if kind == "transformer" else PDEClassifier
     model = cls(num_classes=4, d_model=d_model, n_layers=n_layers, n_heads=2, d_ff=32, image_size=image_size, **kw)
@@ -51,7 +53,9 @@ class MLPModule(StockEncoderModule):
 
     def __init__(self, image_size: int = 8, num_classes: int = 4) -> None:
         L.LightningModule.__init__(self)
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(image_size * image_size, 32), nn.ReLU(), nn.Linear(32, num_classes))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(image_size * image_size, 32), nn.ReLU(), nn.Linear(32, num_classes)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

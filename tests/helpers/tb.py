@@ -12,7 +12,9 @@ def read_events(log_dir: str | Path) -> EventAccumulator:
     files = sorted(Path(log_dir).rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise FileNotFoundError(f"no TensorBoard event files under {log_dir}")
-    acc = EventAccumulator(str(files[-1].parent), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    acc = EventAccumulator(
+        str(files[-1].parent), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0}
+    )
     acc.Reload()
     return acc
 

@@ -1,0 +1,265 @@
+"""LayerMutualInformation: estimators against known answers, saturation, end to end, checkpoint round trip."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import lightning.pytorch as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+import pdelightning.callbacks.layer_mutual_information as lmi
+from pdelightning.callbacks._targets import TargetNotFoundError
+from pdelightning.callbacks.layer_mutual_information import (
+    LayerMutualInformation,
+    binning_mutual_information,
+    entropy_bits,
+    information_plane_figure,
+    is_saturated,
+    kde_mutual_information,
+    padding_mask_from_inputs,
+    pool_tokens,
+    probe_mutual_information,
+    split_halves,
+)
+from tests.helpers.models import MLPModule, StockEncoderModule, image_loaders, our_task
+from tests.helpers.tb import read_events, scalar_tags, scalars
+
+KEY = "analysis/layer_mutual_information"
+
+
+def _labels(n: int = 240, seed: int = 0) -> torch.Tensor:
+    """Labels with a non-uniform distribution (so H(Y) is not just log2 of the class count)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.multinomial(torch.tensor([0.4, 0.3, 0.2, 0.1]), n, replacement=True, generator=g)
+
+
+def _trainer(tmp_path, callbacks, max_epochs: int = 1, **kw) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=TensorBoardLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
+        **kw,
+    )
+
+
+# ---- math against known answers ------------------------------------------------------------------------
+def test_doctests() -> None:
+    assert doctest.testmod(lmi).failed == 0
+
+
+def test_entropy_bits() -> None:
+    assert entropy_bits(torch.tensor([0, 0, 1, 1])) == 1.0
+    assert entropy_bits(torch.tensor([3, 3, 3])) == 0.0
+    p = torch.tensor([0.5, 0.25, 0.25])
+    assert entropy_bits(torch.tensor([0, 0, 1, 2])) == pytest.approx(float(-(p * p.log2()).sum()))
+
+
+def test_binning_of_a_deterministic_code_of_y() -> None:
+    y = _labels()
+    h_y = entropy_bits(y)
+    # T = one-hot(Y), all units binned: each class is one cell.
+    i_xt, i_ty = binning_mutual_information(F.one_hot(y).float(), y, n_bins=10, n_components=None)
+    assert i_ty == pytest.approx(h_y, abs=1e-9)
+    assert i_xt == pytest.approx(h_y, abs=1e-9)  # I(X;T) = H(T) = H(Y) for a code of Y
+    # T = Y embedded in 16 dims, binned on principal components: still one cell per class.
+    emb = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    for k in (2, 3):
+        i_xt, i_ty = binning_mutual_information(emb[y], y, n_bins=8, n_components=k)
+        assert i_ty == pytest.approx(h_y, abs=1e-9)
+        assert i_xt == pytest.approx(h_y, abs=1e-9)
+
+
+def test_binning_of_distinct_points_saturates() -> None:
+    n = 64
+    t = torch.randn(n, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(n) % 4
+    i_xt, i_ty = binning_mutual_information(t, y, n_bins=1000, n_components=None)
+    assert i_xt == pytest.approx(math.log2(n))
+    assert i_ty == pytest.approx(entropy_bits(y))
+    assert is_saturated(i_xt, math.log2(n))
+    # Coarse bins on two components stay below the ceiling and are not flagged.
+    i_xt, _ = binning_mutual_information(t, y, n_bins=3, n_components=2)
+    assert i_xt <= math.log2(9) + 1e-9
+    assert not is_saturated(i_xt, math.log2(n))
+
+
+def test_kde_limits() -> None:
+    y = _labels(200)
+    t = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    i_xt, i_ty = kde_mutual_information(t, y, noise_variance=1e8)
+    assert 0.0 <= i_xt < 1e-6 and 0.0 <= i_ty < 1e-6
+    i_xt, i_ty = kde_mutual_information(t, y, noise_variance=1e-4)
+    assert i_xt == pytest.approx(math.log2(200), abs=1e-6)
+    assert i_ty == pytest.approx(entropy_bits(y), abs=1e-6)
+    assert is_saturated(i_xt, math.log2(200))
+    # In between: a bound strictly inside (0, log2 N), with I(T;Y) <= H(Y).
+    i_xt, i_ty = kde_mutual_information(t, y, noise_variance=4.0)
+    assert 0.1 < i_xt < math.log2(200) - 0.5 and 0.0 <= i_ty <= entropy_bits(y)
+
+
+def test_probe_known_answers_and_ranking() -> None:
+    g = torch.Generator().manual_seed(0)
+    y = _labels(400)
+    separable = 4.0 * F.one_hot(y).float() + 0.1 * torch.randn(400, 4, generator=g)
+    independent = torch.randn(400, 8, generator=g)
+    i_sep, h_y = probe_mutual_information(separable, y, l2=1e-5)
+    assert h_y == pytest.approx(entropy_bits(y[~split_halves(y)]))
+    assert i_sep == pytest.approx(h_y, abs=0.05)
+    i_ind, _ = probe_mutual_information(independent, y)
+    assert 0.0 <= i_ind < 0.1
+    # A noisier copy of the same code carries less label information, and the probe ranks it so.
+    informative = F.one_hot(y).float() + 0.5 * torch.randn(400, 4, generator=g)
+    noisier = F.one_hot(y).float() + 2.0 * torch.randn(400, 4, generator=g)
+    i_hi, _ = probe_mutual_information(informative, y)
+    i_lo, _ = probe_mutual_information(noisier, y)
+    assert i_sep > i_hi > i_lo > i_ind - 1e-9
+
+
+def test_split_halves_is_stratified_and_deterministic() -> None:
+    y = torch.arange(96) % 4  # periodic labels: an even/odd split would separate the classes
+    fit = split_halves(y, seed=3)
+    assert torch.equal(fit, split_halves(y, seed=3))
+    for c in range(4):
+        assert int(fit[y == c].sum()) == 12
+    assert not torch.equal(fit, split_halves(y, seed=4))
+
+
+def test_pooling_masks_padding() -> None:
+    x = torch.tensor([[4, 2, 0, 0], [1, 1, 1, 3]])
+    h = torch.arange(8.0).view(2, 4, 1)
+    mask = padding_mask_from_inputs(x, seq_len=4)
+    assert torch.equal(pool_tokens(h, mask), torch.tensor([[0.5], [5.5]]))
+    assert torch.equal(pool_tokens(h, mask, "flatten"), torch.tensor([[0.0, 1.0, 0.0, 0.0], [4.0, 5.0, 6.0, 7.0]]))
+    assert padding_mask_from_inputs(x, seq_len=5) is None  # token axis of another length: no mask
+    assert padding_mask_from_inputs(torch.rand(2, 4, 4), seq_len=4) is None  # images: no padding
+
+
+def test_figure_marks_saturated_points() -> None:
+    history = [
+        {
+            "step": s,
+            "I_XT": {"a": 1.0 + s, "b": 6.0},
+            "I_TY": {"a": 0.5 * s, "b": 2.0},
+            "saturated": {"a": False, "b": True},
+        }
+        | {"log2_N": 6.0, "H_Y": 2.0}
+        for s in range(3)
+    ]
+    fig = information_plane_figure(history, ["a", "b"])
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert any("log2 N" in s for s in labels) and any("saturated" in s for s in labels)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"estimator": "mine"}, "estimator='mine' is not one of"),
+        ({"pooling": "max"}, "pooling='max' is not one of"),
+        ({"noise_variance": 0.0}, "noise_variance=0.0 must be positive"),
+        ({"kde_max_samples": 1}, "kde_max_samples=1"),
+        ({"n_bins": 1}, "n_bins=1"),
+        ({"n_components": 0}, "n_components=0"),
+        ({"probe_l2": 0.0}, "probe_l2=0.0"),
+        ({"probe_max_iter": 0}, "probe_max_iter=0"),
+        ({"saturation_tol": -1.0}, "saturation_tol=-1.0"),
+        ({"probe_size": 0}, "probe_size=0"),
+    ],
+)
+def test_bad_arguments(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        LayerMutualInformation(**kwargs)
+
+
+# ---- end to end --------------------------------------------------------------------------------------------
+def _assert_logged(log_dir, layers: list[str]) -> None:
+    tags = scalar_tags(log_dir)
+    expected = {f"{KEY}/H_Y", f"{KEY}/log2_N"} | {
+        f"{KEY}/{q}/{layer}" for q in ("I_XT", "I_TY", "saturated") for layer in layers
+    }
+    assert expected <= tags, sorted(tags)
+    for tag in expected:
+        values = [v for _, v in scalars(log_dir, tag)]
+        assert len(values) == 2 and all(math.isfinite(v) for v in values), (tag, values)  # start + epoch end
+    for layer in layers:
+        assert all(v >= 0 for _, v in scalars(log_dir, f"{KEY}/I_TY/{layer}"))
+        assert all(v in (0.0, 1.0) for _, v in scalars(log_dir, f"{KEY}/saturated/{layer}"))
+    assert f"{KEY}/information_plane" in read_events(log_dir).Tags()["images"]
+
+
+@pytest.mark.parametrize("kind, estimator", [("transformer", "probe"), ("pde", "kde")])  # binning: tests below
+def test_end_to_end_on_our_models(tmp_path, kind, estimator) -> None:
+    train, val = image_loaders(n=64)
+    cb = LayerMutualInformation(estimator=estimator, probe_size=48, kde_max_samples=40, noise_variance=1.0)
+    _trainer(tmp_path, [cb]).fit(our_task(kind), train, val)
+    _assert_logged(tmp_path, ["blocks.0", "blocks.1"])
+    assert [h["step"] for h in cb.history] == [0, 4]
+    expected_log2_n = math.log2(48 if estimator == "binning" else 40)  # the KDE uses kde_max_samples of them
+    assert scalars(tmp_path, f"{KEY}/log2_N")[0][1] == pytest.approx(expected_log2_n)
+
+
+def test_stock_encoder_via_globs(tmp_path) -> None:
+    train, val = image_loaders(n=64)
+    cb = LayerMutualInformation(layers="encoder.layers.*", probe_size=48, pooling="flatten")
+    _trainer(tmp_path, [cb]).fit(StockEncoderModule(), train, val)
+    _assert_logged(tmp_path, ["encoder.layers.0", "encoder.layers.1"])
+
+
+def test_token_inputs_with_padding(tmp_path) -> None:
+    g = torch.Generator().manual_seed(0)
+    n, t_max = 64, 12
+    y = torch.arange(n) % 4
+    x = torch.randint(1, 20, (n, t_max), generator=g)
+    x[:, 0] = 20 + y  # the first token tells the class
+    lengths = torch.randint(3, t_max + 1, (n,), generator=g)
+    x[torch.arange(t_max)[None, :] >= lengths[:, None]] = 0  # padding at the end
+    ds = TensorDataset(x, y)
+    model = our_task("transformer", input_kind="tokens", vocab_size=24, max_len=t_max)
+    cb = LayerMutualInformation(estimator="binning", probe_size=48)
+    _trainer(tmp_path, [cb]).fit(model, DataLoader(ds, batch_size=16, shuffle=True), DataLoader(ds, batch_size=16))
+    _assert_logged(tmp_path, ["blocks.0", "blocks.1"])
+
+
+def test_saturated_estimates_are_flagged_and_warned(tmp_path) -> None:
+    train, val = image_loaders(n=64)
+    cb = LayerMutualInformation(estimator="binning", n_components=None, n_bins=10_000, probe_size=48)
+    with pytest.warns(UserWarning, match="ceiling"):
+        _trainer(tmp_path, [cb]).fit(our_task("transformer"), train, val)
+    for layer in ("blocks.0", "blocks.1"):
+        assert [v for _, v in scalars(tmp_path, f"{KEY}/saturated/{layer}")] == [1.0, 1.0]
+        assert [v for _, v in scalars(tmp_path, f"{KEY}/I_XT/{layer}")] == pytest.approx([math.log2(48)] * 2)
+
+
+def test_mlp_without_layers_fails_clearly(tmp_path) -> None:
+    train, val = image_loaders(n=32)
+    with pytest.raises(TargetNotFoundError, match="no layers to analyse"):
+        _trainer(tmp_path, [LayerMutualInformation(probe_size=16)]).fit(MLPModule(), train, val)
+
+
+def test_checkpoint_round_trip_continues_the_trajectory(tmp_path) -> None:
+    train, val = image_loaders(n=64)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = LayerMutualInformation(estimator="kde", probe_size=32, noise_variance=1.0)
+    _trainer(tmp_path / "a", [first, ckpt], enable_checkpointing=True).fit(our_task("pde"), train, val)
+    saved = torch.load(ckpt.last_model_path, weights_only=False)["callbacks"][first.state_key]["history"]
+    assert saved and [h["step"] for h in saved] == [h["step"] for h in first.history[: len(saved)]]
+
+    resumed = LayerMutualInformation(estimator="kde", probe_size=32, noise_variance=1.0)
+    assert resumed.state_key == first.state_key
+    trainer = _trainer(tmp_path / "b", [resumed], max_epochs=2, enable_checkpointing=True)
+    # weights_only=False: our own checkpoint, whose task hparams hold the optimizer factory (a partial).
+    trainer.fit(our_task("pde"), train, val, ckpt_path=ckpt.last_model_path, weights_only=False)
+    assert resumed.history[: len(saved)] == saved  # the pre-resume points are still on the curve
+    assert len(resumed.history) == len(saved) + 1 and resumed.history[-1]["step"] == 8
+
+    # The callback's own state is plain Python, loadable with torch.load(weights_only=True).
+    torch.save(resumed.state_dict(), tmp_path / "state.pt")
+    assert torch.load(tmp_path / "state.pt", weights_only=True) == resumed.state_dict()
