@@ -76,9 +76,11 @@ class ClassificationTask(L.LightningModule):
                 f"beta={beta} needs a model with a Gaussian bottleneck (set bottleneck_dim); "
                 f"got {type(model).__name__} without one"
             )
-        # Under LightningCLI the hyperparameters are the config (class_path + init_args), so the model
-        # can be rebuilt by load_from_checkpoint; outside it the module object is not worth pickling twice.
-        self.save_hyperparameters(ignore=None if _given_hyperparameters.get() is not None else ["model"])
+        # Under LightningCLI the hyperparameters are the config (class_path + init_args, plain data), so
+        # load_from_checkpoint rebuilds the model. Outside it the module (already in the state dict) and the
+        # optimizer/scheduler factories (pickled callables, refused by torch.load(weights_only=True)) stay out.
+        in_cli = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=None if in_cli else ["model", "optimizer", "lr_scheduler"])
         self.model = model
         self.beta = beta
         self.l2 = l2

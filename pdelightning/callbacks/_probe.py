@@ -143,6 +143,29 @@ def tensorboard(trainer: L.Trainer) -> Any | None:
     return None
 
 
+def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float | Tensor], step: int | None = None) -> None:
+    """Write scalars to every logger at ``step`` (default: the current global step), on rank zero only."""
+    if not trainer.is_global_zero or not metrics:
+        return
+    values = {k: float(v) for k, v in metrics.items()}
+    for logger in trainer.loggers:
+        logger.log_metrics(values, step=trainer.global_step if step is None else step)
+
+
+def write_layout(trainer: L.Trainer, name: str, charts: Mapping[str, list[str]]) -> None:
+    """Merge ``{chart title: [tag regex, ...]}`` of callback ``name`` into the run's custom-scalars layout.
+
+    One multiline chart per entry, grouped under ``analysis/<name>``; the layouts of all callbacks writing
+    to the same ``SummaryWriter`` are merged, and the merged layout is written (rank zero only).
+    """
+    writer = tensorboard(trainer)
+    if writer is None or not charts:
+        return
+    merged = _LAYOUTS.setdefault(id(writer), {})
+    merged[f"analysis/{name}"] = {title: ["Multiline", list(regexes)] for title, regexes in charts.items()}
+    writer.add_custom_scalars(merged)
+
+
 class ProbeCallback(Callback):
     """Base class of the analysis callbacks: when to probe, on what, and where results go.
 
@@ -282,13 +305,9 @@ class ProbeCallback(Callback):
         """``analysis/<callback>/<quantity>[/<layer>]``."""
         return f"analysis/{self.name}/{quantity}" + (f"/{layer}" if layer else "")
 
-    def log_scalars(self, trainer: L.Trainer, metrics: Mapping[str, float | Tensor]) -> None:
-        """Write scalars to every logger at the current global step (rank zero only)."""
-        if not trainer.is_global_zero or not metrics:
-            return
-        values = {k: float(v) for k, v in metrics.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=trainer.global_step)
+    def log_scalars(self, trainer: L.Trainer, metrics: Mapping[str, float | Tensor], step: int | None = None) -> None:
+        """Write scalars to every logger at ``step`` (default: the current global step), rank zero only."""
+        log_scalars(trainer, metrics, step)
 
     def add_figure(self, trainer: L.Trainer, tag: str, figure: Any) -> None:
         """Write a matplotlib figure to TensorBoard (rank zero) and close it."""
@@ -311,10 +330,4 @@ class ProbeCallback(Callback):
 
     def write_layout(self, trainer: L.Trainer) -> None:
         """Merge this callback's charts into the run's custom-scalars layout (rank zero)."""
-        writer = tensorboard(trainer)
-        charts = self.layout()
-        if writer is None or not charts:
-            return
-        merged = _LAYOUTS.setdefault(id(writer), {})
-        merged[f"analysis/{self.name}"] = {title: ["Multiline", regexes] for title, regexes in charts.items()}
-        writer.add_custom_scalars(merged)
+        write_layout(trainer, self.name, self.layout())

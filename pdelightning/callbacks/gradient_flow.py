@@ -21,17 +21,46 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from pdelightning.callbacks._probe import _LAYOUTS, tensorboard
+from pdelightning.callbacks._probe import log_scalars, tensorboard, write_layout
 from pdelightning.callbacks._targets import TargetNotFoundError, clean_name, resolve_targets
 
 EMBEDDING, HEAD, OTHER = "embedding", "head", "other"
 
 
+def tensor_norms(tensors: Sequence[Tensor], ord: float = 2.0) -> Tensor:
+    """The norm of each tensor, from ONE fused ``torch._foreach_norm`` call: ``[len(tensors)]`` float32.
+
+    Example::
+
+        >>> tensor_norms([torch.tensor([3.0, 4.0]), torch.tensor([-2.0])], ord=1)
+        tensor([7., 2.])
+    """
+    if ord not in (1, 2):
+        raise ValueError(f"ord={ord} must be 1 or 2")
+    if not tensors:
+        return torch.zeros(0)
+    return torch.stack([n.float() for n in torch._foreach_norm(list(tensors), ord)])
+
+
+def segment_norms(norms: Tensor, groups: Tensor, num_groups: int, ord: float = 2.0) -> Tensor:
+    """Combine per-tensor norms into per-group norms: ``sqrt(sum n_i²)`` for ``ord=2``, ``sum n_i`` for ``ord=1``.
+
+    This is the norm of each group's tensors flattened into one vector; empty groups get ``0``.
+
+    Example::
+
+        >>> segment_norms(torch.tensor([3.0, 4.0, 1.0]), torch.tensor([0, 0, 2]), 3)
+        tensor([5., 0., 1.])
+    """
+    values = norms.pow(2) if ord == 2 else norms
+    out = torch.zeros(num_groups, device=norms.device).index_add_(0, groups.to(norms.device), values)
+    return out.sqrt() if ord == 2 else out
+
+
 def grouped_norms(tensors: Sequence[Tensor], groups: Tensor, num_groups: int, ord: float = 2.0) -> Tensor:
     """Norm of each group of tensors, as if each group's tensors were flattened into one vector.
 
-    One fused ``torch._foreach_norm`` over all tensors, then a segment reduction: for ``ord=2`` the
-    square root of the summed squares, for ``ord=1`` the sum. Groups with no tensors get ``0``.
+    :func:`tensor_norms` (one fused ``torch._foreach_norm`` over all tensors) then :func:`segment_norms`.
 
     Args:
         tensors: the tensors (e.g. gradients), any shapes, on one device.
@@ -47,19 +76,16 @@ def grouped_norms(tensors: Sequence[Tensor], groups: Tensor, num_groups: int, or
 
     Example::
 
-        >>> grouped_norms([torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([-2.0, 2.0])], torch.tensor([0, 0, 1]), 2)
+        >>> grads = [torch.tensor([3.0]), torch.tensor([4.0]), torch.tensor([-2.0, 2.0])]
+        >>> grouped_norms(grads, torch.tensor([0, 0, 1]), 2)
         tensor([5.0000, 2.8284])
         >>> grouped_norms([torch.tensor([3.0]), torch.tensor([-2.0, 2.0])], torch.tensor([0, 0]), 1, ord=1)
         tensor([7.])
     """
-    if ord not in (1, 2):
-        raise ValueError(f"ord={ord} must be 1 or 2")
-    if not tensors:
+    norms = tensor_norms(tensors, ord)
+    if not len(norms):
         return torch.zeros(num_groups)
-    norms = torch.stack([n.float() for n in torch._foreach_norm(list(tensors), ord)])
-    values = norms.pow(2) if ord == 2 else norms
-    out = torch.zeros(num_groups, device=norms.device).index_add_(0, groups.to(norms.device), values)
-    return out.sqrt() if ord == 2 else out
+    return segment_norms(norms, groups, num_groups, ord)
 
 
 def update_ratio(before: Sequence[Tensor], after: Sequence[Tensor], groups: Tensor, num_groups: int) -> Tensor:
@@ -82,8 +108,11 @@ class _Groups:
 
 
 def _block_of(target_module: nn.Module, parents: dict[int, nn.Module], all_targets: set[int]) -> nn.Module:
-    """The module whose parameters make up a layer: the layer module if it has parameters, else its parent
-    (our ``hook_resid_post`` lives in its block), unless that parent also holds another layer."""
+    """The module whose parameters make up a layer.
+
+    The layer module itself if it has parameters, else its parent (our ``hook_resid_post`` lives in its
+    block), unless that parent also holds another layer.
+    """
     if next(target_module.parameters(), None) is not None:
         return target_module
     parent = parents.get(id(target_module))
@@ -128,7 +157,8 @@ class GradientFlow(Callback):
 
     Gradients are read in ``on_before_optimizer_step``: after gradient accumulation and AMP unscaling,
     before clipping, once per optimizer step; under DDP they are already averaged across ranks there, so
-    rank zero reads and logs them and no collective is needed. On every ``every_n_steps``-th optimizer step
+    rank zero reads and logs them and no collective is needed (sharded strategies such as FSDP, where a rank
+    holds only its shard of each gradient, are not supported). On every ``every_n_steps``-th optimizer step
     (counting from step 0, so the first step is always read) all gradient norms come from ONE fused
     ``torch._foreach_norm`` and a segment sum; on other steps the callback does nothing but one integer check.
 
@@ -148,8 +178,8 @@ class GradientFlow(Callback):
 
     Args:
         every_n_steps: read gradients on every ``n``-th optimizer step (``global_step % n == 0``).
-        histogram_every_n_steps: also write per-layer gradient histograms to TensorBoard on these steps
-            (a multiple of ``every_n_steps``); ``None`` for none.
+        histogram_every_n_steps: also write per-layer gradient histograms to TensorBoard, on the first read
+            step of every window of this many steps (step 0, then about every ``n`` steps); ``None`` for none.
         vanishing_threshold: a layer whose gradient L2 norm is below this is flagged as vanishing.
         exploding_threshold: a layer whose gradient L2 norm is above this (or non-finite) is flagged as exploding.
         log_update_ratio: on read steps, copy the parameters before the optimizer step and log
@@ -159,8 +189,7 @@ class GradientFlow(Callback):
         embedding: name/glob of the input-embedding module (its parameters form the ``embedding`` group).
 
     Raises:
-        ValueError: for a non-positive cadence, a histogram cadence that is not a multiple of
-            ``every_n_steps``, or thresholds that are not ``0 <= vanishing < exploding``.
+        ValueError: for a non-positive cadence, or thresholds that are not ``0 <= vanishing < exploding``.
         TargetNotFoundError: at ``setup`` when a ``layers``/``embedding`` glob matches nothing.
 
     Example::
@@ -187,7 +216,7 @@ class GradientFlow(Callback):
     def __init__(
         self,
         every_n_steps: int = 50,
-        histogram_every_n_steps: int | None = None,
+        histogram_every_n_steps: int | None = 500,
         vanishing_threshold: float = 1e-7,
         exploding_threshold: float = 1e3,
         log_update_ratio: bool = True,
@@ -198,11 +227,11 @@ class GradientFlow(Callback):
         if not isinstance(every_n_steps, int) or every_n_steps <= 0:
             raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer")
         if histogram_every_n_steps is not None and (
-            histogram_every_n_steps <= 0 or histogram_every_n_steps % every_n_steps != 0
+            not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps <= 0
         ):
             raise ValueError(
-                f"histogram_every_n_steps={histogram_every_n_steps} must be None or a positive multiple of "
-                f"every_n_steps={every_n_steps} (e.g. {10 * every_n_steps})"
+                f"histogram_every_n_steps={histogram_every_n_steps!r} must be a positive integer, "
+                "or None for no histograms"
             )
         if not 0 <= vanishing_threshold < exploding_threshold:
             raise ValueError(
@@ -218,6 +247,7 @@ class GradientFlow(Callback):
         self._layer_modules: tuple[list[tuple[str, nn.Module]], nn.Module | None] | None = None
         self._groups: _Groups | None = None
         self._flagged: set[tuple[str, str]] = set()
+        self._histogram_window = -1
         self._snapshot: tuple[int, list[nn.Parameter], list[Tensor], Tensor] | None = None
 
     @property
@@ -233,7 +263,9 @@ class GradientFlow(Callback):
             if self.patterns["layers"] is not None or self.patterns["embedding"] is not None:
                 raise
             owners = [
-                (clean_name(n), m) for n, m in pl_module.named_modules() if next(m.parameters(recurse=False), None) is not None
+                (clean_name(n), m)
+                for n, m in pl_module.named_modules()
+                if next(m.parameters(recurse=False), None) is not None
             ]
             rank_zero_info(
                 f"GradientFlow: no layers found in {type(pl_module).__name__}; grouping gradients by the modules "
@@ -251,20 +283,13 @@ class GradientFlow(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         layers, embedding = self._layer_modules or self._layers(pl_module)
         self._groups = group_parameters(pl_module, layers, embedding)
-        self._write_layout(trainer)
+        self._histogram_window = -1
+        write_layout(trainer, self.name, self.layout())
 
     def layout(self) -> dict[str, list[str]]:
         """Custom-scalars charts: one multiline chart per quantity, all layers on it."""
         quantities = ("grad_norm", "grad_abs_mean", "param_group_norm", "update_ratio", "vanishing", "exploding")
         return {q: [rf"analysis/{self.name}/{q}/.*"] for q in quantities}
-
-    def _write_layout(self, trainer: L.Trainer) -> None:
-        writer = tensorboard(trainer)
-        if writer is None:
-            return
-        merged = _LAYOUTS.setdefault(id(writer), {})
-        merged[f"analysis/{self.name}"] = {title: ["Multiline", rx] for title, rx in self.layout().items()}
-        writer.add_custom_scalars(merged)
 
     # ---- hooks -----------------------------------------------------------------------------------------
     @override
@@ -287,7 +312,7 @@ class GradientFlow(Callback):
             ratio = update_ratio(before, [p.detach() for p in params], groups, len(self._groups.names))
         present = sorted(set(groups.tolist()))
         values = ratio.tolist()
-        self._log(trainer, {self._key("update_ratio", self._groups.names[g]): values[g] for g in present}, step)
+        log_scalars(trainer, {self._key("update_ratio", self._groups.names[g]): values[g] for g in present}, step)
 
     # ---- measurement -----------------------------------------------------------------------------------
     def _key(self, quantity: str, layer: str) -> str:
@@ -301,57 +326,75 @@ class GradientFlow(Callback):
         if not with_grad:
             return
         params = [p for p, _ in with_grad]
-        grads = [p.grad for p in params]
+        grads: list[Tensor] = [p.grad for p in params if p.grad is not None]
         seg = torch.tensor([g for _, g in with_grad])
         n = len(groups.names)
+        pg_names, pg_members, pg_index = self._param_groups(trainer, optimizer, params)
         with torch.no_grad():
-            l2 = grouped_norms(grads, seg, n).tolist()
-            l1 = grouped_norms(grads, seg, n, ord=1).cpu().double()
-            numel = torch.zeros(n, dtype=torch.float64).index_add_(0, seg, torch.tensor([float(p.numel()) for p in params], dtype=torch.float64))
-            abs_mean = (l1 / numel.clamp_min(1)).tolist()
-            pg_norms = self._param_group_norms(trainer, optimizer, params, grads)
+            l2_each = tensor_norms(grads)  # ONE fused norm call serves the layers and the param groups
+            l2 = segment_norms(l2_each, seg, n)
+            l1 = segment_norms(tensor_norms(grads, ord=1), seg, n, ord=1)
+            pg = segment_norms(l2_each[pg_members.to(l2_each.device)], pg_index, len(pg_names))
+            values = torch.cat([l2, l1, pg]).tolist()  # one device sync
+        l2_, l1_, pg_ = values[:n], values[n : 2 * n], values[2 * n :]
+        numel = [0.0] * n
+        for p, g in with_grad:
+            numel[g] += p.numel()
         present = sorted(set(seg.tolist()))
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {
+            self._key("param_group_norm", name): v for name, v in zip(pg_names, pg_, strict=True)
+        }
         for g in present:
-            layer = groups.names[g]
-            metrics[self._key("grad_norm", layer)] = l2[g]
-            metrics[self._key("grad_abs_mean", layer)] = abs_mean[g]
-            vanishing = l2[g] < self.vanishing_threshold
-            exploding = not l2[g] <= self.exploding_threshold  # also NaN/inf
+            layer, norm = groups.names[g], l2_[g]
+            vanishing, exploding = (
+                norm < self.vanishing_threshold,
+                not norm <= self.exploding_threshold,
+            )  # NaN: exploding
+            metrics[self._key("grad_norm", layer)] = norm
+            metrics[self._key("grad_abs_mean", layer)] = l1_[g] / max(numel[g], 1.0)
             metrics[self._key("vanishing", layer)] = float(vanishing)
             metrics[self._key("exploding", layer)] = float(exploding)
-            self._flag("vanishing", layer, vanishing, f"grad_norm={l2[g]:.3g} < vanishing_threshold={self.vanishing_threshold:g}", step)
-            self._flag("exploding", layer, exploding, f"grad_norm={l2[g]:.3g} > exploding_threshold={self.exploding_threshold:g}", step)
-        metrics.update(pg_norms)
-        self._log(trainer, metrics, step)
-        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
+            self._flag("vanishing", layer, vanishing, f"grad_norm={norm:.3g} < {self.vanishing_threshold:g}", step)
+            self._flag("exploding", layer, exploding, f"grad_norm={norm:.3g} > {self.exploding_threshold:g}", step)
+        log_scalars(trainer, metrics, step)
+        if self.histogram_every_n_steps and step // self.histogram_every_n_steps != self._histogram_window:
+            self._histogram_window = step // self.histogram_every_n_steps
             writer = tensorboard(trainer)
             if writer is not None:
                 for g in present:
-                    values = torch.cat([gr.detach().flatten().float() for gr, s in zip(grads, seg.tolist(), strict=True) if s == g])
-                    writer.add_histogram(self._key("grad_hist", groups.names[g]), values.cpu(), global_step=step)
+                    values_g = [
+                        gr.detach().flatten().float() for gr, (_, s) in zip(grads, with_grad, strict=True) if s == g
+                    ]
+                    writer.add_histogram(
+                        self._key("grad_hist", groups.names[g]), torch.cat(values_g).cpu(), global_step=step
+                    )
         if self.log_update_ratio:
             with torch.no_grad():
-                before = torch._foreach_mul([p.detach() for p in params], 1.0)
+                before = list(torch._foreach_mul([p.detach() for p in params], 1.0))
             self._snapshot = (step, params, before, seg)
 
-    def _param_group_norms(
-        self, trainer: L.Trainer, optimizer: Optimizer, params: list[nn.Parameter], grads: list[Tensor]
-    ) -> dict[str, float]:
+    @staticmethod
+    def _param_groups(
+        trainer: L.Trainer, optimizer: Optimizer, params: list[nn.Parameter]
+    ) -> tuple[list[str], Tensor, Tensor]:
+        """The param groups of ``optimizer`` that hold gradients.
+
+        Returns ``(names, members, index)``: the groups' key names, and for each member parameter its position
+        in ``params`` and its group's position in ``names``.
+        """
         where = {id(p): i for i, p in enumerate(params)}
-        index, members = [], []
+        members: dict[int, list[int]] = {}
         for i, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                if id(p) in where:
-                    index.append(i)
-                    members.append(grads[where[id(p)]])
-        if not members:
-            return {}
-        norms = grouped_norms(members, torch.tensor(index), len(optimizer.param_groups)).tolist()
+            found = [where[id(p)] for p in group["params"] if id(p) in where]
+            if found:
+                members[i] = found
         optimizers = trainer.optimizers
         position = next((j for j, o in enumerate(optimizers) if o is optimizer), 0)
         prefix = f"{position}." if len(optimizers) > 1 else ""
-        return {self._key("param_group_norm", f"{prefix}{i}"): norms[i] for i in sorted(set(index))}
+        names = [f"{prefix}{i}" for i in members]
+        index = [k for k, found in enumerate(members.values()) for _ in found]
+        flat = [m for found in members.values() for m in found]
+        return names, torch.tensor(flat, dtype=torch.long), torch.tensor(index, dtype=torch.long)
 
     def _flag(self, kind: str, layer: str, on: bool, detail: str, step: int) -> None:
         if on and (kind, layer) not in self._flagged:
@@ -359,10 +402,3 @@ class GradientFlow(Callback):
             self._flagged.add((kind, layer))
         elif not on:
             self._flagged.discard((kind, layer))
-
-    @staticmethod
-    def _log(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
-        if not metrics:
-            return
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)

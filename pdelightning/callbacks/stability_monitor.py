@@ -1,0 +1,569 @@
+"""Numerical stability of the layer map during training: eq. (21), spectral norms, drift, and the loss.
+
+Theorem 2 of the paper (appendix A.5) bounds the explicit Euler step of eq. (20):
+
+    2 D_l Δt / Δx² + α_l Δt ||W^O||_2 <= 1,                                        (21)
+
+with ``||W^O||_2`` the spectral norm of the attention output projection. The v2 thesis is that in a
+Transformer the residual connections and LayerNorm play the stabilizer's role; :class:`StabilityMonitor`
+therefore also tracks, for any attention model, the spectral norms of ``W^O`` and of the composed value-output
+map ``W^O W^V``, how far each layer's representation drifts from the input embedding ``u_0``, how its RMS
+grows with depth, and the training loss (non-finite values, spikes against a running average).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from pdelightning.callbacks._capture import Capture, first_tensor
+from pdelightning.callbacks._cka import cka_matrix
+from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.models.protocol import AnalysisTargets
+
+ACTIONS = ("warn", "stop")
+COLD_START_ITERATIONS = 100  # power iterations when there is no singular vector to warm-start from
+_EMBEDDING = "embedding"
+
+
+# ---- pure math ------------------------------------------------------------------------------------------
+def spectral_norm_power(W: Tensor, v0: Tensor | None = None, n_iter: int = 5) -> tuple[Tensor, Tensor]:  # noqa: N803
+    """Largest singular value ``||W||_2`` by power iteration on ``WᵀW``, warm-started from ``v0``.
+
+    Each iteration is ``u = W v / ||W v||``, ``v = Wᵀ u / ||Wᵀ u||``, ``σ = ||Wᵀ u||``. The estimate never exceeds
+    ``||W||_2`` and converges at rate ``(σ_2/σ_1)²`` per iteration; started from the previous probe's right
+    singular vector (weights change little between probes) a few iterations suffice, which is why the
+    callback keeps ``v`` as state instead of running a full SVD each time. Without ``v0`` (or with an unusable
+    one: wrong size, zero, non-finite) the start is a fixed seeded Gaussian vector, the same on every rank.
+
+    Args:
+        W: matrix ``[m, n]`` (computed in float32, or float64 if given).
+        v0: warm start ``[n]``, e.g. the ``v`` returned by the previous call.
+        n_iter: number of iterations (``>= 1``).
+
+    Returns:
+        ``(sigma, v)``: the 0-dim estimate and the unit right singular vector estimate ``[n]``.
+
+    Raises:
+        ValueError: if ``W`` is not 2-D or ``n_iter < 1``.
+
+    Example::
+
+        >>> sigma, v = spectral_norm_power(torch.diag(torch.tensor([3.0, -5.0, 1.0])), n_iter=50)
+        >>> round(float(sigma), 4), [round(abs(float(x)), 4) for x in v]
+        (5.0, [0.0, 1.0, 0.0])
+    """
+    if W.dim() != 2:
+        raise ValueError(f"expected a matrix, got shape {tuple(W.shape)}")
+    if n_iter < 1:
+        raise ValueError(f"n_iter={n_iter} must be >= 1")
+    W = W.detach()
+    W = W if W.dtype == torch.float64 else W.float()
+    tiny = torch.finfo(W.dtype).tiny
+    usable = (
+        v0 is not None and v0.shape == (W.shape[1],) and bool(torch.isfinite(v0).all()) and bool(v0.abs().sum() > 0)
+    )
+    if usable:
+        v = v0.detach().to(W)  # type: ignore[union-attr]
+    else:
+        v = torch.randn(W.shape[1], generator=torch.Generator().manual_seed(0), dtype=W.dtype).to(W.device)
+    v = v / v.norm().clamp_min(tiny)
+    sigma = W.new_zeros(())
+    for _ in range(n_iter):
+        u = W @ v
+        u = u / u.norm().clamp_min(tiny)
+        w = W.T @ u
+        sigma = w.norm()
+        v = w / sigma.clamp_min(tiny)
+    return sigma, v
+
+
+def eq21_number(diffusion: Tensor | float, alpha: float, dt: float, dx: float, w_o_norm: float) -> float:
+    """The left-hand side of the stability condition eq. (21): ``2 D Δt / Δx² + |α| Δt ||W^O||_2``.
+
+    ``D`` is the largest entry of a per-feature (diagonal) diffusion ``D_l`` (the worst-damped feature sets
+    the bound); ``|α|`` because a negative attention strength is as destabilising as a positive one.
+    The explicit step is stable when the number is at most 1.
+
+    Example::
+
+        >>> eq21_number(torch.tensor([0.1, 0.5]), alpha=-2.0, dt=0.25, dx=1.0, w_o_norm=1.5)
+        1.0
+    """
+    d = float(diffusion.max()) if isinstance(diffusion, Tensor) and diffusion.numel() else float(diffusion or 0.0)
+    return 2.0 * d * dt / dx**2 + abs(alpha) * dt * w_o_norm
+
+
+def relative_drift(h: Tensor, u0: Tensor) -> float:
+    """``||h - u_0||_F / ||u_0||_F`` over all samples, tokens and features: how far a layer moved the embedding.
+
+    Example::
+
+        >>> relative_drift(torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 4.0]]))
+        0.75
+    """
+    return float((h.double() - u0.double()).norm() / u0.double().norm())
+
+
+def pool_tokens(h: Tensor) -> Tensor:
+    """One vector per sample: ``[B, d]`` as is, ``[B, T, d]`` (or more axes) averaged over the middle axes."""
+    if h.dim() <= 2:
+        return h.reshape(h.shape[0], -1)
+    return h.flatten(1, -2).mean(1)
+
+
+@dataclass
+class LossScan:
+    """Result of :func:`scan_losses`: the updated running average and what was found."""
+
+    ema: float | None
+    count: int
+    spikes: list[tuple[int, float, float]] = field(default_factory=list)  # (position, loss, ema before it)
+    nonfinite: list[tuple[int, float]] = field(default_factory=list)  # (position, loss)
+
+
+def scan_losses(
+    losses: Sequence[float],
+    ema: float | None,
+    count: int,
+    decay: float = 0.98,
+    spike_factor: float | None = 3.0,
+    warmup: int = 20,
+) -> LossScan:
+    """Check a run of training losses for non-finite values and spikes, updating a running average.
+
+    A loss is a spike when ``loss > spike_factor × EMA`` and the EMA has seen at least ``warmup`` losses.
+    Non-finite losses do not enter the EMA; a spike enters it clipped to ``spike_factor × EMA`` (a winsorized
+    average: one spike moves it by at most ``(1 - decay)(spike_factor - 1)``, relatively, yet a lasting level
+    shift is followed within a few dozen steps). Assumes a positive loss.
+
+    Args:
+        losses: losses in order.
+        ema: running average before them (``None``: none yet; the first finite loss starts it).
+        count: number of losses the average has seen.
+        decay: EMA decay ``β``: ``ema <- β ema + (1 - β) loss``.
+        spike_factor: spike threshold factor, ``None`` to detect no spikes.
+        warmup: losses the average must have seen before spikes are flagged.
+
+    Example::
+
+        >>> scan = scan_losses([1.0, 1.0, 9.0, float("nan")], ema=None, count=0, decay=0.5, warmup=2)
+        >>> scan.ema, scan.count, scan.spikes, scan.nonfinite
+        (2.0, 3, [(2, 9.0, 1.0)], [(3, nan)])
+    """
+    out = LossScan(ema, count)
+    for i, x in enumerate(losses):
+        if not math.isfinite(x):
+            out.nonfinite.append((i, x))
+            continue
+        if out.ema is None:
+            out.ema, out.count = x, 1
+            continue
+        if spike_factor is not None and out.count >= warmup and x > spike_factor * out.ema:
+            out.spikes.append((i, x, out.ema))
+            x = spike_factor * out.ema
+        out.ema = decay * out.ema + (1.0 - decay) * x
+        out.count += 1
+    return out
+
+
+def _sample_stats(name: str, h: Tensor, u0: Tensor | None) -> dict[str, Tensor]:
+    """Per-sample sums that add up, over the gathered probe set, to the representation statistics of one layer.
+
+    ``sq``: sum of squares; ``cnt``: number of values; ``bad``: number of non-finite values; ``pool``: the
+    token-averaged vector (for CKA); ``diff``: ``||h - u_0||²`` (``-1`` when ``h`` and ``u_0`` differ in shape).
+    """
+    flat = h.flatten(1)
+    stats = {
+        f"sq/{name}": flat.pow(2).sum(1),
+        f"cnt/{name}": torch.full((h.shape[0],), float(flat.shape[1]), device=h.device),
+        f"bad/{name}": (~torch.isfinite(flat)).sum(1).float(),
+        f"pool/{name}": pool_tokens(h),
+    }
+    if u0 is not None:
+        same = h.shape == u0.shape
+        stats[f"diff/{name}"] = (
+            (h - u0).flatten(1).pow(2).sum(1) if same else torch.full_like(stats[f"sq/{name}"], -1.0)
+        )
+    return stats
+
+
+def _weight(module: nn.Module | None) -> Tensor | None:
+    w = getattr(module, "weight", None) if module is not None else None
+    return w if isinstance(w, Tensor) and w.dim() == 2 else None
+
+
+# ---- the callback ---------------------------------------------------------------------------------------
+class StabilityMonitor(ProbeCallback):
+    """Watch the quantities that decide whether the layer map stays stable, and warn or stop when one crosses its bound.
+
+    At each probe (cadence of :class:`~pdelightning.callbacks._probe.ProbeCallback`, step 0 included):
+
+    * **eq. (21)** on PDE layers (``LayerTarget.pde`` set): ``2 D Δt / Δx² + |α| Δt ||W^O||_2`` with ``D`` the
+      largest diffusion coefficient, flagged when above ``threshold`` (default 1, the theorem's bound).
+    * **spectral norms** ``||W^O||_2`` and ``||W^O W^V||_2`` (composed value-output map; nn.Linear convention
+      ``out_proj.weight @ value_weight``) for every layer with attention, by warm-started power iteration
+      (:func:`spectral_norm_power`: the singular vectors are kept as state and each probe runs
+      ``power_iterations`` steps from them; the first probe, with nothing to start from, runs 100). The
+      estimate is a lower bound that tracks ``||.||_2`` closely while the weights move little between probes.
+      Layers without an attention output projection (an MLP given a ``layers`` glob) are skipped.
+    * **representations** on the fixed probe set, over all tokens (padding included): relative drift
+      ``||h_l - u_0||_F / ||u_0||_F`` over the whole probe set (:func:`relative_drift`; only for layers whose
+      output has ``u_0``'s shape), linear CKA (unbiased HSIC) between token-averaged ``h_l`` and ``u_0``, RMS
+      ``sqrt(mean h_l²)`` and its growth ``rms_l / rms_0``, and the fraction of non-finite values (the first
+      layer, in depth order, that has any is named). ``u_0`` is the embedding module's output; without one
+      (e.g. the stock encoder without an ``embedding`` glob) it is the input of the first layer.
+
+    The training loss (``outputs["loss"]`` of ``on_train_batch_end``) is examined for EVERY batch without a
+    host sync: each batch's loss is copied into a small device buffer, and every ``check_every_n_steps`` batches
+    (and at epoch end) the buffer is read once (summed across ranks under DDP, so all ranks judge the global
+    mean loss) and scanned by :func:`scan_losses` for non-finite values and spikes (``loss > spike_factor ×
+    EMA``). ``check_every_n_steps=1`` reacts on the very batch at the cost of one device sync per batch; the
+    default 10 keeps the hot path sync-free at a delay of at most 9 batches. With gradient accumulation the
+    loss is Lightning's (divided by the number of accumulated batches).
+
+    ``action="warn"`` warns (once per layer while a flag stays on; every spike window) naming the layer and
+    quantity, e.g. ``StabilityMonitor: blocks.2 eq21_number=1.37 > 1.0``. ``action="stop"`` also sets
+    ``trainer.should_stop`` (the decision shared across ranks with ``reduce_boolean_decision``), so training
+    ends through Lightning's normal path (checkpoints and logs kept); :attr:`stop_reason` keeps the message.
+    Every detected event acts: eq. (21) exceeded, non-finite loss or activations, and loss spikes (set
+    ``spike_factor=None`` to stop only on the others).
+
+    Needs layers: a model without any (a plain MLP) fails at ``setup`` with
+    :class:`~pdelightning.callbacks._targets.TargetNotFoundError` unless a ``layers`` glob is given, in which case
+    the attention quantities are skipped and the representation quantities are logged.
+
+    Args:
+        threshold: bound for the eq. (21) number.
+        action: ``"warn"`` or ``"stop"``.
+        power_iterations: power-iteration steps per probe and matrix, warm-started from the last probe's vector.
+        check_every_n_steps: read the buffered training losses every ``n`` batches.
+        spike_factor: a loss above ``spike_factor × EMA`` is a spike (``> 1``); ``None`` disables spike detection.
+        ema_decay: decay of the loss EMA, in ``[0, 1)``.
+        spike_warmup: losses the EMA must have seen before spikes are flagged.
+        every_n_steps, every_n_epochs, probe_at_start, probe_size, probe_batch_size, layers, attention, embedding,
+            seed: see :class:`~pdelightning.callbacks._probe.ProbeCallback`.
+
+    Raises:
+        ValueError: for an unknown ``action`` or out-of-range numbers (and the base class's checks).
+        TargetNotFoundError: at ``setup`` when no layers can be found.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[StabilityMonitor(action="stop", every_n_steps=100, probe_size=128)])
+
+    Logged metrics:
+        At probes (rank zero, at ``global_step``):
+
+        * ``analysis/stability_monitor/eq21/<layer>``, ``analysis/stability_monitor/eq21_exceeded/<layer>`` (0/1):
+          PDE layers only.
+        * ``analysis/stability_monitor/W_O_spectral/<layer>``, ``analysis/stability_monitor/W_VO_spectral/<layer>``:
+          layers with attention.
+        * ``analysis/stability_monitor/drift/<layer>``, ``analysis/stability_monitor/cka_to_embedding/<layer>``.
+        * ``analysis/stability_monitor/rms/<layer>`` (and ``rms/embedding`` for ``u_0``),
+          ``analysis/stability_monitor/rms_growth/<layer>``.
+        * ``analysis/stability_monitor/nonfinite/<layer>`` (and ``nonfinite/embedding``): fraction of non-finite
+          values in the layer's output over the probe set.
+
+        At loss checks (every ``check_every_n_steps`` batches and at epoch end):
+
+        * ``analysis/stability_monitor/loss_ema``: the running average of the training loss.
+        * ``analysis/stability_monitor/loss_spike``: 1 if a loss since the last check was a spike, else 0.
+        * ``analysis/stability_monitor/nonfinite``: 1 if a loss since the last check was non-finite, else 0.
+    """
+
+    name = "stability_monitor"
+    needs = ("layers",)
+
+    def __init__(
+        self,
+        threshold: float = 1.0,
+        action: Literal["warn", "stop"] = "warn",
+        power_iterations: int = 5,
+        check_every_n_steps: int = 10,
+        spike_factor: float | None = 3.0,
+        ema_decay: float = 0.98,
+        spike_warmup: int = 20,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        probe_at_start: bool = True,
+        probe_size: int = 256,
+        probe_batch_size: int = 128,
+        layers: str | None = None,
+        attention: str | None = None,
+        embedding: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_at_start=probe_at_start,
+            probe_size=probe_size, probe_batch_size=probe_batch_size, layers=layers, attention=attention,
+            embedding=embedding, seed=seed,
+        )  # fmt: skip
+        if action not in ACTIONS:
+            raise ValueError(f"action={action!r} is not one of {ACTIONS}")
+        if not threshold > 0:
+            raise ValueError(f"threshold={threshold} must be positive (eq. 21 bounds the step number by 1)")
+        if not isinstance(power_iterations, int) or power_iterations < 1:
+            raise ValueError(f"power_iterations={power_iterations!r} must be a positive integer")
+        if not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps={check_every_n_steps!r} must be a positive integer")
+        if spike_factor is not None and not spike_factor > 1:
+            raise ValueError(f"spike_factor={spike_factor} must be > 1, or None to disable spike detection")
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay={ema_decay} must be in [0, 1)")
+        if spike_warmup < 0:
+            raise ValueError(f"spike_warmup={spike_warmup} must be >= 0")
+        self.threshold = threshold
+        self.action = action
+        self.power_iterations = power_iterations
+        self.check_every_n_steps = check_every_n_steps
+        self.spike_factor = spike_factor
+        self.ema_decay = ema_decay
+        self.spike_warmup = spike_warmup
+        self.stop_reason: str | None = None
+        # history (state_dict)
+        self.loss_ema: float | None = None
+        self.ema_count = 0
+        self.last_spike_step: int | None = None
+        self._vectors: dict[str, Tensor] = {}
+        # per-window loss buffer (not persisted: at most check_every_n_steps - 1 losses)
+        self._buffer: Tensor | None = None
+        self._slots: list[int | None] = []  # global step of each buffered loss, None where a batch had none
+        self._batch_step = 0
+        self._active: set[str] = set()
+
+    # ---- state -----------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss_ema": self.loss_ema,
+            "ema_count": self.ema_count,
+            "last_spike_step": self.last_spike_step,
+            "vectors": {k: v.detach().cpu() for k, v in self._vectors.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.loss_ema = state_dict["loss_ema"]
+        self.ema_count = state_dict["ema_count"]
+        self.last_spike_step = state_dict["last_spike_step"]
+        self._vectors = dict(state_dict.get("vectors", {}))
+
+    def layout(self) -> dict[str, list[str]]:
+        """Custom-scalars charts: one per per-layer quantity, and one for the loss checks."""
+        per_layer = ("eq21", "eq21_exceeded", "W_O_spectral", "W_VO_spectral", "drift", "cka_to_embedding", "rms",
+                     "rms_growth", "nonfinite")  # fmt: skip
+        charts = {q: [rf"analysis/{self.name}/{q}/.*"] for q in per_layer}
+        charts["loss"] = [rf"analysis/{self.name}/(loss_ema|loss_spike|nonfinite)$"]
+        return charts
+
+    # ---- events ----------------------------------------------------------------------------------------
+    def _act(self, trainer: L.Trainer, events: list[tuple[str, str]], scope: tuple[str, ...]) -> None:
+        """Warn about new events and, for ``action="stop"``, share the stop decision across ranks.
+
+        ``events`` are ``(flag, message)`` pairs, identical on every rank (computed from gathered or reduced
+        values); every rank calls this at the same points. A flag warns when it turns on and stays quiet while
+        it stays on; ``scope`` lists the flag prefixes this call is authoritative for (flags of that scope that
+        are absent now are cleared). Spikes warn every time.
+        """
+        step = trainer.global_step
+        for flag, message in events:
+            if flag not in self._active or flag == "spike":
+                rank_zero_warn(f"{message} at step {step}" + ("; stopping training" if self.action == "stop" else ""))
+        self._active = {f for f in self._active if not f.startswith(scope)} | {f for f, _ in events if f != "spike"}
+        if self.action == "stop":
+            stop = trainer.strategy.reduce_boolean_decision(bool(events), all=False)
+            if stop:
+                trainer.should_stop = True
+                if self.stop_reason is None:
+                    self.stop_reason = events[0][1] if events else "StabilityMonitor: stop requested by another rank"
+
+    # ---- probe -----------------------------------------------------------------------------------------
+    def _power(self, key: str, matrix: Tensor) -> float:
+        v0 = self._vectors.get(key)
+        n_iter = self.power_iterations if v0 is not None else max(self.power_iterations, COLD_START_ITERATIONS)
+        sigma, v = spectral_norm_power(matrix, v0, n_iter)
+        self._vectors[key] = v
+        return float(sigma)
+
+    def _weights(self, targets: AnalysisTargets, metrics: dict[str, float], events: list[tuple[str, str]]) -> None:
+        for layer in targets.layers:
+            w_o = _weight(layer.out_proj)
+            if w_o is None:
+                continue
+            with torch.no_grad():
+                s_o = self._power(f"{layer.name}:W_O", w_o)
+                metrics[self.key("W_O_spectral", layer.name)] = s_o
+                if layer.value_weight is not None:
+                    w_vo = w_o.detach().float() @ layer.value_weight.detach().float()
+                    metrics[self.key("W_VO_spectral", layer.name)] = self._power(f"{layer.name}:W_VO", w_vo)
+            if layer.pde is not None:
+                p = layer.pde
+                number = eq21_number(p.diffusion, p.alpha, p.dt, p.dx, s_o)
+                exceeded = not number <= self.threshold
+                metrics[self.key("eq21", layer.name)] = number
+                metrics[self.key("eq21_exceeded", layer.name)] = float(exceeded)
+                if exceeded:
+                    events.append(
+                        (
+                            f"eq21:{layer.name}",
+                            f"StabilityMonitor: {layer.name} eq21_number={number:.4g} > {self.threshold}",
+                        )
+                    )
+
+    def _representations(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, targets: AnalysisTargets, metrics: dict[str, float],
+        events: list[tuple[str, str]],
+    ) -> None:  # fmt: skip
+        names = [_EMBEDDING] + [t.name for t in targets.layers]
+        keys = [f"{q}/{n}" for n in names for q in ("sq", "cnt", "bad", "pool")]
+        keys += [f"diff/{n}" for n in names[1:]]
+        store = GatherStore(keys).to(pl_module.device)
+        first_inputs: list[Tensor] = []
+        with torch.no_grad(), ExitStack() as stack:
+            cap = stack.enter_context(Capture(targets, layers=True, embedding=targets.embedding is not None))
+            if targets.embedding is None:  # u_0 = the input of the first layer
+
+                def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                    first_inputs.append(first_tensor(args if args else tuple(kwargs.values())).detach())
+
+                handle = targets.layers[0].module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+                stack.callback(handle.remove)
+            for x, _, idx in self.iter_probe(trainer, pl_module):
+                self.forward(pl_module, x)
+                hidden, _ = cap.pop()
+                u0 = hidden.pop(_EMBEDDING) if targets.embedding is not None else torch.cat(first_inputs)
+                first_inputs.clear()
+                missing = [n for n in names[1:] if n not in hidden]
+                if missing:
+                    raise RuntimeError(
+                        f"StabilityMonitor: layers {missing} produced no output during the probe forward"
+                    )
+                u0 = u0.float()
+                update = _sample_stats(_EMBEDDING, u0, None)
+                for n in names[1:]:
+                    update.update(_sample_stats(n, hidden[n].float(), u0))
+                store.update(idx, **update)
+        out = store.compute()  # collective: every rank, same values
+        rms0 = math.sqrt(float(out[f"sq/{_EMBEDDING}"].sum() / out[f"cnt/{_EMBEDDING}"].sum().clamp_min(1)))
+        metrics[self.key("rms", _EMBEDDING)] = rms0
+        n_samples = out[f"pool/{_EMBEDDING}"].shape[0]
+        cka = (
+            cka_matrix([out[f"pool/{_EMBEDDING}"]], [out[f"pool/{n}"] for n in names[1:]])[0]
+            if n_samples >= 4
+            else None
+        )
+        for i, n in enumerate(names):
+            count = float(out[f"cnt/{n}"].sum())
+            bad = float(out[f"bad/{n}"].sum())
+            metrics[self.key("nonfinite", n)] = bad / max(count, 1.0)
+            if bad > 0 and not any(f.startswith("act:") for f, _ in events):  # name the first layer only
+                events.append(
+                    (f"act:{n}", f"StabilityMonitor: {n} nonfinite_activations={bad:g} > 0 (of {count:g} values)")
+                )
+            if n == _EMBEDDING:
+                continue
+            rms = math.sqrt(float(out[f"sq/{n}"].sum()) / max(count, 1.0))
+            metrics[self.key("rms", n)] = rms
+            metrics[self.key("rms_growth", n)] = rms / rms0 if rms0 > 0 else float("nan")
+            diff = out[f"diff/{n}"]
+            if not bool((diff < 0).any()):
+                metrics[self.key("drift", n)] = math.sqrt(float(diff.sum())) / max(
+                    math.sqrt(float(out[f"sq/{_EMBEDDING}"].sum())), 1e-30
+                )
+            if cka is not None:
+                metrics[self.key("cka_to_embedding", n)] = float(cka[i - 1])
+
+    @override
+    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        targets = self.targets(pl_module)
+        metrics: dict[str, float] = {}
+        events: list[tuple[str, str]] = []
+        self._weights(targets, metrics, events)
+        self._representations(trainer, pl_module, targets, metrics, events)
+        self._act(trainer, events, scope=("eq21:", "act:"))
+        self.log_scalars(trainer, metrics)
+
+    # ---- the training loss -----------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._buffer, self._slots, self._active = None, [], set()
+        super().on_train_start(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_step = (
+            trainer.global_step
+        )  # the step this batch's loss belongs to (``self.global_step`` in training_step)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor):
+            if self._buffer is None:
+                self._buffer = torch.zeros(self.check_every_n_steps, device=loss.device)
+            self._buffer[len(self._slots)] = loss.detach().reshape(())  # a device copy, no sync
+            self._slots.append(self._batch_step)
+        else:
+            self._slots.append(None)
+        if len(self._slots) >= self.check_every_n_steps:
+            self._check_losses(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._slots:
+            self._check_losses(trainer, pl_module)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def _check_losses(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        n = len(self._slots)
+        device = self._buffer.device if self._buffer is not None else pl_module.device
+        have = torch.tensor([s is not None for s in self._slots], dtype=torch.float32, device=device)
+        values = self._buffer[:n] if self._buffer is not None else torch.zeros(n, device=device)
+        both = torch.stack([torch.where(have > 0, values, torch.zeros_like(values)), have])
+        both = trainer.strategy.reduce(both, reduce_op="sum")  # all ranks: the global mean loss of each batch
+        sums, counts = both.tolist()
+        if self._buffer is not None:
+            self._buffer.zero_()
+        steps = self._slots
+        self._slots = []
+        kept = [(s / c, steps[i]) for i, (s, c) in enumerate(zip(sums, counts, strict=True)) if c > 0]
+        scan = scan_losses(
+            [v for v, _ in kept], self.loss_ema, self.ema_count, self.ema_decay, self.spike_factor, self.spike_warmup
+        )
+        self.loss_ema, self.ema_count = scan.ema, scan.count
+        events: list[tuple[str, str]] = []
+        if scan.nonfinite:
+            i, value = scan.nonfinite[0]
+            events.append(
+                ("loss:nonfinite", f"StabilityMonitor: loss={value} is non-finite (batch of step {kept[i][1]})")
+            )
+        if scan.spikes:
+            i, value, ema = scan.spikes[0]
+            self.last_spike_step = kept[scan.spikes[-1][0]][1]
+            more = f" (+{len(scan.spikes) - 1} more since the last check)" if len(scan.spikes) > 1 else ""
+            events.append((
+                "spike",
+                f"StabilityMonitor: loss={value:.4g} > spike_factor={self.spike_factor:g} x loss_ema={ema:.4g} "
+                f"(loss spike, batch of step {kept[i][1]}){more}",
+            ))  # fmt: skip
+        self._act(trainer, events, scope=("loss:",))
+        metrics = {self.key("loss_spike"): float(bool(scan.spikes)), self.key("nonfinite"): float(bool(scan.nonfinite))}
+        if self.loss_ema is not None:
+            metrics[self.key("loss_ema")] = self.loss_ema
+        self.log_scalars(trainer, metrics)
