@@ -18,6 +18,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics import Metric
@@ -113,11 +114,15 @@ class ProbeSet:
 
 
 def validation_loader(trainer: L.Trainer) -> DataLoader | None:
-    """The validation ``DataLoader`` the probe set is drawn from (datamodule, trainer, or ``None``)."""
+    """The ``DataLoader`` the probe set is drawn from: the validation data (of the datamodule or the trainer),
+    else, with a warning, the training data; ``None`` if there is neither.
+    """
     dm = trainer.datamodule
     for get in (
         lambda: dm.val_dataloader() if dm is not None else None,
         lambda: trainer.val_dataloaders,
+        # loaders given to fit() are reachable before the loops load them (setup), only through the loop's source
+        lambda: trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader(),
     ):
         try:
             loader = get()
@@ -127,6 +132,15 @@ def validation_loader(trainer: L.Trainer) -> DataLoader | None:
             loader = loader[0] if loader else None
         if isinstance(loader, DataLoader):
             return loader
+    train = trainer.train_dataloader
+    if train is None:
+        with contextlib.suppress(Exception):
+            train = trainer.fit_loop._data_source.dataloader()
+    if isinstance(train, (list, tuple)):
+        train = train[0] if train else None
+    if isinstance(train, DataLoader):
+        rank_zero_warn("no validation data: the analysis probe set is drawn from the training data")
+        return train
     return None
 
 
