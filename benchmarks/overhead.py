@@ -12,6 +12,7 @@ Peak memory: CUDA ``max_memory_allocated`` on a GPU, the process's peak RSS grow
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import resource
 import statistics
@@ -46,19 +47,30 @@ class _Timer(L.Callback):
         self.end = time.perf_counter()
 
 
-def _callbacks(every_n_steps: int | None) -> list[L.Callback]:
+def _callbacks(every_n_steps: int | None, probe_at_start: bool = True) -> list[L.Callback]:
+    """The six callbacks, at their defaults or all at ``every_n_steps`` (epochs off)."""
     out = []
     for name in CALLBACK_NAMES:
         cls = _resolve_class(name)
-        out.append(cls(every_n_steps=every_n_steps) if every_n_steps else cls())
+        params = inspect.signature(cls.__init__).parameters
+        kwargs: dict[str, Any] = {}
+        if every_n_steps:
+            kwargs["every_n_steps"] = every_n_steps
+            if "every_n_epochs" in params or "kwargs" in params:
+                kwargs["every_n_epochs"] = None
+        if not probe_at_start and ("probe_at_start" in params or "kwargs" in params):
+            kwargs["probe_at_start"] = False
+        out.append(cls(**kwargs))
     return out
 
 
-def run_once(steps: int, with_callbacks: bool, every_n_steps: int | None, accelerator: str) -> dict[str, Any]:
+def run_once(
+    steps: int, with_callbacks: bool, every_n_steps: int | None, accelerator: str, probe_at_start: bool = True
+) -> dict[str, Any]:
     """Train the quickstart model for ``steps`` steps; return seconds and peak memory."""
     cli = build_cli(["-c", str(ROOT / "configs/quickstart.yaml"), "--seed_everything=0"], run=False)
     timer = _Timer()
-    callbacks: list[L.Callback] = [timer] + (_callbacks(every_n_steps) if with_callbacks else [])
+    callbacks: list[L.Callback] = [timer] + (_callbacks(every_n_steps, probe_at_start) if with_callbacks else [])
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with tempfile.TemporaryDirectory() as tmp:
         trainer = L.Trainer(
@@ -82,17 +94,29 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--every-n-steps", type=int, default=None, help="override every callback's cadence")
     p.add_argument("--accelerator", default="auto")
+    p.add_argument(
+        "--no-probe-at-start",
+        action="store_true",
+        help="no probe before step 0 (with a large --every-n-steps: the "
+        "cost of the callbacks on steps that do not probe, i.e. the hot path)",
+    )
     args = p.parse_args()
-    run_once(20, True, args.every_n_steps, args.accelerator)  # warm-up: imports, allocator, first compile of kernels
+    run_once(
+        20, True, args.every_n_steps, args.accelerator, not args.no_probe_at_start
+    )  # warm-up: imports, allocator, first compile of kernels
     ratios, rows = [], []
     for i in range(args.pairs):
         order = (False, True) if i % 2 == 0 else (True, False)
-        res = {flag: run_once(args.steps, flag, args.every_n_steps, args.accelerator) for flag in order}
+        res = {
+            flag: run_once(args.steps, flag, args.every_n_steps, args.accelerator, not args.no_probe_at_start)
+            for flag in order
+        }
         ratios.append(res[True]["seconds"] / res[False]["seconds"])
         rows.append(res)
         print(f"pair {i}: none {res[False]['seconds']:.2f}s  all {res[True]['seconds']:.2f}s  ratio {ratios[-1]:.3f}")
     print(json.dumps({
         "steps": args.steps, "pairs": args.pairs, "every_n_steps": args.every_n_steps,
+        "probe_at_start": not args.no_probe_at_start,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "median_ratio": statistics.median(ratios), "ratios": [round(r, 4) for r in ratios],
         "peak_mib_none": max(r[False]["peak_mib"] for r in rows),

@@ -193,6 +193,8 @@ class ProbeCallback(Callback):
         attention: glob of their attention modules.
         embedding: name/glob of the input-embedding module.
         seed: seed of the probe-set draw.
+        figure_every_n_probes: draw figures on the first probe and every ``n``-th after it (rendering a
+            matplotlib figure costs more than the rest of a probe); scalars are logged at every probe.
 
     Raises:
         ValueError: for non-positive cadences or sizes, or no cadence at all.
@@ -212,13 +214,15 @@ class ProbeCallback(Callback):
         attention: str | None = None,
         embedding: str | None = None,
         seed: int = 0,
+        figure_every_n_probes: int = 5,
     ) -> None:
         for arg, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and value <= 0:
                 raise ValueError(f"{arg}={value} must be a positive integer or None")
         if every_n_steps is None and every_n_epochs is None and not probe_at_start:
             raise ValueError("set every_n_steps or every_n_epochs (or probe_at_start): this callback would never run")
-        for arg, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size)):
+        sizes = (("probe_size", probe_size), ("probe_batch_size", probe_batch_size))
+        for arg, value in (*sizes, ("figure_every_n_probes", figure_every_n_probes)):
             if value <= 0:
                 raise ValueError(f"{arg}={value} must be positive")
         self.every_n_steps = every_n_steps
@@ -228,6 +232,8 @@ class ProbeCallback(Callback):
         self.probe_batch_size = probe_batch_size
         self.patterns = {"layers": layers, "attention": attention, "embedding": embedding}
         self.seed = seed
+        self.figure_every_n_probes = figure_every_n_probes
+        self._n_probes = 0
         self._probe: ProbeSet | None = None
         self._last_step = -1
 
@@ -291,6 +297,7 @@ class ProbeCallback(Callback):
             self.probe(trainer, pl_module)
         finally:
             pl_module.train(was_training)
+            self._n_probes += 1
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -323,12 +330,17 @@ class ProbeCallback(Callback):
         """Write scalars to every logger at ``step`` (default: the current global step), rank zero only."""
         log_scalars(trainer, metrics, step)
 
+    @property
+    def figures_due(self) -> bool:
+        """Whether this probe draws figures (the first, then every ``figure_every_n_probes``-th)."""
+        return self._n_probes % self.figure_every_n_probes == 0
+
     def add_figure(self, trainer: L.Trainer, tag: str, figure: Any) -> None:
-        """Write a matplotlib figure to TensorBoard (rank zero) and close it."""
+        """Write a matplotlib figure to TensorBoard (rank zero, on probes that draw figures) and close it."""
         import matplotlib.pyplot as plt
 
         writer = tensorboard(trainer)
-        if writer is not None:
+        if writer is not None and self.figures_due:
             writer.add_figure(tag, figure, global_step=trainer.global_step, close=True)
         plt.close(figure)
 

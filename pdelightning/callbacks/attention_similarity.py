@@ -752,7 +752,7 @@ class AttentionSimilarity(ProbeCallback):
         for q in sorted({q for res in results.values() for q, v in res.items() if isinstance(v, float)}):
             metrics[self.key(q, "mean")] = float(np.nanmean([res[q] for res in results.values() if q in res]))
         self.log_scalars(trainer, metrics)
-        if self.log_figures and trainer.is_global_zero:
+        if self.log_figures and self.figures_due and trainer.is_global_zero:
             if maps:
                 self.add_figure(trainer, self.key("attention_maps"), _maps_figure(maps, pairs))
             self.add_figure(trainer, self.key("by_layer"), _by_layer_figure(results, self.nulls))

@@ -219,6 +219,7 @@ class InformationFlow(ProbeCallback):
         heatmap_samples: probe samples (rows) in each heatmap panel.
         figures: draw the heatmaps and the CKA matrix (TensorBoard only).
         every_n_steps, every_n_epochs, probe_at_start, probe_size, probe_batch_size, layers, attention,
+            figure_every_n_probes,
             embedding, seed: see :class:`~pdelightning.callbacks._probe.ProbeCallback`.
 
     Raises:
@@ -283,6 +284,7 @@ class InformationFlow(ProbeCallback):
         attention: str | None = None,
         embedding: str | None = None,
         seed: int = 0,
+        figure_every_n_probes: int = 5,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -294,6 +296,7 @@ class InformationFlow(ProbeCallback):
             attention=attention,
             embedding=embedding,
             seed=seed,
+            figure_every_n_probes=figure_every_n_probes,
         )
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
@@ -442,7 +445,7 @@ class InformationFlow(ProbeCallback):
             rank_zero_warn(f"{type(self).__name__}: only {n} probe samples, too few for CKA; CKA is skipped")
         scalars, matrix, cross = self.measure(reps)
         self.log_scalars(trainer, scalars)
-        if self.figures:
+        if self.figures and self.figures_due:
             names = [k for k in reps if not k.startswith(_REF)]
             ref_names = [k[len(_REF) :] for k in reps if k.startswith(_REF)]
             self.add_figure(trainer, self.key("heatmaps"), self.heatmap_figure(reps, names, ref_names))

@@ -458,6 +458,7 @@ class LayerMutualInformation(ProbeCallback):
         pad_id: the token id marking padding in integer inputs.
         saturation_tol: bits below ``log2 N`` within which an ``I(X;T)`` estimate counts as saturated.
         every_n_steps, every_n_epochs, probe_at_start, probe_size, probe_batch_size, layers, attention,
+            figure_every_n_probes,
             embedding, seed: see :class:`~pdelightning.callbacks._probe.ProbeCallback`; ``seed`` also draws
             the KDE subset.
 
@@ -507,6 +508,7 @@ class LayerMutualInformation(ProbeCallback):
         attention: str | None = None,
         embedding: str | None = None,
         seed: int = 0,
+        figure_every_n_probes: int = 5,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -518,6 +520,7 @@ class LayerMutualInformation(ProbeCallback):
             attention=attention,
             embedding=embedding,
             seed=seed,
+            figure_every_n_probes=figure_every_n_probes,
         )
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator={estimator!r} is not one of {ESTIMATORS}")
@@ -673,6 +676,6 @@ class LayerMutualInformation(ProbeCallback):
             metrics[self.key("I_TY", name)] = entry["I_TY"][name]
             metrics[self.key("saturated", name)] = float(entry["saturated"][name])
         self.log_scalars(trainer, metrics)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.figures_due:
             fig = information_plane_figure(self.history, names, title=f"Information plane ({self.estimator})")
             self.add_figure(trainer, self.key("information_plane"), fig)

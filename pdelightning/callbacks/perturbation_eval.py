@@ -576,7 +576,7 @@ class PerturbationEval(ProbeCallback):
             metrics[self.key("amplification", n)] = float(v.mean()) if v.numel() else float("nan")
         self.last_metrics = metrics
         self.log_scalars(trainer, metrics)
-        if tensorboard(trainer) is not None:
+        if tensorboard(trainer) is not None and self.figures_due:
             figure = loss_vs_eps_figure(
                 self.epsilons, losses, accs, mean["loss_clean"], mean["correct_clean"], critical,
                 fgsm_losses or None, fgsm_accs or None, title=f"{self._mode} noise, step {trainer.global_step}",

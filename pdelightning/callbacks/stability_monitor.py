@@ -138,10 +138,13 @@ def scan_losses(
     decay: float = 0.98,
     spike_factor: float | None = 3.0,
     warmup: int = 20,
+    atol: float = 1.0,
 ) -> LossScan:
     """Check a run of training losses for non-finite values and spikes, updating a running average.
 
-    A loss is a spike when ``loss > spike_factor × EMA`` and the EMA has seen at least ``warmup`` losses.
+    A loss is a spike when ``loss > spike_factor × EMA`` *and* ``loss - EMA > atol`` (so that batch-to-batch noise
+    around a near-zero loss is not called a spike; Lightning's ``SpikeDetection`` has the same two tolerances),
+    once the EMA has seen at least ``warmup`` losses.
     Non-finite losses do not enter the EMA; a spike enters it clipped to ``spike_factor × EMA`` (a winsorized
     average: one spike moves it by at most ``(1 - decay)(spike_factor - 1)``, relatively, yet a lasting level
     shift is followed within a few dozen steps). Assumes a positive loss.
@@ -153,6 +156,7 @@ def scan_losses(
         decay: EMA decay ``β``: ``ema <- β ema + (1 - β) loss``.
         spike_factor: spike threshold factor, ``None`` to detect no spikes.
         warmup: losses the average must have seen before spikes are flagged.
+        atol: the least absolute rise above the average that counts as a spike.
 
     Example::
 
@@ -168,9 +172,9 @@ def scan_losses(
         if out.ema is None:
             out.ema, out.count = x, 1
             continue
-        if spike_factor is not None and out.count >= warmup and x > spike_factor * out.ema:
+        if spike_factor is not None and out.count >= warmup and x > spike_factor * out.ema and x - out.ema > atol:
             out.spikes.append((i, x, out.ema))
-            x = spike_factor * out.ema
+            x = max(spike_factor * out.ema, out.ema + atol)
         out.ema = decay * out.ema + (1.0 - decay) * x
         out.count += 1
     return out
@@ -250,6 +254,7 @@ class StabilityMonitor(ProbeCallback):
         spike_factor: a loss above ``spike_factor × EMA`` is a spike (``> 1``); ``None`` disables spike detection.
         ema_decay: decay of the loss EMA, in ``[0, 1)``.
         spike_warmup: losses the EMA must have seen before spikes are flagged.
+        spike_atol: a spike must also rise at least this much above the EMA (in loss units; 1 nat by default).
         every_n_steps, every_n_epochs, probe_at_start, probe_size, probe_batch_size, layers, attention, embedding,
             seed: see :class:`~pdelightning.callbacks._probe.ProbeCallback`.
 
@@ -294,6 +299,7 @@ class StabilityMonitor(ProbeCallback):
         spike_factor: float | None = 3.0,
         ema_decay: float = 0.98,
         spike_warmup: int = 20,
+        spike_atol: float = 1.0,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = 1,
         probe_at_start: bool = True,
@@ -303,11 +309,12 @@ class StabilityMonitor(ProbeCallback):
         attention: str | None = None,
         embedding: str | None = None,
         seed: int = 0,
+        figure_every_n_probes: int = 5,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_at_start=probe_at_start,
             probe_size=probe_size, probe_batch_size=probe_batch_size, layers=layers, attention=attention,
-            embedding=embedding, seed=seed,
+            embedding=embedding, seed=seed, figure_every_n_probes=figure_every_n_probes,
         )  # fmt: skip
         if action not in ACTIONS:
             raise ValueError(f"action={action!r} is not one of {ACTIONS}")
@@ -323,6 +330,9 @@ class StabilityMonitor(ProbeCallback):
             raise ValueError(f"ema_decay={ema_decay} must be in [0, 1)")
         if spike_warmup < 0:
             raise ValueError(f"spike_warmup={spike_warmup} must be >= 0")
+        if spike_atol < 0:
+            raise ValueError(f"spike_atol={spike_atol} must be >= 0")
+        self.spike_atol = spike_atol
         self.threshold = threshold
         self.action = action
         self.power_iterations = power_iterations
@@ -544,8 +554,9 @@ class StabilityMonitor(ProbeCallback):
         self._slots = []
         kept = [(s / c, steps[i]) for i, (s, c) in enumerate(zip(sums, counts, strict=True)) if c > 0]
         scan = scan_losses(
-            [v for v, _ in kept], self.loss_ema, self.ema_count, self.ema_decay, self.spike_factor, self.spike_warmup
-        )
+            [v for v, _ in kept], self.loss_ema, self.ema_count, self.ema_decay, self.spike_factor, self.spike_warmup,
+            self.spike_atol,
+        )  # fmt: skip
         self.loss_ema, self.ema_count = scan.ema, scan.count
         events: list[tuple[str, str]] = []
         if scan.nonfinite:
@@ -560,6 +571,7 @@ class StabilityMonitor(ProbeCallback):
             events.append((
                 "spike",
                 f"StabilityMonitor: loss={value:.4g} > spike_factor={self.spike_factor:g} x loss_ema={ema:.4g} "
+                f"(and by more than spike_atol={self.spike_atol:g}) "
                 f"(loss spike, batch of step {kept[i][1]}){more}",
             ))  # fmt: skip
         self._act(trainer, events, scope=("loss:",))

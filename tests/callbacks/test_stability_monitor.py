@@ -390,3 +390,14 @@ def test_ddp_nan_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     assert [r["step"] for r in results] == [3, 3]
     assert all(r["reason"] is not None and "loss=nan" in r["reason"] for r in results)
     assert results[0]["ema_count"] == results[1]["ema_count"] == 2  # identical histories on every rank
+
+
+def test_noise_around_a_small_loss_is_not_a_spike() -> None:
+    # 0.44 is 7x an EMA of 0.06 but only 0.38 above it: batch noise late in training, not an instability.
+    quiet = scan_losses([0.06] * 30 + [0.44, 0.06], ema=None, count=0, decay=0.9, spike_factor=3.0, warmup=20)
+    assert quiet.spikes == []
+    loud = scan_losses([0.06] * 30 + [2.5, 0.06], ema=None, count=0, decay=0.9, spike_factor=3.0, warmup=20)
+    assert [i for i, _, _ in loud.spikes] == [30]
+    # with atol=0 the relative rule alone decides
+    strict = scan_losses([0.06] * 30 + [0.44], ema=None, count=0, decay=0.9, spike_factor=3.0, warmup=20, atol=0.0)
+    assert [i for i, _, _ in strict.spikes] == [30]
