@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from lightning.pytorch.cli import ArgsType, LightningCLI
@@ -61,7 +62,18 @@ def build_cli(args: ArgsType = None, run: bool = True) -> PDELightningCLI:
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of the ``pdelightning`` console script and ``python -m pdelightning``."""
+    """Entry point of the ``pdelightning`` console script and ``python -m pdelightning``.
+
+    ``pdelightning report ...`` and ``pdelightning reproduce ...`` go to the reproduction tools; everything
+    else (``fit``, ``validate``, ``test``, ``predict``) to LightningCLI.
+    """
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+    if argv and argv[0] in ("report", "reproduce"):
+        if argv[0] == "report":
+            from pdelightning.reproduce.report import main as tool
+        else:
+            from pdelightning.reproduce.run import main as tool
+        sys.exit(tool(argv[1:]))
     build_cli(args)
 
 
