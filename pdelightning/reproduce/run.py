@@ -122,7 +122,8 @@ def run_one(setting: Setting, seed: int, out: Path, data_dir: Path, quick: bool,
         "overrides": cmd[cmd.index(str(CONFIG_DIR / setting.config)) + 1 :], "experiments": setting.experiments,
         "data": setting.data, "data_dir": str(data_dir), "device": _device(), "completed": False,
         "max_epochs": 1 if quick else config["trainer"].get("max_epochs"),
-        "train_subset": config["data"]["init_args"].get("train_subset"), "notes": _deviations(config, setting.data, quick),
+        "train_subset": config["data"]["init_args"].get("train_subset"),
+        "notes": _deviations(config, setting.data, quick),
     }  # fmt: skip
     if setting.reference is not None and not (run_dir(out, setting.reference, seed) / "checkpoints/last.ckpt").exists():
         meta["notes"] += f"; not run: the reference {setting.reference} seed {seed} has no checkpoint"
