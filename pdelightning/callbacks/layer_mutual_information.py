@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from pdelightning.callbacks._capture import Capture
+from pdelightning.callbacks._capture import Capture, padding_mask_from_inputs, pool_tokens
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 
 Estimator = Literal["probe", "kde", "binning"]
@@ -36,54 +36,6 @@ _LN2 = math.log(2.0)
 
 
 # ---- representations ---------------------------------------------------------------------------------
-def padding_mask_from_inputs(x: Any, seq_len: int, pad_id: int = 0) -> Tensor | None:
-    """``[B, T]`` padding mask (``True`` at padding) of integer token inputs, else ``None``.
-
-    Float inputs (images) have no padding; integer inputs of shape ``[B, T]`` are padded where
-    ``x == pad_id``, as our :class:`~pdelightning.models.embedding.InputEmbedding` assumes. A layer whose
-    token axis does not have the input's length (e.g. a model that prepends a CLS token) gets no mask.
-
-    Example::
-
-        >>> padding_mask_from_inputs(torch.tensor([[5, 3, 0]]), seq_len=3)
-        tensor([[False, False,  True]])
-        >>> padding_mask_from_inputs(torch.rand(2, 4, 4), seq_len=4) is None
-        True
-    """
-    if not isinstance(x, Tensor) or x.is_floating_point() or x.dim() != 2 or x.shape[1] != seq_len:
-        return None
-    return x == pad_id
-
-
-def pool_tokens(hidden: Tensor, padding_mask: Tensor | None = None, pooling: Pooling = "mean") -> Tensor:
-    """The representation ``T_l`` of each sample: a layer output ``[B, T, d]`` reduced to ``[B, D]``.
-
-    ``"mean"``: the masked mean over tokens (padding excluded), ``[B, d]`` — the same pooling our
-    classifiers apply before their head. ``"flatten"``: all tokens concatenated, ``[B, T*d]``, with padded
-    positions zeroed (so padding carries no information); needs the same ``T`` for every sample.
-
-    Example::
-
-        >>> h = torch.tensor([[[1.0], [3.0], [100.0]]])
-        >>> pool_tokens(h, torch.tensor([[False, False, True]]))
-        tensor([[2.]])
-        >>> pool_tokens(h, torch.tensor([[False, False, True]]), "flatten")
-        tensor([[1., 3., 0.]])
-    """
-    if hidden.dim() == 2:
-        return hidden
-    if hidden.dim() != 3:
-        raise ValueError(f"expected a layer output [B, T, d], got shape {tuple(hidden.shape)}")
-    if pooling == "flatten":
-        if padding_mask is not None:
-            hidden = hidden.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        return hidden.flatten(1)
-    if padding_mask is None:
-        return hidden.mean(1)
-    keep = (~padding_mask).unsqueeze(-1).to(hidden.dtype)
-    return (hidden * keep).sum(1) / keep.sum(1).clamp_min(1.0)
-
-
 # ---- discrete entropies ------------------------------------------------------------------------------
 def _codes(rows: Tensor) -> Tensor:
     """Integer id of each distinct row (or value) of ``rows``."""
@@ -600,7 +552,7 @@ class LayerMutualInformation(ProbeCallback):
                 pooled = {}
                 for n in names:
                     h = hidden[n]
-                    mask = padding_mask_from_inputs(x, h.shape[1], self.pad_id) if h.dim() == 3 else None
+                    mask = padding_mask_from_inputs(x, self.pad_id)
                     t = pool_tokens(h, mask, self.pooling).float()
                     if widths.setdefault(n, t.shape[1]) != t.shape[1]:
                         raise ValueError(

@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from pdelightning.callbacks._capture import Capture, first_tensor
+from pdelightning.callbacks._capture import Capture, first_tensor, pool_tokens
 from pdelightning.callbacks._cka import cka_matrix
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.models.protocol import AnalysisTargets
@@ -112,13 +112,6 @@ def relative_drift(h: Tensor, u0: Tensor) -> float:
         0.75
     """
     return float((h.double() - u0.double()).norm() / u0.double().norm())
-
-
-def pool_tokens(h: Tensor) -> Tensor:
-    """One vector per sample: ``[B, d]`` as is, ``[B, T, d]`` (or more axes) averaged over the middle axes."""
-    if h.dim() <= 2:
-        return h.reshape(h.shape[0], -1)
-    return h.flatten(1, -2).mean(1)
 
 
 @dataclass

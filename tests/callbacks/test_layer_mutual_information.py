@@ -136,11 +136,12 @@ def test_split_halves_is_stratified_and_deterministic() -> None:
 def test_pooling_masks_padding() -> None:
     x = torch.tensor([[4, 2, 0, 0], [1, 1, 1, 3]])
     h = torch.arange(8.0).view(2, 4, 1)
-    mask = padding_mask_from_inputs(x, seq_len=4)
+    mask = padding_mask_from_inputs(x)
     assert torch.equal(pool_tokens(h, mask), torch.tensor([[0.5], [5.5]]))
     assert torch.equal(pool_tokens(h, mask, "flatten"), torch.tensor([[0.0, 1.0, 0.0, 0.0], [4.0, 5.0, 6.0, 7.0]]))
-    assert padding_mask_from_inputs(x, seq_len=5) is None  # token axis of another length: no mask
-    assert padding_mask_from_inputs(torch.rand(2, 4, 4), seq_len=4) is None  # images: no padding
+    # a layer whose token axis has another length than the input's (e.g. a CLS token) is pooled unmasked
+    assert torch.equal(pool_tokens(torch.ones(2, 5, 1), mask), torch.ones(2, 1))
+    assert padding_mask_from_inputs(torch.rand(2, 4, 4)) is None  # images: no padding
 
 
 def test_figure_marks_saturated_points() -> None:
