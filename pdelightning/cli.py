@@ -7,9 +7,10 @@ from typing import Any
 
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
+# Imported so that their classes are known by short name in YAML (class_path: PDEClassifier, ...).
 import pdelightning.callbacks
 import pdelightning.data
-import pdelightning.models  # noqa: F401  (registers the models' short names)
+import pdelightning.models
 from pdelightning.data.base import ClassificationDataModule
 from pdelightning.task import ClassificationTask
 
