@@ -10,7 +10,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 # Imported so that their classes are known by short name in YAML (class_path: PDEClassifier, ...).
 import pdelightning.callbacks
 import pdelightning.data
-import pdelightning.models
+import pdelightning.models  # noqa: F401
 from pdelightning.data.base import ClassificationDataModule
 from pdelightning.task import ClassificationTask
 
