@@ -160,9 +160,9 @@ class InformationFlow(ProbeCallback):
         pad_id: the padding token id of integer inputs.
         heatmap_samples: probe samples (rows) in each heatmap panel.
         figures: draw the heatmaps and the CKA matrix (TensorBoard only).
-        every_n_steps, every_n_epochs, probe_at_start, probe_size, probe_batch_size, layers, attention,
-            figure_every_n_probes,
-            embedding, seed: see :class:`~pdelightning.callbacks._probe.ProbeCallback`.
+        **kwargs: the :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (``every_n_steps``,
+            ``every_n_epochs``, ``probe_at_start``, ``probe_size``, ``probe_batch_size``, ``layers``, ``attention``,
+            ``embedding``, ``seed``, ``figure_every_n_probes``).
 
     Raises:
         ValueError: for an unknown ``pooling`` or ``correlation``, both ``reference`` and
@@ -217,29 +217,9 @@ class InformationFlow(ProbeCallback):
         pad_id: int = 0,
         heatmap_samples: int = 8,
         figures: bool = True,
-        every_n_steps: int | None = None,
-        every_n_epochs: int | None = 1,
-        probe_at_start: bool = True,
-        probe_size: int = 256,
-        probe_batch_size: int = 128,
-        layers: str | None = None,
-        attention: str | None = None,
-        embedding: str | None = None,
-        seed: int = 0,
-        figure_every_n_probes: int = 5,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            every_n_steps=every_n_steps,
-            every_n_epochs=every_n_epochs,
-            probe_at_start=probe_at_start,
-            probe_size=probe_size,
-            probe_batch_size=probe_batch_size,
-            layers=layers,
-            attention=attention,
-            embedding=embedding,
-            seed=seed,
-            figure_every_n_probes=figure_every_n_probes,
-        )
+        super().__init__(**kwargs)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
         if correlation not in CORRELATION_MODES:
@@ -254,9 +234,9 @@ class InformationFlow(ProbeCallback):
             )
         if heatmap_samples < 1:
             raise ValueError(f"heatmap_samples={heatmap_samples} must be at least 1")
-        if unbiased and probe_size < 4:
+        if unbiased and self.probe_size < 4:
             raise ValueError(
-                f"probe_size={probe_size} is too small: unbiased CKA needs at least 4 samples (or unbiased=False)"
+                f"probe_size={self.probe_size} is too small: unbiased CKA needs at least 4 samples (or unbiased=False)"
             )
         self.reference_checkpoint = reference_checkpoint
         self.reference_class = reference_class

@@ -248,8 +248,9 @@ class StabilityMonitor(ProbeCallback):
         ema_decay: decay of the loss EMA, in ``[0, 1)``.
         spike_warmup: losses the EMA must have seen before spikes are flagged.
         spike_atol: a spike must also rise at least this much above the EMA (in loss units; 1 nat by default).
-        every_n_steps, every_n_epochs, probe_at_start, probe_size, probe_batch_size, layers, attention, embedding,
-            seed: see :class:`~pdelightning.callbacks._probe.ProbeCallback`.
+        **kwargs: the :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (``every_n_steps``,
+            ``every_n_epochs``, ``probe_at_start``, ``probe_size``, ``probe_batch_size``, ``layers``, ``attention``,
+            ``embedding``, ``seed``, ``figure_every_n_probes``).
 
     Raises:
         ValueError: for an unknown ``action`` or out-of-range numbers (and the base class's checks).
@@ -293,22 +294,9 @@ class StabilityMonitor(ProbeCallback):
         ema_decay: float = 0.98,
         spike_warmup: int = 20,
         spike_atol: float = 1.0,
-        every_n_steps: int | None = None,
-        every_n_epochs: int | None = 1,
-        probe_at_start: bool = True,
-        probe_size: int = 256,
-        probe_batch_size: int = 128,
-        layers: str | None = None,
-        attention: str | None = None,
-        embedding: str | None = None,
-        seed: int = 0,
-        figure_every_n_probes: int = 5,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, probe_at_start=probe_at_start,
-            probe_size=probe_size, probe_batch_size=probe_batch_size, layers=layers, attention=attention,
-            embedding=embedding, seed=seed, figure_every_n_probes=figure_every_n_probes,
-        )  # fmt: skip
+        super().__init__(**kwargs)
         if action not in ACTIONS:
             raise ValueError(f"action={action!r} is not one of {ACTIONS}")
         if not threshold > 0:
