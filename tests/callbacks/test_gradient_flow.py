@@ -15,35 +15,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pdelightning.callbacks._targets import TargetNotFoundError
 from pdelightning.callbacks.gradient_flow import GradientFlow, group_parameters, grouped_norms, update_ratio
+from tests.helpers.loggers import MemoryLogger
 from tests.helpers.models import MLPModule, StockEncoderModule, image_loaders, our_task
 from tests.helpers.tb import read_events
 
 KEY = "analysis/gradient_flow"
-
-
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call as ``(step, metrics)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.records.append((int(step or 0), dict(metrics)))
-
-    def series(self, key: str) -> list[tuple[int, float]]:
-        return [(s, m[key]) for s, m in self.records if key in m]
 
 
 class LinearLoss(L.LightningModule):
