@@ -38,7 +38,11 @@ class ClassificationTask(L.LightningModule):
         num_classes: number of classes (linked from the data module by the CLI).
         beta: weight of the information term, ``β >= 0``.
         l2: weight ``λ >= 0`` of the L2 penalty.
-        optimizer: optimizer factory (``OptimizerCallable``), e.g. ``torch.optim.AdamW``.
+        optimizer: optimizer factory (``OptimizerCallable``); ``None`` (the default) means
+            ``torch.optim.AdamW`` with its own defaults. The default is ``None`` rather than ``AdamW``
+            because jsonargparse carries a default class's arguments over to the class a config
+            selects (jsonargparse issue #460): with an ``AdamW`` default, ``class_path: torch.optim.Adam``
+            silently got AdamW's ``weight_decay=0.01`` as a coupled L2 penalty.
         lr_scheduler: optional scheduler factory, stepped every epoch.
 
     Raises:
@@ -62,7 +66,7 @@ class ClassificationTask(L.LightningModule):
         num_classes: int = 10,
         beta: float = 0.0,
         l2: float = 0.0,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
+        optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
@@ -154,7 +158,8 @@ class ClassificationTask(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """The optimizer (and scheduler, if given) from the config."""
-        optimizer = self.optimizer(self.parameters())
+        factory = self.optimizer if self.optimizer is not None else torch.optim.AdamW
+        optimizer = factory(self.parameters())
         if self.lr_scheduler is None:
             return optimizer
         return {

@@ -90,6 +90,39 @@ def test_config_runs(config: Path, tmp_path: Path) -> None:
         assert model.embed.image_size == data.image_size
 
 
+ALL_CONFIGS = CONFIGS + sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_optimizer_gets_its_own_defaults_plus_what_the_config_says(config: Path) -> None:
+    # jsonargparse #460: a default optimizer class's arguments leak into the class a config selects (an AdamW
+    # default gave `class_path: torch.optim.Adam` weight_decay=0.01, which stopped 20 Newsgroups from learning).
+    import importlib
+    import inspect
+
+    spec = yaml.safe_load(config.read_text())["model"]["optimizer"]
+    module, _, name = spec["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    expected = {k: p.default for k, p in inspect.signature(cls).parameters.items() if k != "params"}
+    expected.update(spec.get("init_args", {}))
+    cli = build_cli(["-c", str(config), "--trainer.accelerator=cpu"], run=False)
+    optimizer = cli.model.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    assert type(optimizer) is cls
+    got = optimizer.defaults
+    for key in ("lr", "weight_decay", "betas", "eps"):
+        if key in expected:
+            assert got[key] == pytest.approx(expected[key]), f"{key}: {got[key]} != {expected[key]}"
+
+
+def test_task_default_optimizer_is_adamw_with_its_defaults() -> None:
+    from pdelightning.task import ClassificationTask
+
+    task = ClassificationTask(TransformerClassifier(num_classes=10, d_model=16, n_heads=2, image_size=8))
+    optimizer = task.configure_optimizers()
+    assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["weight_decay"] == 0.01
+
+
 def test_ablation_configs_switch_what_they_say() -> None:
     for name, key, value in (("no_residual", "residual", False), ("no_layernorm", "norm", "none")):
         for data in ("mnist", "newsgroups"):

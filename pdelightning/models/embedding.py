@@ -78,6 +78,11 @@ class InputEmbedding(nn.Module):
                 raise ValueError(f"vocab_size={vocab_size} must be positive for input_kind='tokens'")
             n_tokens = max_len
             self.proj = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
+            # N(0, 1/d) times sqrt(d) below: unit-variance tokens, on the scale of the positional code
+            # (nn.Embedding's N(0, 1) times sqrt(d) would give std sqrt(d) and drown the positions).
+            nn.init.normal_(self.proj.weight, std=d_model**-0.5)
+            with torch.no_grad():
+                self.proj.weight[pad_id].zero_()
         self.n_tokens = n_tokens
         self.register_buffer("pos", sinusoidal_positions(n_tokens, d_model), persistent=False)
         self.scale = math.sqrt(d_model) if input_kind == "tokens" else 1.0

@@ -90,3 +90,15 @@ def test_bad_arguments_raise() -> None:
         InputEmbedding(4, "image", image_size=8, tokenization="patches", patch_size=3)
     with pytest.raises(ValueError, match=r"vocab_size=0 must be positive"):
         InputEmbedding(4, "tokens", vocab_size=0)
+
+
+def test_token_embeddings_have_unit_scale_like_the_positions() -> None:
+    # N(0, 1/d) init times sqrt(d): token vectors have per-entry std ~1, the scale of the sinusoidal code,
+    # and the padding row is zero.
+    torch.manual_seed(0)
+    emb = InputEmbedding(128, input_kind="tokens", vocab_size=5000, max_len=64)
+    x = torch.randint(1, 5000, (32, 64))
+    u, _ = emb(x)
+    tokens = u - emb.pos[:64]
+    assert tokens.std().item() == pytest.approx(1.0, abs=0.05)
+    assert emb.proj.weight[0].abs().max().item() == 0.0
