@@ -42,6 +42,7 @@ from typing_extensions import override
 
 from pdelightning.callbacks._capture import Capture
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback, ProbeSet, validation_loader
+from pdelightning.callbacks._reference import import_object, load_reference_checkpoint
 from pdelightning.callbacks._targets import module_copy, resolve_targets, unwrap
 from pdelightning.models.protocol import AnalysisTargets
 
@@ -220,14 +221,6 @@ def summarize_pairs(sums: Mapping[str, Tensor], rows: Tensor, match_by: str = "c
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
-def _import(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ImportError(f"cannot import {path!r} (expected a dotted path such as 'my_pkg.models.MyModule')") from err
-
-
 def reinitialised_copy(module: nn.Module, seed: int) -> nn.Module:
     """A frozen deep copy of ``module`` with fresh parameters: ``reset_parameters()`` on every submodule, seeded.
 
@@ -278,7 +271,7 @@ def _init_params(class_path: str) -> set[str] | None:
     """Names of the ``__init__`` parameters of ``class_path`` (a short name is looked up in our models)."""
     try:
         cls = (
-            _import(class_path)
+            import_object(class_path, "class_path")
             if "." in class_path
             else getattr(importlib.import_module("pdelightning.models"), class_path)
         )
@@ -304,7 +297,7 @@ def build_from_config(path: str, linked: Mapping[str, Any], cls: type | None = N
     from lightning.pytorch.cli import instantiate_module
 
     if "class_path" in section:
-        cls = _import(section["class_path"]) if "." in section["class_path"] else cls
+        cls = import_object(section["class_path"], "class_path") if "." in section["class_path"] else cls
         if cls is None:
             raise ValueError(f"reference_config={path!r}: give `model.class_path` as a dotted path")
         section = dict(section.get("init_args") or {})
@@ -552,14 +545,14 @@ class AttentionSimilarity(ProbeCallback):
 
     # ---- reference ---------------------------------------------------------------------------------------------
     def _load_reference(self, pl_module: L.LightningModule) -> nn.Module:
-        for arg in ("reference_checkpoint", "reference_config"):
-            path = getattr(self, arg)
-            if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"{arg}={path!r} does not exist")
-        cls = _import(self.reference_class) if self.reference_class else None
+        if self.reference_config is not None and not Path(self.reference_config).is_file():
+            raise FileNotFoundError(f"reference_config={self.reference_config!r} does not exist")
+        cls = import_object(self.reference_class) if self.reference_class else None
         if self.reference_config is not None:
             module = build_from_config(self.reference_config, _linked_values(pl_module), cls)
             if self.reference_checkpoint is not None:
+                if not Path(self.reference_checkpoint).is_file():
+                    raise FileNotFoundError(f"reference_checkpoint={self.reference_checkpoint!r} does not exist")
                 ckpt = torch.load(self.reference_checkpoint, map_location="cpu", weights_only=False)
                 module.load_state_dict(ckpt.get("state_dict", ckpt))
             else:
@@ -568,18 +561,9 @@ class AttentionSimilarity(ProbeCallback):
                     "(no reference_checkpoint given)"
                 )
             return module
-        if cls is None:
-            from pdelightning.task import ClassificationTask
-
-            cls = ClassificationTask
-        try:
-            return cls.load_from_checkpoint(str(self.reference_checkpoint), map_location="cpu")
-        except TypeError as err:
-            raise TypeError(
-                f"{cls.__name__}.load_from_checkpoint({self.reference_checkpoint!r}) failed ({err}). If the checkpoint "
-                "comes from a task built in Python (its hparams do not hold the model), also give reference_config "
-                "(a YAML describing the architecture); for another LightningModule give reference_class"
-            ) from err
+        return load_reference_checkpoint(
+            self.reference_checkpoint, cls, hint="also give reference_config (a YAML describing the architecture)"
+        )
 
     def _reference_targets(self, reference: nn.Module) -> AnalysisTargets:
         patterns = self.patterns if self.initial else self.reference_patterns

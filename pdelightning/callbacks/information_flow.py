@@ -10,7 +10,6 @@ scaling of the feature space), and draws per-layer heatmaps as in Figure 1.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -25,6 +24,7 @@ from typing_extensions import override
 from pdelightning.callbacks._capture import Capture, padding_mask_from_inputs, pool_tokens
 from pdelightning.callbacks._cka import cka_matrix
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.callbacks._reference import import_lightning_module_class, load_reference_checkpoint
 from pdelightning.callbacks._targets import TargetNotFoundError, resolve_targets, unwrap
 from pdelightning.models.protocol import AnalysisTargets
 
@@ -91,21 +91,6 @@ def consecutive_correlations(reps: Sequence[Tensor], mode: CorrelationMode = "fl
     return [
         layer_correlation(a, b, "pearson", mode) if a.shape == b.shape else None for a, b in itertools.pairwise(reps)
     ]
-
-
-def _import_class(path: str) -> type:
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(
-            f"reference_class={path!r} must be a dotted path such as 'pdelightning.task.ClassificationTask'"
-        )
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"reference_class={path!r} cannot be imported: {err}") from err
-    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
-        raise ValueError(f"reference_class={path!r} is not a LightningModule subclass (it needs load_from_checkpoint)")
-    return cls
 
 
 # ---- the callback ----------------------------------------------------------------------------------------
@@ -240,7 +225,7 @@ class InformationFlow(ProbeCallback):
             )
         self.reference_checkpoint = reference_checkpoint
         self.reference_class = reference_class
-        self._reference_cls = _import_class(reference_class) if reference_class is not None else None
+        self._reference_cls = import_lightning_module_class(reference_class) if reference_class is not None else None
         self.reference_patterns = {"layers": reference_layers, "embedding": reference_embedding}
         self.pooling = pooling
         self.correlation = correlation
@@ -257,12 +242,9 @@ class InformationFlow(ProbeCallback):
         return self._reference
 
     def _load_reference(self) -> nn.Module:
-        cls = self._reference_cls
-        if cls is None:
-            from pdelightning.task import ClassificationTask
-
-            cls = ClassificationTask
-        return cls.load_from_checkpoint(self.reference_checkpoint, map_location="cpu")  # type: ignore[attr-defined]
+        return load_reference_checkpoint(
+            self.reference_checkpoint, self._reference_cls, hint="pass the module itself as reference="  # type: ignore[arg-type]
+        )
 
     def reference_targets(self, reference: nn.Module) -> AnalysisTargets:
         """Resolve the reference model's layers (``reference_layers``/``reference_embedding`` globs first)."""

@@ -1512,9 +1512,28 @@ def _settings_section(ctx: _Ctx) -> str:
             "From each run's `run.json` (values that differ between seeds are separated by `;`; the deviations from "
             "the paper are in `notes`).",
             "",
+            _compute_line(ctx),
+            "",
             _table(headers, rows),
         ]
     )
+
+
+def _compute_line(ctx: _Ctx) -> str:
+    """Which devices the runs used (from ``run.json``), GPU runs named."""
+    by_device: dict[str, list[str]] = {}
+    for key in sorted(ctx.runs):
+        run = ctx.runs[key]
+        if run.meta is not None:
+            by_device.setdefault(str(run.meta.get("device", "unknown")), []).append(f"{run.setting}/seed{run.seed}")
+    if not by_device:
+        return "**Compute:** no run recorded its device."
+    gpu = {d: r for d, r in by_device.items() if d.startswith("cuda")}
+    parts = [f"{len(r)} run(s) on `{d}`" for d, r in by_device.items()]
+    line = "**Compute:** " + "; ".join(parts) + "."
+    if gpu:
+        return line + " GPU runs: " + "; ".join(f"`{d}`: " + ", ".join(r) for d, r in gpu.items()) + "."
+    return line + " No run used a GPU."
 
 
 # ---- entry points --------------------------------------------------------------------------------------------------

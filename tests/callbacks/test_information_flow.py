@@ -236,6 +236,12 @@ def _fit(module, callback, tmp_path, loaders=None, **trainer_kw):
     return trainer, read_events(tmp_path)
 
 
+def test_missing_reference_checkpoint_is_named(tmp_path):
+    missing = tmp_path / "missing.ckpt"
+    with pytest.raises(FileNotFoundError, match=r"reference_checkpoint='.*missing\.ckpt' does not exist"):
+        _fit(our_task("transformer"), InformationFlow(reference_checkpoint=str(missing), probe_size=16), tmp_path)
+
+
 def _values(acc, tag: str) -> list[float]:
     return [e.value for e in acc.Scalars(tag)]
 

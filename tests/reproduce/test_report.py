@@ -22,7 +22,9 @@ SM = "analysis/stability_monitor"
 END = 100  # the last logged step of every run
 
 
-def write_run(root: Path, setting: str, seed: int, scalars: dict, completed: bool | None = True) -> Path:
+def write_run(
+    root: Path, setting: str, seed: int, scalars: dict, completed: bool | None = True, device: str = "cpu"
+) -> Path:
     """``scalars``: ``{tag: value at the end}`` (also logged at step 0 as ``init``) or ``{tag: [(step, v), ...]}``."""
     run_dir = root / setting / f"seed{seed}"
     writer = SummaryWriter(log_dir=str(run_dir))
@@ -37,7 +39,7 @@ def write_run(root: Path, setting: str, seed: int, scalars: dict, completed: boo
             "seed": seed,
             "config": f"configs/{setting}.yaml",
             "overrides": ["--trainer.max_epochs=2"],
-            "device": "cpu",
+            "device": device,
             "wall_s": 12.5,
             "completed": completed,
             "global_step": END,
@@ -157,6 +159,19 @@ def test_missing_and_incomplete_runs_are_named(mnist_report: tuple[Path, str]) -
     assert "| mnist_transformer | 1 | incomplete |" in runs
     assert "| mnist_pde | 2 | missing |" in runs
     assert "mnist_pde: 2 epochs instead of the paper's" in md  # deviations from run.json
+
+
+def test_compute_line_counts_devices_and_names_gpu_runs(mnist_report: tuple[Path, str], tmp_path: Path) -> None:
+    _, md = mnist_report
+    assert "**Compute:** 5 run(s) on `cpu`. No run used a GPU." in md
+    root = tmp_path / "runs"
+    write_run(root, "mnist_transformer", 0, transformer_scalars(0), device="cuda: NVIDIA H100")
+    write_run(root, "mnist_pde", 0, pde_scalars(0))
+    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "REPRODUCTION.md").read_text()
+    compute = md.split("**Compute:**", 1)[1].split("\n", 1)[0]
+    assert "1 run(s) on `cuda: NVIDIA H100`" in compute and "1 run(s) on `cpu`" in compute
+    assert "GPU runs: `cuda: NVIDIA H100`: mnist_transformer/seed0." in md
 
 
 def test_figures_exist_and_are_small(mnist_report: tuple[Path, str]) -> None:
