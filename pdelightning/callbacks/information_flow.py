@@ -243,7 +243,9 @@ class InformationFlow(ProbeCallback):
 
     def _load_reference(self) -> nn.Module:
         return load_reference_checkpoint(
-            self.reference_checkpoint, self._reference_cls, hint="pass the module itself as reference="  # type: ignore[arg-type]
+            self.reference_checkpoint,
+            self._reference_cls,
+            hint="pass the module itself as reference=",  # type: ignore[arg-type]
         )
 
     def reference_targets(self, reference: nn.Module) -> AnalysisTargets:
