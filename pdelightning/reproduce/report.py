@@ -547,6 +547,25 @@ def _section_table2(ctx: _Ctx) -> Section:
             rows.append(row)
         headers = ["pair (paper)", "ours", "paper Transformer", "ours Transformer", "paper PDE", "ours PDE"]
         sec.details.append(_table([*headers, "Transformer at init", "PDE at init"], rows))
+    cka = {
+        name: [_end(ctx.usable(setting), f"{_IF}/cka_consecutive/blocks.{i}") for i in range(1, n_pairs + 1)]
+        for name, setting, _ in models
+    }
+    if any(v for vals in cka.values() for v in vals):
+        sec.details.append(
+            f"Linear CKA of consecutive layers (`{_IF}/cka_consecutive/blocks.i`, unbiased HSIC), end of training; the "
+            "paper reports no CKA, so there is no verdict. CKA is invariant to rotations and isotropic scaling of the "
+            "features, which the correlation above is not."
+        )
+        cka_rows = [
+            [
+                pair,
+                f"blocks.{k}→blocks.{k + 1}",
+                *[fmt_ms(cka[name][k]) if cka[name][k] else "—" for name, _, _ in models],
+            ]
+            for k, pair in enumerate(paper.TABLE2_PAIRS)
+        ]
+        sec.details.append(_table(["pair (paper)", "ours", "CKA Transformer", "CKA PDE"], cka_rows))
 
     def build() -> Figure | str:
         if not ends:
@@ -614,15 +633,19 @@ def _section_table3(ctx: _Ctx) -> Section:
             )
         )
     if ends:
+        cka = [_end(ctx.usable(setting), f"{_IF}/cka_vs_reference/blocks.{i}") for i in range(n)]
         rows = []
         for i, layer in enumerate(paper.TABLE3_LAYERS):
             row: list[str] = [str(layer), f"blocks.{i}"]
             for kind, ref in refs.items():
                 row += [fmt(ref[i]), fmt_ms(ends[kind][i]) if kind in ends else "—"]
             row += [fmt_mean(inits[k][i]) if k in ends else "—" for k in refs]
+            row.append(fmt_ms(cka[i]) if cka[i] else "—")
             rows.append(row)
         headers = ["layer (paper)", "ours", "paper Pearson", "ours Pearson", "paper Spearman", "ours Spearman"]
-        sec.details.append(_table([*headers, "Pearson at init", "Spearman at init"], rows))
+        sec.details.append(
+            _table([*headers, "Pearson at init", "Spearman at init", "ours CKA (not in the paper)"], rows)
+        )
 
     def build() -> Figure | str:
         if not ends:
@@ -643,7 +666,46 @@ def _section_table3(ctx: _Ctx) -> Section:
         return fig
 
     sec.figures.append(_figure(ctx, "table3_same_layer_correlation", "Table 3: same-layer correlation", build))
+    sec.figures.append(
+        _tensorboard_image(
+            ctx,
+            setting,
+            f"{_IF}/heatmaps",
+            "mnist_heatmaps",
+            "Per-layer representation heatmaps (probe samples × features) at the last probe: the PDE model "
+            "(top row) and its Transformer reference (bottom row), as InformationFlow logged them",
+        )
+    )
     return sec
+
+
+def _tensorboard_image(ctx: _Ctx, setting: str, tag: str, name: str, caption: str) -> str:
+    """The last image logged under ``tag`` by the first complete run of ``setting``, saved as ``figures/<name>.png``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run in ctx.usable(setting):
+        event_dir = _event_dir(run.path) if run.path is not None else None
+        if event_dir is None:
+            continue
+        acc = EventAccumulator(str(event_dir), size_guidance={"images": 1, "scalars": 1, "histograms": 1})
+        acc.Reload()
+        if tag not in acc.Tags().get("images", []):
+            continue
+        event = acc.Images(tag)[-1]
+        ctx.fig_dir.mkdir(parents=True, exist_ok=True)
+        path = ctx.fig_dir / f"{name}.png"
+        path.write_bytes(event.encoded_image_string)
+        if path.stat().st_size > MAX_FIGURE_BYTES:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                image.load()
+            while path.stat().st_size > MAX_FIGURE_BYTES and min(image.size) > 64:
+                image = image.resize((image.width * 7 // 10, image.height * 7 // 10))
+                image.save(path, optimize=True)
+        source = f"{setting}/seed{run.seed}, step {event.step}"
+        return f"![{caption}](figures/{name}.png)\n\n*{caption} ({source}).*"
+    return f"*Figure `{name}` skipped: no complete `{setting}` run logged the image `{tag}`.*"
 
 
 # ---- §3.2 attention ------------------------------------------------------------------------------------------------

@@ -52,6 +52,12 @@ def write_run(
     return run_dir
 
 
+def write_image(run_dir: Path, tag: str, image: np.ndarray, step: int) -> None:
+    writer = SummaryWriter(log_dir=str(run_dir))
+    writer.add_image(tag, image, step)
+    writer.close()
+
+
 def f32(x: float) -> float:
     """The value as TensorBoard stores it (float32)."""
     return float(np.float32(x))
@@ -75,6 +81,8 @@ def row(md: str, claim: str) -> list[str]:
 def transformer_scalars(seed: int) -> dict:
     # Table 2 pairs: the paper's values ± 0.01 -> must hold.
     s = {f"{IF}/consecutive_corr/blocks.{i}": paper.TABLE2_TRANSFORMER[i - 1] + 0.01 * (seed - 1) for i in range(1, 10)}
+    for i in range(1, 10):
+        s[f"{IF}/cka_consecutive/blocks.{i}"] = 0.5 + 0.04 * i + 0.01 * seed
     s["val/acc"] = 0.9 + 0.01 * seed
     s["train/loss"] = 0.3
     return s
@@ -86,6 +94,7 @@ def pde_scalars(seed: int) -> dict:
     for j in range(10):
         s[f"{IF}/pearson_vs_reference/blocks.{j}"] = 1.0 - 0.12 * j + 0.005 * seed  # 1.0 -> -0.08: holds
         s[f"{IF}/spearman_vs_reference/blocks.{j}"] = 0.9 - 0.002 * seed  # flat: does not hold
+        s[f"{IF}/cka_vs_reference/blocks.{j}"] = 0.8 - 0.05 * j + 0.01 * seed
         # attention: high cosine, but the shuffled null is nearly as high -> skill 1/3
         s[f"{AS}/cosine/blocks.{j}"] = 0.99
         s[f"{AS}/cosine_null_uniform/blocks.{j}"] = 0.5
@@ -130,6 +139,35 @@ def test_paper_numbers_next_to_our_mean_std(mnist_report: tuple[Path, str]) -> N
         ours = mean_std([1.0 - 0.12 * j + 0.005 * s for s in (0, 1)])
         assert f"| {paper.TABLE3_PEARSON[j]:.4f} | {ours} |" in md
     assert f"{paper.ATTENTION_COSINE:.4f}" in md and f"{paper.ATTENTION_KL:.4f}" in md
+
+
+def test_cka_beside_the_correlations_without_a_verdict(mnist_report: tuple[Path, str]) -> None:
+    _, md = mnist_report
+    assert "the paper reports no CKA, so there is no verdict" in md
+    for i in range(1, 10):
+        ours_t = mean_std([0.5 + 0.04 * i + 0.01 * s for s in (0, 2)])  # complete Transformer seeds
+        assert f"| {paper.TABLE2_PAIRS[i - 1]} | blocks.{i - 1}→blocks.{i} | {ours_t} | — |" in md
+    for j in range(10):
+        ours = mean_std([0.8 - 0.05 * j + 0.01 * s for s in (0, 1)])
+        assert f"| {ours} |\n" in md.split(f"| {paper.TABLE3_LAYERS[j]} | blocks.{j} |", 1)[1].split("\n", 1)[0] + "\n"
+
+
+def test_heatmap_image_from_the_event_file(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    run_dir = write_run(root, "mnist_pde", 0, pde_scalars(0))
+    rng = np.random.default_rng(0)
+    for step in (10, END):  # the last one is taken; noise so it does not compress below the size cap
+        write_image(run_dir, f"{IF}/heatmaps", rng.random((3, 700, 900)).astype(np.float32), step)
+    assert main([str(root), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "REPRODUCTION.md").read_text()
+    assert f"(mnist_pde/seed0, step {END})" in md
+    png = tmp_path / "out" / "figures" / "mnist_heatmaps.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size <= 200_000
+
+
+def test_absent_heatmap_image_is_named(mnist_report: tuple[Path, str]) -> None:
+    _, md = mnist_report
+    assert "*Figure `mnist_heatmaps` skipped: no complete `mnist_pde` run logged the image" in md
 
 
 def test_verdicts(mnist_report: tuple[Path, str]) -> None:
@@ -235,10 +273,12 @@ def test_full_tree_every_section(tmp_path: Path) -> None:
         for seed in (0, 1):
             base = transformer_scalars(seed) if setting == "mnist_transformer" else {}
             base = pde_scalars(seed) if setting == "mnist_pde" else base
-            write_run(tmp_path / "runs", setting, seed, {**base, **full_scalars(setting, seed)})
+            run_dir = write_run(tmp_path / "runs", setting, seed, {**base, **full_scalars(setting, seed)})
+            if setting == "mnist_pde":
+                write_image(run_dir, f"{IF}/heatmaps", np.full((3, 40, 60), 0.5, dtype=np.float32), END)
     md = write_report([tmp_path / "runs"], tmp_path / "out").read_text()
     figures = sorted(p.name for p in (tmp_path / "out" / "figures").glob("*.png"))
-    assert len(figures) == 8 and "skipped" not in md
+    assert len(figures) == 9 and "skipped" not in md
     assert all(p.stat().st_size <= MAX_FIGURE_BYTES for p in (tmp_path / "out" / "figures").glob("*.png"))
     expected = {
         "No residual": "holds",  # drift 5x the baseline's
