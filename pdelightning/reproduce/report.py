@@ -1306,6 +1306,14 @@ def _instability(run: Run) -> dict[str, float]:
     }
 
 
+def _accuracy_note(ctx: _Ctx, ablation: str, baseline: str) -> str:
+    """The final ``val/acc`` of both settings, context beside a rule that does not use it."""
+    a, b = _end(ctx.usable(ablation), "val/acc"), _end(ctx.usable(baseline), "val/acc")
+    if not a or not b:
+        return ""
+    return f" Not part of the rule: final val/acc {fmt_ms(a)} (`{ablation}`) vs {fmt_ms(b)} (`{baseline}`)."
+
+
 def _section_ablations(ctx: _Ctx) -> Section:
     sec = Section(
         "Stabilizers: v2 ablations (MNIST)",
@@ -1338,7 +1346,7 @@ def _section_ablations(ctx: _Ctx) -> Section:
                     f"drift at {la}: {fmt_ms(da)}",
                     f"baseline drift at {lb}: {fmt_ms(db)}",
                     HOLDS if ratio >= DRIFT_FACTOR else FAILS,
-                    f"{rule} Ours: ratio {fmt(ratio)}." + ctx.shortfall(abl, base),
+                    f"{rule} Ours: ratio {fmt(ratio)}." + _accuracy_note(ctx, abl, base) + ctx.shortfall(abl, base),
                 )
             )
 
@@ -1377,6 +1385,7 @@ def _section_ablations(ctx: _Ctx) -> Section:
             f"`{ref}`: {text(ib, ctx.traced(ref))}",
             verdict,
             f"{rule} Ours: grad-norm ratio {fmt(ratio)}; non-finite: {'yes' if nonfinite else 'no'}."
+            + _accuracy_note(ctx, abl, ref)
             + ctx.shortfall(abl, ref, traced=True),
         )
 

@@ -298,6 +298,8 @@ def test_full_tree_every_section(tmp_path: Path) -> None:
     }
     for claim, verdict in expected.items():
         assert row(md, claim)[4] == verdict, (claim, row(md, claim))
+    why = row(md, "No residual")[5]
+    assert "Not part of the rule: final val/acc 0.9000" in why and "(`mnist_transformer_no_residual`) vs" in why
     assert "**Incomplete**: none." in md
     assert "`mnist_pde` seed 2" in md and "`mnist_pde` seed 1" not in md  # seeds 0, 1, 2 are always expected
 
