@@ -193,8 +193,9 @@ class ProbeCallback(Callback):
         attention: glob of their attention modules.
         embedding: name/glob of the input-embedding module.
         seed: seed of the probe-set draw.
-        figure_every_n_probes: draw figures on the first probe and every ``n``-th after it (rendering a
-            matplotlib figure costs more than the rest of a probe); scalars are logged at every probe.
+        figure_every_n_probes: draw figures on the first probe, every ``n``-th after it and the last probe of
+            training (rendering a matplotlib figure costs more than the rest of a probe); scalars are logged at
+            every probe.
 
     Raises:
         ValueError: for non-positive cadences or sizes, or no cadence at all.
@@ -234,6 +235,7 @@ class ProbeCallback(Callback):
         self.seed = seed
         self.figure_every_n_probes = figure_every_n_probes
         self._n_probes = 0
+        self._final_probe = False
         self._probe: ProbeSet | None = None
         self._last_step = -1
 
@@ -287,17 +289,27 @@ class ProbeCallback(Callback):
             return pl_module(x)
 
     # ---- cadence ---------------------------------------------------------------------------------------
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> None:
         if trainer.sanity_checking or self._last_step == trainer.global_step:
             return
         self._last_step = trainer.global_step
         was_training = pl_module.training
         pl_module.eval()
+        self._final_probe = final or trainer.should_stop
         try:
             self.probe(trainer, pl_module)
         finally:
             pl_module.train(was_training)
             self._n_probes += 1
+            self._final_probe = False
+
+    @staticmethod
+    def _steps_done(trainer: L.Trainer) -> bool:
+        return trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+
+    @staticmethod
+    def _last_epoch(trainer: L.Trainer) -> bool:
+        return trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -310,12 +322,13 @@ class ProbeCallback(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self._run(trainer, pl_module)
+            last_batch = trainer.is_last_batch and self._last_epoch(trainer)
+            self._run(trainer, pl_module, final=self._steps_done(trainer) or last_batch)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._run(trainer, pl_module)
+            self._run(trainer, pl_module, final=self._last_epoch(trainer) or self._steps_done(trainer))
 
     def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Measure on the probe set and log. Runs on every rank (collectives inside)."""
@@ -332,8 +345,8 @@ class ProbeCallback(Callback):
 
     @property
     def figures_due(self) -> bool:
-        """Whether this probe draws figures (the first, then every ``figure_every_n_probes``-th)."""
-        return self._n_probes % self.figure_every_n_probes == 0
+        """Whether this probe draws figures (the first, every ``figure_every_n_probes``-th, the last of training)."""
+        return self._final_probe or self._n_probes % self.figure_every_n_probes == 0
 
     def add_figure(self, trainer: L.Trainer, tag: str, figure: Any) -> None:
         """Write a matplotlib figure to TensorBoard (rank zero, on probes that draw figures) and close it."""

@@ -672,8 +672,8 @@ def _section_table3(ctx: _Ctx) -> Section:
             setting,
             f"{_IF}/heatmaps",
             "mnist_heatmaps",
-            "Per-layer representation heatmaps (probe samples × features) at the last probe: the PDE model "
-            "(top row) and its Transformer reference (bottom row), as InformationFlow logged them",
+            "Per-layer representation heatmaps (probe samples × features), the last that InformationFlow logged: "
+            "the PDE model (top row) and its Transformer reference (bottom row)",
         )
     )
     return sec
@@ -1525,7 +1525,7 @@ def _runs_section(ctx: _Ctx, notes: list[str]) -> str:
                 r.seed,
                 r.status,
                 meta.get("global_step", "—"),
-                fmt(float(wall)) if isinstance(wall, (int, float)) else "—",
+                f"{float(wall):.1f}" if isinstance(wall, (int, float)) else "—",
                 fmt(r.last("val/acc")),
             ]
         )
