@@ -325,3 +325,19 @@ def test_parse_eps_label_rejects_garbage() -> None:
 def test_main_rejects_absent_log_dir(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+
+
+def test_perturbation_not_comparable_when_neither_model_departs_on_the_grid(tmp_path: Path) -> None:
+    for setting in ("newsgroups_transformer", "newsgroups_pde"):
+        for seed in (0, 1):
+            s = full_scalars(setting, seed)
+            s[f"{PE}/critical_eps"] = float("nan")
+            write_run(tmp_path / "runs", setting, seed, s)
+    md = write_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    faster = row(md, "PDE degrades faster")
+    assert faster[4].startswith("not comparable: neither model's loss departs") and "ε ≤ 1" in faster[4]
+    # context: the relative increases at ε = 1 (PDE 50x, Transformer 2x in full_scalars)
+    assert "relative loss increase at ε = 1: PDE 50.0000, Transformer 2.0000" in faster[5]
+    near = row(md, "Divergence near")
+    assert near[4] == "does not hold"
+    assert "Relative loss increase at ε = 0.01: PDE 0.5000, Transformer 0.0200" in near[5]
