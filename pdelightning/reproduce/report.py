@@ -884,6 +884,7 @@ def _section_ib(ctx: _Ctx) -> Section:
                 "xt_start": _start(runs, f"{_MI}/I_XT/{n}"),
                 "xt_end": _end(runs, f"{_MI}/I_XT/{n}"),
                 "saturated": _end(runs, f"{_MI}/saturated/{n}"),
+                "log2_n": _end(runs, f"{_MI}/log2_N"),
             }
         data[name] = d
         declines = [n for n in layers if _mean(d[n]["end"]) < _mean(d[n]["start"])]
@@ -955,10 +956,11 @@ def _section_ib(ctx: _Ctx) -> Section:
                         fmt_ms(v["drop"]),
                         fmt_mean(v["xt_start"]),
                         fmt_mean(v["xt_end"]),
+                        fmt_mean(v["log2_n"]),
                     ]
                 )
         headers = ["model", "layer", "I(T;Y) start", "I(T;Y) end", "peak-to-end drop", "I(X;T) start", "I(X;T) end"]
-        sec.details.append(_table(headers, rows))
+        sec.details.append(_table([*headers, "I(X;T) ceiling log2 N"], rows))
 
     def build() -> Figure | str:
         if not data:

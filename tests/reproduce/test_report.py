@@ -259,6 +259,7 @@ def full_scalars(setting: str, seed: int) -> dict:
             s[f"{MI}/I_TY/blocks.{j}"] = [(0, 2.0), (50, peak), (END, end)]
             s[f"{MI}/I_XT/blocks.{j}"] = [(0, 6.0), (50, 5.0), (END, 4.0)]
         s[f"{MI}/H_Y"] = 4.3
+        s[f"{MI}/log2_N"] = 8.0
         for e in np.logspace(-4, 0, 9):
             label = f"{e:.0e}" if math.isclose(float(f"{e:.0e}"), e) else f"{e:.2e}"
             rise = 1.0 + (50 * e if pde else 2 * e)
@@ -298,6 +299,8 @@ def test_full_tree_every_section(tmp_path: Path) -> None:
     }
     for claim, verdict in expected.items():
         assert row(md, claim)[4] == verdict, (claim, row(md, claim))
+    ib_rows = [line for line in md.splitlines() if line.startswith("| PDE | blocks.")]
+    assert len(ib_rows) == 4 and all(line.endswith("| 8.0000 |") for line in ib_rows)  # the I(X;T) ceiling
     why = row(md, "No residual")[5]
     assert "Not part of the rule: final val/acc 0.9000" in why and "(`mnist_transformer_no_residual`) vs" in why
     assert "**Incomplete**: none." in md
