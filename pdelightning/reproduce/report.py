@@ -69,6 +69,7 @@ GRADIENT_FIRST_LAYER_FACTOR = 2.0  # "markedly higher": blocks.0 at least this t
 PERTURBATION_SIMILAR_REL = 0.10  # relative loss increase below which a model "performs as when clean"
 PERTURBATION_NEAR_DECADES = 0.5  # "approximately eps": within this many decades
 DRIFT_FACTOR = 2.0  # "catastrophic drift": ablated drift at least this times the baseline's
+IXT_STATIC_BITS = 0.1  # an I(X;T) curve moving less than this over training shows no compression
 EXPLOSION_FACTOR = 10.0  # "explosive": max gradient norm at least this times the baseline's
 
 FIGURE_DPI = 90
@@ -961,6 +962,8 @@ def _section_ib(ctx: _Ctx) -> Section:
                 )
         headers = ["model", "layer", "I(T;Y) start", "I(T;Y) end", "peak-to-end drop", "I(X;T) start", "I(X;T) end"]
         sec.details.append(_table([*headers, "I(X;T) ceiling log2 N"], rows))
+        if note := _ixt_range_note(ctx, models, data):
+            sec.details.append(note)
 
     def build() -> Figure | str:
         if not data:
@@ -981,6 +984,7 @@ def _section_ib(ctx: _Ctx) -> Section:
                 m = min(mx.size, my.size)
                 (line,) = ax.plot(mx[:m], my[:m], marker=".", ms=3, lw=1, label=n)
                 ax.plot(mx[:1], my[:1], marker="o", mfc="none", color=line.get_color())
+            ax.ticklabel_format(axis="x", useOffset=False)
             ax.set_xlabel("I(X;T) [bits]")
             ax.set_ylabel("I(T;Y) [bits]")
             if ax.lines:
@@ -991,6 +995,34 @@ def _section_ib(ctx: _Ctx) -> Section:
         _figure(ctx, "information_plane", "Information plane per layer over training (seed mean)", build)
     )
     return sec
+
+
+def _ixt_range_note(ctx: _Ctx, models: Sequence[tuple[str, str]], data: dict[str, Any]) -> str | None:
+    """How far I(X;T) moved over training and how close it sits to its log2 N ceiling (all layers, probes, seeds)."""
+    values, ceilings = [], []
+    for name, setting in models:
+        for r in ctx.usable(setting):
+            for n in data.get(name, {}):
+                series = r.series(f"{_MI}/I_XT/{n}")
+                if series is not None:
+                    values.append(series[1])
+            ceilings += _end([r], f"{_MI}/log2_N")
+    if not values or not ceilings:
+        return None
+    allv = np.concatenate(values)
+    lo, hi, ceiling = float(np.nanmin(allv)), float(np.nanmax(allv)), float(np.nanmin(ceilings))
+    spread = max(float(np.nanmax(v) - np.nanmin(v)) for v in values)
+    text = (
+        f"I(X;T) over every layer, probe and seed lies in [{fmt(lo)}, {fmt(hi)}] bits; the largest change of one "
+        f"layer's curve over training is {fmt(spread)} bits, and the highest value is {fmt(ceiling - hi)} bits under "
+        f"the lowest ceiling log2 N = {fmt(ceiling)}."
+    )
+    if spread < IXT_STATIC_BITS:
+        text += (
+            f" An I(X;T) that moves less than {IXT_STATIC_BITS} bits cannot show compression, so the information "
+            "plane here is, in effect, I(T;Y) over training."
+        )
+    return text
 
 
 # ---- §3.4 gradient flow --------------------------------------------------------------------------------------------

@@ -301,6 +301,8 @@ def test_full_tree_every_section(tmp_path: Path) -> None:
         assert row(md, claim)[4] == verdict, (claim, row(md, claim))
     ib_rows = [line for line in md.splitlines() if line.startswith("| PDE | blocks.")]
     assert len(ib_rows) == 4 and all(line.endswith("| 8.0000 |") for line in ib_rows)  # the I(X;T) ceiling
+    assert "I(X;T) over every layer, probe and seed lies in [4.0000, 6.0000] bits" in md
+    assert "2.0000 bits under the lowest ceiling log2 N = 8.0000" in md and "cannot show compression" not in md
     why = row(md, "No residual")[5]
     assert "Not part of the rule: final val/acc 0.9000" in why and "(`mnist_transformer_no_residual`) vs" in why
     assert "**Incomplete**: none." in md
@@ -344,3 +346,14 @@ def test_perturbation_not_comparable_when_neither_model_departs_on_the_grid(tmp_
     near = row(md, "Divergence near")
     assert near[4] == "does not hold"
     assert "Relative loss increase at ε = 0.01: PDE 0.5000, Transformer 0.0200" in near[5]
+
+
+def test_static_ixt_is_called_out(tmp_path: Path) -> None:
+    for setting in ("newsgroups_transformer", "newsgroups_pde"):
+        s = full_scalars(setting, 0)
+        for j in range(4):
+            s[f"{MI}/I_XT/blocks.{j}"] = [(0, 7.9), (50, 7.91), (END, 7.92)]
+        write_run(tmp_path / "runs", setting, 0, s)
+    md = write_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    assert "the largest change of one layer's curve over training is 0.0200 bits" in md
+    assert "cannot show compression" in md
