@@ -1241,35 +1241,21 @@ def _section_perturbation(ctx: _Ctx) -> Section:
     rule = "Rule: holds if the PDE's median critical ε is below the Transformer's."
     if nc or len(crit) < 2 or not all(crit.values()):
         sec.rows.append(_not_comparable(claim, ptext, nc or f"{NOT_COMPARABLE}: critical_eps not logged", rule))
-    elif math.isinf(med["PDE"]) and math.isinf(med["Transformer"]):
-        top = eps_grid[-1]
-        verdict = (
-            f"{NOT_COMPARABLE}: neither model's loss departs from its clean loss by the critical factor on the grid "
-            f"(ε ≤ {top:g}), so where degradation starts is not measured"
-        )
-        sec.rows.append(
-            Row(
-                claim,
-                ptext,
-                f"PDE {crit_text['PDE']}; Transformer {crit_text['Transformer']}",
-                "—",
-                verdict,
-                f"{rule} Context, not part of the rule: relative loss increase at ε = {top:g}: PDE "
-                f"{fmt(_mean(rel('PDE', top)))}, Transformer {fmt(_mean(rel('Transformer', top)))}.",
-            )
-        )
     else:
-        ok = med["PDE"] < med["Transformer"]
-        sec.rows.append(
-            Row(
-                claim,
-                ptext,
-                f"PDE {crit_text['PDE']}; Transformer {crit_text['Transformer']}",
-                "—",
-                HOLDS if ok else FAILS,
-                rule,
+        top = eps_grid[-1]
+        if math.isinf(med["PDE"]) and math.isinf(med["Transformer"]):
+            verdict = (
+                f"{NOT_COMPARABLE}: neither model's loss departs from its clean loss by the critical factor on the "
+                f"grid (ε ≤ {top:g}), so where degradation starts is not measured"
             )
-        )
+            why = (
+                f"{rule} Context, not part of the rule: relative loss increase at ε = {top:g}: PDE "
+                f"{fmt(_mean(rel('PDE', top)))}, Transformer {fmt(_mean(rel('Transformer', top)))}."
+            )
+        else:
+            verdict, why = (HOLDS if med["PDE"] < med["Transformer"] else FAILS), rule
+        crit_both = f"PDE {crit_text['PDE']}; Transformer {crit_text['Transformer']}"
+        sec.rows.append(Row(claim, ptext, crit_both, "—", verdict, why))
     target = paper.PERTURBATION_DIVERGENCE_EPS
     claim, ptext = f"Divergence near ε = {target:g}", paper.PERTURBATION_DIVERGENCE.text
     rule = (
