@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import importlib
+import inspect
 import io
 import struct
 import subprocess
@@ -97,9 +99,6 @@ ALL_CONFIGS = CONFIGS + sorted((ROOT / "configs" / "paper").glob("*.yaml"))
 def test_optimizer_gets_its_own_defaults_plus_what_the_config_says(config: Path) -> None:
     # jsonargparse #460: a default optimizer class's arguments leak into the class a config selects (an AdamW
     # default gave `class_path: torch.optim.Adam` weight_decay=0.01, which stopped 20 Newsgroups from learning).
-    import importlib
-    import inspect
-
     spec = yaml.safe_load(config.read_text())["model"]["optimizer"]
     module, _, name = spec["class_path"].rpartition(".")
     cls = getattr(importlib.import_module(module), name)

@@ -76,6 +76,7 @@ FIGURE_DPI = 90
 MAX_FIGURE_BYTES = 200_000
 
 HOLDS, FAILS, NOT_COMPARABLE = "holds", "does not hold", "not comparable"
+_NEWSGROUPS_MODELS = (("Transformer", "newsgroups_transformer"), ("PDE", "newsgroups_pde"))
 
 _IF = "analysis/information_flow"
 _AS = "analysis/attention_similarity"
@@ -851,7 +852,7 @@ def _section_attention(ctx: _Ctx) -> Section:
 
 # ---- §3.3 information bottleneck -----------------------------------------------------------------------------------
 def _section_ib(ctx: _Ctx) -> Section:
-    models = (("Transformer", "newsgroups_transformer"), ("PDE", "newsgroups_pde"))
+    models = _NEWSGROUPS_MODELS
     sec = Section(
         "Information bottleneck: I(T;Y) over training (§3.3)",
         f"Paper: {paper.IB_SOURCE}. Ours: `{_MI}/I_TY/<layer>` and `I_XT/<layer>` (bits) in the 20 Newsgroups runs; "
@@ -1176,7 +1177,7 @@ def _curve(run: Run) -> dict[float, float]:
 
 
 def _section_perturbation(ctx: _Ctx) -> Section:
-    models = (("Transformer", "newsgroups_transformer"), ("PDE", "newsgroups_pde"))
+    models = _NEWSGROUPS_MODELS
     sec = Section(
         "Perturbation sensitivity (§3.5)",
         f"Paper: {paper.PERTURBATION_SOURCE}. Ours: `{_PE}/loss/eps=<ε>` and `loss_clean` at the end of training; "
