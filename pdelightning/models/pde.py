@@ -195,6 +195,9 @@ class PDEClassifier(SequenceClassifier):
         forcing: add ``g(x, t) = u_0(x)`` to every step.
         coupling: add the linear inter-layer couplings of eqs. (18)-(19).
         norm: LayerNorm ``"none"`` (default), ``"pre"`` (inside the right-hand side) or ``"post"`` (after each step).
+        final_norm: a LayerNorm on the last step's field before pooling, as the pre-LN Transformer has (``ln_final``).
+            Off by default (the paper's simulator has none); on, the two models differ only in their steps, which
+            model-vs-model comparisons under perturbation need (without it only the Transformer's output is bounded).
         dropout: dropout on attention probabilities and FFN hidden units.
         input_kind, image_size, tokenization, patch_size, vocab_size, max_len, pad_id, bottleneck_dim:
             as for :class:`~pdelightning.models.TransformerClassifier`.
@@ -226,6 +229,7 @@ class PDEClassifier(SequenceClassifier):
         forcing: bool = False,
         coupling: bool = False,
         norm: NormPlacement = "none",
+        final_norm: bool = False,
         dropout: float = 0.0,
         input_kind: InputKind = "image",
         image_size: int = 28,
@@ -250,6 +254,8 @@ class PDEClassifier(SequenceClassifier):
             raise ValueError(f"norm={norm!r} is not one of {NORM_PLACEMENTS}")
         if n_layers <= 0:
             raise ValueError(f"n_layers={n_layers} must be positive")
+        if d_ff <= 0:
+            raise ValueError(f"d_ff={d_ff} must be positive (the FFN hidden width)")
         super().__init__(
             num_classes, d_model, input_kind, image_size, tokenization, patch_size, vocab_size, max_len, pad_id,
             bottleneck_dim,
@@ -259,3 +265,5 @@ class PDEClassifier(SequenceClassifier):
                     norm, dropout)
             for _ in range(n_layers)
         )  # fmt: skip
+        if final_norm:
+            self.ln_final = nn.LayerNorm(d_model)

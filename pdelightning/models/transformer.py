@@ -120,6 +120,8 @@ class TransformerClassifier(SequenceClassifier):
             raise ValueError(f"norm={norm!r} is not one of {NORM_PLACEMENTS}")
         if n_layers <= 0:
             raise ValueError(f"n_layers={n_layers} must be positive")
+        if d_ff <= 0:
+            raise ValueError(f"d_ff={d_ff} must be positive (the FFN hidden width)")
         super().__init__(
             num_classes, d_model, input_kind, image_size, tokenization, patch_size, vocab_size, max_len, pad_id,
             bottleneck_dim,
