@@ -11,6 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pdelightning.analysis.representation import (  # noqa: F401 (moved there; the old import path keeps working)
+    padding_mask_from_inputs,
+    pool_tokens,
+)
 from pdelightning.models.protocol import AnalysisTargets
 
 
@@ -23,64 +27,6 @@ def first_tensor(output: Any) -> Tensor:
     raise TypeError(
         f"expected a module output that is a Tensor or a tuple starting with one, got {type(output).__name__}"
     )
-
-
-def padding_mask_from_inputs(x: Any, pad_id: int = 0) -> Tensor | None:
-    """The token padding mask ``[B, T]`` (``True`` at padding) of a probe batch, as our models derive it.
-
-    Integer inputs are token ids: ``x == pad_id`` is padding. Float inputs (images) and anything else have
-    no padding: ``None``.
-
-    Example::
-
-        >>> padding_mask_from_inputs(torch.tensor([[5, 3, 0, 0]]))
-        tensor([[False, False,  True,  True]])
-        >>> padding_mask_from_inputs(torch.zeros(1, 4, 4)) is None
-        True
-    """
-    if isinstance(x, Tensor) and x.dim() == 2 and not x.dtype.is_floating_point and not x.dtype.is_complex:
-        return x == pad_id
-    return None
-
-
-def pool_tokens(h: Tensor, padding_mask: Tensor | None = None, pooling: str = "mean") -> Tensor:
-    """One vector per sample from a layer output ``h`` ``[B, T, d]``.
-
-    ``"mean"``: masked mean over the valid tokens, ``Σ_t keep_t h_t / Σ_t keep_t`` -> ``[B, d]`` (the
-    model's own pooling; a sample with no valid token gives zeros). ``"flatten"``: all tokens and features,
-    ``[B, T*d]``, with padded positions zeroed (for images, where ``T`` is fixed, this keeps the spatial layout).
-    An already pooled ``[B, d]`` output is returned as is.
-
-    Args:
-        h: ``[B, T, d]`` (batch first) or ``[B, d]``.
-        padding_mask: ``[B, T]``, ``True`` at padding, or ``None``; ignored when its shape does not match.
-        pooling: ``"mean"`` or ``"flatten"``.
-
-    Raises:
-        ValueError: for an unknown ``pooling`` or an output that is not 2-D or 3-D.
-
-    Example::
-
-        >>> h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
-        >>> pool_tokens(h, torch.tensor([[False, False, True]]))
-        tensor([[2., 3.]])
-        >>> pool_tokens(h, torch.tensor([[False, False, True]]), "flatten")
-        tensor([[1., 2., 3., 4., 0., 0.]])
-    """
-    if pooling not in ("mean", "flatten"):
-        raise ValueError(f"pooling={pooling!r} is not one of ('mean', 'flatten')")
-    if h.dim() == 2:
-        return h
-    if h.dim() != 3:
-        raise ValueError(f"expected a layer output [B, T, d] (or pooled [B, d]), got shape {tuple(h.shape)}")
-    keep = None
-    if padding_mask is not None and padding_mask.shape == h.shape[:2]:
-        keep = (~padding_mask.bool()).unsqueeze(-1).to(h.dtype)
-    if pooling == "flatten":
-        return (h if keep is None else h * keep).flatten(1)
-    if keep is None:
-        return h.mean(1)
-    return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
 def _additive(mask: Tensor | None, like: Tensor) -> Tensor | None:

@@ -36,10 +36,24 @@ import numpy as np
 import torch
 import yaml
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 from typing_extensions import override
 
+from pdelightning.analysis.attention import (  # noqa: F401 (moved there; the old import path keeps working)
+    MATCH_BY,
+    METRICS,
+    attention_cosine,
+    attention_entropy,
+    attention_js,
+    attention_kl,
+    derangement,
+    masked_row_mean,
+    match_heads,
+    pairwise_head_sums,
+    skill_score,
+    summarize_pairs,
+    uniform_attention,
+)
 from pdelightning.callbacks._capture import Capture
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback, ProbeSet, validation_loader
 from pdelightning.callbacks._reference import import_object, load_reference_checkpoint
@@ -48,176 +62,8 @@ from pdelightning.models.protocol import AnalysisTargets
 
 NULLS = ("uniform", "shuffled", "random_init")
 """The null baselines: uniform attention, the reference on another probe sample, a re-initialised model copy."""
-MATCH_BY = ("cosine", "js")
-METRICS = ("cosine", "kl", "js")
 LINKED_ARGS = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
 """The model arguments our CLI links from the data module; copied into a ``reference_config`` that lacks them."""
-
-
-# ---- pure math -----------------------------------------------------------------------------------------------
-def attention_cosine(p: Tensor, q: Tensor, eps: float = 1e-12) -> Tensor:
-    """Cosine similarity of each attention row (last axis): ``<p, q> / (|p| |q|)``, in [0, 1] for probabilities.
-
-    Example::
-
-        >>> attention_cosine(torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
-        tensor([1.0000, 0.7071])
-    """
-    return (p * q).sum(-1) / (p.norm(dim=-1) * q.norm(dim=-1)).clamp_min(eps)
-
-
-def attention_kl(p: Tensor, q: Tensor, eps: float = 1e-8) -> Tensor:
-    """``KL(p || q) = sum_k p_k ln(p_k / max(q_k, eps))`` per row, in nats; ``0 ln 0 = 0``.
-
-    ``p`` is the model's attention, ``q`` the reference's (the direction used throughout this module). The
-    guard ``eps`` bounds the penalty for a key the reference ignores (``q_k = 0``) at ``p_k ln(p_k / eps)``.
-
-    Example::
-
-        >>> round(float(attention_kl(torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75]))), 4)  # ½ln2 + ½ln⅔
-        0.1438
-    """
-    return (torch.xlogy(p, p) - p * q.clamp_min(eps).log()).sum(-1)
-
-
-def attention_js(p: Tensor, q: Tensor) -> Tensor:
-    """Jensen-Shannon divergence per row in nats: ``½ KL(p||m) + ½ KL(q||m)``, ``m = (p + q) / 2``; in [0, ln 2].
-
-    Symmetric and finite without any guard (``m_k >= p_k / 2``). Divide by ``ln 2`` for bits.
-
-    Example::
-
-        >>> round(float(attention_js(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))), 6) == round(math.log(2), 6)
-        True
-    """
-    m = 0.5 * (p + q)
-    js = 0.5 * (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1) + 0.5 * (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
-    return js.clamp_min(0.0)
-
-
-def attention_entropy(p: Tensor) -> Tensor:
-    """Shannon entropy of each attention row, ``-sum_k p_k ln p_k`` in nats (``ln T`` for uniform rows).
-
-    Example::
-
-        >>> round(float(attention_entropy(torch.full((4,), 0.25))), 4) == round(math.log(4), 4)
-        True
-    """
-    return -torch.xlogy(p, p).sum(-1)
-
-
-def masked_row_mean(values: Tensor, row_mask: Tensor | None) -> Tensor:
-    """Mean of per-row values ``[B, ..., T]`` over the rows where ``row_mask`` ``[B, T]`` is ``True``.
-
-    Rows of padded queries are excluded; every valid row of the batch weighs the same. This is the
-    "per query row, then averaged" reduction, never a metric of flattened tensors.
-
-    Example::
-
-        >>> masked_row_mean(torch.tensor([[1.0, 3.0, 100.0]]), torch.tensor([[True, True, False]]))
-        tensor(2.)
-    """
-    if row_mask is None:
-        return values.mean()
-    mask = row_mask.reshape(row_mask.shape[0], *([1] * (values.dim() - 2)), row_mask.shape[-1]).expand_as(values)
-    return values[mask].mean()
-
-
-def uniform_attention(valid: Tensor) -> Tensor:
-    """Uniform attention over the valid keys: ``[B, 1, T, T]`` with rows ``valid / #valid`` (``valid``: ``[B, T]``).
-
-    Example::
-
-        >>> uniform_attention(torch.tensor([[True, True, False]]))[0, 0, 0]
-        tensor([0.5000, 0.5000, 0.0000])
-    """
-    v = valid.float()
-    row = v / v.sum(-1, keepdim=True).clamp_min(1.0)
-    return row[:, None, None, :].expand(-1, 1, valid.shape[-1], -1)
-
-
-def pairwise_head_sums(p: Tensor, q: Tensor, row_mask: Tensor, eps: float = 1e-8) -> dict[str, Tensor]:
-    """Per-sample sums over valid query rows of cosine, KL(p||q) and JS for every pair of heads.
-
-    Args:
-        p: attention probabilities of the model, ``[B, Hp, T, T]``.
-        q: attention probabilities of the reference, ``[B, Hq, T, T]``.
-        row_mask: ``[B, T]``, ``True`` for the query rows to count.
-        eps: the KL guard of :func:`attention_kl`.
-
-    Returns:
-        ``{"cosine", "kl", "js": [B, Hp, Hq]}``; divide by ``row_mask.sum()`` (over the samples you pool)
-        for the mean over rows. Memory is ``O(B Hq T^2)``: the model's heads are taken one at a time.
-    """
-    w = row_mask.to(p.dtype)[:, None, :]  # (B, 1, T)
-    out: dict[str, list[Tensor]] = {m: [] for m in METRICS}
-    for h in range(p.shape[1]):
-        ph = p[:, h : h + 1]  # (B, 1, T, T) against (B, Hq, T, T)
-        out["cosine"].append((attention_cosine(ph, q) * w).sum(-1))
-        out["kl"].append((attention_kl(ph, q, eps) * w).sum(-1))
-        out["js"].append((attention_js(ph, q) * w).sum(-1))
-    return {m: torch.stack(v, dim=1) for m, v in out.items()}  # (B, Hp, Hq)
-
-
-def match_heads(score: Tensor, maximize: bool = True) -> tuple[Tensor, Tensor]:
-    """Optimal one-to-one pairing of model heads (rows) with reference heads (columns), the Hungarian method.
-
-    Head order is arbitrary (any permutation of heads is the same model), so heads are paired to maximise the
-    summed similarity (or minimise the summed divergence) with ``scipy.optimize.linear_sum_assignment``.
-    With ``Hp != Hq`` heads, ``min(Hp, Hq)`` pairs are formed.
-
-    Returns:
-        ``(rows, cols)`` index tensors; ``score[rows, cols]`` are the matched pairs.
-
-    Example::
-
-        >>> match_heads(torch.tensor([[0.1, 0.9], [0.8, 0.2]]))
-        (tensor([0, 1]), tensor([1, 0]))
-    """
-    rows, cols = linear_sum_assignment(score.detach().double().cpu().numpy(), maximize=maximize)
-    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
-
-
-def skill_score(value: float, null: float, higher_is_better: bool = True) -> float:
-    """Improvement over a null baseline as a fraction of the way to perfect agreement.
-
-    ``(s - s_null) / (1 - s_null)`` for a similarity (perfect = 1), ``(d_null - d) / d_null`` for a divergence
-    (perfect = 0). 1: perfect; 0: no better than the null; negative: worse. ``nan`` when the null is already
-    perfect (no room to improve) or either value is ``nan``.
-
-    Example::
-
-        >>> round(skill_score(0.99, 0.98), 6), round(skill_score(0.01, 0.04, higher_is_better=False), 6)
-        (0.5, 0.75)
-    """
-    room = (1.0 - null) if higher_is_better else null
-    if not (math.isfinite(value) and math.isfinite(null)) or room <= 1e-12:
-        return float("nan")
-    return ((value - null) if higher_is_better else (null - value)) / room
-
-
-def summarize_pairs(sums: Mapping[str, Tensor], rows: Tensor, match_by: str = "cosine") -> dict[str, Any]:
-    """Pool per-sample pair sums over the probe set, match heads and return matched means.
-
-    Args:
-        sums: ``{"cosine", "kl", "js": [N, Hp, Hq]}`` per-sample sums over valid rows (:func:`pairwise_head_sums`).
-        rows: ``[N]`` number of valid rows of each sample.
-        match_by: ``"cosine"`` (maximise) or ``"js"`` (minimise) for the head matching.
-
-    Returns:
-        ``{"cosine", "kl", "js": float}`` over matched head pairs, ``"cosine_unmatched"`` (head ``i`` with head
-        ``i``), ``"matching": (rows, cols)`` and the pooled ``[Hp, Hq]`` matrices under ``"matrix"``.
-    """
-    n = rows.sum().clamp_min(1).to(torch.float64)
-    mean = {m: sums[m].sum(0).double() / n for m in METRICS}
-    r, c = match_heads(mean[match_by], maximize=match_by == "cosine")
-    k = min(mean["cosine"].shape)
-    return {
-        **{m: float(mean[m][r, c].mean()) for m in METRICS},
-        "cosine_unmatched": float(torch.diagonal(mean["cosine"])[:k].mean()),
-        "matching": (r, c),
-        "matrix": mean,
-    }
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------
@@ -348,20 +194,6 @@ def _stack_inputs(xs: list[Tensor], pad_id: int | None) -> Tensor:
         raise ValueError(f"cannot batch probe inputs of shapes {[tuple(x.shape) for x in xs]}")
     t = max(x.shape[1] for x in xs)
     return torch.cat([torch.nn.functional.pad(x, (0, t - x.shape[1]), value=pad_id) for x in xs])
-
-
-def derangement(n: int, seed: int) -> Tensor:
-    """A seeded permutation of ``range(n)`` with no fixed point (one random cycle); ``n >= 2``.
-
-    Example::
-
-        >>> bool((derangement(5, 0) != torch.arange(5)).all())
-        True
-    """
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    partner = torch.empty(n, dtype=torch.long)
-    partner[order] = order.roll(-1)
-    return partner
 
 
 # ---- the callback --------------------------------------------------------------------------------------------

@@ -10,17 +10,21 @@ scaling of the feature space), and draws per-layer heatmaps as in Figure 1.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 from typing_extensions import override
 
+from pdelightning.analysis.representation import (  # noqa: F401 (moved there; the old import path keeps working)
+    CORRELATION_MODES,
+    CorrelationMethod,
+    CorrelationMode,
+    consecutive_correlations,
+    layer_correlation,
+)
 from pdelightning.callbacks._capture import Capture, padding_mask_from_inputs, pool_tokens
 from pdelightning.callbacks._cka import cka_matrix
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
@@ -29,68 +33,9 @@ from pdelightning.callbacks._targets import TargetNotFoundError, resolve_targets
 from pdelightning.models.protocol import AnalysisTargets
 
 Pooling = Literal["mean", "flatten"]
-CorrelationMode = Literal["flattened", "per_sample"]
-CorrelationMethod = Literal["pearson", "spearman"]
 POOLINGS = ("mean", "flatten")
-CORRELATION_MODES = ("flattened", "per_sample")
 EMBEDDING = "embedding"
 _REF = "reference/"
-
-
-# ---- pure functions --------------------------------------------------------------------------------------
-def layer_correlation(
-    a: Tensor, b: Tensor, method: CorrelationMethod = "pearson", mode: CorrelationMode = "flattened"
-) -> Tensor:
-    """Correlation between two pooled representations ``a``, ``b`` ``[n, d]`` of the same samples.
-
-    ``mode="flattened"`` (default; our reading of Tables 2 and 3): one coefficient between the two
-    ``n*d``-vectors ``vec(a)`` and ``vec(b)``, i.e. over all samples and features jointly (so it also rewards
-    agreeing per-feature offsets). ``mode="per_sample"``: the coefficient across the ``d`` features of each
-    sample, averaged over the ``n`` samples (the "average correlation of feature representations" of
-    Figure 2 may mean this). ``method`` picks Pearson's ``r`` or Spearman's ``ρ`` (Pearson on ranks, ties
-    averaged), both from :mod:`torchmetrics.functional`. NaN when one side is constant.
-
-    Raises:
-        ValueError: when the shapes differ or ``method``/``mode`` is unknown.
-
-    Example::
-
-        >>> a = torch.arange(12.0).reshape(4, 3)
-        >>> float(layer_correlation(a, 2 * a + 1))
-        1.0
-        >>> round(float(layer_correlation(a, a.exp(), "spearman")), 6)
-        1.0
-    """
-    if a.shape != b.shape:
-        raise ValueError(
-            f"correlation needs representations of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    if method not in ("pearson", "spearman"):
-        raise ValueError(f"method={method!r} is not one of ('pearson', 'spearman')")
-    if mode not in CORRELATION_MODES:
-        raise ValueError(f"mode={mode!r} is not one of {CORRELATION_MODES}")
-    fn = pearson_corrcoef if method == "pearson" else spearman_corrcoef
-    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
-    if mode == "flattened":
-        return fn(a.flatten(), b.flatten())
-    # torchmetrics correlates each column over the rows: transpose so that each sample is one column.
-    return fn(a.flatten(1).T.contiguous(), b.flatten(1).T.contiguous()).mean()
-
-
-def consecutive_correlations(reps: Sequence[Tensor], mode: CorrelationMode = "flattened") -> list[Tensor | None]:
-    """Pearson correlation between layer ``l`` and ``l+1`` for each consecutive pair (paper Table 2).
-
-    Returns one value per pair, ``len(reps) - 1`` in all; ``None`` where the two widths differ.
-
-    Example::
-
-        >>> x = torch.randn(8, 4)
-        >>> [round(float(c), 6) for c in consecutive_correlations([x, x, 3 * x - 1])]
-        [1.0, 1.0]
-    """
-    return [
-        layer_correlation(a, b, "pearson", mode) if a.shape == b.shape else None for a, b in itertools.pairwise(reps)
-    ]
 
 
 # ---- the callback ----------------------------------------------------------------------------------------

@@ -113,7 +113,22 @@ class SequenceClassifier(nn.Module):
                     out_proj=blk.attn.out_proj,
                     value_weight=blk.attn.value_weight,
                     pde=blk.step_params() if hasattr(blk, "step_params") else None,
+                    block=blk,
+                    attn_out=blk.attn,
+                    mlp_out=blk.mlp,
                 )
                 for i, blk in enumerate(self.blocks)
             ],
+            family="ours",
         )
+
+    def reset_parameters(self) -> None:
+        """Draw every parameter afresh as at construction (the model's own initialiser, seeded by the global RNG).
+
+        Used for the re-initialised null of the attention analysis: PyTorch's default initialisers for the
+        linear layers, the embedding's own ``N(0, 1/d)`` (:meth:`InputEmbedding.reset_parameters`) and each PDE
+        step's initial ``D`` and ``α``.
+        """
+        for m in self.modules():
+            if m is not self and callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()

@@ -78,14 +78,25 @@ class InputEmbedding(nn.Module):
                 raise ValueError(f"vocab_size={vocab_size} must be positive for input_kind='tokens'")
             n_tokens = max_len
             self.proj = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
-            # N(0, 1/d) times sqrt(d) below: unit-variance tokens, on the scale of the positional code
-            # (nn.Embedding's N(0, 1) times sqrt(d) would give std sqrt(d) and drown the positions).
-            nn.init.normal_(self.proj.weight, std=d_model**-0.5)
-            with torch.no_grad():
-                self.proj.weight[pad_id].zero_()
         self.n_tokens = n_tokens
         self.register_buffer("pos", sinusoidal_positions(n_tokens, d_model), persistent=False)
         self.scale = math.sqrt(d_model) if input_kind == "tokens" else 1.0
+        if isinstance(self.proj, nn.Embedding):
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise the projection: PyTorch's default for images; ``N(0, 1/d)`` with a zero padding row for tokens.
+
+        ``N(0, 1/d)`` times ``sqrt(d)`` in :meth:`forward` gives unit-variance tokens, on the scale of the positional
+        code (nn.Embedding's ``N(0, 1)`` times ``sqrt(d)`` would give std ``sqrt(d)`` and drown the positions).
+        """
+        if isinstance(self.proj, nn.Embedding):
+            d_model = self.proj.embedding_dim
+            nn.init.normal_(self.proj.weight, std=d_model**-0.5)
+            with torch.no_grad():
+                self.proj.weight[self.pad_id].zero_()
+        else:
+            self.proj.reset_parameters()
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Embed ``x``.

@@ -128,6 +128,7 @@ class PDEStep(nn.Module):
         self.dt, self.dx, self.boundary, self.forcing, self.norm = dt, dx, boundary, forcing, norm
         self.diffusion = diffusion
         n_d = {"diagonal": d_model, "scalar": 1, "none": 0}[diffusion]
+        self.diffusion_init, self.alpha_init = diffusion_init, alpha_init
         self.raw_diffusion = nn.Parameter(torch.full((n_d,), _inverse_softplus(diffusion_init) if n_d else 0.0))
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
         self.attn = MultiHeadSelfAttention(d_model, n_heads, dropout)
@@ -140,6 +141,13 @@ class PDEStep(nn.Module):
         self.hook_attn_out = HookPoint()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
+
+    def reset_parameters(self) -> None:
+        """Reset ``D_l`` and ``α_l`` to their initial values (the sublayers reset themselves)."""
+        with torch.no_grad():
+            if self.raw_diffusion.numel():
+                self.raw_diffusion.fill_(_inverse_softplus(self.diffusion_init))
+            self.alpha.fill_(float(self.alpha_init))
 
     def diffusion_coefficients(self) -> Tensor:
         """``D_l`` as a tensor of shape ``[d]`` (diagonal), ``[1]`` (scalar) or ``[0]`` (off)."""

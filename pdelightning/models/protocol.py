@@ -22,6 +22,7 @@ recomputed from its captured inputs and ``in_proj_weight``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -56,6 +57,13 @@ class LayerTarget:
         out_proj: the attention output projection ``W^O`` (a ``nn.Linear``), or ``None``.
         value_weight: ``W_V`` as ``[d, d]``, or ``None``.
         pde: Euler-step coefficients for PDE models, else ``None``.
+        block: the whole layer, callable as the layer map ``u_l -> u_{l+1}`` (its first input is the residual
+            stream; its output, or the output's first element, is ``module``'s output). ``None``: ``module``.
+        attn_out: the module whose output is the attention sublayer's contribution to the residual stream
+            (without any PDE strength ``α``), or ``None``.
+        mlp_out: likewise for the feed-forward sublayer, or ``None``.
+        w_o: ``W^O`` read at call time, nn.Linear convention ``[d_model, H d_head]``; default from ``out_proj``.
+        w_v: ``W_V`` read at call time, ``[H d_head, d_model]``; default ``value_weight``.
     """
 
     name: str
@@ -64,15 +72,46 @@ class LayerTarget:
     out_proj: nn.Module | None = None
     value_weight: Tensor | None = None
     pde: PDEStepParams | None = None
+    block: nn.Module | None = None
+    attn_out: nn.Module | None = None
+    mlp_out: nn.Module | None = None
+    w_o: Callable[[], Tensor] | None = None
+    w_v: Callable[[], Tensor] | None = None
+
+    def out_proj_weight(self) -> Tensor | None:
+        """``W^O`` as ``[d_model, H d_head]`` (from ``w_o``, else ``out_proj.weight``), or ``None``."""
+        if self.w_o is not None:
+            return self.w_o()
+        w = getattr(self.out_proj, "weight", None)
+        return w if isinstance(w, Tensor) and w.dim() == 2 else None
+
+    def value_proj_weight(self) -> Tensor | None:
+        """``W_V`` as ``[H d_head, d_model]`` (from ``w_v``, else ``value_weight``), or ``None``."""
+        if self.w_v is not None:
+            return self.w_v()
+        return self.value_weight
 
 
 @dataclass
 class AnalysisTargets:
-    """What a model exposes for analysis: its input embedding and its layers in depth order."""
+    """What a model exposes for analysis: its input embedding and its layers in depth order.
+
+    Attributes:
+        layers: the layers, in depth order.
+        embedding: the module whose output (or, with ``embedding_is_input``, whose first input) is the input
+            embedding ``u_0`` entering the first layer.
+        extras: anything else a model wants to name.
+        embedding_is_input: ``u_0`` is the first input of ``embedding`` (e.g. the first block) rather than its output.
+        n_prefix_tokens: class/register tokens in front of the sequence (timm, ViT), which have no padding.
+        family: the model family that resolved these targets (``"ours"``, ``"huggingface"``, ...).
+    """
 
     layers: list[LayerTarget]
     embedding: nn.Module | None = None
     extras: dict[str, nn.Module] = field(default_factory=dict)
+    embedding_is_input: bool = False
+    n_prefix_tokens: int = 0
+    family: str = ""
 
 
 @runtime_checkable

@@ -1,0 +1,425 @@
+"""The built-in adapters: our models and the protocol, TransformerLens, PyTorch, HuggingFace, timm, and a fallback.
+
+Each class documents how it recognises its family and where it finds the layers, the attention and the
+embedding; see :mod:`pdelightning.adapters.base` for the interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from torch import Tensor, nn
+
+from pdelightning.adapters.base import (
+    MLP_NAMES,
+    ModelAdapter,
+    attention_like,
+    child,
+    fastpath_off,
+    find_attention,
+    linear_weight,
+    out_proj_of,
+    reset_all,
+    value_weight_of,
+)
+from pdelightning.models.protocol import AnalysisTargets, LayerTarget
+
+
+def _natural_key(name: str) -> list[object]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _first_arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, *names: str) -> Any:
+    if len(args) > index:
+        return args[index]
+    for n in names:
+        if n in kwargs:
+            return kwargs[n]
+    return None
+
+
+def valid_from_padding_mask(mask: Any) -> Tensor | None:
+    """``[B, T]`` valid-token mask from a PyTorch-convention key padding mask (bool ``True`` or additive ``-inf`` = pad).
+
+    Example::
+
+        >>> import torch
+        >>> valid_from_padding_mask(torch.tensor([[False, True]])).tolist()
+        [[True, False]]
+    """
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return None
+    if mask.dtype.is_floating_point:
+        return mask == 0
+    return ~mask.bool()
+
+
+# ---- our models and the analysis protocol -------------------------------------------------------------------
+class ProtocolAdapter(ModelAdapter):
+    """Any module implementing ``analysis_targets()`` (our models; a user's model implementing the protocol)."""
+
+    family = "ours"
+    priority = 100
+
+    @classmethod
+    def detect(cls, module: nn.Module) -> bool:
+        return callable(getattr(module, "analysis_targets", None))
+
+    def targets(self) -> AnalysisTargets:
+        t = self.model.analysis_targets()
+        if not t.family:
+            t.family = "protocol"
+        return t
+
+    def padding(self) -> tuple[nn.Module, Callable[[tuple[Any, ...], dict[str, Any]], Tensor | None]] | None:
+        targets = self.targets()
+        if not targets.layers or targets.family != "ours":
+            return None
+        block = targets.layers[0].block or targets.layers[0].module
+        return block, lambda args, kwargs: valid_from_padding_mask(_first_arg(args, kwargs, 1, "padding_mask"))
+
+
+# ---- TransformerLens ---------------------------------------------------------------------------------------------
+_RESID_POST = re.compile(r"^(?P<prefix>(?:.*\.)?)blocks\.(?P<i>\d+)\.hook_resid_post$")
+
+
+class TransformerLensAdapter(ModelAdapter):
+    """TransformerLens ``HookedTransformer`` (3.x), or any model with its hook names (``blocks.{i}.hook_resid_post``).
+
+    Layers are the ``hook_resid_post`` points, attention ``blocks.{i}.attn`` (read at ``hook_pattern``), ``u_0`` is
+    ``blocks.0.hook_resid_pre`` (token plus positional embedding) when present, else ``hook_embed``; ``W^O``/``W_V``
+    come from the ``W_O [H, d_head, d]``/``W_V [H, d, d_head]`` parameters; re-initialisation uses the model's
+    ``init_weights()``.
+    """
+
+    family = "transformer_lens"
+    priority = 90
+
+    @classmethod
+    def detect(cls, module: nn.Module) -> bool:
+        return any(_RESID_POST.match(n) for n, _ in module.named_modules())
+
+    def targets(self) -> AnalysisTargets:
+        modules = dict(self.model.named_modules())
+        posts = sorted((n for n in modules if _RESID_POST.match(n)), key=_natural_key)
+        layers = []
+        for n in posts:
+            block_name = n[: -len(".hook_resid_post")]
+            block = modules.get(block_name)
+            attn = modules.get(f"{block_name}.attn")
+            w_o = w_v = None
+            if attn is not None and isinstance(getattr(attn, "W_O", None), Tensor):
+                w_o = (lambda a: lambda: a.W_O.reshape(-1, a.W_O.shape[-1]).T)(attn)
+                w_v = (lambda a: lambda: a.W_V.permute(0, 2, 1).reshape(-1, a.W_V.shape[1]))(attn)
+            layers.append(
+                LayerTarget(
+                    name=self.name(block_name),
+                    module=modules[n],
+                    attention=attn,
+                    out_proj=child(attn, "out_proj") if attn is not None else None,
+                    value_weight=getattr(attn, "value_weight", None) if attn is not None else None,
+                    block=block,
+                    attn_out=modules.get(f"{block_name}.hook_attn_out"),
+                    mlp_out=modules.get(f"{block_name}.hook_mlp_out"),
+                    w_o=w_o,
+                    w_v=w_v,
+                )
+            )
+        prefix = _RESID_POST.match(posts[0]).group("prefix") if posts else ""  # type: ignore[union-attr]
+        embed = modules.get(f"{prefix}blocks.0.hook_resid_pre") or modules.get(f"{prefix}hook_embed")
+        return AnalysisTargets(layers=layers, embedding=embed, family=self.family)
+
+    def reinitialise(self, model: nn.Module) -> bool:
+        init = getattr(model, "init_weights", None)
+        if callable(init):
+            init()
+            return True
+        return reset_all(model) > 0
+
+
+# ---- stock PyTorch -------------------------------------------------------------------------------------------------
+class TorchTransformerAdapter(ModelAdapter):
+    """``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` (and a bare ``nn.Transformer``'s encoder).
+
+    Layers are ``layers.{i}``; attention their ``self_attn`` (read with ``need_weights=True``); the sublayer
+    contributions are the outputs of ``dropout1`` (attention) and ``dropout2`` (feed-forward), which is where
+    ``_sa_block``/``_ff_block`` end; ``u_0`` is the first layer's input; the padding mask is the
+    ``src_key_padding_mask`` (``tgt_key_padding_mask``) the layers receive. Probes switch the fast path and nested
+    tensors off, so the layers' hooks see plain tensors also in eval mode with a padding mask.
+    """
+
+    family = "torch"
+    priority = 60
+
+    @classmethod
+    def detect(cls, module: nn.Module) -> bool:
+        return isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder))
+
+    def targets(self) -> AnalysisTargets:
+        layers = []
+        for i, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            layers.append(
+                LayerTarget(
+                    name=self.name(f"layers.{i}"),
+                    module=layer,
+                    attention=attn,
+                    out_proj=attn.out_proj,
+                    block=layer,
+                    attn_out=getattr(layer, "dropout1", None),
+                    mlp_out=getattr(layer, "dropout2", None),
+                    w_o=(lambda a: lambda: a.out_proj.weight)(attn),
+                    w_v=value_weight_of(attn),
+                )
+            )
+        first = self.model.layers[0] if len(self.model.layers) else None
+        return AnalysisTargets(layers=layers, embedding=first, embedding_is_input=True, family=self.family)
+
+    def padding(self) -> tuple[nn.Module, Callable[[tuple[Any, ...], dict[str, Any]], Tensor | None]] | None:
+        if not len(self.model.layers):
+            return None
+        decoder = isinstance(self.model, nn.TransformerDecoder)
+        index, name = (4, "tgt_key_padding_mask") if decoder else (2, "src_key_padding_mask")
+        return self.model.layers[0], lambda a, k: valid_from_padding_mask(_first_arg(a, k, index, name))
+
+
+# ---- HuggingFace transformers -------------------------------------------------------------------------------------
+def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential] | None:
+    """The longest ``ModuleList``/``Sequential`` of same-class children that each contain attention, by name."""
+    best: tuple[str, Any] | None = None
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) < 1:
+            continue
+        kids = list(m.children())
+        if len({type(k) for k in kids}) != 1 or not any(attention_like(x) for x in kids[0].modules()):
+            continue
+        if next(kids[0].parameters(), None) is None:
+            continue
+        if best is None or len(kids) > len(best[1]):
+            best = (name, m)
+    return best
+
+
+def _sublayers(block: nn.Module, attn: nn.Module | None) -> tuple[nn.Module | None, nn.Module | None]:
+    """``(attn_out, mlp_out)``: the modules whose outputs are the two sublayers' contributions to the stream."""
+    top_attn = next((c for c in block.children() if attn is not None and any(m is attn for m in c.modules())), None)
+    out = child(top_attn, "output") if top_attn is not None else None
+    if out is not None and child(out, "dense") is not None:  # BERT-style post-LN: dense -> dropout -> LN(x + .)
+        ffn_out = child(block, "output")
+        return child(out, "dense"), (child(ffn_out, "dense") if ffn_out is not None else None)
+    return top_attn, child(block, *MLP_NAMES)
+
+
+class HuggingFaceAdapter(ModelAdapter):
+    """HuggingFace ``PreTrainedModel`` s: BERT/RoBERTa (``encoder.layer``), ViT (``layers``), GPT-2 (``h``), Llama-style
+    (``model.layers`` with ``self_attn``/``o_proj``), and any other model whose blocks form a list of same-class modules
+    containing attention.
+
+    For a probe that reads attention the model is switched to the ``"eager"`` attention implementation (through
+    ``set_attn_implementation`` or the config), whose attention modules return their probabilities as the second
+    output (causal and padding masks applied by the library itself), and switched back afterwards. ``u_0`` is the first
+    block's input (token + position embeddings, the class token of ViT included); ViT's class token is counted as a
+    prefix token. Re-initialisation uses the model's own ``_init_weights``.
+    """
+
+    family = "huggingface"
+    priority = 80
+
+    @classmethod
+    def detect(cls, module: nn.Module) -> bool:
+        try:
+            from transformers import PreTrainedModel
+        except ImportError:  # transformers not installed: nothing to recognise
+            return False
+        return isinstance(module, PreTrainedModel) and _block_list(module) is not None
+
+    def targets(self) -> AnalysisTargets:
+        found = _block_list(self.model)
+        assert found is not None
+        list_name, blocks = found
+        layers = []
+        for i, block in enumerate(blocks):
+            attn = find_attention(block)
+            proj = out_proj_of(attn, block) if attn is not None else None
+            attn_out, mlp_out = _sublayers(block, attn)
+            layers.append(
+                LayerTarget(
+                    name=self.name(f"{list_name}.{i}"),
+                    module=block,
+                    attention=attn,
+                    out_proj=proj,
+                    block=block,
+                    attn_out=attn_out,
+                    mlp_out=mlp_out,
+                    w_o=(lambda p: lambda: linear_weight(p))(proj) if proj is not None else None,
+                    w_v=value_weight_of(attn) if attn is not None else None,
+                )
+            )
+        prefix = 1 if type(self.model).__name__.startswith(("ViT", "DeiT", "BeiT", "Dinov2")) else 0
+        first = blocks[0] if len(blocks) else None
+        return AnalysisTargets(
+            layers=layers, embedding=first, embedding_is_input=True, n_prefix_tokens=prefix, family=self.family
+        )
+
+    @contextlib.contextmanager
+    def probe_mode(self, attention: bool = False) -> Iterator[None]:
+        with fastpath_off():
+            config = getattr(self.model, "config", None)
+            was = getattr(config, "_attn_implementation", None)
+            if not attention or was in (None, "eager"):
+                yield
+                return
+            setter = getattr(self.model, "set_attn_implementation", None)
+            try:
+                if callable(setter):
+                    setter("eager")
+                else:
+                    config._attn_implementation = "eager"  # type: ignore[union-attr]
+                yield
+            finally:
+                if callable(setter):
+                    setter(was)
+                else:
+                    config._attn_implementation = was  # type: ignore[union-attr]
+
+    def reinitialise(self, model: nn.Module) -> bool:
+        for m in model.modules():
+            if hasattr(m, "_is_hf_initialized"):
+                m._is_hf_initialized = False
+        for p in list(model.parameters()) + list(model.buffers()):
+            if hasattr(p, "_is_hf_initialized"):
+                p._is_hf_initialized = False
+        init = getattr(model, "init_weights", None)
+        if not callable(init):
+            return reset_all(model) > 0
+        init()
+        return True
+
+
+# ---- timm ----------------------------------------------------------------------------------------------------------
+class TimmAdapter(ModelAdapter):
+    """timm Vision Transformers (``blocks.{i}`` of ``Block``, ``attn.qkv``/``attn.proj``, ``num_prefix_tokens``).
+
+    Attention is read with ``fused_attn`` off for the probe (at ``attn.attn_drop``); ``u_0`` is the first block's
+    input, class and register tokens included (``num_prefix_tokens`` of them, never padding), so every per-position
+    quantity lines up with the blocks' outputs. Sublayer contributions are the outputs of ``ls1``/``ls2`` (layer
+    scale, identity when off). Re-initialisation uses the model's ``init_weights()``.
+    """
+
+    family = "timm"
+    priority = 70
+
+    @classmethod
+    def detect(cls, module: nn.Module) -> bool:
+        blocks = getattr(module, "blocks", None)
+        return (
+            type(module).__module__.startswith("timm.")
+            and isinstance(blocks, (nn.Sequential, nn.ModuleList))
+            and len(blocks) > 0
+            and hasattr(blocks[0], "attn")
+        )
+
+    def targets(self) -> AnalysisTargets:
+        layers = []
+        for i, block in enumerate(self.model.blocks):
+            attn = block.attn
+            proj = child(attn, "proj")
+            layers.append(
+                LayerTarget(
+                    name=self.name(f"blocks.{i}"),
+                    module=block,
+                    attention=attn,
+                    out_proj=proj,
+                    block=block,
+                    attn_out=child(block, "ls1") or attn,
+                    mlp_out=child(block, "ls2") or child(block, "mlp"),
+                    w_o=(lambda p: lambda: linear_weight(p))(proj) if proj is not None else None,
+                    w_v=value_weight_of(attn),
+                )
+            )
+        return AnalysisTargets(
+            layers=layers,
+            embedding=self.model.blocks[0],
+            embedding_is_input=True,
+            n_prefix_tokens=int(getattr(self.model, "num_prefix_tokens", 0) or 0),
+            family=self.family,
+        )
+
+    def reinitialise(self, model: nn.Module) -> bool:
+        init = getattr(model, "init_weights", None)
+        if callable(init):
+            init()
+            return True
+        return reset_all(model) > 0
+
+
+# ---- the fallback ---------------------------------------------------------------------------------------------------
+class GenericAdapter(ModelAdapter):
+    """A user's own Transformer with no names at all: the repeated block list.
+
+    The longest ``ModuleList``/``Sequential`` of at least two children of one class that own parameters (preferring
+    one whose blocks contain an attention-like module) is taken as the layers; attention is found inside each block
+    by type or class name and read by the generic softmax/SDPA interceptor when nothing better applies; ``u_0`` is the
+    first block's input. Whether the blocks' outputs are ``[B, T, d]`` is checked at the first probe.
+    """
+
+    family = "generic"
+    priority = 10
+
+    @staticmethod
+    def _blocks(module: nn.Module) -> tuple[str, nn.Module] | None:
+        best: tuple[tuple[int, int], str, nn.Module] | None = None
+        for name, m in module.named_modules():
+            if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) < 2:
+                continue
+            kids = list(m.children())
+            if len({type(k) for k in kids}) != 1 or next(kids[0].parameters(), None) is None:
+                continue
+            if isinstance(kids[0], (nn.Linear, nn.LayerNorm, nn.Embedding)):  # a list of plain layers is no block list
+                continue
+            has_attn = any(attention_like(x) for x in kids[0].modules())
+            score = (int(has_attn), len(kids))
+            if best is None or score > best[0]:
+                best = (score, name, m)
+        return (best[1], best[2]) if best is not None else None
+
+    @classmethod
+    def detect(cls, module: nn.Module) -> bool:
+        return cls._blocks(module) is not None
+
+    def targets(self) -> AnalysisTargets:
+        found = self._blocks(self.model)
+        assert found is not None
+        list_name, blocks = found
+        layers = []
+        for i, block in enumerate(blocks):
+            attn = find_attention(block)
+            proj = out_proj_of(attn, block) if attn is not None else None
+            attn_out, mlp_out = _sublayers(block, attn)
+            layers.append(
+                LayerTarget(
+                    name=self.name(f"{list_name}.{i}" if list_name else str(i)),
+                    module=block,
+                    attention=attn,
+                    out_proj=proj,
+                    block=block,
+                    attn_out=attn_out,
+                    mlp_out=mlp_out,
+                    w_o=(lambda p: lambda: linear_weight(p))(proj) if proj is not None else None,
+                    w_v=value_weight_of(attn) if attn is not None else None,
+                )
+            )
+        return AnalysisTargets(layers=layers, embedding=blocks[0], embedding_is_input=True, family=self.family)
+
+
+BUILTIN_ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    ProtocolAdapter,
+    TransformerLensAdapter,
+    HuggingFaceAdapter,
+    TimmAdapter,
+    TorchTransformerAdapter,
+    GenericAdapter,
+)

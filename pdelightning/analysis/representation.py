@@ -1,0 +1,137 @@
+"""Pooled layer representations and their correlations (paper §3.1, Tables 2 and 3).
+
+:func:`padding_mask_from_inputs` and :func:`pool_tokens` turn a layer output ``[B, T, d]`` into one vector
+per sample; :func:`layer_correlation` and :func:`consecutive_correlations` compare such ``[n, d]`` matrices.
+:class:`~pdelightning.callbacks.InformationFlow` is the Lightning adapter.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
+
+CorrelationMode = Literal["flattened", "per_sample"]
+
+
+CorrelationMethod = Literal["pearson", "spearman"]
+
+
+CORRELATION_MODES = ("flattened", "per_sample")
+
+
+def layer_correlation(
+    a: Tensor, b: Tensor, method: CorrelationMethod = "pearson", mode: CorrelationMode = "flattened"
+) -> Tensor:
+    """Correlation between two pooled representations ``a``, ``b`` ``[n, d]`` of the same samples.
+
+    ``mode="flattened"`` (default; our reading of Tables 2 and 3): one coefficient between the two
+    ``n*d``-vectors ``vec(a)`` and ``vec(b)``, i.e. over all samples and features jointly (so it also rewards
+    agreeing per-feature offsets). ``mode="per_sample"``: the coefficient across the ``d`` features of each
+    sample, averaged over the ``n`` samples (the "average correlation of feature representations" of
+    Figure 2 may mean this). ``method`` picks Pearson's ``r`` or Spearman's ``ρ`` (Pearson on ranks, ties
+    averaged), both from :mod:`torchmetrics.functional`. NaN when one side is constant.
+
+    Raises:
+        ValueError: when the shapes differ or ``method``/``mode`` is unknown.
+
+    Example::
+
+        >>> a = torch.arange(12.0).reshape(4, 3)
+        >>> float(layer_correlation(a, 2 * a + 1))
+        1.0
+        >>> round(float(layer_correlation(a, a.exp(), "spearman")), 6)
+        1.0
+    """
+    if a.shape != b.shape:
+        raise ValueError(
+            f"correlation needs representations of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if method not in ("pearson", "spearman"):
+        raise ValueError(f"method={method!r} is not one of ('pearson', 'spearman')")
+    if mode not in CORRELATION_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {CORRELATION_MODES}")
+    fn = pearson_corrcoef if method == "pearson" else spearman_corrcoef
+    a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
+    if mode == "flattened":
+        return fn(a.flatten(), b.flatten())
+    # torchmetrics correlates each column over the rows: transpose so that each sample is one column.
+    return fn(a.flatten(1).T.contiguous(), b.flatten(1).T.contiguous()).mean()
+
+
+def consecutive_correlations(reps: Sequence[Tensor], mode: CorrelationMode = "flattened") -> list[Tensor | None]:
+    """Pearson correlation between layer ``l`` and ``l+1`` for each consecutive pair (paper Table 2).
+
+    Returns one value per pair, ``len(reps) - 1`` in all; ``None`` where the two widths differ.
+
+    Example::
+
+        >>> x = torch.randn(8, 4)
+        >>> [round(float(c), 6) for c in consecutive_correlations([x, x, 3 * x - 1])]
+        [1.0, 1.0]
+    """
+    return [
+        layer_correlation(a, b, "pearson", mode) if a.shape == b.shape else None for a, b in itertools.pairwise(reps)
+    ]
+
+
+def padding_mask_from_inputs(x: Any, pad_id: int = 0) -> Tensor | None:
+    """The token padding mask ``[B, T]`` (``True`` at padding) of a probe batch, as our models derive it.
+
+    Integer inputs are token ids: ``x == pad_id`` is padding. Float inputs (images) and anything else have
+    no padding: ``None``.
+
+    Example::
+
+        >>> padding_mask_from_inputs(torch.tensor([[5, 3, 0, 0]]))
+        tensor([[False, False,  True,  True]])
+        >>> padding_mask_from_inputs(torch.zeros(1, 4, 4)) is None
+        True
+    """
+    if isinstance(x, Tensor) and x.dim() == 2 and not x.dtype.is_floating_point and not x.dtype.is_complex:
+        return x == pad_id
+    return None
+
+
+def pool_tokens(h: Tensor, padding_mask: Tensor | None = None, pooling: str = "mean") -> Tensor:
+    """One vector per sample from a layer output ``h`` ``[B, T, d]``.
+
+    ``"mean"``: masked mean over the valid tokens, ``Σ_t keep_t h_t / Σ_t keep_t`` -> ``[B, d]`` (the
+    model's own pooling; a sample with no valid token gives zeros). ``"flatten"``: all tokens and features,
+    ``[B, T*d]``, with padded positions zeroed (for images, where ``T`` is fixed, this keeps the spatial layout).
+    An already pooled ``[B, d]`` output is returned as is.
+
+    Args:
+        h: ``[B, T, d]`` (batch first) or ``[B, d]``.
+        padding_mask: ``[B, T]``, ``True`` at padding, or ``None``; ignored when its shape does not match.
+        pooling: ``"mean"`` or ``"flatten"``.
+
+    Raises:
+        ValueError: for an unknown ``pooling`` or an output that is not 2-D or 3-D.
+
+    Example::
+
+        >>> h = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+        >>> pool_tokens(h, torch.tensor([[False, False, True]]))
+        tensor([[2., 3.]])
+        >>> pool_tokens(h, torch.tensor([[False, False, True]]), "flatten")
+        tensor([[1., 2., 3., 4., 0., 0.]])
+    """
+    if pooling not in ("mean", "flatten"):
+        raise ValueError(f"pooling={pooling!r} is not one of ('mean', 'flatten')")
+    if h.dim() == 2:
+        return h
+    if h.dim() != 3:
+        raise ValueError(f"expected a layer output [B, T, d] (or pooled [B, d]), got shape {tuple(h.shape)}")
+    keep = None
+    if padding_mask is not None and padding_mask.shape == h.shape[:2]:
+        keep = (~padding_mask.bool()).unsqueeze(-1).to(h.dtype)
+    if pooling == "flatten":
+        return (h if keep is None else h * keep).flatten(1)
+    if keep is None:
+        return h.mean(1)
+    return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)

@@ -1,0 +1,224 @@
+"""The batch / forward contract: how a probe calls the user's model exactly the way training does.
+
+A probe batch is whatever the validation ``DataLoader`` yields, collated, for the probe samples:
+
+* a tuple/list ``(x, y)`` -> ``model(x)``; ``(x, mask, y)`` -> ``model(x, mask)`` (every element but the last
+  is a positional input, the last is the labels); a bare tensor -> ``model(x)`` without labels;
+* a dict (HuggingFace style: ``input_ids``, ``attention_mask``, ``pixel_values``, ``labels`` ...) -> the
+  entries other than the labels (``labels``, ``label``, ``y``, ``target``, ``targets``) are passed as keyword
+  arguments, to the LightningModule when its ``forward`` accepts them, else to the HuggingFace model inside it;
+* anything else, or a model that needs something special: define ``probe_forward(self, batch) -> logits`` on
+  the LightningModule (and optionally ``probe_loss(self, batch, logits) -> [B]`` per-sample losses).
+
+The output may be a tensor, a tuple (its first element), or a ``ModelOutput``/dict with ``logits``. The
+per-sample loss is cross-entropy of the logits against the labels (mean over the labelled tokens of a sequence
+for ``[B, T, V]`` logits, ``-100`` ignored), so the mean over a validation batch equals the usual validation
+loss of a classifier. The padding mask comes from the batch (``attention_mask``: 1 = token; a boolean middle
+element of a tuple: PyTorch's convention, ``True`` = padding) or from what the model itself receives (see the
+adapters' ``padding``), never from a guessed ``pad_id``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LABEL_KEYS = ("labels", "label", "y", "target", "targets")
+
+
+def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every tensor in a nested tuple/list/dict, keeping the structure (and the mapping type)."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(map_tensors(v, fn) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    if isinstance(obj, Mapping):
+        items = {k: map_tensors(v, fn) for k, v in obj.items()}
+        try:
+            return type(obj)(items)
+        except Exception:
+            return items
+    return obj
+
+
+def batch_size(batch: Any) -> int:
+    """The number of samples: the leading size of the first tensor found."""
+    found: list[int] = []
+
+    def visit(t: Tensor) -> Tensor:
+        if not found and t.dim() > 0:
+            found.append(t.shape[0])
+        return t
+
+    map_tensors(batch, visit)
+    if not found:
+        raise ValueError(f"no tensor with a batch dimension in a probe batch of type {type(batch).__name__}")
+    return found[0]
+
+
+def take_rows(batch: Any, rows: Tensor | slice, size: int | None = None) -> Any:
+    """The samples ``rows`` of a batch: every tensor whose leading size is the batch size is indexed."""
+    n = batch_size(batch) if size is None else size
+    return map_tensors(batch, lambda t: t[rows] if t.dim() > 0 and t.shape[0] == n else t)
+
+
+def repeat_batch(batch: Any, k: int) -> Any:
+    """``k`` copies of a batch stacked along the batch axis (copy ``j`` is rows ``j*B .. (j+1)*B - 1``)."""
+    n = batch_size(batch)
+    return map_tensors(batch, lambda t: t.repeat(k, *([1] * (t.dim() - 1))) if t.dim() > 0 and t.shape[0] == n else t)
+
+
+def split_batch(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], Tensor | None]:
+    """``(args, kwargs, labels)`` of a collated batch, by the rules in the module docstring.
+
+    Example::
+
+        >>> x, m, y = torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool), torch.tensor([0, 1])
+        >>> args, kwargs, labels = split_batch((x, m, y))
+        >>> len(args), kwargs, labels.tolist()
+        (2, {}, [0, 1])
+        >>> split_batch({"input_ids": x, "labels": y})[1].keys()
+        dict_keys(['input_ids'])
+    """
+    if isinstance(batch, Mapping):
+        label_key = next((k for k in LABEL_KEYS if k in batch), None)
+        kwargs = {k: v for k, v in batch.items() if k != label_key}
+        return (), kwargs, (batch[label_key] if label_key is not None else None)
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 1:
+            return (batch[0],), {}, None
+        return tuple(batch[:-1]), {}, batch[-1]
+    return (batch,), {}, None
+
+
+def valid_from_batch(batch: Any) -> Tensor | None:
+    """The ``[B, T]`` valid-token mask a batch carries (``True`` = real token), or ``None``.
+
+    A dict's ``attention_mask`` (HuggingFace: 1 = token); a tuple ``(x, mask, y)``'s middle element: a boolean mask
+    is PyTorch's key padding mask (``True`` = padding), a float mask with ``-inf`` is additive, a 0/1 integer or float
+    mask is HuggingFace's convention.
+
+    Example::
+
+        >>> valid_from_batch({"input_ids": torch.ones(1, 3), "attention_mask": torch.tensor([[1, 1, 0]])}).tolist()
+        [[True, True, False]]
+        >>> valid_from_batch((torch.ones(1, 3), torch.tensor([[False, True, True]]), torch.tensor([0]))).tolist()
+        [[True, False, False]]
+    """
+    mask: Any = None
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            return mask != 0
+        return None
+    if isinstance(batch, (tuple, list)) and len(batch) >= 3:
+        mask = batch[1]
+    if not isinstance(mask, Tensor) or mask.dim() != 2:
+        return None
+    if mask.dtype == torch.bool:
+        return ~mask
+    if mask.dtype.is_floating_point and bool(torch.isinf(mask).any()):
+        return mask == 0
+    return mask != 0
+
+
+def extract_logits(output: Any) -> Tensor:
+    """The logits of a model output: a tensor, a tuple's first element, or ``.logits`` / ``["logits"]``."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"cannot find logits in a model output of type {type(output).__name__}: expected a tensor, a tuple starting "
+        "with one, or an output with `.logits`; define probe_forward(batch) -> logits on your LightningModule"
+    )
+
+
+def _accepts(fn: Callable[..., Any], names: list[str]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return all(n in params for n in names)
+
+
+def _inner_hf_model(module: nn.Module) -> nn.Module | None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return None
+    return next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def eager(module: nn.Module) -> nn.Module:
+    """The eager module behind a ``torch.compile``d one."""
+    return getattr(module, "_orig_mod", module)
+
+
+def call_model(pl_module: nn.Module, batch: Any) -> Any:
+    """One forward of the user's model on a probe batch, by the contract in the module docstring (eager mode)."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    ctx = stance("force_eager") if stance is not None else contextlib.nullcontext()
+    with ctx:
+        hook = getattr(pl_module, "probe_forward", None)
+        if callable(hook):
+            return hook(batch)
+        args, kwargs, _ = split_batch(batch)
+        if kwargs:
+            if _accepts(pl_module.forward, list(kwargs)):
+                return pl_module(**kwargs)
+            inner = _inner_hf_model(pl_module)
+            if inner is not None:
+                return inner(**kwargs)
+            raise TypeError(
+                f"{type(pl_module).__name__}.forward does not accept the batch's keys {sorted(kwargs)} and there is no "
+                "HuggingFace model inside it to call instead; define probe_forward(batch) -> logits on it"
+            )
+        return pl_module(*args)
+
+
+def per_sample_loss(pl_module: nn.Module, batch: Any, logits: Tensor, labels: Tensor | None) -> Tensor | None:
+    """Per-sample losses ``[B]``: ``probe_loss(batch, logits)`` if the module defines it, else cross-entropy.
+
+    ``[B, C]`` logits with integer labels: cross-entropy per sample. ``[B, T, V]`` logits with ``[B, T]`` labels: the
+    mean token cross-entropy of each sample over labelled tokens (``-100`` ignored). Float labels of the logits'
+    shape: squared error per sample. ``None`` when there are no labels.
+    """
+    hook = getattr(pl_module, "probe_loss", None)
+    if callable(hook):
+        loss = hook(batch, logits)
+        if not isinstance(loss, Tensor) or loss.dim() != 1:
+            raise ValueError(
+                f"probe_loss must return per-sample losses [B], got {getattr(loss, 'shape', type(loss).__name__)}"
+            )
+        return loss.float()
+    if labels is None:
+        return None
+    logits = logits.float()
+    if labels.dtype.is_floating_point:
+        return (logits - labels.float().reshape(logits.shape)).pow(2).flatten(1).mean(1)
+    if logits.dim() == 3 and labels.dim() == 2:
+        token = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+        keep = (labels != -100).float()
+        return (token * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+    return F.cross_entropy(logits, labels.long(), reduction="none")
+
+
+def labels_of(batch: Any) -> Tensor | None:
+    """The labels of a batch (see :func:`split_batch`)."""
+    return split_batch(batch)[2]
