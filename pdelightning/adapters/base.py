@@ -70,7 +70,7 @@ def child(module: nn.Module, *names: str) -> nn.Module | None:
 
 
 def attention_like(module: nn.Module) -> bool:
-    """Whether ``module`` looks like an attention module: MHA, a ``hook_pattern``, or 'attention'/'attn' in its class."""
+    """Whether ``module`` looks like attention: an MHA, a ``hook_pattern``, or 'attention'/'attn' in its class."""
     if isinstance(module, nn.MultiheadAttention) or isinstance(getattr(module, "hook_pattern", None), nn.Module):
         return True
     return bool(_ATTN_CLASS.search(type(module).__name__)) and not type(module).__name__.lower().endswith("output")
@@ -107,7 +107,7 @@ def parent_of(root: nn.Module, target: nn.Module) -> nn.Module | None:
 
 
 def out_proj_of(attn: nn.Module, block: nn.Module | None = None) -> nn.Module | None:
-    """The attention output projection ``W^O``: a known child name of ``attn``, else ``output.dense`` beside it (BERT)."""
+    """The attention output projection ``W^O``: a known child of ``attn``, else ``output.dense`` beside it (BERT)."""
     proj = child(attn, *OUT_PROJ_NAMES)
     if proj is not None and linear_weight(proj) is not None:
         return proj
@@ -222,13 +222,15 @@ class ModelAdapter:
 
     @contextlib.contextmanager
     def probe_mode(self, attention: bool = False) -> Iterator[None]:
-        """Context of a probe forward: fast paths off (and, with ``attention``, whatever makes the probabilities exist)."""
+        """Context of a probe forward: fast paths off (with ``attention``, whatever makes the probabilities exist)."""
         with fastpath_off():
             yield
 
     def padding(self) -> tuple[nn.Module, Callable[[tuple[Any, ...], dict[str, Any]], Tensor | None]] | None:
-        """``(module, read)``: ``read(args, kwargs)`` of a forward pre-hook on ``module`` gives the ``[B, T]`` valid-token
-        mask (``True`` = real token) the model itself uses, or ``None``. ``None`` (default): take it from the batch.
+        """Where the model's own padding mask is: ``(module, read)``, or ``None`` (default: from the batch).
+
+        ``read(args, kwargs)`` of a forward pre-hook on ``module`` gives the ``[B, T]`` valid-token mask (``True`` =
+        real token) the model itself uses, or ``None``.
         """
         return None
 

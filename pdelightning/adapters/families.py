@@ -42,7 +42,7 @@ def _first_arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, *names
 
 
 def valid_from_padding_mask(mask: Any) -> Tensor | None:
-    """``[B, T]`` valid-token mask from a PyTorch-convention key padding mask (bool ``True`` or additive ``-inf`` = pad).
+    """``[B, T]`` valid-token mask from a PyTorch key padding mask (bool ``True`` or additive ``-inf`` = padding).
 
     Example::
 
@@ -73,6 +73,13 @@ class ProtocolAdapter(ModelAdapter):
         if not t.family:
             t.family = "protocol"
         return t
+
+    def reinitialise(self, model: nn.Module) -> bool:
+        reset = getattr(model, "reset_parameters", None)
+        if callable(reset):
+            reset()
+            return True
+        return reset_all(model) > 0
 
     def padding(self) -> tuple[nn.Module, Callable[[tuple[Any, ...], dict[str, Any]], Tensor | None]] | None:
         targets = self.targets()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import ExitStack
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,7 @@ Sink = Callable[[Tensor], None]
 
 
 def first_tensor(output: Any) -> Tensor:
-    """The hidden state in a module output: the tensor itself, the first element of a tuple/list, or ``.last_hidden_state``.
+    """The hidden state in a module output: the tensor, a tuple/list's first element, or ``.last_hidden_state``.
 
     Example::
 
@@ -105,7 +105,7 @@ def sdpa_probabilities(
 class _Interceptor(TorchFunctionMode):
     """Records the 4-D attention probabilities of ``softmax`` and ``scaled_dot_product_attention`` calls."""
 
-    _SOFTMAX = {F.softmax, torch.softmax, Tensor.softmax, torch.special.softmax}
+    _SOFTMAX: ClassVar[frozenset[Any]] = frozenset({F.softmax, torch.softmax, Tensor.softmax, torch.special.softmax})
 
     def __init__(self, sink: Sink) -> None:
         super().__init__()
@@ -286,7 +286,7 @@ def attention_reader(module: nn.Module, sink: Sink) -> Any:
 
 
 def reader_kind(module: nn.Module) -> str:
-    """How :func:`attention_reader` reads ``module``: ``hook_pattern``, ``need_weights``, ``timm``, ``eager`` or ``softmax``."""
+    """How :func:`attention_reader` reads ``module``: hook_pattern, need_weights, timm, eager or softmax."""
     reader = attention_reader(module, lambda t: None)
     return {
         _HookPatternReader: "hook_pattern",

@@ -1,17 +1,27 @@
-"""The machinery every analysis callback shares: cadence, the probe set, gathered state and TensorBoard output.
+"""The base of every probe callback: when to probe, on what, and where results go.
 
-A probe set is drawn once from the validation data (seeded, the same on every rank and for every world
-size); each rank runs the eager model on its strided shard of it in eval mode, appends what it measured
-to a :class:`GatherStore` (a torchmetrics ``Metric`` with ``cat`` states), and ``compute()`` gathers the
-whole probe set on every rank, ordered by sample index, so the statistics equal the one-process values.
-Rank zero then writes scalars, histograms and figures.
+A probe callback declares what it needs from a probe forward (:meth:`ProbeCallback.request`, and
+:meth:`ProbeCallback.extra_models` for reference and null models), and consumes the shared captures batch by
+batch (:meth:`ProbeCallback.consume`) before finishing with its collectives and logging
+(:meth:`ProbeCallback.finish`). The forwards themselves are run once for all callbacks due at a step by the
+trainer's :class:`~pdelightning.probing.hub.ProbeHub`.
+
+**Cadence.** By default a callback runs under a time budget (``budget=0.03``: analysis at most 3 % of the training
+wall time, probes spaced by measuring what they and a training step cost; always at the start and the end of
+training; the budget is shared by every callback of the run). An explicit ``every_n_steps`` / ``every_n_epochs``
+switches to a fixed cadence exactly as given; with ``budget`` also given, ``every_n_steps`` is the closest spacing
+the budget may choose.
+
+**Attaching.** At ``setup`` the model's adapter is found (:mod:`pdelightning.adapters`). When it gives nothing this
+callback can use, ``on_missing="raise"`` (default) raises :class:`~pdelightning.adapters.TargetNotFoundError` naming
+what was looked for and what was found; ``on_missing="warn"`` (what the ``PDELIGHTNING_CALLBACKS`` plugin uses) warns
+once and steps aside, and training continues.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as L
@@ -21,96 +31,36 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchmetrics import Metric
 from typing_extensions import override
 
-from pdelightning.callbacks._targets import resolve_targets
+from pdelightning.adapters.base import ModelAdapter
+from pdelightning.adapters.registry import TargetNotFoundError, resolve
 from pdelightning.models.protocol import AnalysisTargets
+from pdelightning.probing.batch import split_batch as _split
+from pdelightning.probing.capture import Request
+from pdelightning.probing.hub import ProbeBatch, ProbeHub, ProbeSession
+from pdelightning.probing.probe_set import DEFAULT_PROBE_SIZE
+from pdelightning.probing.store import GatherStore
 
+__all__ = [
+    "DEFAULT_PROBE_SIZE",
+    "GatherStore",
+    "ProbeCallback",
+    "log_scalars",
+    "split_batch",
+    "tensorboard",
+    "validation_loader",
+    "write_layout",
+]
 
-class GatherStore(Metric):
-    """A ``Metric`` whose states are lists of per-sample tensors, concatenated across ranks on ``compute``.
-
-    ``update(index, **tensors)`` appends one batch (``index`` holds each sample's position in the probe
-    set); ``compute()`` returns ``{name: tensor}`` over the whole probe set, sorted by ``index``, identical
-    on every rank. Every rank must call ``compute()`` (it is a collective under DDP).
-    """
-
-    full_state_update = False
-
-    def __init__(self, keys: list[str]) -> None:
-        super().__init__(compute_with_cache=False)
-        self.keys = list(keys)
-        self.add_state("index", default=[], dist_reduce_fx="cat")
-        for k in self.keys:
-            self.add_state(_state_name(k), default=[], dist_reduce_fx="cat")
-
-    def update(self, index: Tensor, **tensors: Tensor) -> None:  # type: ignore[override]
-        """Append one batch of per-sample tensors."""
-        self.index.append(index.to(self.device))  # type: ignore[attr-defined]
-        for k in self.keys:
-            getattr(self, _state_name(k)).append(tensors[k].detach().to(self.device))
-
-    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
-        """Concatenate (across batches and ranks) and order by sample index."""
-        index = _cat(self.index)  # type: ignore[attr-defined]
-        order = index.argsort()
-        return {k: _cat(getattr(self, _state_name(k)))[order] for k in self.keys}
-
-
-def _state_name(key: str) -> str:
-    return "s_" + re.sub(r"\W", "_", key)
-
-
-def _cat(x: Tensor | list[Tensor]) -> Tensor:
-    return torch.cat(x) if isinstance(x, list) else x
+DEFAULT_BUDGET = 0.03
+ON_MISSING = ("raise", "warn")
 
 
 def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
-    """``(inputs, targets)`` of a batch given as ``(x, y, ...)``, a dict (``x``/``input``/``input_ids`` and
-    ``y``/``label``/``labels``), or bare inputs.
-    """
-    if isinstance(batch, (tuple, list)):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    if isinstance(batch, Mapping):
-        x = next((batch[k] for k in ("x", "input", "inputs", "input_ids", "image") if k in batch), None)
-        y = next((batch[k] for k in ("y", "label", "labels", "target") if k in batch), None)
-        if x is None:
-            raise KeyError(
-                f"cannot find the inputs in a batch with keys {sorted(batch)}; expected one of x, input, input_ids"
-            )
-        return x, y
-    return batch, None
-
-
-class ProbeSet:
-    """The fixed probe samples of one rank: ``(x, y, index)`` batches on the CPU (inputs only, no activations).
-
-    Args:
-        dataset: the validation dataset.
-        collate_fn: its loader's collate function.
-        size: number of probe samples (fewer if the dataset is smaller).
-        batch_size: probe batch size.
-        seed: seed of the draw; the same on every rank.
-        rank, world_size: this rank's strided shard ``indices[rank::world_size]``.
-    """
-
-    def __init__(
-        self, dataset: Any, collate_fn: Any, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
-    ) -> None:
-        n = len(dataset)
-        g = torch.Generator().manual_seed(seed)
-        chosen = torch.randperm(n, generator=g)[: min(size, n)].sort().values
-        self.size = len(chosen)
-        positions = torch.arange(self.size)[rank::world_size]
-        self.batches: list[tuple[Any, Tensor | None, Tensor]] = []
-        for start in range(0, len(positions), batch_size):
-            pos = positions[start : start + batch_size]
-            x, y = split_batch(collate_fn([dataset[int(chosen[p])] for p in pos]))
-            self.batches.append((x, y, pos))
-
-    def __iter__(self) -> Iterator[tuple[Any, Tensor | None, Tensor]]:
-        return iter(self.batches)
+    """``(inputs, labels)`` of a batch (the first positional input, or the dict of keyword inputs)."""
+    args, kwargs, labels = _split(batch)
+    return (kwargs if kwargs else args[0]), labels
 
 
 def validation_loader(trainer: L.Trainer) -> DataLoader | None:
@@ -118,12 +68,14 @@ def validation_loader(trainer: L.Trainer) -> DataLoader | None:
     else, with a warning, the training data; ``None`` if there is neither.
     """
     dm = trainer.datamodule
-    for get in (
+    no_val = trainer.limit_val_batches == 0
+    getters: list[Callable[[], Any]] = [] if no_val else [
         lambda: dm.val_dataloader() if dm is not None else None,
         lambda: trainer.val_dataloaders,
         # loaders given to fit() are reachable before the loops load them (setup), only through the loop's source
         lambda: trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader(),
-    ):
+    ]  # fmt: skip
+    for get in getters:
         try:
             loader = get()
         except Exception:
@@ -132,15 +84,17 @@ def validation_loader(trainer: L.Trainer) -> DataLoader | None:
             loader = loader[0] if loader else None
         if isinstance(loader, DataLoader):
             return loader
-    train = trainer.train_dataloader
-    if train is None:
+    train = None
+    for get in (lambda: dm.train_dataloader() if dm is not None else None, lambda: trainer.train_dataloader,
+                lambda: trainer.fit_loop._data_source.dataloader()):  # fmt: skip
         with contextlib.suppress(Exception):
-            train = trainer.fit_loop._data_source.dataloader()
-    if isinstance(train, (list, tuple)):
-        train = train[0] if train else None
-    if isinstance(train, DataLoader):
-        rank_zero_warn("no validation data: the analysis probe set is drawn from the training data")
-        return train
+            train = get()
+        if isinstance(train, (list, tuple)):
+            train = train[0] if train else None
+        if isinstance(train, DataLoader):
+            why = "limit_val_batches=0" if no_val else "no validation data"
+            rank_zero_warn(f"pdelightning: {why}: the analysis probe set is drawn from the training data")
+            return train
     return None
 
 
@@ -167,11 +121,7 @@ def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float | Tensor], step:
 
 
 def write_layout(trainer: L.Trainer, name: str, charts: Mapping[str, list[str]]) -> None:
-    """Merge ``{chart title: [tag regex, ...]}`` of callback ``name`` into the run's custom-scalars layout.
-
-    One multiline chart per entry, grouped under ``analysis/<name>``; the layouts of all callbacks writing
-    to the same ``SummaryWriter`` are merged, and the merged layout is written (rank zero only).
-    """
+    """Merge ``{chart title: [tag regex, ...]}`` of callback ``name`` into the run's custom-scalars layout (rank 0)."""
     writer = tensorboard(trainer)
     if writer is None or not charts:
         return
@@ -181,24 +131,29 @@ def write_layout(trainer: L.Trainer, name: str, charts: Mapping[str, list[str]])
 
 
 class ProbeCallback(Callback):
-    """Base class of the analysis callbacks: when to probe, on what, and where results go.
+    """Base class of the probe callbacks (see the module docstring).
 
     Args:
-        every_n_steps: probe after every ``n``-th optimizer step (``None``: not by steps).
-        every_n_epochs: probe at the end of every ``n``-th training epoch (``None``: not by epochs).
+        every_n_steps: probe after every ``n``-th optimizer step (fixed cadence); with ``budget`` set explicitly, the
+            closest spacing the budget may choose.
+        every_n_epochs: probe at the end of every ``n``-th training epoch (fixed cadence).
+        budget: analysis time as a fraction of training time; ``"auto"`` (default): ``0.03`` unless a fixed cadence is
+            given; ``None``: no budget (fixed cadence only).
         probe_at_start: also probe once before the first training step (the curves' step 0).
-        probe_size: number of validation samples in the fixed probe set.
+        probe_size: number of validation samples in the fixed probe set (256 by default, for every callback).
         probe_batch_size: batch size of the probe forwards.
-        layers: glob of the layer modules (``*`` = one name segment), overriding discovery.
+        layers: glob of the layer modules (``*`` = one name segment), overriding the adapter's layers.
         attention: glob of their attention modules.
-        embedding: name/glob of the input-embedding module.
+        embedding: name/glob of the module whose output is the input embedding ``u_0``.
         seed: seed of the probe-set draw.
-        figure_every_n_probes: draw figures on the first probe, every ``n``-th after it and the last probe of
-            training (rendering a matplotlib figure costs more than the rest of a probe); scalars are logged at
-            every probe.
+        figure_every_n_probes: also draw figures on the first probe and every ``n``-th after it (rendered on a
+            background thread); ``None`` (default): on the last probe of training only.
+        on_missing: ``"raise"`` (default) or ``"warn"``: what to do at ``setup`` when the model offers nothing this
+            callback can analyse (``"warn"``: one warning, then the callback steps aside).
 
     Raises:
-        ValueError: for non-positive cadences or sizes, or no cadence at all.
+        ValueError: for non-positive cadences or sizes, a budget outside (0, 1), an unknown ``on_missing``, or no
+            cadence at all.
     """
 
     name: ClassVar[str] = "probe"
@@ -207,37 +162,55 @@ class ProbeCallback(Callback):
     def __init__(
         self,
         every_n_steps: int | None = None,
-        every_n_epochs: int | None = 1,
+        every_n_epochs: int | None = None,
+        budget: float | str | None = "auto",
         probe_at_start: bool = True,
-        probe_size: int = 256,
+        probe_size: int = DEFAULT_PROBE_SIZE,
         probe_batch_size: int = 128,
         layers: str | None = None,
         attention: str | None = None,
         embedding: str | None = None,
         seed: int = 0,
-        figure_every_n_probes: int = 5,
+        figure_every_n_probes: int | None = None,
+        on_missing: str = "raise",
     ) -> None:
         for arg, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and value <= 0:
-                raise ValueError(f"{arg}={value} must be a positive integer or None")
-        if every_n_steps is None and every_n_epochs is None and not probe_at_start:
-            raise ValueError("set every_n_steps or every_n_epochs (or probe_at_start): this callback would never run")
-        sizes = (("probe_size", probe_size), ("probe_batch_size", probe_batch_size))
-        for arg, value in (*sizes, ("figure_every_n_probes", figure_every_n_probes)):
-            if value <= 0:
-                raise ValueError(f"{arg}={value} must be positive")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{arg}={value!r} must be a positive integer or None")
+        if budget == "auto":
+            budget = DEFAULT_BUDGET if every_n_steps is None and every_n_epochs is None else None
+        if budget is not None and not (isinstance(budget, (int, float)) and 0 < float(budget) < 1):
+            raise ValueError(f"budget={budget!r} must be a fraction in (0, 1) (e.g. 0.03), 'auto' or None")
+        if budget is None and every_n_steps is None and every_n_epochs is None and not probe_at_start:
+            raise ValueError(
+                "set budget, every_n_steps or every_n_epochs (or probe_at_start): this callback would never run"
+            )
+        for arg, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{arg}={value!r} must be positive (an integer >= 1)")
+        if figure_every_n_probes is not None and figure_every_n_probes <= 0:
+            raise ValueError(
+                f"figure_every_n_probes={figure_every_n_probes} must be positive or None (last probe only)"
+            )
+        if on_missing not in ON_MISSING:
+            raise ValueError(f"on_missing={on_missing!r} is not one of {ON_MISSING}")
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
+        self.budget: float | None = None if budget is None else float(budget)
         self.probe_at_start = probe_at_start
         self.probe_size = probe_size
         self.probe_batch_size = probe_batch_size
         self.patterns = {"layers": layers, "attention": attention, "embedding": embedding}
         self.seed = seed
         self.figure_every_n_probes = figure_every_n_probes
+        self.on_missing = on_missing
+        self.disabled: str | None = None
+        self.last_probe_step = -1
         self._n_probes = 0
-        self._final_probe = False
-        self._probe: ProbeSet | None = None
-        self._last_step = -1
+        self._final = False
+        self._adapter: ModelAdapter | None = None
+        self._hub: ProbeHub | None = None
+        self._pending_hub_state: dict[str, Any] | None = None
 
     @property
     @override
@@ -246,63 +219,81 @@ class ProbeCallback(Callback):
             every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs, **self.patterns
         )
 
-    # ---- discovery and probe set -------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Whether this callback takes part in probes (it did not step aside at setup)."""
+        return self.disabled is None
+
+    # ---- targets -------------------------------------------------------------------------------------------------
+    def resolved(self, pl_module: nn.Module) -> tuple[ModelAdapter | None, AnalysisTargets]:
+        """``(adapter, targets)`` of the model under training (targets re-read: PDE coefficients are live)."""
+        return resolve(pl_module, need=self.needs, **self.patterns)
+
     def targets(self, pl_module: nn.Module) -> AnalysisTargets:
-        """Resolve (every probe: PDE coefficients are read live) the layers this callback analyses."""
-        return resolve_targets(pl_module, need=self.needs, **self.patterns)
+        """The targets this callback analyses."""
+        return self.resolved(pl_module)[1]
+
+    def step_aside(self, why: str) -> None:
+        """Warn once and stop taking part (``on_missing="warn"``)."""
+        self.disabled = why
+        rank_zero_warn(f"{type(self).__name__} is switched off for this run: {why}")
+
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Checks at ``setup``; raise :class:`TargetNotFoundError` (or ``ValueError``) for what cannot work."""
+        self.resolved(pl_module)
+        if self.probe_loader(trainer) is None:
+            raise TargetNotFoundError(
+                f"{type(self).__name__} needs validation (or training) data for its probe set: give the trainer a "
+                "val_dataloader or a datamodule with one"
+            )
+
+    def probe_loader(self, trainer: L.Trainer) -> DataLoader | None:
+        """The loader the probe set comes from."""
+        return validation_loader(trainer)
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.targets(pl_module)  # fail fast, with the list of modules seen, before any training
-
-    def probe_set(self, trainer: L.Trainer) -> ProbeSet:
-        """The fixed probe set (built on first use from the validation data)."""
-        if self._probe is None:
-            loader = validation_loader(trainer)
-            if loader is None:
-                raise RuntimeError(
-                    f"{type(self).__name__} needs validation data for its probe set: give the trainer a "
-                    "val_dataloader (or a datamodule with one)"
-                )
-            self._probe = ProbeSet(
-                loader.dataset, loader.collate_fn, self.probe_size, self.probe_batch_size, self.seed,
-                trainer.global_rank, trainer.world_size,
-            )  # fmt: skip
-        return self._probe
-
-    def iter_probe(
-        self, trainer: L.Trainer, pl_module: L.LightningModule
-    ) -> Iterator[tuple[Any, Tensor | None, Tensor]]:
-        """This rank's probe batches moved to the module's device: ``(x, y, index)``."""
-        for x, y, idx in self.probe_set(trainer):
-            x = x.to(pl_module.device) if isinstance(x, Tensor) else x
-            y = y.to(pl_module.device) if isinstance(y, Tensor) else y
-            yield x, y, idx
-
-    @staticmethod
-    def forward(pl_module: nn.Module, x: Any) -> Any:
-        """One eager forward of the model (hooks fire even when parts of it are ``torch.compile``d)."""
-        stance = getattr(torch.compiler, "set_stance", None)
-        ctx = stance("force_eager") if stance is not None else contextlib.nullcontext()
-        with ctx:
-            return pl_module(x)
-
-    # ---- cadence ---------------------------------------------------------------------------------------
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> None:
-        if trainer.sanity_checking or self._last_step == trainer.global_step:
+        if stage != "fit":
             return
-        self._last_step = trainer.global_step
-        was_training = pl_module.training
-        pl_module.eval()
-        self._final_probe = final or trainer.should_stop
         try:
-            self.probe(trainer, pl_module)
-        finally:
-            pl_module.train(was_training)
-            self._n_probes += 1
-            self._final_probe = False
+            self.check(trainer, pl_module)
+        except (TargetNotFoundError, ValueError) as err:
+            if self.on_missing == "raise":
+                raise
+            self.step_aside(str(err))
+            return
+        self._hub = ProbeHub.of(trainer)
+        self._hub.attach(self)
+        if self._pending_hub_state is not None:
+            self._hub.load_state_dict(self._pending_hub_state)
+            self._pending_hub_state = None
 
+    @property
+    def hub(self) -> ProbeHub:
+        """The trainer's probe hub (after setup)."""
+        if self._hub is None:
+            raise RuntimeError(f"{type(self).__name__} is not set up: attach it to a Trainer and call fit()")
+        return self._hub
+
+    # ---- what to capture (override) ------------------------------------------------------------------------------
+    def request(self) -> Request:
+        """What this callback needs from the model's probe forward."""
+        return Request()
+
+    def extra_models(self, pl_module: nn.Module) -> dict[str, tuple[nn.Module, Request]]:
+        """Other models to run on the same probe batches: ``{key: (module, request)}`` (same key: one forward)."""
+        return {}
+
+    def begin(self, session: ProbeSession) -> None:
+        """Start of a probe (every rank): e.g. create the stores."""
+
+    def consume(self, pb: ProbeBatch) -> None:
+        """One probe batch with the shared captures (every rank; a rank's stand-in batch has an empty index)."""
+
+    def finish(self, session: ProbeSession) -> None:
+        """End of a probe (every rank): collectives, then rank-zero logging."""
+
+    # ---- cadence ---------------------------------------------------------------------------------------------------
     @staticmethod
     def _steps_done(trainer: L.Trainer) -> bool:
         return trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
@@ -311,30 +302,76 @@ class ProbeCallback(Callback):
     def _last_epoch(trainer: L.Trainer) -> bool:
         return trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
 
+    def is_due(self, trainer: L.Trainer, hook: str, final: bool) -> bool:
+        """Whether this callback probes at ``hook`` (``start``, ``batch_end``, ``epoch_end``, ``train_end``) now."""
+        step = trainer.global_step
+        if hook == "start":
+            return self.probe_at_start and step == 0
+        if self.budget is not None:
+            if hook == "train_end":
+                return self.last_probe_step != step
+            return final or (hook == "batch_end" and self.hub.budget_due(trainer))
+        epoch_hit = bool(self.every_n_epochs) and (trainer.current_epoch + 1) % self.every_n_epochs == 0  # type: ignore[operator]
+        if hook == "batch_end":
+            step_hit = bool(self.every_n_steps) and step % self.every_n_steps == 0  # type: ignore[operator]
+            return step_hit or (epoch_hit and bool(trainer.is_last_batch))
+        if hook == "epoch_end":
+            return epoch_hit
+        return False
+
+    def mark_probed(self, step: int, final: bool) -> None:
+        """Called by the hub after :meth:`finish`."""
+        self.last_probe_step = step
+        self._n_probes += 1
+
+    @property
+    def figures_due(self) -> bool:
+        """Whether the current probe draws figures (the last of training; also every ``figure_every_n_probes``-th)."""
+        k = self.figure_every_n_probes
+        return self._final or (k is not None and self._n_probes % k == 0)
+
+    def _hub_step(self, trainer: L.Trainer, pl_module: L.LightningModule, hook: str, final: bool) -> None:
+        if self._hub is None or not self.active:
+            return
+        for c in self._hub.callbacks:
+            c._final = final
+        try:
+            self._hub.step(trainer, pl_module, hook, final)
+        finally:
+            for c in self._hub.callbacks:
+                c._final = False
+
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._hub is None or not self.active:
+            return
+        self._hub.start_clock(trainer)
         self.write_layout(trainer)
-        if self.probe_at_start and trainer.global_step == 0:
-            self._run(trainer, pl_module)
+        self._hub_step(trainer, pl_module, "start", final=False)
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            last_batch = trainer.is_last_batch and self._last_epoch(trainer)
-            self._run(trainer, pl_module, final=self._steps_done(trainer) or last_batch)
+        final = self._steps_done(trainer) or (bool(trainer.is_last_batch) and self._last_epoch(trainer))
+        self._hub_step(trainer, pl_module, "batch_end", final)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
-            self._run(trainer, pl_module, final=self._last_epoch(trainer) or self._steps_done(trainer))
+        self._hub_step(trainer, pl_module, "epoch_end", self._last_epoch(trainer) or self._steps_done(trainer))
 
-    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Measure on the probe set and log. Runs on every rank (collectives inside)."""
-        raise NotImplementedError
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._hub_step(trainer, pl_module, "train_end", final=True)
+        if self._hub is not None:
+            self._hub.figures.drain()
 
-    # ---- output ----------------------------------------------------------------------------------------
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._hub is not None:
+            self._hub.figures.drain()
+
+    # ---- output ----------------------------------------------------------------------------------------------------
     def key(self, quantity: str, layer: str | None = None) -> str:
         """``analysis/<callback>/<quantity>[/<layer>]``."""
         return f"analysis/{self.name}/{quantity}" + (f"/{layer}" if layer else "")
@@ -343,19 +380,11 @@ class ProbeCallback(Callback):
         """Write scalars to every logger at ``step`` (default: the current global step), rank zero only."""
         log_scalars(trainer, metrics, step)
 
-    @property
-    def figures_due(self) -> bool:
-        """Whether this probe draws figures (the first, every ``figure_every_n_probes``-th, the last of training)."""
-        return self._final_probe or self._n_probes % self.figure_every_n_probes == 0
-
-    def add_figure(self, trainer: L.Trainer, tag: str, figure: Any) -> None:
-        """Write a matplotlib figure to TensorBoard (rank zero, on probes that draw figures) and close it."""
-        import matplotlib.pyplot as plt
-
-        writer = tensorboard(trainer)
+    def figure(self, session: ProbeSession, tag: str, draw: Callable[[], Any]) -> None:
+        """Render ``draw()`` (a matplotlib figure) into TensorBoard under ``tag`` on the background worker (rank 0)."""
+        writer = tensorboard(session.trainer)
         if writer is not None and self.figures_due:
-            writer.add_figure(tag, figure, global_step=trainer.global_step, close=True)
-        plt.close(figure)
+            session.figures.submit(writer, tag, session.step, draw)
 
     def add_histogram(self, trainer: L.Trainer, tag: str, values: Tensor) -> None:
         """Write a histogram to TensorBoard (rank zero)."""
@@ -370,3 +399,33 @@ class ProbeCallback(Callback):
     def write_layout(self, trainer: L.Trainer) -> None:
         """Merge this callback's charts into the run's custom-scalars layout (rank zero)."""
         write_layout(trainer, self.name, self.layout())
+
+    # ---- state -----------------------------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """A subclass's own history, for checkpoints."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        hub = self._hub.state_dict() if self._hub is not None else None
+        return {"n_probes": self._n_probes, "last_probe_step": self.last_probe_step, "hub": hub, **self.extra_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._n_probes = int(state_dict.get("n_probes", 0))
+        self.last_probe_step = int(state_dict.get("last_probe_step", -1))
+        hub = state_dict.get("hub")
+        if hub:
+            if self._hub is not None:
+                self._hub.load_state_dict(hub)
+            else:
+                self._pending_hub_state = hub
+        self.load_extra_state(state_dict)
+
+
+def no_grad_unless(needed: bool) -> Any:
+    """``torch.enable_grad()`` when ``needed``, else a null context (probes run under ``no_grad``)."""
+    return torch.enable_grad() if needed else contextlib.nullcontext()

@@ -1,12 +1,74 @@
-"""Loading the reference model that AttentionSimilarity and InformationFlow compare against."""
+"""The reference and null models that AttentionSimilarity and InformationFlow compare against."""
 
 from __future__ import annotations
 
+import copy
 import importlib
+import inspect
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as L
+import torch
+import yaml
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+
+from pdelightning.adapters.registry import find_adapter
+from pdelightning.callbacks._targets import module_copy
+
+LINKED_ARGS = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
+"""The model arguments our CLI links from the data module; copied into a ``reference_config`` that lacks them."""
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """``module`` in eval mode with gradients off (a reference is never trained)."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def reinitialised_copy(module: nn.Module, seed: int) -> nn.Module | None:
+    """A frozen copy of ``module`` with every parameter drawn afresh by its family's own initialiser, or ``None``.
+
+    The family adapter's initialiser is used (our models' ``reset_parameters``, HuggingFace ``_init_weights``,
+    timm's and TransformerLens' ``init_weights``, PyTorch's ``reset_parameters``), so the null is a genuine
+    initialisation (e.g. our token embeddings at ``N(0, 1/d)``, not ``nn.Embedding``'s ``N(0, 1)``). The draw is on
+    the CPU under a forked RNG seeded with ``seed``: identical on every rank and device, global RNG untouched.
+    ``None`` (with a warning) when no initialiser exists or the attention weights came out unchanged: a null that
+    is a copy of the model would be compared with the reference as if it were independent.
+    """
+    clone = module_copy(module).cpu()
+    adapter = find_adapter(clone)
+    before = _attention_weights(adapter)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ok = adapter.reinitialise(adapter.model) if adapter is not None else False
+    after = _attention_weights(adapter)
+    if not ok or (before and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))):
+        rank_zero_warn(
+            f"the re-initialised null of {type(module).__name__} cannot be built: its family "
+            f"({adapter.family if adapter is not None else 'unknown'}) has no initialiser that changes the attention "
+            "weights; the random_init null is dropped (it would be a copy of the model)"
+        )
+        return None
+    return freeze(clone)
+
+
+def _attention_weights(adapter: Any) -> list[torch.Tensor]:
+    if adapter is None:
+        return []
+    out = []
+    for layer in adapter.targets().layers[:1]:
+        if layer.attention is not None:
+            out += [p.detach().clone() for p in layer.attention.parameters()]
+            w = layer.out_proj_weight()
+            if w is not None:
+                out.append(w.detach().clone())
+    return out
+
+
 
 
 def import_object(path: str, arg: str = "reference_class") -> object:
@@ -61,3 +123,76 @@ def load_reference_checkpoint(path: str | Path, cls: type | None, hint: str) -> 
             f"built in Python (its hparams do not hold the model), {hint}; for another LightningModule give "
             "reference_class"
         ) from err
+
+
+def linked_values(pl_module: nn.Module) -> dict[str, Any]:
+    """The data-linked model arguments of the model under training: from its CLI hparams, else its attributes."""
+    hp = getattr(pl_module, "hparams", None) or {}
+    inner = hp.get("model") if isinstance(hp, Mapping) else None
+    if isinstance(inner, Mapping) and isinstance(inner.get("init_args"), Mapping):
+        return {k: inner["init_args"][k] for k in LINKED_ARGS if k in inner["init_args"]}
+    from pdelightning.models.base import SequenceClassifier
+
+    for m in pl_module.modules():
+        if isinstance(m, SequenceClassifier):
+            e = m.embed
+            tokens = e.input_kind == "tokens"
+            return {
+                "num_classes": m.num_classes,
+                "input_kind": e.input_kind,
+                "image_size": 0 if tokens else e.image_size,
+                "vocab_size": e.proj.num_embeddings if tokens else 0,
+                "max_len": e.n_tokens if tokens else 0,
+            }
+    return {}
+
+
+def _init_params(class_path: str) -> set[str] | None:
+    """Names of the ``__init__`` parameters of ``class_path`` (a short name is looked up in our models)."""
+    try:
+        cls = (
+            import_object(class_path, "class_path")
+            if "." in class_path
+            else getattr(importlib.import_module("pdelightning.models"), class_path)
+        )
+        return set(inspect.signature(cls).parameters)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
+
+
+def build_from_config(path: str, linked: Mapping[str, Any], cls: type | None = None) -> nn.Module:
+    """Instantiate the ``model:`` section of a YAML config in our CLI format.
+
+    ``model:`` holds the :class:`~pdelightning.task.ClassificationTask` arguments (``model: {class_path,
+    init_args}``, ``num_classes``, ...), or the ``init_args`` of ``cls``, or is itself ``{class_path, init_args}``.
+    Arguments our CLI links from the data module (:data:`LINKED_ARGS`) are filled from ``linked`` where the
+    file does not give them; the file's ``data:`` section is not read.
+    """
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    section = config.get("model") if isinstance(config, Mapping) else None
+    if not isinstance(section, Mapping):
+        raise ValueError(f"reference_config={path!r} has no `model:` section (keys: {sorted(config)})")
+    section = copy.deepcopy(dict(section))
+    from lightning.pytorch.cli import instantiate_module
+
+    if "class_path" in section:
+        cls = import_object(section["class_path"], "class_path") if "." in section["class_path"] else cls
+        if cls is None:
+            raise ValueError(f"reference_config={path!r}: give `model.class_path` as a dotted path")
+        section = dict(section.get("init_args") or {})
+    if cls is None:
+        from pdelightning.task import ClassificationTask
+
+        cls = ClassificationTask
+    inner = section.get("model")
+    if isinstance(inner, Mapping) and "class_path" in inner:
+        inner = section["model"] = dict(inner)
+        accepted = _init_params(inner["class_path"])
+        fill = {k: v for k, v in linked.items() if accepted is None or k in accepted}
+        inner["init_args"] = {**fill, **dict(inner.get("init_args") or {})}
+        if "num_classes" in linked:
+            section.setdefault("num_classes", linked["num_classes"])
+    return instantiate_module(cls, section)
+
+

@@ -9,6 +9,7 @@ forward of its own.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +21,15 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from pdelightning.adapters.registry import TargetNotFoundError, clean_name, resolve
 from pdelightning.analysis.gradients import (  # noqa: F401 (moved there; the old import path keeps working)
     grouped_norms,
     segment_norms,
     tensor_norms,
     update_ratio,
 )
-from pdelightning.callbacks._probe import log_scalars, tensorboard, write_layout
-from pdelightning.callbacks._targets import TargetNotFoundError, clean_name, resolve_targets
+from pdelightning.callbacks._probe import DEFAULT_BUDGET, ON_MISSING, log_scalars, tensorboard, write_layout
+from pdelightning.probing.hub import ProbeHub
 
 EMBEDDING, HEAD, OTHER = "embedding", "head", "other"
 
@@ -108,8 +110,16 @@ class GradientFlow(Callback):
     unlike the norm, does not grow with the layer's size. The vanishing/exploding flags compare the L2 norm
     with the thresholds (a non-finite norm counts as exploding); a warning names the layer when a flag turns on.
 
+    **Cadence.** By default the reads follow the run's analysis time budget (``budget=0.03``, shared with the
+    probe callbacks: the gradients of the first step, of the step before each probe and of the last step are
+    read, and the time the reads take counts against the budget). An explicit ``every_n_steps`` reads every
+    ``n``-th optimizer step instead, exactly.
+
     Args:
-        every_n_steps: read gradients on every ``n``-th optimizer step (``global_step % n == 0``).
+        every_n_steps: read gradients on every ``n``-th optimizer step (``global_step % n == 0``); with ``budget``
+            given too, the closest spacing the budget may choose.
+        budget: analysis time as a fraction of training time; ``"auto"`` (default): ``0.03`` unless
+            ``every_n_steps`` is given; ``None``: the fixed cadence only.
         histogram_every_n_steps: also write per-layer gradient histograms to TensorBoard, on the first read
             step of every window of this many steps (step 0, then about every ``n`` steps); ``None`` for none.
         vanishing_threshold: a layer whose gradient L2 norm is below this is flagged as vanishing.
@@ -119,6 +129,8 @@ class GradientFlow(Callback):
         layers: glob of the layer modules, overriding discovery (e.g. ``"encoder.layers.*"``).
         attention: glob of their attention modules (unused for grouping; accepted for config symmetry).
         embedding: name/glob of the input-embedding module (its parameters form the ``embedding`` group).
+        on_missing: ``"raise"`` (default) or ``"warn"``: what to do when a ``layers``/``embedding`` glob matches
+            nothing (``"warn"``: one warning, then the callback steps aside).
 
     Raises:
         ValueError: for a non-positive cadence, or thresholds that are not ``0 <= vanishing < exploding``.
@@ -147,7 +159,8 @@ class GradientFlow(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 50,
+        every_n_steps: int | None = None,
+        budget: float | str | None = "auto",
         histogram_every_n_steps: int | None = 500,
         vanishing_threshold: float = 1e-7,
         exploding_threshold: float = 1e3,
@@ -155,9 +168,19 @@ class GradientFlow(Callback):
         layers: str | None = None,
         attention: str | None = None,
         embedding: str | None = None,
+        on_missing: str = "raise",
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps <= 0:
-            raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer")
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                          or every_n_steps <= 0):  # fmt: skip
+            raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer or None")
+        if budget == "auto":
+            budget = DEFAULT_BUDGET if every_n_steps is None else None
+        if budget is not None and not (isinstance(budget, (int, float)) and 0 < float(budget) < 1):
+            raise ValueError(f"budget={budget!r} must be a fraction in (0, 1) (e.g. 0.03), 'auto' or None")
+        if budget is None and every_n_steps is None:
+            raise ValueError("give every_n_steps or a budget: GradientFlow would never read the gradients")
+        if on_missing not in ON_MISSING:
+            raise ValueError(f"on_missing={on_missing!r} is not one of {ON_MISSING}")
         if histogram_every_n_steps is not None and (
             not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps <= 0
         ):
@@ -171,6 +194,10 @@ class GradientFlow(Callback):
                 "satisfy 0 <= vanishing_threshold < exploding_threshold"
             )
         self.every_n_steps = every_n_steps
+        self.budget: float | None = None if budget is None else float(budget)
+        self.on_missing = on_missing
+        self.disabled: str | None = None
+        self._hub: ProbeHub | None = None
         self.histogram_every_n_steps = histogram_every_n_steps
         self.vanishing_threshold = vanishing_threshold
         self.exploding_threshold = exploding_threshold
@@ -187,10 +214,25 @@ class GradientFlow(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, **self.patterns)
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "flagged": sorted(self._flagged),
+            "histogram_window": self._histogram_window,
+            "hub": self._hub.state_dict() if self._hub is not None else None,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._flagged = {tuple(f) for f in state_dict.get("flagged", [])}  # type: ignore[misc]
+        self._histogram_window = int(state_dict.get("histogram_window", -1))
+        if self._hub is not None and state_dict.get("hub"):
+            self._hub.load_state_dict(state_dict["hub"])
+
     # ---- grouping --------------------------------------------------------------------------------------
     def _layers(self, pl_module: nn.Module) -> tuple[list[tuple[str, nn.Module]], nn.Module | None]:
         try:
-            targets = resolve_targets(pl_module, need=("layers",), **self.patterns)
+            targets = resolve(pl_module, need=("layers",), **self.patterns)[1]
         except TargetNotFoundError:
             if self.patterns["layers"] is not None or self.patterns["embedding"] is not None:
                 raise
@@ -204,18 +246,33 @@ class GradientFlow(Callback):
                 f"that own parameters: {[n for n, _ in owners]} (give `layers` to choose)"
             )
             return owners, None
-        return [(t.name, t.module) for t in targets.layers], targets.embedding
+        embedding = targets.embedding if not targets.embedding_is_input else None
+        return [(t.name, t.block or t.module) for t in targets.layers], embedding
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
+        if stage != "fit":
+            return
+        try:
             self._layer_modules = self._layers(pl_module)  # fail fast on a bad glob, before training
+        except TargetNotFoundError as err:
+            if self.on_missing == "raise":
+                raise
+            self.disabled = str(err)
+            rank_zero_warn(f"GradientFlow is switched off for this run: {err}")
+            return
+        if self.budget is not None:
+            self._hub = ProbeHub.of(trainer)
+            self._hub.attach_reader(self)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.disabled is not None:
+            return
         layers, embedding = self._layer_modules or self._layers(pl_module)
         self._groups = group_parameters(pl_module, layers, embedding)
-        self._histogram_window = -1
+        if self._hub is not None:
+            self._hub.start_clock(trainer)
         write_layout(trainer, self.name, self.layout())
 
     def layout(self) -> dict[str, list[str]]:
@@ -224,12 +281,23 @@ class GradientFlow(Callback):
         return {q: [rf"analysis/{self.name}/{q}/.*"] for q in quantities}
 
     # ---- hooks -----------------------------------------------------------------------------------------
+    def due(self, trainer: L.Trainer) -> bool:
+        """Whether the gradients of this optimizer step are read (same answer on every rank)."""
+        if self.disabled is not None:
+            return False
+        if self._hub is not None:
+            return self._hub.gradient_read_due(trainer)
+        return trainer.global_step % self.every_n_steps == 0  # type: ignore[operator]
+
     @override
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Optimizer) -> None:
-        if trainer.global_step % self.every_n_steps:
+        if not self.due(trainer):
             return
+        start = time.perf_counter()
         if trainer.is_global_zero and self._groups is not None:
             self._read(trainer, optimizer)
+        if self._hub is not None:
+            self._hub.record_read(trainer, time.perf_counter() - start)
 
     @override
     def on_train_batch_end(

@@ -13,24 +13,25 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning.pytorch as L
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
+from pdelightning.analysis.cka import cka_matrix
 from pdelightning.analysis.representation import (  # noqa: F401 (moved there; the old import path keeps working)
     CORRELATION_MODES,
     CorrelationMethod,
     CorrelationMode,
     consecutive_correlations,
     layer_correlation,
+    pool_tokens,
 )
-from pdelightning.callbacks._capture import Capture, padding_mask_from_inputs, pool_tokens
-from pdelightning.callbacks._cka import cka_matrix
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.callbacks._reference import import_lightning_module_class, load_reference_checkpoint
-from pdelightning.callbacks._targets import TargetNotFoundError, resolve_targets, unwrap
 from pdelightning.models.protocol import AnalysisTargets
+from pdelightning.probing.capture import Request
+from pdelightning.probing.hub import ProbeBatch, ProbeHub, ProbeSession
 
 Pooling = Literal["mean", "flatten"]
 POOLINGS = ("mean", "flatten")
@@ -64,14 +65,13 @@ class InformationFlow(ProbeCallback):
       x features, colour scale shared along a row so that shrinking activations show), the reference model
       on a second row (Figure 2).
 
-    Padding is read from the probe inputs, since the callback cannot see the model's mask: integer inputs
-    are token ids and ``x == pad_id`` marks padding; float inputs (images) have none. Layer outputs must be
-    batch first, ``[B, T, d]``.
+    Padding is the mask the model itself uses (read by its adapter) or the batch's ``attention_mask``; class and
+    register tokens count as tokens. Layer outputs must be batch first, ``[B, T, d]``.
 
-    Cost per probe: one eager forward of each model over the probe set, then (rank zero, CPU) about 1 s for
-    11 layers of a 64-wide model and its reference at ``probe_size=256`` with mean pooling; with
-    ``pooling="flatten"`` on 28 x 64 tokens x features about 10 s, Spearman's ranking of ``n*T*d`` values
-    dominating. Nothing is kept between probes, so there is no checkpoint state.
+    Cost per probe: the model's forward is shared with the other callbacks, the reference's runs once; then (rank
+    zero) the correlations and CKA matrices over the pooled ``[n, d]`` representations. ``pooling="flatten"`` on
+    28 x 64 tokens x features costs seconds (Spearman's ranking of ``n*T*d`` values). Nothing is kept between
+    probes but the probe counters.
 
     Args:
         reference: a second model to compare with, run on the same probe inputs (moved to this model's
@@ -87,7 +87,6 @@ class InformationFlow(ProbeCallback):
         pooling: ``"mean"`` (masked mean over tokens, ``[n, d]``) or ``"flatten"`` (``[n, T*d]``, for images).
         correlation: ``"flattened"`` or ``"per_sample"``, see above; applies to all three correlations.
         unbiased: unbiased (default) or biased HSIC in CKA. The unbiased estimator needs 4 probe samples.
-        pad_id: the padding token id of integer inputs.
         heatmap_samples: probe samples (rows) in each heatmap panel.
         figures: draw the heatmaps and the CKA matrix (TensorBoard only).
         **kwargs: the :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (``every_n_steps``,
@@ -144,7 +143,6 @@ class InformationFlow(ProbeCallback):
         pooling: Pooling = "mean",
         correlation: CorrelationMode = "flattened",
         unbiased: bool = True,
-        pad_id: int = 0,
         heatmap_samples: int = 8,
         figures: bool = True,
         **kwargs: Any,
@@ -175,7 +173,6 @@ class InformationFlow(ProbeCallback):
         self.pooling = pooling
         self.correlation = correlation
         self.unbiased = unbiased
-        self.pad_id = pad_id
         self.heatmap_samples = heatmap_samples
         self.figures = figures
         self._reference = reference
@@ -196,18 +193,18 @@ class InformationFlow(ProbeCallback):
     def reference_targets(self, reference: nn.Module) -> AnalysisTargets:
         """Resolve the reference model's layers (``reference_layers``/``reference_embedding`` globs first)."""
         try:
-            return resolve_targets(reference, need=("layers",), **self.reference_patterns)
+            return resolve(reference, need=("layers",), **self.reference_patterns)[1]
         except TargetNotFoundError as err:
             raise TargetNotFoundError(
                 f"reference model: {err} (set reference_layers / reference_embedding for the reference)"
             ) from err
 
     @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().check(trainer, pl_module)
         if self._reference is None and self.reference_checkpoint is not None:
             self._reference = self._load_reference()
-        if self._reference is not None and stage == "fit":
+        if self._reference is not None:
             self.reference_targets(self._reference)  # fail fast, before any training
 
     # ---- measuring ---------------------------------------------------------------------------------------
@@ -216,41 +213,68 @@ class InformationFlow(ProbeCallback):
         """``["embedding", <layer names>...]`` (no ``"embedding"`` when the model exposes none)."""
         return ([EMBEDDING] if targets.embedding is not None else []) + [t.name for t in targets.layers]
 
-    def _pooled(self, model: nn.Module, targets: AnalysisTargets, x: Any, mask: Tensor | None) -> dict[str, Tensor]:
-        with Capture(targets, layers=True, embedding=targets.embedding is not None) as cap:
-            self.forward(model, x)
-            hidden, _ = cap.pop()
-        missing = [n for n in self.layer_names(targets) if n not in hidden]
+    @override
+    def request(self) -> Request:
+        return Request(hidden=True, embedding=True)
+
+    @override
+    def extra_models(self, pl_module: nn.Module) -> dict[str, tuple[nn.Module, Request]]:
+        if self._reference is None:
+            return {}
+        return {f"reference:{id(self._reference)}": (unwrap(self._reference), Request(hidden=True, embedding=True))}
+
+    @override
+    def begin(self, session: ProbeSession) -> None:
+        self._names = self.layer_names(session.targets["model"])
+        self._ref_key = f"reference:{id(self._reference)}" if self._reference is not None else None
+        self._ref_names: list[str] = []
+        if self._ref_key is not None:
+            if any(v is not None for v in self.reference_patterns.values()):
+                session.targets[self._ref_key] = self.reference_targets(session.modules[self._ref_key])
+            self._ref_names = self.layer_names(session.targets[self._ref_key])
+        keys = self._names + [_REF + n for n in self._ref_names]
+        self._store = GatherStore(keys).to(session.device)
+
+    def _pool(self, captured: Any, names: list[str], pad: Tensor | None) -> dict[str, Tensor]:
+        hidden = dict(captured.hidden)
+        if captured.embedding is not None:
+            hidden[EMBEDDING] = captured.embedding
+        missing = [n for n in names if n not in hidden]
         if missing:
             raise RuntimeError(f"{type(self).__name__}: layers {missing} produced no output in the probe forward")
-        return {n: pool_tokens(hidden[n], mask, self.pooling).float() for n in self.layer_names(targets)}
+        out = {}
+        for n in names:
+            h = hidden[n]
+            mask = pad if pad is not None and h.dim() == 3 and pad.shape == h.shape[:2] else None
+            out[n] = pool_tokens(h, mask, self.pooling).float()
+        return out
+
+    @override
+    def consume(self, pb: ProbeBatch) -> None:
+        pad = ~pb.valid if pb.valid is not None else None
+        pooled = self._pool(pb.captured["model"], self._names, pad)
+        if self._ref_key is not None:
+            ref = self._pool(pb.captured[self._ref_key], self._ref_names, pad)
+            pooled |= {_REF + k: v for k, v in ref.items()}
+        self._store.update(pb.index, **pooled)
 
     def gather(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Tensor]:
         """Pooled representations of the whole probe set, ``{layer: [n, d]}``, identical on every rank.
 
-        Reference layers are prefixed ``"reference/"``. A collective: every rank must call it.
+        Reference layers are prefixed ``"reference/"``. Runs a probe of this callback alone (a collective).
         """
-        targets = self.targets(pl_module)
-        names = self.layer_names(targets)
-        ref = self._reference
-        ref_targets = self.reference_targets(ref) if ref is not None else None
-        ref_names = self.layer_names(ref_targets) if ref_targets is not None else []
-        store = GatherStore(names + [_REF + n for n in ref_names]).to(pl_module.device)
-        ref_was_training = ref.training if ref is not None else False
-        if ref is not None:
-            ref.to(pl_module.device).eval()  # here, not in setup: the strategy moves pl_module after setup
+        captured: dict[str, dict[str, Tensor]] = {}
+        original = self.finish
+
+        def keep(session: ProbeSession) -> None:
+            captured["reps"] = self._store.compute()
+
+        self.finish = keep  # type: ignore[method-assign]
         try:
-            with torch.no_grad():
-                for x, _, idx in self.iter_probe(trainer, pl_module):
-                    mask = padding_mask_from_inputs(x, self.pad_id)
-                    pooled = self._pooled(pl_module, targets, x, mask)
-                    if ref is not None and ref_targets is not None:
-                        pooled |= {_REF + k: v for k, v in self._pooled(unwrap(ref), ref_targets, x, mask).items()}
-                    store.update(idx, **pooled)
+            ProbeHub.of(trainer).run(trainer, pl_module, [self], final=False)
         finally:
-            if ref is not None:
-                ref.train(ref_was_training)
-        return store.compute()
+            self.finish = original  # type: ignore[method-assign]
+        return captured["reps"]
 
     def measure(self, reps: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
         """Scalars ``{key: value}``, the layer CKA matrix and the model x reference CKA matrix from :meth:`gather`."""
@@ -285,8 +309,11 @@ class InformationFlow(ProbeCallback):
         return out, matrix, cross
 
     @override
-    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        reps = self.gather(trainer, pl_module)  # collective on every rank; the rest is rank-zero output
+    def finish(self, session: ProbeSession) -> None:
+        reps = self._store.compute()  # collective on every rank; the rest is rank-zero output
+        self._store = None  # type: ignore[assignment]
+        self.last_reps = reps
+        trainer = session.trainer
         if not trainer.is_global_zero:
             return
         # float64 math below: stay on CUDA (fast ranking for Spearman), else the CPU (MPS has no float64)
@@ -295,22 +322,20 @@ class InformationFlow(ProbeCallback):
         if n < (4 if self.unbiased else 2):
             rank_zero_warn(f"{type(self).__name__}: only {n} probe samples, too few for CKA; CKA is skipped")
         scalars, matrix, cross = self.measure(reps)
-        self.log_scalars(trainer, scalars)
+        self.log_scalars(trainer, scalars, session.step)
         if self.figures and self.figures_due:
             names = [k for k in reps if not k.startswith(_REF)]
             ref_names = [k[len(_REF) :] for k in reps if k.startswith(_REF)]
-            self.add_figure(trainer, self.key("heatmaps"), self.heatmap_figure(reps, names, ref_names))
+            k = self.heatmap_samples
+            rows = [("model", [reps[n][:k].cpu() for n in names], names)]
+            if ref_names:
+                rows.append(("reference", [reps[_REF + r][:k].cpu() for r in ref_names], ref_names))
+            self.figure(session, self.key("heatmaps"), lambda: heatmap_figure(rows, k))
             if matrix is not None:
-                self.add_figure(trainer, self.key("cka_matrix"), cka_figure(names, matrix, ref_names, cross))
+                m, c = matrix.cpu(), cross.cpu() if cross is not None else None
+                self.figure(session, self.key("cka_matrix"), lambda: cka_figure(names, m, ref_names, c))
 
     # ---- output ----------------------------------------------------------------------------------------
-    def heatmap_figure(self, reps: dict[str, Tensor], names: list[str], ref_names: list[str]) -> Any:
-        """Figure 1: one panel per layer, ``heatmap_samples`` probe samples x features; reference below."""
-        rows = [("model", [reps[n] for n in names], names)]
-        if ref_names:
-            rows.append(("reference", [reps[_REF + r] for r in ref_names], ref_names))
-        return heatmap_figure(rows, self.heatmap_samples)
-
     @override
     def layout(self) -> dict[str, list[str]]:
         prefix = f"analysis/{self.name}"

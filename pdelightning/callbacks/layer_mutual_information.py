@@ -19,8 +19,6 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import lightning.pytorch as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
@@ -39,8 +37,10 @@ from pdelightning.analysis.information import (  # noqa: F401 (moved there; the 
     split_halves,
     subsample,
 )
-from pdelightning.callbacks._capture import Capture, padding_mask_from_inputs, pool_tokens
+from pdelightning.analysis.representation import pool_tokens
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.probing.capture import Request
+from pdelightning.probing.hub import ProbeBatch, ProbeSession
 
 Estimator = Literal["probe", "kde", "binning"]
 Pooling = Literal["mean", "flatten"]
@@ -109,7 +109,7 @@ class LayerMutualInformation(ProbeCallback):
     Paper experiment 3 (section 3.3, Figure 4): the mutual information between each layer's output and the
     labels over training, read against the information-bottleneck objective of eq. (3). On each probe the
     layer outputs of the fixed probe set are pooled into ``T_l`` (:func:`pool_tokens`: masked mean over
-    tokens, padding taken from integer inputs equal to ``pad_id``; or ``pooling="flatten"``), gathered across
+    tokens, padding as the model itself masks it; or ``pooling="flatten"``), gathered across
     ranks with a :class:`~pdelightning.callbacks._probe.GatherStore` (so a DDP run gives the one-process
     numbers), and passed to the chosen estimator. All values are in bits.
 
@@ -145,12 +145,9 @@ class LayerMutualInformation(ProbeCallback):
         probe_l2: L2 penalty of the probe classifier.
         probe_max_iter: L-BFGS iterations of the probe classifier (scikit-learn ``LogisticRegression``).
         pooling: ``"mean"`` (masked mean over tokens) or ``"flatten"`` (all tokens; fixed length only).
-        pad_id: the token id marking padding in integer inputs.
         saturation_tol: bits below ``log2 N`` within which an ``I(X;T)`` estimate counts as saturated.
-        every_n_steps, every_n_epochs, probe_at_start, probe_size, probe_batch_size, layers, attention,
-            figure_every_n_probes,
-            embedding, seed: see :class:`~pdelightning.callbacks._probe.ProbeCallback`; ``seed`` also draws
-            the KDE subset.
+        **kwargs: the :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (cadence or budget, probe set,
+            globs, ``seed``, which also draws the KDE subset and the probe classifier's halves).
 
     Raises:
         ValueError: for an unknown ``estimator`` or ``pooling``, or non-positive sizes / variances.
@@ -171,6 +168,7 @@ class LayerMutualInformation(ProbeCallback):
       ceiling, else ``0``.
     * ``analysis/layer_mutual_information/H_Y``: label entropy, the ceiling of ``I(T;Y)`` [bits].
     * ``analysis/layer_mutual_information/log2_N``: the ``I(X;T)`` ceiling ``log2 N`` of the samples used.
+    * ``analysis/layer_mutual_information/N``: the number of probe samples the estimates used.
     * ``analysis/layer_mutual_information/information_plane``: the figure (TensorBoard image).
     """
 
@@ -187,31 +185,10 @@ class LayerMutualInformation(ProbeCallback):
         probe_l2: float = 1e-3,
         probe_max_iter: int = 200,
         pooling: Pooling = "mean",
-        pad_id: int = 0,
         saturation_tol: float = 0.1,
-        every_n_steps: int | None = None,
-        every_n_epochs: int | None = 1,
-        probe_at_start: bool = True,
-        probe_size: int = 512,
-        probe_batch_size: int = 128,
-        layers: str | None = None,
-        attention: str | None = None,
-        embedding: str | None = None,
-        seed: int = 0,
-        figure_every_n_probes: int = 5,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            every_n_steps=every_n_steps,
-            every_n_epochs=every_n_epochs,
-            probe_at_start=probe_at_start,
-            probe_size=probe_size,
-            probe_batch_size=probe_batch_size,
-            layers=layers,
-            attention=attention,
-            embedding=embedding,
-            seed=seed,
-            figure_every_n_probes=figure_every_n_probes,
-        )
+        super().__init__(**kwargs)
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator={estimator!r} is not one of {ESTIMATORS}")
         if pooling not in POOLINGS:
@@ -238,7 +215,6 @@ class LayerMutualInformation(ProbeCallback):
         self.probe_l2 = probe_l2
         self.probe_max_iter = probe_max_iter
         self.pooling = pooling
-        self.pad_id = pad_id
         self.saturation_tol = saturation_tol
         self.history: list[dict[str, Any]] = []
         self._warned_saturation = False
@@ -253,11 +229,11 @@ class LayerMutualInformation(ProbeCallback):
         )  # fmt: skip
 
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {"estimator": self.estimator, "history": [dict(h) for h in self.history]}
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_extra_state(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("estimator", self.estimator) != self.estimator:
             rank_zero_warn(
                 f"LayerMutualInformation: the checkpoint's trajectory was measured with estimator="
@@ -274,32 +250,36 @@ class LayerMutualInformation(ProbeCallback):
         }
 
     # ---- measuring ---------------------------------------------------------------------------------
-    def _gather(self, trainer: L.Trainer, pl_module: L.LightningModule, names: list[str]) -> dict[str, Tensor]:
-        targets = self.targets(pl_module)
-        store = GatherStore(["y"] + [f"t/{n}" for n in names]).to(pl_module.device)
-        widths: dict[str, int] = {}
-        with torch.no_grad(), Capture(targets, layers=True) as cap:
-            for x, y, idx in self.iter_probe(trainer, pl_module):
-                if y is None:
-                    raise RuntimeError(
-                        "LayerMutualInformation needs labels: the validation batches must be (x, y) pairs "
-                        "(or dicts with a 'y'/'label' entry)"
-                    )
-                self.forward(pl_module, x)
-                hidden, _ = cap.pop()
-                pooled = {}
-                for n in names:
-                    h = hidden[n]
-                    mask = padding_mask_from_inputs(x, self.pad_id)
-                    t = pool_tokens(h, mask, self.pooling).float()
-                    if widths.setdefault(n, t.shape[1]) != t.shape[1]:
-                        raise ValueError(
-                            f"pooling='flatten' needs sequences of one length, but layer {n} gave {t.shape[1]} "
-                            f"features in one probe batch and {widths[n]} in another; use pooling='mean'"
-                        )
-                    pooled[f"t/{n}"] = t
-                store.update(idx.to(pl_module.device), y=y.long(), **pooled)
-        return store.compute()  # a collective: every rank runs it
+    @override
+    def request(self) -> Request:
+        return Request(hidden=True)
+
+    @override
+    def begin(self, session: ProbeSession) -> None:
+        self._names = [t.name for t in session.targets["model"].layers]
+        self._store = GatherStore(["y"] + [f"t/{n}" for n in self._names]).to(session.device)
+        self._widths: dict[str, int] = {}
+
+    @override
+    def consume(self, pb: ProbeBatch) -> None:
+        if pb.labels is None:
+            raise RuntimeError(
+                "LayerMutualInformation needs labels: the validation batches must be (x, y) pairs "
+                "(or dicts with a 'labels'/'label'/'y' entry)"
+            )
+        pad = ~pb.valid if pb.valid is not None else None
+        pooled = {}
+        for n in self._names:
+            h = pb.captured["model"].hidden[n]
+            mask = pad if pad is not None and h.dim() == 3 and pad.shape == h.shape[:2] else None
+            t = pool_tokens(h, mask, self.pooling).float()
+            if self._widths.setdefault(n, t.shape[1]) != t.shape[1]:
+                raise ValueError(
+                    f"pooling='flatten' needs sequences of one length, but layer {n} gave {t.shape[1]} "
+                    f"features in one probe batch and {self._widths[n]} in another; use pooling='mean'"
+                )
+            pooled[f"t/{n}"] = t
+        self._store.update(pb.index, y=pb.labels.long().reshape(-1)[: len(pb.logits)], **pooled)
 
     def estimate(self, t: Tensor, y: Tensor) -> tuple[float, float, float, float]:
         """``(I(X;T), I(T;Y), log2 N, H(Y))`` of one layer's gathered representations with this estimator."""
@@ -316,9 +296,10 @@ class LayerMutualInformation(ProbeCallback):
         return i_xt, i_ty, math.log2(len(keep)), h_y
 
     @override
-    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        names = [t.name for t in self.targets(pl_module).layers]
-        gathered = self._gather(trainer, pl_module, names)
+    def finish(self, session: ProbeSession) -> None:
+        trainer, names = session.trainer, self._names
+        gathered = self._store.compute()  # a collective: every rank runs it
+        self._store = None  # type: ignore[assignment]
         y = gathered["y"].cpu()
         n = len(y)
         if n < 4:
@@ -332,12 +313,11 @@ class LayerMutualInformation(ProbeCallback):
             )
             self._told_cap = True
         # Every rank holds the same gathered tensors and computes the same (deterministic) numbers, so the
-        # history is identical everywhere; only rank zero writes.
-        # The estimators solve small problems (N <= a few thousand) on the CPU, where multi-threaded BLAS and
-        # OpenMP only spin against the training process and data workers sharing the cores: run them on one.
+        # history is identical everywhere; only rank zero writes. The estimators solve small problems on the CPU,
+        # where multi-threaded BLAS would only spin against the training process: run them on one thread.
         from threadpoolctl import threadpool_limits
 
-        entry: dict[str, Any] = {"step": trainer.global_step, "I_XT": {}, "I_TY": {}, "saturated": {}}
+        entry: dict[str, Any] = {"step": session.step, "I_XT": {}, "I_TY": {}, "saturated": {}, "N": n}
         with threadpool_limits(limits=1):
             for name in names:
                 i_xt, i_ty, log2_n, h_y = self.estimate(gathered[f"t/{name}"].cpu().double(), y)
@@ -360,12 +340,14 @@ class LayerMutualInformation(ProbeCallback):
                 )
             )
             self._warned_saturation = True
-        metrics: dict[str, float] = {self.key("H_Y"): entry["H_Y"], self.key("log2_N"): entry["log2_N"]}
+        metrics: dict[str, float] = {
+            self.key("H_Y"): entry["H_Y"], self.key("log2_N"): entry["log2_N"], self.key("N"): float(n),
+        }  # fmt: skip
         for name in names:
             metrics[self.key("I_XT", name)] = entry["I_XT"][name]
             metrics[self.key("I_TY", name)] = entry["I_TY"][name]
             metrics[self.key("saturated", name)] = float(entry["saturated"][name])
-        self.log_scalars(trainer, metrics)
-        if trainer.is_global_zero and self.figures_due:
-            fig = information_plane_figure(self.history, names, title=f"Information plane ({self.estimator})")
-            self.add_figure(trainer, self.key("information_plane"), fig)
+        self.log_scalars(trainer, metrics, session.step)
+        if self.figures_due:
+            history, title = [dict(h) for h in self.history], f"Information plane ({self.estimator})"
+            self.figure(session, self.key("information_plane"), lambda: information_plane_figure(history, names, title))

@@ -16,47 +16,75 @@ The math lives in module-level functions (:func:`gaussian_noise`, :func:`per_sam
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
-from types import TracebackType
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
-from pdelightning.analysis.perturbation import (  # noqa: F401 (moved there; the old import path keeps working)
+from pdelightning.analysis.perturbation import (  # noqa: F401 (the old import path keeps working)
     amplification,
     critical_epsilon,
     format_eps,
     gaussian_noise,
+    loss_departure,
+    mask_like,
     masked_frobenius,
     per_sample_rms,
     sample_seed,
 )
-from pdelightning.analysis.perturbation import (
-    mask_like as _mask_like,
-)
-from pdelightning.callbacks._capture import Capture, first_tensor
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback, split_batch, tensorboard, validation_loader
-from pdelightning.callbacks._targets import TargetNotFoundError, clean_name, glob_to_regex, resolve_targets
-from pdelightning.models.embedding import InputEmbedding
+from pdelightning.callbacks._figures import loss_vs_eps_figure
+from pdelightning.callbacks._probe import GatherStore, ProbeCallback, validation_loader
 from pdelightning.models.protocol import AnalysisTargets
+from pdelightning.probing.batch import per_sample_loss, repeat_batch, split_batch
+from pdelightning.probing.capture import Captured, Request
+from pdelightning.probing.hub import ProbeBatch, ProbeSession
 
 PerturbationMode = Literal["auto", "input", "embedding"]
 MODES = ("auto", "input", "embedding")
-DEFAULT_EPSILONS: tuple[float, ...] = tuple(float(e) for e in np.logspace(-4, 0, 9))
+DEFAULT_EPSILONS: tuple[float, ...] = tuple(float(e) for e in np.logspace(-4, 1, 11))
 
 
-# ---- pure functions --------------------------------------------------------------------------------------------
+def _primary_path(batch: Any) -> tuple[str, Any] | None:
+    """Where a batch's main input is: ``("arg", 0)`` for tuples, ``("kw", name)`` for dicts, ``None`` if unknown."""
+    args, kwargs, _ = split_batch(batch)
+    if args and isinstance(args[0], Tensor):
+        return ("arg", 0)
+    for name in ("pixel_values", "input_ids", "inputs_embeds", "x", "input", "inputs"):
+        if isinstance(kwargs.get(name), Tensor):
+            return ("kw", name)
+    first = next((k for k, v in kwargs.items() if isinstance(v, Tensor)), None)
+    return ("kw", first) if first is not None else None
+
+
+def primary_input(batch: Any) -> Tensor | None:
+    """The main input tensor of a batch (what ``mode="input"`` perturbs)."""
+    path = _primary_path(batch)
+    if path is None:
+        return None
+    args, kwargs, _ = split_batch(batch)
+    return args[path[1]] if path[0] == "arg" else kwargs[path[1]]
+
+
+def with_primary_input(batch: Any, value: Tensor) -> Any:
+    """The batch with its main input replaced by ``value`` (the structure kept)."""
+    path = _primary_path(batch)
+    assert path is not None
+    if path[0] == "kw":
+        out = dict(batch)
+        out[path[1]] = value
+        return out
+    if isinstance(batch, Tensor):
+        return value
+    return type(batch)([value, *list(batch)[1:]])
 
 
 def resolve_mode(mode: str, x: Any) -> Literal["input", "embedding"]:
-    """Where noise goes for a batch of inputs ``x``: ``"input"`` for float tensors, ``"embedding"`` for token ids.
+    """Where noise goes for a batch whose main input is ``x``: ``"input"`` for float tensors, ``"embedding"`` for ids.
 
     Raises:
         ValueError: ``mode="input"`` with integer (token id) inputs, or inputs that are not a tensor.
@@ -73,55 +101,19 @@ def resolve_mode(mode: str, x: Any) -> Literal["input", "embedding"]:
     return "input" if is_float else "embedding"
 
 
-# ---- the embedding hook ------------------------------------------------------------------------------------------
-class _EmbeddingEdit:
-    """Forward hook on the embedding module that rewrites its output ``u_0`` with ``fn(u_0)`` while ``fn`` is set."""
-
-    def __init__(self, module: nn.Module | None) -> None:
-        self.module = module
-        self.fn: Callable[[Tensor], Tensor] | None = None
-        self._stack = ExitStack()
-
-    def _hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if self.fn is None:
-            return None
-        u0 = self.fn(first_tensor(output))
-        if isinstance(output, Tensor):
-            return u0
-        return type(output)([u0, *output[1:]])
-
-    def __enter__(self) -> _EmbeddingEdit:
-        if self.module is not None:
-            self._stack.callback(self.module.register_forward_hook(self._hook).remove)
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.fn = None
-        self._stack.close()
-
-
-def _find_pad_id(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, InputEmbedding) and m.input_kind == "tokens":
-            return int(m.pad_id)
-    for m in model.modules():
-        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-            return int(m.padding_idx)
-    return 0
-
-
 def _peek_inputs(trainer: L.Trainer) -> Any | None:
-    """One collated sample of the run's data (to tell images from token ids at setup); ``None`` if unreachable."""
+    """One collated sample's main input (to tell images from token ids at setup); ``None`` if unreachable."""
     try:
         loader = validation_loader(trainer)
         if loader is None:
             return None
-        x, _ = split_batch(loader.collate_fn([loader.dataset[0]]))
-        return x
+        return primary_input(loader.collate_fn([loader.dataset[0]]))
     except Exception:  # an iterable or lazy dataset: decide at the first probe instead
         return None
+
+
+def _scale(eps: Tensor, like: Tensor) -> Tensor:
+    return eps.to(like).view(-1, *([1] * (like.dim() - 1)))
 
 
 class PerturbationEval(ProbeCallback):
@@ -133,14 +125,18 @@ class PerturbationEval(ProbeCallback):
 
     Where the noise goes (``mode``):
 
-    - ``"input"``: ``x' = x + ε z``, ``z ~ N(0, I)``: absolute noise of standard deviation ε on float inputs
-      (images). Integer inputs (token ids) raise a ``ValueError`` at setup.
-    - ``"embedding"``: a forward hook on the embedding module (the model's ``AnalysisTargets.embedding``, e.g. our
-      ``hook_embed``; for other models give ``embedding``, a module name/glob such as ``"proj"``) replaces its
-      output ``u_0`` with ``u_0 + ε rms(u_0) z``: noise relative to the embedding's scale, where ``rms`` is taken
-      per sample over its valid (non-padding) tokens. Padding positions (``x == pad_id`` for integer inputs) get no
-      noise.
+    - ``"input"``: ``x' = x + ε z``, ``z ~ N(0, I)``: absolute noise of standard deviation ε on the float input
+      (the batch's first input, or its ``pixel_values``). Integer inputs (token ids) raise a ``ValueError`` at setup.
+    - ``"embedding"``: ``u_0``, the input embedding the model's adapter locates (our ``hook_embed``, the first
+      block's input for other families, or the output of an ``embedding`` module glob), is replaced during the
+      forward by ``u_0 + ε rms(u_0) z``: noise relative to the embedding's scale, where ``rms`` is taken per sample
+      over its valid tokens. Padding positions (the mask the model uses) get no noise.
     - ``"auto"`` (default): ``"input"`` for float inputs, ``"embedding"`` for integer token ids (reported once).
+
+    All ε levels of a probe batch run in ONE forward: the batch is repeated once per ε along the batch axis and
+    each copy gets its own strength (split into chunks of at most ``max_rows`` rows); the clean pass is the shared
+    probe forward, so the clean loss is exactly the model's own validation loss on the same samples (the forward
+    contract of :mod:`pdelightning.probing.batch`).
 
     Noise is common across ε (one ``z`` per sample, scaled) and across probes, and is drawn per sample from a
     generator seeded by ``(seed, probe index)`` (:func:`gaussian_noise`): identical for any world size, probe
@@ -152,7 +148,11 @@ class PerturbationEval(ProbeCallback):
     touched.
 
     The critical ε is the smallest grid ε with ``loss(ε) > critical_factor * loss_clean`` (or a non-finite loss);
-    ``nan`` when none departs (:func:`critical_epsilon`).
+    ``nan`` when none departs (:func:`~pdelightning.analysis.perturbation.critical_epsilon`). So that a run whose
+    grid stops short of the threshold still shows where it stands, every probe also logs ``departure_ratio``
+    (largest loss on the grid over the clean loss) and ``threshold_fraction`` (how much of the way from the clean
+    loss to the threshold the curve got; ``>= 1``: crossed), from
+    :func:`~pdelightning.analysis.perturbation.loss_departure`.
 
     The amplification of layer ``l`` is ``||h_l(x + δ) - h_l(x)||_F / ||δh_0||_F`` per sample (over valid tokens),
     averaged over the probe set, at ``ε = amplification_eps`` with the random noise. ``δh_0`` is the change of
@@ -164,13 +164,12 @@ class PerturbationEval(ProbeCallback):
     logged values equal those of one process. Nothing is kept between probes (no checkpoint state).
 
     Args:
-        epsilons: perturbation strengths, positive (default 9 log-spaced values from 1e-4 to 1).
+        epsilons: perturbation strengths, positive (default 11 values, half a decade apart, from 1e-4 to 10).
         mode: ``"auto"``, ``"input"`` or ``"embedding"`` (see above).
         fgsm: also evaluate the FGSM direction at every ε.
         critical_factor: departure factor ``> 1`` of the critical ε.
         amplification_eps: ε of the per-layer amplification, or ``None`` for none.
-        pad_id: padding id of integer inputs (default: the model's ``InputEmbedding.pad_id`` or
-            ``nn.Embedding.padding_idx``, else 0).
+        max_rows: the most rows of one batched perturbation forward (copies beyond it go to further forwards).
         **kwargs: :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (cadence, probe set size, globs
             ``layers``/``attention``/``embedding``, ``seed``, which also seeds the noise).
 
@@ -187,7 +186,8 @@ class PerturbationEval(ProbeCallback):
         - ``analysis/perturbation_eval/loss_clean``, ``analysis/perturbation_eval/acc_clean``
         - ``analysis/perturbation_eval/loss/eps=<ε>``, ``analysis/perturbation_eval/acc/eps=<ε>`` for each ε
           (labels from :func:`format_eps`, e.g. ``eps=1e-03``)
-        - ``analysis/perturbation_eval/critical_eps`` (``nan`` when no ε departs)
+        - ``analysis/perturbation_eval/critical_eps`` (``nan`` when no ε departs),
+          ``analysis/perturbation_eval/departure_ratio``, ``analysis/perturbation_eval/threshold_fraction``
         - ``analysis/perturbation_eval/amplification/<layer>`` for each layer (models with layers)
         - ``analysis/perturbation_eval/fgsm_loss/eps=<ε>``, ``analysis/perturbation_eval/fgsm_acc/eps=<ε>``
           (``fgsm=True``)
@@ -211,7 +211,7 @@ class PerturbationEval(ProbeCallback):
         fgsm: bool = False,
         critical_factor: float = 2.0,
         amplification_eps: float | None = 1e-2,
-        pad_id: int | None = None,
+        max_rows: int = 4096,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -237,43 +237,13 @@ class PerturbationEval(ProbeCallback):
         self.fgsm = bool(fgsm)
         self.critical_factor = float(critical_factor)
         self.amplification_eps = amplification_eps
-        self.pad_id = pad_id
+        if max_rows < 1:
+            raise ValueError(f"max_rows={max_rows} must be positive")
+        self.max_rows = max_rows
         self.last_metrics: dict[str, float] = {}
         self._mode: Literal["input", "embedding"] | None = None
 
-    # ---- targets and mode --------------------------------------------------------------------------------------
-    @override
-    def targets(self, pl_module: nn.Module) -> AnalysisTargets:
-        """Layers (possibly none) and embedding; requires an embedding module once the mode is ``"embedding"``."""
-        emb = self.patterns["embedding"]
-        try:
-            targets = resolve_targets(pl_module, **self.patterns, need=())
-        except TargetNotFoundError:
-            if self.patterns["layers"] is not None:
-                raise
-            targets = AnalysisTargets(layers=[], embedding=self._match_embedding(pl_module, emb))
-        if self._mode == "embedding" and targets.embedding is None:
-            raise TargetNotFoundError(
-                f"PerturbationEval in embedding mode needs the input-embedding module of {type(pl_module).__name__}: "
-                "it implements no analysis_targets() with an embedding and has no hook_embed; give `embedding`, the "
-                "name/glob of the module whose output is u_0 (e.g. embedding='proj'). Modules seen: "
-                + ", ".join(clean_name(n) for n, _ in pl_module.named_modules() if n)
-            )
-        return targets
-
-    @staticmethod
-    def _match_embedding(pl_module: nn.Module, pattern: str | None) -> nn.Module | None:
-        if pattern is None:
-            return None
-        rx = glob_to_regex(pattern)
-        for n, m in pl_module.named_modules():
-            if n and rx.match(clean_name(n)):
-                return m
-        raise TargetNotFoundError(
-            f"embedding={pattern!r} matched no module. Modules seen: "
-            + ", ".join(clean_name(n) for n, _ in pl_module.named_modules() if n)
-        )
-
+    # ---- set-up -------------------------------------------------------------------------------------------------
     def _resolve_mode(self, x: Any) -> None:
         if self._mode is None:
             self._mode = resolve_mode(self.mode, x)
@@ -282,150 +252,180 @@ class PerturbationEval(ProbeCallback):
                 rank_zero_info(f"PerturbationEval(mode='auto'): {kind}, so noise goes on the {self._mode}")
 
     @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().check(trainer, pl_module)
         x = _peek_inputs(trainer)
         if x is not None:
             self._resolve_mode(x)
-        self.targets(pl_module)  # fail fast
+        if self._mode == "embedding" and self.targets(pl_module).embedding is None:
+            from pdelightning.adapters.registry import TargetNotFoundError, describe
 
-    # ---- probe -------------------------------------------------------------------------------------------------
-    @override
-    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        targets: AnalysisTargets | None = None
-        store: GatherStore | None = None
-        pad_id = self.pad_id if self.pad_id is not None else _find_pad_id(pl_module)
-        for x, y, idx in self.iter_probe(trainer, pl_module):
-            if y is None:
-                raise ValueError("PerturbationEval needs labelled probe batches (x, y) to compute the loss")
-            if targets is None:
-                self._resolve_mode(x)
-                targets = self.targets(pl_module)
-                store = GatherStore(self._store_keys(targets)).to(pl_module.device)
-            store.update(idx, **self._measure(pl_module, targets, x, y, idx, pad_id))  # type: ignore[union-attr]
-        if store is None:  # an empty shard still takes part in the gather
-            targets = self.targets(pl_module)
-            store = GatherStore(self._store_keys(targets)).to(pl_module.device)
-        out = store.compute()
-        self._report(trainer, targets, out)  # type: ignore[arg-type]
+            raise TargetNotFoundError(
+                f"PerturbationEval in embedding mode needs the input embedding of {type(pl_module).__name__}, and no "
+                "adapter located it; give `embedding`, the name/glob of the module whose output is u_0 (e.g. "
+                f"embedding='proj'). Modules seen: {describe(pl_module)}"
+            )
 
     def _amp_layers(self, targets: AnalysisTargets) -> list[str]:
         return [t.name for t in targets.layers] if self.amplification_eps is not None else []
 
-    def _store_keys(self, targets: AnalysisTargets) -> list[str]:
+    @override
+    def request(self) -> Request:
+        return Request(hidden=self.amplification_eps is not None, embedding=True)
+
+    @override
+    def begin(self, session: ProbeSession) -> None:
+        self._layers = self._amp_layers(session.targets["model"])
         keys = ["loss_clean", "correct_clean"]
         for i in range(len(self.epsilons)):
-            keys += [f"loss/{i}", f"correct/{i}"]
-            if self.fgsm:
-                keys += [f"fgsm_loss/{i}", f"fgsm_correct/{i}"]
-        return keys + [f"amp/{n}" for n in self._amp_layers(targets)]
+            keys += [f"loss/{i}", f"correct/{i}"] + ([f"fgsm_loss/{i}", f"fgsm_correct/{i}"] if self.fgsm else [])
+        self._store = GatherStore(keys + [f"amp/{n}" for n in self._layers]).to(session.device)
+        self._num_classes: int | None = None
 
-    def _measure(
-        self, pl_module: L.LightningModule, targets: AnalysisTargets, x: Tensor, y: Tensor, idx: Tensor, pad_id: int
-    ) -> dict[str, Tensor]:
-        """Per-sample losses, correctness and amplifications of one probe batch."""
-        out: dict[str, Tensor] = {}
-        mode = self._mode
-        valid = (x != pad_id) if isinstance(x, Tensor) and not x.is_floating_point() and x.dim() == 2 else None
-        amp_layers = self._amp_layers(targets)
-        want_emb = targets.embedding is not None and (mode == "embedding" or bool(amp_layers))
+    # ---- probe -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _correct(logits: Tensor, labels: Tensor) -> Tensor:
+        if logits.dim() == 2 and labels.dim() == 1:
+            return (logits.argmax(-1) == labels).float()
+        return torch.full((logits.shape[0],), float("nan"), device=logits.device)
 
-        def score(logits: Any, prefix: str) -> None:
-            logits = first_tensor(logits)
-            out[f"loss{prefix}"] = F.cross_entropy(logits.float(), y, reduction="none")
-            out[f"correct{prefix}"] = (logits.argmax(-1) == y).float()
+    def _batched(
+        self, pb: ProbeBatch, direction: Tensor, u0: Tensor | None, amp_at: int | None
+    ) -> tuple[list[Tensor], list[Tensor], Captured | None]:
+        """Per-ε losses and correctness of ``direction`` scaled by every ε, in chunks of whole copies of the batch."""
+        n = pb.logits.shape[0]
+        eps_all = list(self.epsilons) + ([float(self.amplification_eps)] if amp_at == len(self.epsilons) else [])  # type: ignore[arg-type]
+        per_chunk = max(1, self.max_rows // max(n, 1))
+        losses: list[Tensor] = []
+        correct: list[Tensor] = []
+        amp_capture: Captured | None = None
+        assert pb.labels is not None
+        for start in range(0, len(eps_all), per_chunk):
+            chunk = eps_all[start : start + per_chunk]
+            k = len(chunk)
+            eps = torch.tensor(chunk).repeat_interleave(n)
+            batch = repeat_batch(pb.batch, k)
+            labels = pb.labels.repeat(k, *([1] * (pb.labels.dim() - 1)))
+            rows = (
+                slice((amp_at - start) * n, (amp_at - start + 1) * n)
+                if amp_at is not None and start <= amp_at < start + k
+                else None
+            )
+            request = Request(hidden=True, embedding=True) if rows is not None else Request()
+            if self._mode == "embedding":
+                assert u0 is not None
+                shift = _scale(eps, u0) * direction.repeat(k, *([1] * (direction.dim() - 1)))
 
-        with _EmbeddingEdit(targets.embedding if mode == "embedding" else None) as edit, torch.no_grad():
-            # clean pass: logits, u_0 and the layer outputs of reference
-            with Capture(targets, layers=bool(amp_layers), embedding=want_emb) as cap:
-                score(self.forward(pl_module, x), "_clean")
-                clean_hidden, _ = cap.pop()
-            u0 = clean_hidden.get("embedding")
-            if mode == "embedding":
-                assert u0 is not None  # targets() guarantees an embedding module in embedding mode
-                valid_u = valid if _mask_like(u0, valid) is not None else None
-                z = gaussian_noise(idx, u0.shape[1:], self.seed, valid_u).to(u0.device, u0.dtype)
-                unit = per_sample_rms(u0, valid_u).view(-1, *([1] * (u0.dim() - 1))) * z
+                def edit(u: Tensor, shift: Tensor = shift) -> Tensor:
+                    return u + shift.to(u.dtype)
 
-                def perturbed(direction: Tensor, eps: float) -> Any:
-                    edit.fn = lambda u: u + eps * direction
-                    try:
-                        return self.forward(pl_module, x)
-                    finally:
-                        edit.fn = None
-
+                logits, cap = pb.forward(batch, request, rows, edit)
             else:
-                unit = gaussian_noise(idx, x.shape[1:], self.seed).to(x.device, x.dtype)
+                x = primary_input(batch)
+                assert x is not None
+                x = x + _scale(eps, x) * direction.repeat(k, *([1] * (direction.dim() - 1))).to(x.dtype)
+                logits, cap = pb.forward(with_primary_input(batch, x), request, rows)
+            loss = per_sample_loss(pb.session.pl_module, batch, logits, labels)
+            assert loss is not None
+            hit = self._correct(logits, labels)
+            losses += list(loss.view(k, n))
+            correct += list(hit.view(k, n))
+            if rows is not None:
+                amp_capture = cap
+        return losses, correct, amp_capture
 
-                def perturbed(direction: Tensor, eps: float) -> Any:
-                    return self.forward(pl_module, x + eps * direction)
+    @override
+    def consume(self, pb: ProbeBatch) -> None:
+        if pb.labels is None or pb.loss is None:
+            raise ValueError("PerturbationEval needs labelled probe batches to compute the loss")
+        x = primary_input(pb.batch)
+        self._resolve_mode(x)
+        if pb.logits.dim() == 2:
+            self._num_classes = pb.logits.shape[-1]
+        clean = pb.captured["model"]
+        n = pb.logits.shape[0]
+        index = pb.index if len(pb.index) == n else torch.zeros(n, dtype=torch.long, device=pb.logits.device)
+        valid = pb.valid
+        u0 = clean.embedding
+        if self._mode == "embedding":
+            assert u0 is not None
+            valid_u = valid if mask_like(u0, valid) is not None else None
+            z = gaussian_noise(index, u0.shape[1:], self.seed, valid_u).to(u0.device, u0.dtype)
+            unit = per_sample_rms(u0, valid_u).view(-1, *([1] * (u0.dim() - 1))) * z
+        else:
+            assert x is not None
+            unit = gaussian_noise(index, x.shape[1:], self.seed).to(x.device, x.dtype)
+        amp_at: int | None = None
+        if self._layers:
+            match = [i for i, e in enumerate(self.epsilons) if math.isclose(e, float(self.amplification_eps))]  # type: ignore[arg-type]
+            amp_at = match[0] if match else len(self.epsilons)
+        out: dict[str, Tensor] = {"loss_clean": pb.loss, "correct_clean": self._correct(pb.logits, pb.labels)}
+        losses, correct, amp = self._batched(pb, unit, u0, amp_at)
+        for i in range(len(self.epsilons)):
+            out[f"loss/{i}"], out[f"correct/{i}"] = losses[i], correct[i]
+        if self._layers and amp is not None:
+            eps_a = float(self.amplification_eps)  # type: ignore[arg-type]
+            if self._mode == "input" and amp.embedding is not None and u0 is not None:
+                dh0 = amp.embedding - u0  # the input noise as it reaches u_0
+            else:
+                dh0 = eps_a * unit  # the perturbation itself (on u_0, or on the input without a known u_0)
+            for name in self._layers:
+                out[f"amp/{name}"] = amplification(amp.hidden[name] - clean.hidden[name], dh0, valid)
+        if self.fgsm:
+            direction = self._fgsm_direction(pb, u0, valid)
+            f_losses, f_correct, _ = self._batched(pb, direction, u0, None)
+            for i in range(len(self.epsilons)):
+                out[f"fgsm_loss/{i}"], out[f"fgsm_correct/{i}"] = f_losses[i], f_correct[i]
+        self._store.update(pb.index, **out)
 
-            for i, eps in enumerate(self.epsilons):
-                score(perturbed(unit, eps), f"/{i}")
-
-            if amp_layers:
-                eps_a = float(self.amplification_eps)  # type: ignore[arg-type]
-                with Capture(targets, layers=True, embedding=want_emb) as cap:
-                    perturbed(unit, eps_a)
-                    hidden, _ = cap.pop()
-                dh0 = hidden["embedding"] - u0 if u0 is not None else eps_a * unit
-                for n in amp_layers:
-                    out[f"amp/{n}"] = amplification(hidden[n] - clean_hidden[n], dh0, valid)
-            del clean_hidden
-
-            if self.fgsm:
-                direction = self._fgsm_direction(pl_module, edit, x, y, valid, u0 if mode == "embedding" else None)
-                for i, eps in enumerate(self.epsilons):
-                    logits = perturbed(direction, eps)
-                    out[f"fgsm_loss/{i}"] = F.cross_entropy(first_tensor(logits).float(), y, reduction="none")
-                    out[f"fgsm_correct/{i}"] = (first_tensor(logits).argmax(-1) == y).float()
-        return out
-
-    def _fgsm_direction(
-        self, pl_module: L.LightningModule, edit: _EmbeddingEdit, x: Tensor, y: Tensor, valid: Tensor | None,
-        u0: Tensor | None,
-    ) -> Tensor:  # fmt: skip
-        """``sign(∇ CE)`` with respect to the input (input mode) or to ``u_0``, times ``rms(u_0)`` (embedding mode)."""
+    def _fgsm_direction(self, pb: ProbeBatch, u0: Tensor | None, valid: Tensor | None) -> Tensor:
+        """``sign(∇ loss)`` with respect to the input (input mode) or ``u_0`` times ``rms(u_0)`` (embedding mode)."""
+        assert pb.labels is not None
+        pl_module = pb.session.pl_module
         with torch.enable_grad():
-            if u0 is None:
-                leaf = x.detach().clone().requires_grad_(True)
-                logits = self.forward(pl_module, leaf)
-            else:
+            if self._mode == "embedding":
                 leaves: list[Tensor] = []
 
                 def make_leaf(u: Tensor) -> Tensor:
                     leaves.append(u.detach().requires_grad_(True))
                     return leaves[-1]
 
-                edit.fn = make_leaf
-                try:
-                    logits = self.forward(pl_module, x)
-                finally:
-                    edit.fn = None
+                logits, _ = pb.forward(edit=make_leaf)
                 leaf = leaves[0]
-            loss = F.cross_entropy(first_tensor(logits).float(), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, leaf)
+            else:
+                x = primary_input(pb.batch)
+                assert x is not None
+                leaf = x.detach().clone().requires_grad_(True)
+                logits, _ = pb.forward(with_primary_input(pb.batch, leaf))
+            loss = per_sample_loss(pl_module, pb.batch, logits, pb.labels)
+            assert loss is not None
+            (grad,) = torch.autograd.grad(loss.sum(), leaf)
         direction = grad.sign()
-        if u0 is not None:
-            valid_u = valid if _mask_like(u0, valid) is not None else None
-            m = _mask_like(u0, valid_u)
+        if self._mode == "embedding" and u0 is not None:
+            valid_u = valid if mask_like(u0, valid) is not None else None
+            m = mask_like(u0, valid_u)
             direction = direction * per_sample_rms(u0, valid_u).view(-1, *([1] * (u0.dim() - 1)))
             if m is not None:
                 direction = direction * m
         return direction.detach()
 
     # ---- output ------------------------------------------------------------------------------------------------
-    def _report(self, trainer: L.Trainer, targets: AnalysisTargets, out: dict[str, Tensor]) -> None:
-        mean = {k: float(v.double().mean()) if v.numel() else float("nan") for k, v in out.items()}
+    @override
+    def finish(self, session: ProbeSession) -> None:
+        out = self._store.compute()
+        self._store = None  # type: ignore[assignment]
+        mean = {k: float(v.double().nanmean()) if v.numel() else float("nan") for k, v in out.items()}
         metrics = {self.key("loss_clean"): mean["loss_clean"], self.key("acc_clean"): mean["correct_clean"]}
         losses = [mean[f"loss/{i}"] for i in range(len(self.epsilons))]
         accs = [mean[f"correct/{i}"] for i in range(len(self.epsilons))]
         for label, loss, acc in zip(self.labels, losses, accs, strict=True):
             metrics[self.key("loss", f"eps={label}")] = loss
             metrics[self.key("acc", f"eps={label}")] = acc
-        critical = critical_epsilon(self.epsilons, losses, mean["loss_clean"], self.critical_factor)
+        departure = loss_departure(self.epsilons, losses, mean["loss_clean"], self.critical_factor)
+        critical = departure.critical_eps
         metrics[self.key("critical_eps")] = critical
+        metrics[self.key("departure_ratio")] = departure.departure_ratio
+        metrics[self.key("threshold_fraction")] = departure.threshold_fraction
         fgsm_losses, fgsm_accs = [], []
         if self.fgsm:
             fgsm_losses = [mean[f"fgsm_loss/{i}"] for i in range(len(self.epsilons))]
@@ -433,18 +433,20 @@ class PerturbationEval(ProbeCallback):
             for label, loss, acc in zip(self.labels, fgsm_losses, fgsm_accs, strict=True):
                 metrics[self.key("fgsm_loss", f"eps={label}")] = loss
                 metrics[self.key("fgsm_acc", f"eps={label}")] = acc
-        for n in self._amp_layers(targets):
+        for n in self._layers:
             v = out[f"amp/{n}"].double()
             v = v[torch.isfinite(v)]
             metrics[self.key("amplification", n)] = float(v.mean()) if v.numel() else float("nan")
         self.last_metrics = metrics
-        self.log_scalars(trainer, metrics)
-        if tensorboard(trainer) is not None and self.figures_due:
-            figure = loss_vs_eps_figure(
-                self.epsilons, losses, accs, mean["loss_clean"], mean["correct_clean"], critical,
-                fgsm_losses or None, fgsm_accs or None, title=f"{self._mode} noise, step {trainer.global_step}",
+        self.log_scalars(session.trainer, metrics, session.step)
+        if self.figures_due:
+            eps, clean_l, clean_a = list(self.epsilons), mean["loss_clean"], mean["correct_clean"]
+            title = f"{self._mode} noise, step {session.step}"
+            self.figure(
+                session, self.key("loss_vs_eps"),
+                lambda: loss_vs_eps_figure(eps, losses, accs, clean_l, clean_a, critical, fgsm_losses or None,
+                                           fgsm_accs or None, title=title),
             )  # fmt: skip
-            self.add_figure(trainer, self.key("loss_vs_eps"), figure)
 
     @override
     def layout(self) -> dict[str, list[str]]:
@@ -459,40 +461,3 @@ class PerturbationEval(ProbeCallback):
             charts[f"{k}/fgsm_loss"] = [rf"^{k}/fgsm_loss/eps=.*", rf"^{k}/loss_clean$"]
             charts[f"{k}/fgsm_acc"] = [rf"^{k}/fgsm_acc/eps=.*", rf"^{k}/acc_clean$"]
         return charts
-
-
-def loss_vs_eps_figure(
-    epsilons: Sequence[float],
-    losses: Sequence[float],
-    accs: Sequence[float],
-    clean_loss: float,
-    clean_acc: float,
-    critical: float,
-    fgsm_losses: Sequence[float] | None = None,
-    fgsm_accs: Sequence[float] | None = None,
-    title: str = "",
-) -> Any:
-    """Loss and accuracy against ε (log axis) with the clean values as horizontal lines and the critical ε marked."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.6))  # fixed margins: a layout engine costs more than the plot
-    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.87, wspace=0.28)
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    for ax, values, fgsm, clean, label in (
-        (ax_loss, losses, fgsm_losses, clean_loss, "loss"),
-        (ax_acc, accs, fgsm_accs, clean_acc, "accuracy"),
-    ):
-        ax.plot(epsilons, values, "o-", label="Gaussian noise")
-        if fgsm is not None:
-            ax.plot(epsilons, fgsm, "s--", label="FGSM")
-        ax.axhline(clean, color="gray", linestyle=":", label=f"clean {label}")
-        if math.isfinite(critical):
-            ax.axvline(critical, color="red", linestyle="--", label=f"critical ε = {critical:.2g}")
-        ax.set_xscale("log")
-        ax.set_xlabel("perturbation strength ε")
-        ax.set_ylabel(f"mean {label}")
-        ax.grid(True, which="both", alpha=0.3)
-    ax_loss.legend(fontsize="small")
-    if title:
-        fig.suptitle(title)
-    return fig

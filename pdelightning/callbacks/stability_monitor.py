@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from contextlib import ExitStack
 from typing import Any, Literal
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
+from pdelightning.analysis.cka import cka_matrix
+from pdelightning.analysis.representation import pool_tokens
 from pdelightning.analysis.stability import (  # noqa: F401 (moved there; the old import path keeps working)
     LossScan,
     eq21_number,
@@ -31,43 +32,41 @@ from pdelightning.analysis.stability import (  # noqa: F401 (moved there; the ol
     scan_losses,
     spectral_norm_power,
 )
-from pdelightning.callbacks._capture import Capture, first_tensor, pool_tokens
-from pdelightning.callbacks._cka import cka_matrix
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.models.protocol import AnalysisTargets
+from pdelightning.probing.capture import Request
+from pdelightning.probing.hub import ProbeBatch, ProbeSession
 
 ACTIONS = ("warn", "stop")
-COLD_START_ITERATIONS = 100  # power iterations when there is no singular vector to warm-start from
 _EMBEDDING = "embedding"
 
 
 # ---- pure math ------------------------------------------------------------------------------------------
 
 
-def _sample_stats(name: str, h: Tensor, u0: Tensor | None) -> dict[str, Tensor]:
+def _sample_stats(name: str, h: Tensor, u0: Tensor | None, valid: Tensor | None = None) -> dict[str, Tensor]:
     """Per-sample sums that add up, over the gathered probe set, to the representation statistics of one layer.
 
-    ``sq``: sum of squares; ``cnt``: number of values; ``bad``: number of non-finite values; ``pool``: the
-    token-averaged vector (for CKA); ``diff``: ``||h - u_0||²`` (``-1`` when ``h`` and ``u_0`` differ in shape).
+    Over the valid (non-padding) tokens when ``valid`` ``[B, T]`` matches ``h``. ``sq``: sum of squares; ``cnt``:
+    number of values; ``bad``: number of non-finite values; ``pool``: the token-averaged vector (for CKA); ``diff``:
+    ``||h - u_0||²`` (``-1`` when ``h`` and ``u_0`` differ in shape).
     """
-    flat = h.flatten(1)
+    keep = valid.to(h.dtype)[..., None] if valid is not None and h.dim() == 3 and valid.shape == h.shape[:2] else None
+    masked = h if keep is None else torch.where(keep > 0, h, torch.zeros_like(h))
+    flat = masked.flatten(1)
+    per_token = h.shape[-1] if h.dim() == 3 else 1
+    count = keep.sum((1, 2)) * per_token if keep is not None else torch.full((h.shape[0],), float(flat.shape[1]))
     stats = {
         f"sq/{name}": flat.pow(2).sum(1),
-        f"cnt/{name}": torch.full((h.shape[0],), float(flat.shape[1]), device=h.device),
+        f"cnt/{name}": count.to(h.device).float(),
         f"bad/{name}": (~torch.isfinite(flat)).sum(1).float(),
-        f"pool/{name}": pool_tokens(h),
+        f"pool/{name}": pool_tokens(h, None if keep is None else ~valid.bool()),  # type: ignore[union-attr]
     }
     if u0 is not None:
         same = h.shape == u0.shape
-        stats[f"diff/{name}"] = (
-            (h - u0).flatten(1).pow(2).sum(1) if same else torch.full_like(stats[f"sq/{name}"], -1.0)
-        )
+        diff = (masked - (u0 if keep is None else u0 * keep)).flatten(1) if same else None
+        stats[f"diff/{name}"] = diff.pow(2).sum(1) if diff is not None else torch.full_like(stats[f"sq/{name}"], -1.0)
     return stats
-
-
-def _weight(module: nn.Module | None) -> Tensor | None:
-    w = getattr(module, "weight", None) if module is not None else None
-    return w if isinstance(w, Tensor) and w.dim() == 2 else None
 
 
 # ---- the callback ---------------------------------------------------------------------------------------
@@ -79,17 +78,17 @@ class StabilityMonitor(ProbeCallback):
     * **eq. (21)** on PDE layers (``LayerTarget.pde`` set): ``2 D Δt / Δx² + |α| Δt ||W^O||_2`` with ``D`` the
       largest diffusion coefficient, flagged when above ``threshold`` (default 1, the theorem's bound).
     * **spectral norms** ``||W^O||_2`` and ``||W^O W^V||_2`` (composed value-output map; nn.Linear convention
-      ``out_proj.weight @ value_weight``) for every layer with attention, by warm-started power iteration
-      (:func:`spectral_norm_power`: the singular vectors are kept as state and each probe runs
-      ``power_iterations`` steps from them; the first probe, with nothing to start from, runs 100). The
-      estimate is a lower bound that tracks ``||.||_2`` closely while the weights move little between probes.
-      Layers without an attention output projection (an MLP given a ``layers`` glob) are skipped.
-    * **representations** on the fixed probe set, over all tokens (padding included): relative drift
+      ``W_O @ W_V``, grouped key/value heads repeated) for every layer with attention, exact
+      (``torch.linalg.matrix_norm(W, 2)``, an SVD: a warm-started power iteration of a few steps reads low when
+      the top singular values are close, and eq. (21) would read low with it). ``W^O`` is found by the model's
+      adapter (``out_proj``, ``o_proj``, ``c_proj``, ``proj``, BERT's ``attention.output.dense``, TransformerLens'
+      ``W_O``). Layers without an attention output projection are skipped.
+    * **representations** on the fixed probe set, over the valid (non-padding) tokens: relative drift
       ``||h_l - u_0||_F / ||u_0||_F`` over the whole probe set (:func:`relative_drift`; only for layers whose
       output has ``u_0``'s shape), linear CKA (unbiased HSIC) between token-averaged ``h_l`` and ``u_0``, RMS
       ``sqrt(mean h_l²)`` and its growth ``rms_l / rms_0``, and the fraction of non-finite values (the first
-      layer, in depth order, that has any is named). ``u_0`` is the embedding module's output; without one
-      (e.g. the stock encoder without an ``embedding`` glob) it is the input of the first layer.
+      layer, in depth order, that has any is named). ``u_0`` is the input of the first layer as the adapter
+      defines it (our ``hook_embed``; the first block's input, class tokens included, for other families).
 
     The training loss (``outputs["loss"]`` of ``on_train_batch_end``) is examined for EVERY batch without a
     host sync: each batch's loss is copied into a small device buffer, and every ``check_every_n_steps`` batches
@@ -113,7 +112,6 @@ class StabilityMonitor(ProbeCallback):
     Args:
         threshold: bound for the eq. (21) number.
         action: ``"warn"`` or ``"stop"``.
-        power_iterations: power-iteration steps per probe and matrix, warm-started from the last probe's vector.
         check_every_n_steps: read the buffered training losses every ``n`` batches.
         spike_factor: a loss above ``spike_factor × EMA`` is a spike (``> 1``); ``None`` disables spike detection.
         ema_decay: decay of the loss EMA, in ``[0, 1)``.
@@ -159,7 +157,6 @@ class StabilityMonitor(ProbeCallback):
         self,
         threshold: float = 1.0,
         action: Literal["warn", "stop"] = "warn",
-        power_iterations: int = 5,
         check_every_n_steps: int = 10,
         spike_factor: float | None = 3.0,
         ema_decay: float = 0.98,
@@ -172,8 +169,6 @@ class StabilityMonitor(ProbeCallback):
             raise ValueError(f"action={action!r} is not one of {ACTIONS}")
         if not threshold > 0:
             raise ValueError(f"threshold={threshold} must be positive (eq. 21 bounds the step number by 1)")
-        if not isinstance(power_iterations, int) or power_iterations < 1:
-            raise ValueError(f"power_iterations={power_iterations!r} must be a positive integer")
         if not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
             raise ValueError(f"check_every_n_steps={check_every_n_steps!r} must be a positive integer")
         if spike_factor is not None and not spike_factor > 1:
@@ -187,7 +182,6 @@ class StabilityMonitor(ProbeCallback):
         self.spike_atol = spike_atol
         self.threshold = threshold
         self.action = action
-        self.power_iterations = power_iterations
         self.check_every_n_steps = check_every_n_steps
         self.spike_factor = spike_factor
         self.ema_decay = ema_decay
@@ -197,7 +191,6 @@ class StabilityMonitor(ProbeCallback):
         self.loss_ema: float | None = None
         self.ema_count = 0
         self.last_spike_step: int | None = None
-        self._vectors: dict[str, Tensor] = {}
         # per-window loss buffer (not persisted: at most check_every_n_steps - 1 losses)
         self._buffer: Tensor | None = None
         self._slots: list[int | None] = []  # global step of each buffered loss, None where a batch had none
@@ -206,20 +199,20 @@ class StabilityMonitor(ProbeCallback):
 
     # ---- state -----------------------------------------------------------------------------------------
     @override
-    def state_dict(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         return {
             "loss_ema": self.loss_ema,
             "ema_count": self.ema_count,
             "last_spike_step": self.last_spike_step,
-            "vectors": {k: v.detach().cpu() for k, v in self._vectors.items()},
+            "active": sorted(self._active),
         }
 
     @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_extra_state(self, state_dict: dict[str, Any]) -> None:
         self.loss_ema = state_dict["loss_ema"]
         self.ema_count = state_dict["ema_count"]
         self.last_spike_step = state_dict["last_spike_step"]
-        self._vectors = dict(state_dict.get("vectors", {}))
+        self._active = set(state_dict.get("active", []))
 
     def layout(self) -> dict[str, list[str]]:
         """Custom-scalars charts: one per per-layer quantity, and one for the loss checks."""
@@ -251,24 +244,24 @@ class StabilityMonitor(ProbeCallback):
                     self.stop_reason = events[0][1] if events else "StabilityMonitor: stop requested by another rank"
 
     # ---- probe -----------------------------------------------------------------------------------------
-    def _power(self, key: str, matrix: Tensor) -> float:
-        v0 = self._vectors.get(key)
-        n_iter = self.power_iterations if v0 is not None else max(self.power_iterations, COLD_START_ITERATIONS)
-        sigma, v = spectral_norm_power(matrix, v0, n_iter)
-        self._vectors[key] = v
-        return float(sigma)
+    @staticmethod
+    def _norm(matrix: Tensor) -> float:
+        if not bool(torch.isfinite(matrix).all()):
+            return float("inf")
+        return float(torch.linalg.matrix_norm(matrix.float(), ord=2))
 
     def _weights(self, targets: AnalysisTargets, metrics: dict[str, float], events: list[tuple[str, str]]) -> None:
         for layer in targets.layers:
-            w_o = _weight(layer.out_proj)
+            w_o = layer.out_proj_weight()
             if w_o is None:
                 continue
             with torch.no_grad():
-                s_o = self._power(f"{layer.name}:W_O", w_o)
+                s_o = self._norm(w_o.detach().float())
                 metrics[self.key("W_O_spectral", layer.name)] = s_o
-                if layer.value_weight is not None:
-                    w_vo = w_o.detach().float() @ layer.value_weight.detach().float()
-                    metrics[self.key("W_VO_spectral", layer.name)] = self._power(f"{layer.name}:W_VO", w_vo)
+                w_v = layer.value_proj_weight()
+                if w_v is not None and w_v.shape[0] == w_o.shape[1]:
+                    w_vo = w_o.detach().float() @ w_v.detach().float()
+                    metrics[self.key("W_VO_spectral", layer.name)] = self._norm(w_vo)
             if layer.pde is not None:
                 p = layer.pde
                 number = eq21_number(p.diffusion, p.alpha, p.dt, p.dx, s_o)
@@ -283,40 +276,40 @@ class StabilityMonitor(ProbeCallback):
                         )
                     )
 
-    def _representations(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, targets: AnalysisTargets, metrics: dict[str, float],
-        events: list[tuple[str, str]],
-    ) -> None:  # fmt: skip
-        names = [_EMBEDDING] + [t.name for t in targets.layers]
-        keys = [f"{q}/{n}" for n in names for q in ("sq", "cnt", "bad", "pool")]
-        keys += [f"diff/{n}" for n in names[1:]]
-        store = GatherStore(keys).to(pl_module.device)
-        first_inputs: list[Tensor] = []
-        with torch.no_grad(), ExitStack() as stack:
-            cap = stack.enter_context(Capture(targets, layers=True, embedding=targets.embedding is not None))
-            if targets.embedding is None:  # u_0 = the input of the first layer
+    @override
+    def request(self) -> Request:
+        return Request(hidden=True, embedding=True)
 
-                def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                    first_inputs.append(first_tensor(args if args else tuple(kwargs.values())).detach())
+    @override
+    def begin(self, session: ProbeSession) -> None:
+        targets = session.targets["model"]
+        self._names = [_EMBEDDING] + [t.name for t in targets.layers]
+        keys = [f"{q}/{n}" for n in self._names for q in ("sq", "cnt", "bad", "pool")]
+        keys += [f"diff/{n}" for n in self._names[1:]]
+        self._store = GatherStore(keys).to(session.device)
 
-                handle = targets.layers[0].module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-                stack.callback(handle.remove)
-            for x, _, idx in self.iter_probe(trainer, pl_module):
-                self.forward(pl_module, x)
-                hidden, _ = cap.pop()
-                u0 = hidden.pop(_EMBEDDING) if targets.embedding is not None else torch.cat(first_inputs)
-                first_inputs.clear()
-                missing = [n for n in names[1:] if n not in hidden]
-                if missing:
-                    raise RuntimeError(
-                        f"StabilityMonitor: layers {missing} produced no output during the probe forward"
-                    )
-                u0 = u0.float()
-                update = _sample_stats(_EMBEDDING, u0, None)
-                for n in names[1:]:
-                    update.update(_sample_stats(n, hidden[n].float(), u0))
-                store.update(idx, **update)
-        out = store.compute()  # collective: every rank, same values
+    @override
+    def consume(self, pb: ProbeBatch) -> None:
+        captured = pb.captured["model"]
+        if captured.embedding is None:
+            raise RuntimeError("StabilityMonitor: the input embedding u_0 produced no output during the probe forward")
+        missing = [n for n in self._names[1:] if n not in captured.hidden]
+        if missing:
+            raise RuntimeError(f"StabilityMonitor: layers {missing} produced no output during the probe forward")
+        u0 = captured.embedding.float()
+        update = _sample_stats(_EMBEDDING, u0, None, pb.valid)
+        for n in self._names[1:]:
+            update.update(_sample_stats(n, captured.hidden[n].float(), u0, pb.valid))
+        self._store.update(pb.index, **update)
+
+    @override
+    def finish(self, session: ProbeSession) -> None:
+        trainer, names = session.trainer, self._names
+        metrics: dict[str, float] = {}
+        events: list[tuple[str, str]] = []
+        self._weights(session.targets["model"], metrics, events)
+        out = self._store.compute()  # collective: every rank, same values
+        self._store = None  # type: ignore[assignment]
         rms0 = math.sqrt(float(out[f"sq/{_EMBEDDING}"].sum() / out[f"cnt/{_EMBEDDING}"].sum().clamp_min(1)))
         metrics[self.key("rms", _EMBEDDING)] = rms0
         n_samples = out[f"pool/{_EMBEDDING}"].shape[0]
@@ -345,16 +338,8 @@ class StabilityMonitor(ProbeCallback):
                 )
             if cka is not None:
                 metrics[self.key("cka_to_embedding", n)] = float(cka[i - 1])
-
-    @override
-    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        targets = self.targets(pl_module)
-        metrics: dict[str, float] = {}
-        events: list[tuple[str, str]] = []
-        self._weights(targets, metrics, events)
-        self._representations(trainer, pl_module, targets, metrics, events)
         self._act(trainer, events, scope=("eq21:", "act:"))
-        self.log_scalars(trainer, metrics)
+        self.log_scalars(trainer, metrics, session.step)
 
     # ---- the training loss -----------------------------------------------------------------------------
     @override

@@ -44,7 +44,7 @@ K = "analysis/attention_similarity"
 QUANTITIES = (
     ["cosine", "kl", "js", "cosine_unmatched", "entropy", "entropy_reference"]
     + [f"{m}_null_{n}" for n in NULLS for m in ("cosine", "kl", "js")]
-    + ["cosine_skill", "kl_skill", "js_skill"]
+    + ["cosine_skill", "kl_skill", "js_skill", "cosine_margin", "kl_margin", "js_margin"]
 )
 STOCK_GLOBS = {"layers": "encoder.layers.*", "attention": "encoder.layers.*.self_attn"}
 SMALL = {"probe_size": 12, "probe_batch_size": 8, "log_figures": False}
@@ -267,12 +267,16 @@ def test_stock_encoder_with_globs_on_both_sides(tmp_path: Path) -> None:
 
 
 def test_models_without_attention_fail_at_setup() -> None:
-    with pytest.raises(TargetNotFoundError, match="MLPModule has no layers to analyse"):
+    with pytest.raises(TargetNotFoundError, match="MLPModule has no Transformer layers to analyse"):
         fit(MLPModule(), AttentionSimilarity(reference=our_task().model, **SMALL), None)
-    with pytest.raises(TargetNotFoundError, match="MLPModule has no layers to analyse"):
+    with pytest.raises(TargetNotFoundError, match="MLPModule has no Transformer layers to analyse"):
         fit(our_task(), AttentionSimilarity(reference=MLPModule(), **SMALL), None)
-    with pytest.raises(TargetNotFoundError, match="no attention module found"):  # globs for layers only
-        fit(StockEncoderModule(), AttentionSimilarity(layers="encoder.layers.*", **SMALL), None)
+    with pytest.raises(TargetNotFoundError, match="no attention module found"):  # layers with no attention inside
+        fit(StockEncoderModule(), AttentionSimilarity(layers="encoder.layers.*.linear1", **SMALL), None)
+    # a layers glob alone: the attention module inside each layer is found by type
+    cb = AttentionSimilarity(layers="encoder.layers.*", nulls=["uniform"], **SMALL)
+    fit(StockEncoderModule(), cb, None)
+    assert set(cb.last_results) == {"encoder.layers.0", "encoder.layers.1"}
 
 
 # ---- token inputs with padding -------------------------------------------------------------------------------------
@@ -370,7 +374,7 @@ def test_reference_from_a_cli_checkpoint_and_another_lightning_module(tmp_path: 
     fit(our_task("pde"), cb, None)
     assert isinstance(cb._reference, ClassificationTask) and not cb._reference.training
     # a CLI-built model's data-linked arguments are read from its hparams, for a reference_config to copy
-    linked = asim._linked_values(cb._reference)
+    linked = asim.linked_values(cb._reference)
     assert linked == {"num_classes": 4, "input_kind": "image", "image_size": 8, "vocab_size": 0, "max_len": 0}
     assert set(cb.last_results) == {"blocks.0", "blocks.1"}
     # any LightningModule class that rebuilds from its checkpoint

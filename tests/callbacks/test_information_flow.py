@@ -17,13 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pdelightning.callbacks._cka import cka_matrix, gram_linear, hsic_biased, hsic_unbiased, linear_cka
 from pdelightning.callbacks._targets import TargetNotFoundError
-from pdelightning.callbacks.information_flow import (
-    InformationFlow,
-    consecutive_correlations,
-    layer_correlation,
-    padding_mask_from_inputs,
-    pool_tokens,
-)
+from pdelightning.analysis.representation import padding_mask_from_inputs, pool_tokens
+from pdelightning.callbacks.information_flow import InformationFlow, consecutive_correlations, layer_correlation
 from pdelightning.models import PDEClassifier, TransformerClassifier
 from pdelightning.task import ClassificationTask
 from tests.helpers.models import MLPModule, StockEncoderModule, image_loaders, our_task
@@ -304,16 +299,10 @@ def test_stock_encoder_with_globs_and_flatten_pooling(tmp_path):
 
 
 def test_model_without_layers_gives_a_clear_error(tmp_path):
-    with pytest.raises(TargetNotFoundError, match="MLPModule has no layers to analyse"):
+    with pytest.raises(TargetNotFoundError, match="MLPModule has no Transformer layers to analyse"):
         _fit(MLPModule(), InformationFlow(probe_size=8), tmp_path)
-    with pytest.raises(TargetNotFoundError, match="reference model: MLPModule has no layers"):
+    with pytest.raises(TargetNotFoundError, match="reference model: MLPModule has no Transformer layers"):
         _fit(our_task("transformer"), InformationFlow(reference=MLPModule(), probe_size=8), tmp_path)
-
-
-class _Recording(InformationFlow):
-    def gather(self, trainer, pl_module):
-        self.last = super().gather(trainer, pl_module)
-        return self.last
 
 
 def test_token_inputs_pool_over_valid_tokens_only(tmp_path):
@@ -325,7 +314,7 @@ def test_token_inputs_pool_over_valid_tokens_only(tmp_path):
     y = torch.arange(n) % 4
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     task = our_task("transformer", n_layers=2, input_kind="tokens", vocab_size=20, max_len=T, norm="none")
-    callback = _Recording(probe_size=n, figures=False)
+    callback = InformationFlow(probe_size=n, figures=False)
     _fit(task, callback, tmp_path, loaders=(loader, loader))
     pooled = {}
     task.model.hook_pooled.register_forward_hook(lambda m, a, out: pooled.setdefault("h", out))
@@ -333,7 +322,7 @@ def test_token_inputs_pool_over_valid_tokens_only(tmp_path):
     with torch.no_grad():
         task(x)
     # with norm="none" the model's own pooling (masked mean, padding excluded) is the last layer's pooled state
-    torch.testing.assert_close(callback.last["blocks.1"], pooled["h"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(callback.last_reps["blocks.1"], pooled["h"], atol=1e-5, rtol=1e-5)
 
 
 def _cli_style_checkpoint(tmp_path) -> tuple[str, ClassificationTask]:

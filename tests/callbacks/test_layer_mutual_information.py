@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 import pdelightning.callbacks.layer_mutual_information as lmi
+from pdelightning.analysis.representation import padding_mask_from_inputs, pool_tokens
 from pdelightning.callbacks._targets import TargetNotFoundError
 from pdelightning.callbacks.layer_mutual_information import (
     LayerMutualInformation,
@@ -22,8 +23,6 @@ from pdelightning.callbacks.layer_mutual_information import (
     information_plane_figure,
     is_saturated,
     kde_mutual_information,
-    padding_mask_from_inputs,
-    pool_tokens,
     probe_mutual_information,
     split_halves,
 )
@@ -241,7 +240,7 @@ def test_saturated_estimates_are_flagged_and_warned(tmp_path) -> None:
 
 def test_mlp_without_layers_fails_clearly(tmp_path) -> None:
     train, val = image_loaders(n=32)
-    with pytest.raises(TargetNotFoundError, match="no layers to analyse"):
+    with pytest.raises(TargetNotFoundError, match="no Transformer layers to analyse"):
         _trainer(tmp_path, [LayerMutualInformation(probe_size=16)]).fit(MLPModule(), train, val)
 
 

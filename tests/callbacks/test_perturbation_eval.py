@@ -127,7 +127,7 @@ def test_format_eps() -> None:
     assert format_eps(1e-3) == "1e-03"
     assert format_eps(1.0) == "1e+00"
     assert format_eps(10**-3.5) == "3.16e-04"
-    assert len({format_eps(e) for e in pe.DEFAULT_EPSILONS}) == 9
+    assert len({format_eps(e) for e in pe.DEFAULT_EPSILONS}) == 11
 
 
 def test_critical_epsilon_on_hand_made_curves() -> None:
@@ -210,9 +210,9 @@ def test_amplification_of_identity_and_doubling_layers(mode: str) -> None:
         epsilons=[1e-12, 1e-1],
     )  # fmt: skip
     m = cb.last_metrics
-    assert m[f"{K}/amplification/layers.0"] == 1.0
-    assert m[f"{K}/amplification/layers.1"] == 2.0
-    assert m[f"{K}/amplification/layers.2"] == 4.0
+    assert m[f"{K}/amplification/layers.0"] == pytest.approx(1.0, rel=1e-6)
+    assert m[f"{K}/amplification/layers.1"] == pytest.approx(2.0, rel=1e-6)
+    assert m[f"{K}/amplification/layers.2"] == pytest.approx(4.0, rel=1e-6)
     assert abs(m[f"{K}/loss/eps=1e-12"] - m[f"{K}/loss_clean"]) < 1e-6  # ε -> 0 gives the clean loss
     assert m[f"{K}/acc/eps=1e-12"] == m[f"{K}/acc_clean"]
     assert m[f"{K}/loss/eps=1e-01"] != m[f"{K}/loss_clean"]
@@ -241,15 +241,17 @@ def test_fgsm_beats_random_noise_on_a_trained_linear_model_and_leaves_parameter_
               enable_checkpointing=False).fit(module, train)  # fmt: skip
     for p in module.parameters():
         p.grad = None
-    cb = PerturbationEval(every_n_epochs=None, probe_size=64, epsilons=[1e-2, 1e-1, 1.0], fgsm=True)
+    cb = PerturbationEval(budget=None, probe_size=64, epsilons=[1e-2, 1e-1, 1.0], fgsm=True)  # step 0 only
     t = trainer(callbacks=[cb])
-    probe = cb.probe
+    consume = cb.consume
 
-    def probe_and_check(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        probe(trainer, pl_module)
-        assert all(p.grad is None for p in pl_module.parameters())
+    def consume_and_check(pb) -> None:
+        before = [None if p.grad is None else p.grad.clone() for p in pb.session.pl_module.parameters()]
+        consume(pb)
+        after = [p.grad for p in pb.session.pl_module.parameters()]
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
-    cb.probe = probe_and_check  # type: ignore[method-assign]
+    cb.consume = consume_and_check  # type: ignore[method-assign]
     t.fit(module, train, val)
     m = cb.last_metrics
     assert m[f"{K}/acc_clean"] > 0.9
@@ -265,7 +267,7 @@ def test_token_model_in_input_mode_raises_a_clear_error() -> None:
     cb = PerturbationEval(mode="input")
     with pytest.raises(ValueError, match=r"mode='input'.*token ids.*use mode='embedding'"):
         trainer(callbacks=[cb]).fit(token_task("transformer"), *token_loaders())
-    assert cb._probe is None  # raised at setup, before the probe set was drawn
+    assert cb._hub is None  # raised at setup, before the callback joined the trainer's probes
 
 
 @pytest.mark.parametrize("kind", ["transformer", "pde"])
@@ -331,9 +333,14 @@ def test_stock_encoder_via_globs(mode: str) -> None:
     assert abs(m[f"{K}/loss/eps=1e-12"] - m[f"{K}/loss_clean"]) < 1e-6
 
 
-def test_stock_encoder_embedding_mode_without_an_embedding_module_is_a_clear_error() -> None:
-    with pytest.raises(TargetNotFoundError, match="embedding='proj'"):
-        probe_once(StockEncoderModule(), image_loaders(n=32), mode="embedding", layers="encoder.layers.*")
+def test_stock_encoder_embedding_mode_without_an_embedding_glob_perturbs_the_first_layer_input() -> None:
+    torch.manual_seed(0)
+    cb = probe_once(StockEncoderModule(), image_loaders(n=32), mode="embedding", epsilons=[1e-12, 1e-2])
+    m = cb.last_metrics
+    assert abs(m[f"{K}/loss/eps=1e-12"] - m[f"{K}/loss_clean"]) < 1e-6
+    assert {f"{K}/amplification/encoder.layers.0", f"{K}/amplification/encoder.layers.1"} <= set(m)
+    # u_0 is the first layer's input, so the first layer's own amplification is that layer's gain (finite, > 0)
+    assert 0 < m[f"{K}/amplification/encoder.layers.0"] < 100
 
 
 def test_mlp_in_input_mode_skips_amplification(tmp_path: Path) -> None:
@@ -342,7 +349,7 @@ def test_mlp_in_input_mode_skips_amplification(tmp_path: Path) -> None:
     m = cb.last_metrics
     assert cb._mode == "input"
     assert set(m) == {
-        f"{K}/loss_clean", f"{K}/acc_clean", f"{K}/critical_eps",
+        f"{K}/loss_clean", f"{K}/acc_clean", f"{K}/critical_eps", f"{K}/departure_ratio", f"{K}/threshold_fraction",
         f"{K}/loss/eps=1e-12", f"{K}/acc/eps=1e-12", f"{K}/loss/eps=1e-01", f"{K}/acc/eps=1e-01",
     }  # fmt: skip
     assert abs(m[f"{K}/loss/eps=1e-12"] - m[f"{K}/loss_clean"]) < 1e-6
@@ -350,7 +357,7 @@ def test_mlp_in_input_mode_skips_amplification(tmp_path: Path) -> None:
 
 
 def test_mlp_in_embedding_mode_is_a_clear_error() -> None:
-    with pytest.raises(TargetNotFoundError, match="needs the input-embedding module of MLPModule"):
+    with pytest.raises(TargetNotFoundError, match="needs the input embedding of MLPModule"):
         probe_once(MLPModule(), image_loaders(n=32), mode="embedding")
 
 

@@ -1,0 +1,406 @@
+"""One probe forward for every callback: the hub that schedules probes, runs them once, and shares the captures.
+
+Every :class:`~pdelightning.callbacks._probe.ProbeCallback` attached to a trainer registers with that trainer's
+:class:`ProbeHub`. When a callback's hook fires, the hub collects every callback due at this step, and runs ONE
+pass over the fixed probe set: per probe batch, one forward of the model with the union of the hooks they asked for
+(:class:`~pdelightning.probing.capture.Request`), one forward of each distinct reference or null model, and hands
+every callback the same :class:`ProbeBatch`. Callbacks then finish (collectives, logging) in turn. A callback alone
+works the same way, with a hub of one.
+
+The hub also keeps the time budget (:class:`~pdelightning.probing.schedule.BudgetSchedule`) shared by all callbacks
+in budget mode, measures what each probe costs, logs ``analysis/overhead/fraction`` (analysis seconds over training
+seconds so far) and ``analysis/overhead/probe_seconds``, and renders figures on a background thread.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import lightning.pytorch as L
+import torch
+from torch import Tensor, nn
+
+from pdelightning.adapters.base import ModelAdapter
+from pdelightning.adapters.registry import resolve
+from pdelightning.models.protocol import AnalysisTargets
+from pdelightning.probing.batch import (
+    call_model,
+    extract_logits,
+    labels_of,
+    map_tensors,
+    per_sample_loss,
+    valid_from_batch,
+)
+from pdelightning.probing.capture import Capture, Captured, EmbeddingEdit, Request, pad_prefix
+from pdelightning.probing.figures import FigureWorker
+from pdelightning.probing.probe_set import ProbeSet
+from pdelightning.probing.schedule import BudgetSchedule
+
+if TYPE_CHECKING:
+    from pdelightning.callbacks._probe import ProbeCallback
+
+MODEL = "model"
+_NONE = 2**62  # "no interior probe planned", for reductions (max wins: the most conservative plan)
+
+
+@dataclass
+class ProbeSession:
+    """One probe: the step, the models' targets and what the callbacks share.
+
+    Attributes:
+        trainer, pl_module: the run.
+        step: the global step of the probe.
+        final: whether this is the last probe of training.
+        targets: resolved targets of each model key (``"model"`` and the extra models).
+        adapters: the adapter of each model key (``None`` for glob-only targets).
+        modules: each model key's module.
+        probe_size: number of samples in the whole probe set (all ranks).
+        figures: the background figure worker.
+        partner: ``[probe_size]`` each position's partner for the shuffled null (``-1``: none).
+    """
+
+    trainer: L.Trainer
+    pl_module: L.LightningModule
+    step: int
+    final: bool
+    targets: dict[str, AnalysisTargets]
+    adapters: dict[str, ModelAdapter | None]
+    modules: dict[str, nn.Module]
+    probe_size: int
+    figures: FigureWorker
+    timings: dict[str, float] = field(default_factory=dict)
+    partner: Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device."""
+        return self.pl_module.device
+
+
+@dataclass
+class ProbeBatch:
+    """One probe batch with everything the shared forwards captured.
+
+    Attributes:
+        batch: the collated batch on the model's device.
+        index: ``[B']`` positions of the samples in the probe set (``B' < B`` only for a rank's stand-in batch).
+        labels: the labels, or ``None``.
+        valid: ``[B, T]`` valid-token mask of the model's residual stream (prefix tokens valid), or ``None``.
+        logits: the model's logits.
+        loss: per-sample loss ``[B]`` (see :func:`~pdelightning.probing.batch.per_sample_loss`), or ``None``.
+        captured: what each model key's forward captured.
+        session: the probe session.
+    """
+
+    batch: Any
+    index: Tensor
+    labels: Tensor | None
+    valid: Tensor | None
+    logits: Tensor
+    loss: Tensor | None
+    captured: dict[str, Captured]
+    session: ProbeSession
+
+    def forward(
+        self,
+        batch: Any = None,
+        request: Request | None = None,
+        rows: slice | None = None,
+        edit: Callable[[Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Captured]:
+        """An extra forward of the model (e.g. perturbed): ``(logits, captured)``.
+
+        Args:
+            batch: the inputs (default: this batch).
+            request: what to capture (default: nothing).
+            rows: capture only these rows.
+            edit: rewrite the embedding ``u_0`` with ``edit(u_0)`` during the forward.
+        """
+        s = self.session
+        targets, adapter = s.targets[MODEL], s.adapters[MODEL]
+        with Capture(adapter, targets, request or Request(), rows) as cap:
+            if edit is not None:
+                with EmbeddingEdit(targets) as e:
+                    e.fn = edit
+                    out = call_model(s.pl_module, self.batch if batch is None else batch)
+            else:
+                out = call_model(s.pl_module, self.batch if batch is None else batch)
+            return extract_logits(out), cap.pop()
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
+
+
+class ProbeHub:
+    """The probes of one trainer (see the module docstring). Get it with :meth:`of`."""
+
+    _hubs: ClassVar[weakref.WeakKeyDictionary[Any, ProbeHub]] = weakref.WeakKeyDictionary()
+
+    def __init__(self) -> None:
+        self.callbacks: list[ProbeCallback] = []
+        self.readers: list[Any] = []
+        self.figures = FigureWorker()
+        self.schedule: BudgetSchedule | None = None
+        self._probe_sets: dict[tuple[int, int, int, int, int], ProbeSet] = {}
+        self._t0: float | None = None
+        self._wall_offset = 0.0
+        self._calibrate_at: int | None = None
+        self.last_timings: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+
+    @classmethod
+    def of(cls, trainer: L.Trainer) -> ProbeHub:
+        """The hub of ``trainer`` (created on first use)."""
+        hub = cls._hubs.get(trainer)
+        if hub is None:
+            hub = cls._hubs[trainer] = cls()
+        return hub
+
+    def attach(self, callback: ProbeCallback) -> None:
+        """Register a probe callback (idempotent) and fold its budget into the shared schedule."""
+        if callback not in self.callbacks:
+            self.callbacks.append(callback)
+        self._fold_budgets()
+
+    def attach_reader(self, reader: Any) -> None:
+        """Register analysis that is not a probe (GradientFlow's reads) with the shared budget."""
+        if reader not in self.readers:
+            self.readers.append(reader)
+        self._fold_budgets()
+
+    def record_read(self, trainer: L.Trainer, seconds: float) -> None:
+        """Account one read (every rank calls this at the same steps). Without budgeted probe callbacks, reads
+        drive the schedule themselves (as probes do); otherwise they only add to the time spent.
+        """
+        if self.schedule is None:
+            return
+        if any(c.budget is not None and c.active for c in self.callbacks):
+            self.schedule.add(seconds)
+            return
+        self.schedule.record_probe(trainer.global_step, seconds)
+        total = self.total_steps(trainer)
+        if total is not None and trainer.global_step + 1 >= total:
+            self.schedule.tick(self.wall())
+            return
+        if self.schedule.step_time(trainer.global_step) is not None:
+            self._plan(trainer)
+
+    def _fold_budgets(self) -> None:
+        budgeted = [c for c in [*self.callbacks, *self.readers] if c.budget is not None]
+        if budgeted:
+            budget = min(float(c.budget) for c in budgeted)  # type: ignore[arg-type]
+            spacing = max((c.every_n_steps or 0 for c in budgeted), default=0) or None
+            if self.schedule is None:
+                self.schedule = BudgetSchedule(budget, spacing)
+            else:
+                self.schedule.budget, self.schedule.min_spacing = budget, spacing
+
+    # ---- time ------------------------------------------------------------------------------------------------
+    def start_clock(self, trainer: L.Trainer) -> None:
+        """Start timing training (once per fit), continuing a restored schedule's clock."""
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+            if self.schedule is not None:
+                self._wall_offset = self.schedule.train_seconds + self.schedule.spent
+                if trainer.global_step == 0:
+                    self.schedule.start_step = 0
+                self._calibrate_at = trainer.global_step + 5
+
+    def wall(self) -> float:
+        """Wall seconds of this fit, plus those of the run it resumed."""
+        return self._wall_offset + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+
+    def add_analysis_time(self, seconds: float) -> None:
+        """Account analysis work done outside a probe (e.g. GradientFlow's gradient reads)."""
+        if self.schedule is not None:
+            self.schedule.add(seconds)
+
+    # ---- scheduling ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def total_steps(trainer: L.Trainer) -> float | None:
+        """The run's total optimizer steps, or ``None`` when unknown."""
+        try:
+            total = float(trainer.estimated_stepping_batches)
+        except Exception:
+            return None
+        return total if total > 0 else None
+
+    def _agree(self, trainer: L.Trainer, value: int | None) -> int | None:
+        """The plan every rank follows: the latest (most conservative) of the ranks' plans."""
+        if trainer.world_size <= 1:
+            return value
+        t = torch.tensor([float(_NONE if value is None else value)], device=trainer.strategy.root_device)
+        agreed = int(trainer.strategy.reduce(t, reduce_op="max").item())
+        return None if agreed >= _NONE else agreed
+
+    def _plan(self, trainer: L.Trainer) -> None:
+        sched = self.schedule
+        assert sched is not None
+        sched.tick(self.wall())
+        sched.next_step = self._agree(trainer, sched.plan(trainer.global_step, self.total_steps(trainer)))
+
+    def _calibrate(self, trainer: L.Trainer) -> None:
+        sched = self.schedule
+        assert sched is not None
+        if self._calibrate_at is not None and trainer.global_step >= self._calibrate_at and sched.last_cost is not None:
+            self._calibrate_at = None
+            if sched.next_step is None:
+                self._plan(trainer)  # the first plan needs a measured step time; every rank reaches this step
+
+    def budget_due(self, trainer: L.Trainer) -> bool:
+        """Whether the shared budget schedule has an interior probe at this step."""
+        if self.schedule is None:
+            return False
+        self._calibrate(trainer)
+        return self.schedule.due(trainer.global_step)
+
+    def gradient_read_due(self, trainer: L.Trainer) -> bool:
+        """For GradientFlow in budget mode: read the gradients of the step that leads to a probe (and the first)."""
+        sched = self.schedule
+        if sched is None:
+            return False
+        self._calibrate(trainer)
+        nxt = trainer.global_step + 1
+        total = self.total_steps(trainer)
+        last = total is not None and nxt >= total
+        return trainer.global_step == 0 or last or (sched.next_step is not None and nxt >= sched.next_step)
+
+    # ---- running -----------------------------------------------------------------------------------------------
+    def step(self, trainer: L.Trainer, pl_module: L.LightningModule, hook: str, final: bool = False) -> None:
+        """Run one probe for every callback due at this hook and step (idempotent per step)."""
+        if trainer.sanity_checking:
+            return
+        due = [c for c in self.callbacks if c.active and c.last_probe_step != trainer.global_step]
+        due = [c for c in due if c.is_due(trainer, hook, final)]
+        if due:
+            self.run(trainer, pl_module, due, final)
+
+    def probe_set(self, trainer: L.Trainer, callback: ProbeCallback) -> ProbeSet:
+        """The probe set of ``callback``'s spec (shared by callbacks with the same size, batch size and seed)."""
+        key = (callback.probe_size, callback.probe_batch_size, callback.seed, trainer.global_rank, trainer.world_size)
+        if key not in self._probe_sets:
+            loader = callback.probe_loader(trainer)
+            self._probe_sets[key] = ProbeSet(
+                loader.dataset, loader.collate_fn, callback.probe_size, callback.probe_batch_size, callback.seed,
+                trainer.global_rank, trainer.world_size,
+            )  # fmt: skip
+        return self._probe_sets[key]
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, due: list[ProbeCallback], final: bool) -> None:
+        """One probe of the callbacks ``due``: shared forwards per probe-set group, then each callback finishes."""
+        t0 = time.perf_counter()
+        step = trainer.global_step
+        was_training = pl_module.training
+        pl_module.eval()
+        timings: dict[str, float] = {"forward": 0.0}
+        try:
+            groups: dict[tuple[int, int, int], list[ProbeCallback]] = {}
+            for c in due:
+                groups.setdefault((c.probe_size, c.probe_batch_size, c.seed), []).append(c)
+            for members in groups.values():
+                self._run_group(trainer, pl_module, members, final, step, timings)
+        finally:
+            pl_module.train(was_training)
+        cost = time.perf_counter() - t0
+        self.last_timings = timings | {"total": cost}
+        budgeted = any(c.budget is not None for c in due)
+        if self.schedule is not None and budgeted:
+            self.schedule.record_probe(step, cost)
+            if not final:
+                self._plan(trainer)
+            else:
+                self.schedule.tick(self.wall())
+        self._log_overhead(trainer, step, cost)
+
+    def _models(self, pl_module: L.LightningModule, due: list[ProbeCallback]) -> dict[str, tuple[nn.Module, Request]]:
+        models: dict[str, tuple[nn.Module, Request]] = {MODEL: (pl_module, Request())}
+        for c in due:
+            module, req = models[MODEL]
+            models[MODEL] = (module, req | c.request())
+            for key, (extra, extra_req) in c.extra_models(pl_module).items():
+                have = models.get(key)
+                models[key] = (extra, extra_req if have is None else have[1] | extra_req)
+        return models
+
+    def _run_group(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, members: list[ProbeCallback], final: bool, step: int,
+        timings: dict[str, float],
+    ) -> None:  # fmt: skip
+        probe = self.probe_set(trainer, members[0])
+        models = self._models(pl_module, members)
+        device = pl_module.device
+        targets: dict[str, AnalysisTargets] = {}
+        adapters: dict[str, ModelAdapter | None] = {}
+        for key, (module, _) in models.items():
+            if key == MODEL:
+                adapters[key], targets[key] = members[0].resolved(pl_module)
+            else:
+                module.to(device).eval()
+                adapters[key], targets[key] = resolve(module, need=())
+        session = ProbeSession(
+            trainer, pl_module, step, final, targets, adapters, {k: m for k, (m, _) in models.items()}, probe.size,
+            self.figures, timings, probe.partner,
+        )  # fmt: skip
+        for c in members:
+            c.begin(session)
+        with torch.no_grad():
+            for raw, index in probe:
+                t = time.perf_counter()
+                batch = _to(raw, device)
+                labels = labels_of(batch)
+                captured: dict[str, Captured] = {}
+                logits: Tensor | None = None
+                for key, (module, req) in models.items():
+                    with Capture(adapters[key], targets[key], req) as cap:
+                        out = call_model(module, batch)
+                        captured[key] = cap.pop()
+                    if key == MODEL:
+                        logits = extract_logits(out)
+                assert logits is not None
+                main = captured[MODEL]
+                valid = main.valid if main.valid is not None else valid_from_batch(batch)
+                length = next((h.shape[1] for h in main.hidden.values() if h.dim() == 3), None)
+                if length is None and main.embedding is not None and main.embedding.dim() == 3:
+                    length = main.embedding.shape[1]
+                if valid is not None and length is not None:
+                    valid = pad_prefix(valid.to(device), length)
+                loss = per_sample_loss(pl_module, batch, logits, labels)
+                pb = ProbeBatch(batch, index.to(device), labels, valid, logits, loss, captured, session)
+                timings["forward"] += time.perf_counter() - t
+                for c in members:
+                    t = time.perf_counter()
+                    c.consume(pb)
+                    timings[c.name] = timings.get(c.name, 0.0) + time.perf_counter() - t
+                del pb, captured
+        for c in members:
+            t = time.perf_counter()
+            c.finish(session)
+            c.mark_probed(step, final)
+            timings[c.name] = timings.get(c.name, 0.0) + time.perf_counter() - t
+
+    def _log_overhead(self, trainer: L.Trainer, step: int, cost: float) -> None:
+        metrics = {"analysis/overhead/probe_seconds": cost}
+        if self.schedule is not None:
+            self.schedule.tick(self.wall())
+            fraction = self.schedule.fraction()
+            if fraction == fraction:  # not nan
+                metrics["analysis/overhead/fraction"] = fraction
+        self.history.append({"step": step, **metrics, **{f"seconds/{k}": v for k, v in self.last_timings.items()}})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    # ---- state ---------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's state (saved by every probe callback; tiny)."""
+        return {"schedule": self.schedule.state_dict() if self.schedule is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the schedule (from whichever callback's checkpoint state comes first)."""
+        if self.schedule is not None and state.get("schedule"):
+            self.schedule.load_state_dict(state["schedule"])
