@@ -68,6 +68,19 @@ class ProtocolAdapter(ModelAdapter):
     def detect(cls, module: nn.Module) -> bool:
         return callable(getattr(module, "analysis_targets", None))
 
+    @contextlib.contextmanager
+    def probe_mode(self, attention: bool = False) -> Iterator[None]:
+        """Fast paths off, and our attention modules on their explicit path for every probe forward."""
+        switched = [m for m in self.model.modules() if hasattr(m, "force_explicit") and not m.force_explicit]
+        with fastpath_off():
+            for m in switched:
+                m.force_explicit = True
+            try:
+                yield
+            finally:
+                for m in switched:
+                    m.force_explicit = False
+
     def targets(self) -> AnalysisTargets:
         t = self.model.analysis_targets()
         if not t.family:
@@ -185,6 +198,25 @@ class TorchTransformerAdapter(ModelAdapter):
         first = self.model.layers[0] if len(self.model.layers) else None
         return AnalysisTargets(layers=layers, embedding=first, embedding_is_input=True, family=self.family)
 
+    @contextlib.contextmanager
+    def probe_mode(self, attention: bool = False) -> Iterator[None]:
+        """Fast path and nested tensors off; every attention call on its explicit (``need_weights``) path."""
+
+        def explicit(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+            names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights")
+            bound = dict(zip(names, args, strict=False)) | kwargs
+            bound["need_weights"] = True
+            bound.setdefault("average_attn_weights", False)
+            return (), bound
+
+        handles = [layer.self_attn.register_forward_pre_hook(explicit, with_kwargs=True) for layer in self.model.layers]
+        with fastpath_off():
+            try:
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
+
     def padding(self) -> tuple[nn.Module, Callable[[tuple[Any, ...], dict[str, Any]], Tensor | None]] | None:
         if not len(self.model.layers):
             return None
@@ -225,9 +257,10 @@ class HuggingFaceAdapter(ModelAdapter):
     (``model.layers`` with ``self_attn``/``o_proj``), and any other model whose blocks form a list of same-class modules
     containing attention.
 
-    For a probe that reads attention the model is switched to the ``"eager"`` attention implementation (through
+    For every probe forward the model is switched to the ``"eager"`` attention implementation (through
     ``set_attn_implementation`` or the config), whose attention modules return their probabilities as the second
-    output (causal and padding masks applied by the library itself), and switched back afterwards. ``u_0`` is the first
+    output (causal and padding masks applied by the library itself), and switched back afterwards; every probe
+    thus takes one numerical path, whichever callbacks share it. ``u_0`` is the first
     block's input (token + position embeddings, the class token of ViT included); ViT's class token is counted as a
     prefix token. Re-initialisation uses the model's own ``_init_weights``.
     """
@@ -276,7 +309,7 @@ class HuggingFaceAdapter(ModelAdapter):
         with fastpath_off():
             config = getattr(self.model, "config", None)
             was = getattr(config, "_attn_implementation", None)
-            if not attention or was in (None, "eager"):
+            if was in (None, "eager"):
                 yield
                 return
             setter = getattr(self.model, "set_attn_implementation", None)
@@ -354,6 +387,19 @@ class TimmAdapter(ModelAdapter):
             n_prefix_tokens=int(getattr(self.model, "num_prefix_tokens", 0) or 0),
             family=self.family,
         )
+
+    @contextlib.contextmanager
+    def probe_mode(self, attention: bool = False) -> Iterator[None]:
+        """Fast paths off, and timm's explicit attention path for every probe forward (one numerical path)."""
+        switched = [b.attn for b in self.model.blocks if getattr(b.attn, "fused_attn", False)]
+        with fastpath_off():
+            for a in switched:
+                a.fused_attn = False
+            try:
+                yield
+            finally:
+                for a in switched:
+                    a.fused_attn = True
 
     def reinitialise(self, model: nn.Module) -> bool:
         init = getattr(model, "init_weights", None)

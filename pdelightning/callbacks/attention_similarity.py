@@ -454,7 +454,7 @@ class AttentionSimilarity(ProbeCallback):
 
     @override
     def finish(self, session: ProbeSession) -> None:
-        out = self._store.compute()  # a collective: every rank, same tensors
+        out = self._store.gather()  # a collective: every rank, same tensors
         self._store = None  # type: ignore[assignment]
         results = {a: self._summarize(out, a, self._comps) for a, _ in self._pairs}
         self.last_results = results

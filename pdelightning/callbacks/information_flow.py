@@ -267,7 +267,7 @@ class InformationFlow(ProbeCallback):
         original = self.finish
 
         def keep(session: ProbeSession) -> None:
-            captured["reps"] = self._store.compute()
+            captured["reps"] = self._store.gather()
 
         self.finish = keep  # type: ignore[method-assign]
         try:
@@ -310,7 +310,7 @@ class InformationFlow(ProbeCallback):
 
     @override
     def finish(self, session: ProbeSession) -> None:
-        reps = self._store.compute()  # collective on every rank; the rest is rank-zero output
+        reps = self._store.gather()  # collective on every rank; the rest is rank-zero output
         self._store = None  # type: ignore[assignment]
         self.last_reps = reps
         trainer = session.trainer

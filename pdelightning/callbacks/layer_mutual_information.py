@@ -298,7 +298,7 @@ class LayerMutualInformation(ProbeCallback):
     @override
     def finish(self, session: ProbeSession) -> None:
         trainer, names = session.trainer, self._names
-        gathered = self._store.compute()  # a collective: every rank runs it
+        gathered = self._store.gather()  # a collective: every rank runs it
         self._store = None  # type: ignore[assignment]
         y = gathered["y"].cpu()
         n = len(y)

@@ -47,6 +47,8 @@ from pdelightning.probing.hub import ProbeBatch, ProbeSession
 PerturbationMode = Literal["auto", "input", "embedding"]
 MODES = ("auto", "input", "embedding")
 DEFAULT_EPSILONS: tuple[float, ...] = tuple(float(e) for e in np.logspace(-4, 1, 11))
+ATTENTION_ELEMENTS = 2**25
+"""Cap on ``rows x T^2`` of one batched perturbation forward (the explicit attention it forms per head)."""
 
 
 def _primary_path(batch: Any) -> tuple[str, Any] | None:
@@ -169,7 +171,8 @@ class PerturbationEval(ProbeCallback):
         fgsm: also evaluate the FGSM direction at every ε.
         critical_factor: departure factor ``> 1`` of the critical ε.
         amplification_eps: ε of the per-layer amplification, or ``None`` for none.
-        max_rows: the most rows of one batched perturbation forward (copies beyond it go to further forwards).
+        max_rows: the most rows of one batched perturbation forward (copies beyond it go to further forwards; long
+            sequences get fewer, so that one forward's explicit attention stays within ``2^25 T^-2`` rows).
         **kwargs: :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (cadence, probe set size, globs
             ``layers``/``attention``/``embedding``, ``seed``, which also seeds the noise).
 
@@ -295,7 +298,9 @@ class PerturbationEval(ProbeCallback):
         """Per-ε losses and correctness of ``direction`` scaled by every ε, in chunks of whole copies of the batch."""
         n = pb.logits.shape[0]
         eps_all = list(self.epsilons) + ([float(self.amplification_eps)] if amp_at == len(self.epsilons) else [])  # type: ignore[arg-type]
-        per_chunk = max(1, self.max_rows // max(n, 1))
+        length = u0.shape[1] if u0 is not None and u0.dim() == 3 else 1
+        budget = min(self.max_rows, max(1, ATTENTION_ELEMENTS // (length * length)))  # probes: explicit attention
+        per_chunk = max(1, budget // max(n, 1))
         losses: list[Tensor] = []
         correct: list[Tensor] = []
         amp_capture: Captured | None = None
@@ -306,12 +311,9 @@ class PerturbationEval(ProbeCallback):
             eps = torch.tensor(chunk).repeat_interleave(n)
             batch = repeat_batch(pb.batch, k)
             labels = pb.labels.repeat(k, *([1] * (pb.labels.dim() - 1)))
-            rows = (
-                slice((amp_at - start) * n, (amp_at - start + 1) * n)
-                if amp_at is not None and start <= amp_at < start + k
-                else None
-            )
-            request = Request(hidden=True, embedding=True) if rows is not None else Request()
+            hit = amp_at is not None and start <= amp_at < start + k
+            rows_at = slice((amp_at - start) * n, (amp_at - start + 1) * n) if hit else None  # type: ignore[operator]
+            request = Request(hidden=True, embedding=True) if rows_at is not None else Request()
             if self._mode == "embedding":
                 assert u0 is not None
                 shift = _scale(eps, u0) * direction.repeat(k, *([1] * (direction.dim() - 1)))
@@ -319,18 +321,18 @@ class PerturbationEval(ProbeCallback):
                 def edit(u: Tensor, shift: Tensor = shift) -> Tensor:
                     return u + shift.to(u.dtype)
 
-                logits, cap = pb.forward(batch, request, rows, edit)
+                logits, cap = pb.forward(batch, request, rows_at, edit)
             else:
                 x = primary_input(batch)
                 assert x is not None
                 x = x + _scale(eps, x) * direction.repeat(k, *([1] * (direction.dim() - 1))).to(x.dtype)
-                logits, cap = pb.forward(with_primary_input(batch, x), request, rows)
+                logits, cap = pb.forward(with_primary_input(batch, x), request, rows_at)
             loss = per_sample_loss(pb.session.pl_module, batch, logits, labels)
             assert loss is not None
-            hit = self._correct(logits, labels)
+            right = self._correct(logits, labels)
             losses += list(loss.view(k, n))
-            correct += list(hit.view(k, n))
-            if rows is not None:
+            correct += list(right.view(k, n))
+            if rows_at is not None:
                 amp_capture = cap
         return losses, correct, amp_capture
 
@@ -412,7 +414,7 @@ class PerturbationEval(ProbeCallback):
     # ---- output ------------------------------------------------------------------------------------------------
     @override
     def finish(self, session: ProbeSession) -> None:
-        out = self._store.compute()
+        out = self._store.gather()
         self._store = None  # type: ignore[assignment]
         mean = {k: float(v.double().nanmean()) if v.numel() else float("nan") for k, v in out.items()}
         metrics = {self.key("loss_clean"): mean["loss_clean"], self.key("acc_clean"): mean["correct_clean"]}

@@ -10,6 +10,10 @@ entry-point group, which every ``Trainer`` consults when it is built. It does no
   ``callbacks/*.yaml`` bundles (``trainer: callbacks+: [...]``) or a plain list of
   ``{class_path: ..., init_args: {...}}``.
 
+Callbacks attached this way never stop the user's run: each is built with ``on_missing="warn"`` (unless the
+YAML says otherwise), so one that finds nothing it can analyse in the model warns once, naming what it looked
+for and what it found, and steps aside.
+
 Example::
 
     PDELIGHTNING_CALLBACKS=all python my_train.py   # my_train.py builds a plain lightning Trainer
@@ -18,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 from pathlib import Path
@@ -67,6 +72,19 @@ def _entries_from_yaml(path: Path) -> list[Any]:
     return content
 
 
+def _make(cls: type[Callback], kwargs: dict[str, Any] | None = None) -> Callback:
+    kwargs = dict(kwargs or {})
+    if "on_missing" in inspect.signature(cls.__init__).parameters or _takes_probe_kwargs(cls):
+        kwargs.setdefault("on_missing", "warn")
+    return cls(**kwargs)
+
+
+def _takes_probe_kwargs(cls: type[Callback]) -> bool:
+    from pdelightning.callbacks._probe import ProbeCallback
+
+    return issubclass(cls, ProbeCallback)
+
+
 def build_callbacks(spec: str) -> list[Callback]:
     """Instantiate the callbacks named by ``spec`` (the value of ``PDELIGHTNING_CALLBACKS``).
 
@@ -84,14 +102,14 @@ def build_callbacks(spec: str) -> list[Callback]:
         out = []
         for entry in _entries_from_yaml(path):
             if isinstance(entry, str):
-                out.append(_resolve_class(entry)())
+                out.append(_make(_resolve_class(entry)))
             else:
-                out.append(_resolve_class(entry["class_path"])(**(entry.get("init_args") or {})))
+                out.append(_make(_resolve_class(entry["class_path"]), entry.get("init_args")))
         return out
     names = [n for n in spec.split(",") if n.strip()]
     if any(n.strip().lower() == "all" for n in names):
         names = list(CALLBACK_NAMES)
-    return [_resolve_class(n)() for n in names]
+    return [_make(_resolve_class(n)) for n in names]
 
 
 def callbacks_factory() -> list[Callback]:

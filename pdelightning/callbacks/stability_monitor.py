@@ -308,7 +308,7 @@ class StabilityMonitor(ProbeCallback):
         metrics: dict[str, float] = {}
         events: list[tuple[str, str]] = []
         self._weights(session.targets["model"], metrics, events)
-        out = self._store.compute()  # collective: every rank, same values
+        out = self._store.gather()  # collective: every rank, same values
         self._store = None  # type: ignore[assignment]
         rms0 = math.sqrt(float(out[f"sq/{_EMBEDDING}"].sum() / out[f"cnt/{_EMBEDDING}"].sum().clamp_min(1)))
         metrics[self.key("rms", _EMBEDDING)] = rms0

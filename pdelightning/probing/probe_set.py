@@ -42,6 +42,7 @@ class ProbeSet:
         self.size = len(self.chosen)
         order = torch.randperm(self.size, generator=g).tolist()
         pairs = [order[i : i + 2] for i in range(0, self.size, 2)]
+        pairs.sort(key=lambda pair: 0 not in pair)  # position 0 (drawn in figures) lives on rank zero
         self.partner = torch.full((self.size,), -1, dtype=torch.long)
         for pair in pairs:
             if len(pair) == 2:

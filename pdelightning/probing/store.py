@@ -32,6 +32,7 @@ class GatherStore(Metric):
     def __init__(self, keys: list[str]) -> None:
         super().__init__(compute_with_cache=False)
         self.keys = list(keys)
+        self._trailing: dict[str, tuple[int, ...]] = {}
         self.add_state("index", default=[], dist_reduce_fx="cat")
         for k in self.keys:
             self.add_state(_state_name(k), default=[], dist_reduce_fx="cat")
@@ -44,10 +45,18 @@ class GatherStore(Metric):
         if missing:
             raise KeyError(f"GatherStore.update is missing {missing}")
         for k in self.keys:
-            getattr(self, _state_name(k)).append(tensors[k].detach()[:n].to(self.device))
+            t = tensors[k].detach()
+            self._trailing[k] = tuple(t.shape[1:])
+            getattr(self, _state_name(k)).append(t[:n].to(self.device))
 
     def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
         """Concatenate (across batches and ranks) and order by sample index."""
-        index = _cat(self.index)  # type: ignore[attr-defined]
+        index = _cat(self.index).reshape(-1)  # type: ignore[attr-defined]
         order = index.argsort()
-        return {k: _cat(getattr(self, _state_name(k)))[order] for k in self.keys}
+        return {
+            k: _cat(getattr(self, _state_name(k))).reshape(-1, *self._trailing.get(k, ()))[order] for k in self.keys
+        }
+
+    def gather(self) -> dict[str, Tensor]:
+        """:meth:`compute` with every tensor ``[N, ...]``, also for ``N = 1`` (``Metric`` squeezes that to a scalar)."""
+        return {k: v.reshape(-1, *self._trailing.get(k, ())) for k, v in self.compute().items()}

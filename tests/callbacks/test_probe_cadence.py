@@ -16,8 +16,8 @@ class Recorder(ProbeCallback):
         super().__init__(**kwargs)
         self.calls: list[tuple[int, bool]] = []
 
-    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.calls.append((trainer.global_step, self.figures_due))
+    def finish(self, session) -> None:
+        self.calls.append((session.step, self.figures_due))
 
 
 def _fit(callback: ProbeCallback, **trainer_kw) -> None:

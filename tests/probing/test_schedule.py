@@ -1,0 +1,100 @@
+"""The budget schedule on a fake clock: probes at the start and the end, spacing from measured costs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pdelightning.probing.schedule import BudgetSchedule
+
+
+def simulate(
+    budget: float, total: int, step_time: float, probe_cost: float, min_spacing: int | None = None
+) -> tuple[list[int], float]:
+    """Run a fake training loop: every step costs ``step_time`` seconds, every probe ``probe_cost``.
+
+    The loop follows the hub's protocol: a probe at step 0, a first plan after 5 steps (a measured step time), a
+    plan after every interior probe, and the final probe at the last step. Returns the probe steps and the
+    realised analysis fraction.
+    """
+    sched = BudgetSchedule(budget, min_spacing)
+    clock = 0.0
+    sched.record_probe(0, probe_cost)
+    clock += probe_cost
+    planned = False
+    for step in range(1, total + 1):
+        clock += step_time
+        sched.tick(clock)
+        if step == total:
+            sched.record_probe(step, probe_cost)
+            clock += probe_cost
+            sched.tick(clock)
+            break
+        if not planned and step >= 5:
+            sched.plan(step, total)
+            planned = True
+        if sched.due(step):
+            sched.record_probe(step, probe_cost)
+            clock += probe_cost
+            sched.tick(clock)
+            sched.plan(step, total)
+    return sched.steps, sched.fraction()
+
+
+def test_probes_at_start_and_end_and_within_budget() -> None:
+    steps, fraction = simulate(0.03, total=1000, step_time=0.1, probe_cost=0.2)
+    assert steps[0] == 0 and steps[-1] == 1000
+    # 3 % of 100 s is 3 s: 15 probes of 0.2 s, the two fixed ones included
+    assert 10 <= len(steps) <= 15
+    assert fraction <= 0.03 + 1e-9
+    gaps = [b - a for a, b in zip(steps[:-1], steps[1:], strict=True)]
+    assert max(gaps) <= 1.6 * min(gaps)  # spread over the run (re-planned after each probe, so not exactly even)
+
+
+def test_expensive_probes_are_spaced_further_apart() -> None:
+    cheap, _ = simulate(0.03, total=1000, step_time=0.1, probe_cost=0.1)
+    dear, _ = simulate(0.03, total=1000, step_time=0.1, probe_cost=0.5)
+    assert len(cheap) > len(dear) >= 2
+    assert (dear[2] - dear[1]) > (cheap[2] - cheap[1])
+
+
+def test_a_probe_too_expensive_for_the_budget_leaves_start_and_end_only() -> None:
+    steps, _ = simulate(0.03, total=100, step_time=0.01, probe_cost=1.0)
+    assert steps == [0, 100]
+
+
+def test_explicit_spacing_is_the_closest_allowed() -> None:
+    free, _ = simulate(0.5, total=200, step_time=0.1, probe_cost=0.01)
+    capped, _ = simulate(0.5, total=200, step_time=0.1, probe_cost=0.01, min_spacing=50)
+    assert min(b - a for a, b in zip(free[1:-1], free[2:-1], strict=False)) < 50
+    assert all(b - a >= 50 for a, b in zip(capped[1:-1], capped[2:-1], strict=False))
+
+
+def test_unknown_length_uses_the_steady_state_spacing() -> None:
+    sched = BudgetSchedule(0.05)
+    sched.record_probe(0, 0.5)
+    sched.tick(0.5 + 10 * 0.1)
+    # c (1 - b) / (b s) = 0.5 * 0.95 / (0.05 * 0.1) = 95 steps
+    assert sched.plan(10, None) == 10 + 95
+    assert sched.plan(10, math.inf) == 10 + 95
+
+
+def test_no_plan_without_a_step_time_and_state_round_trip() -> None:
+    sched = BudgetSchedule(0.03)
+    sched.record_probe(0, 0.2)
+    assert sched.plan(0, 100) is None and not sched.due(50)
+    sched.tick(5.2)
+    nxt = sched.plan(20, 1000)
+    assert nxt is not None and sched.due(nxt) and not sched.due(nxt - 1)
+    copy = BudgetSchedule(0.03)
+    copy.load_state_dict(sched.state_dict())
+    assert copy.state_dict() == sched.state_dict()
+    copy.steps.append(7)
+    assert sched.steps == [0]  # restored state is a copy
+
+
+@pytest.mark.parametrize("bad", [0, 1, -0.1, 1.5])
+def test_bad_budget_names_the_value(bad: float) -> None:
+    with pytest.raises(ValueError, match=rf"budget={bad!r} must be a fraction in \(0, 1\)"):
+        BudgetSchedule(bad)
