@@ -4,7 +4,8 @@ Attention rows are probability vectors over the keys (the last axis). These func
 attention maps per query row (:func:`attention_cosine`, :func:`attention_kl`, :func:`attention_js`,
 :func:`attention_entropy`), reduce over valid rows (:func:`masked_row_mean`, :func:`pairwise_head_sums`),
 pair heads by the Hungarian method (:func:`match_heads`, :func:`summarize_pairs`), build null baselines
-(:func:`uniform_attention`, :func:`derangement`) and score agreement against a null (:func:`skill_score`).
+(:func:`uniform_attention`, :func:`derangement`) and score agreement against a null (:func:`skill_score`,
+:func:`skill_margin`).
 :class:`~pdelightning.callbacks.AttentionSimilarity` is the Lightning adapter.
 """
 
@@ -108,6 +109,10 @@ def uniform_attention(valid: Tensor) -> Tensor:
 def pairwise_head_sums(p: Tensor, q: Tensor, row_mask: Tensor, eps: float = 1e-8) -> dict[str, Tensor]:
     """Per-sample sums over valid query rows of cosine, KL(p||q) and JS for every pair of heads.
 
+    The same per-row quantities as :func:`attention_cosine`, :func:`attention_kl` and :func:`attention_js`, computed
+    for all head pairs at once: dot products and ``Σ p log q`` as one ``einsum`` each, the entropies per head, and
+    JS as ``½ Σ p log p + ½ Σ q log q − Σ m log m`` with ``m = (p + q)/2`` (the only term that needs the pair).
+
     Args:
         p: attention probabilities of the model, ``[B, Hp, T, T]``.
         q: attention probabilities of the reference, ``[B, Hq, T, T]``.
@@ -116,16 +121,20 @@ def pairwise_head_sums(p: Tensor, q: Tensor, row_mask: Tensor, eps: float = 1e-8
 
     Returns:
         ``{"cosine", "kl", "js": [B, Hp, Hq]}``; divide by ``row_mask.sum()`` (over the samples you pool)
-        for the mean over rows. Memory is ``O(B Hq T^2)``: the model's heads are taken one at a time.
+        for the mean over rows. Memory is ``O(B Hp Hq T + B Hq T^2)``.
     """
-    w = row_mask.to(p.dtype)[:, None, :]  # (B, 1, T)
-    out: dict[str, list[Tensor]] = {m: [] for m in METRICS}
-    for h in range(p.shape[1]):
-        ph = p[:, h : h + 1]  # (B, 1, T, T) against (B, Hq, T, T)
-        out["cosine"].append((attention_cosine(ph, q) * w).sum(-1))
-        out["kl"].append((attention_kl(ph, q, eps) * w).sum(-1))
-        out["js"].append((attention_js(ph, q) * w).sum(-1))
-    return {m: torch.stack(v, dim=1) for m, v in out.items()}  # (B, Hp, Hq)
+    w = row_mask.to(p.dtype)[:, None, None, :]  # (B, 1, 1, T)
+    dot = torch.einsum("bhtk,bgtk->bhgt", p, q)  # (B, Hp, Hq, T)
+    norms = p.norm(dim=-1)[:, :, None] * q.norm(dim=-1)[:, None]
+    cosine = dot / norms.clamp_min(1e-12)
+    p_log_p = torch.xlogy(p, p).sum(-1)  # (B, Hp, T)
+    q_log_q = torch.xlogy(q, q).sum(-1)  # (B, Hq, T)
+    kl = p_log_p[:, :, None] - torch.einsum("bhtk,bgtk->bhgt", p, q.clamp_min(eps).log())
+    m_log_m = torch.stack(
+        [torch.xlogy(m, m).sum(-1) for m in (0.5 * (p[:, h : h + 1] + q) for h in range(p.shape[1]))], dim=1
+    )  # (B, Hp, Hq, T)
+    js = (0.5 * p_log_p[:, :, None] + 0.5 * q_log_q[:, None] - m_log_m).clamp_min(0.0)
+    return {"cosine": (cosine * w).sum(-1), "kl": (kl * w).sum(-1), "js": (js * w).sum(-1)}
 
 
 def match_heads(score: Tensor, maximize: bool = True) -> tuple[Tensor, Tensor]:
@@ -147,22 +156,68 @@ def match_heads(score: Tensor, maximize: bool = True) -> tuple[Tensor, Tensor]:
     return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
 
 
-def skill_score(value: float, null: float, higher_is_better: bool = True) -> float:
+SKILL_MIN_ROOM = 0.05
+"""The least room a null must leave for :func:`skill_score` to be reported (cosine units, or nats for KL/JS)."""
+
+
+def skill_score(value: float, null: float, higher_is_better: bool = True, min_room: float = 0.0) -> float:
     """Improvement over a null baseline as a fraction of the way to perfect agreement.
 
     ``(s - s_null) / (1 - s_null)`` for a similarity (perfect = 1), ``(d_null - d) / d_null`` for a divergence
-    (perfect = 0). 1: perfect; 0: no better than the null; negative: worse. ``nan`` when the null is already
-    perfect (no room to improve) or either value is ``nan``.
+    (perfect = 0). 1: perfect; 0: no better than the null; negative: worse. ``nan`` when the null leaves less
+    than ``min_room`` (``1 - s_null`` or ``d_null``) between itself and perfect agreement, or either value is
+    ``nan``.
+
+    **The floor.** The denominator is the room the null leaves, and the skill's sensitivity to either input is
+    ``1 / room``. When the reference attends almost uniformly (the default reference, the model at
+    initialisation) the uniform null scores cosine ≈ 0.989 and KL ≈ 0.011 nats: the room is ~0.011, a cosine
+    difference of 0.01 already moves the skill by ~0.9, and a model that merely attends more sharply than
+    its near-uniform reference (cosine 0.76) reads as a skill of -21 (KL skill -27), numbers that describe how
+    close the null is to perfect, not the model (``tests/analysis/test_attention.py`` reproduces this). With
+    ``min_room=`` :data:`SKILL_MIN_ROOM` ``= 0.05`` the sensitivity is at most 20 (an error of 0.005 in either
+    value moves the skill by at most 0.1) and below that room the skill is ``nan``: too little lies between
+    the null and perfect agreement for a fraction of it to mean anything. ``min_room=0`` (the default, kept
+    for backward compatibility) only excludes a perfect null.
+
+    **Which to read.** The skill when it is finite: a scale-free fraction, comparable across layers, metrics
+    and training time. :func:`skill_margin` always: the raw distance by which the model beats the null, in the
+    metric's own units (cosine, nats), defined whatever the null scores; it is the number to read while the
+    skill is ``nan`` (near-uniform reference, early training), and its sign says the same as the skill's.
+
+    Args:
+        value: the model's score against the reference.
+        null: the null baseline's score against the same reference.
+        higher_is_better: ``True`` for a similarity in ``[0, 1]`` (cosine), ``False`` for a divergence (KL, JS).
+        min_room: the least room (``1 - null`` or ``null``) for which a skill is returned.
 
     Example::
 
         >>> round(skill_score(0.99, 0.98), 6), round(skill_score(0.01, 0.04, higher_is_better=False), 6)
         (0.5, 0.75)
+        >>> skill_score(0.99, 0.98, min_room=SKILL_MIN_ROOM)  # the null leaves only 0.02
+        nan
     """
     room = (1.0 - null) if higher_is_better else null
-    if not (math.isfinite(value) and math.isfinite(null)) or room <= 1e-12:
+    if not (math.isfinite(value) and math.isfinite(null)) or room <= max(min_room, 1e-12):
         return float("nan")
     return ((value - null) if higher_is_better else (null - value)) / room
+
+
+def skill_margin(value: float, null: float, higher_is_better: bool = True) -> float:
+    """How far the model beats the null, in the metric's own units: ``s - s_null``, or ``d_null - d``.
+
+    Positive: better than the null; ``0``: no better; negative: worse. Unlike :func:`skill_score` it needs no
+    room between the null and perfect agreement, so it is defined (and small errors stay small) when the null
+    is near perfect; read it beside the skill, and instead of it where the skill is ``nan``.
+
+    Example::
+
+        >>> round(skill_margin(0.76, 0.988), 3), round(skill_margin(0.01, 0.04, higher_is_better=False), 3)
+        (-0.228, 0.03)
+    """
+    if not (math.isfinite(value) and math.isfinite(null)):
+        return float("nan")
+    return (value - null) if higher_is_better else (null - value)
 
 
 def summarize_pairs(sums: Mapping[str, Tensor], rows: Tensor, match_by: str = "cosine") -> dict[str, Any]:

@@ -3,14 +3,18 @@
 Noise of strength ε is drawn per probe sample from its own seeded generator (:func:`gaussian_noise`,
 :func:`sample_seed`) and scaled to the sample's RMS (:func:`per_sample_rms`); :func:`amplification` is the
 per-layer growth ``||δh_l|| / ||δh_0||`` of a perturbation (eq. 20 iterated) and :func:`critical_epsilon`
-the smallest ε whose loss departs from the clean loss. :class:`~pdelightning.callbacks.PerturbationEval`
+the smallest ε whose loss departs from the clean loss; :func:`loss_departure` says where the curve stands
+against that threshold when no ε reaches it, and :func:`extend_epsilon_grid` extends the grid until one does
+or the loss saturates. :class:`~pdelightning.callbacks.PerturbationEval`
 is the Lightning adapter.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -165,3 +169,157 @@ def critical_epsilon(
         if not math.isfinite(loss) or loss > factor * clean_loss:
             return float(eps)
     return float("nan")
+
+
+@dataclass(frozen=True)
+class Departure:
+    """Where a loss-vs-ε curve stands against the departure threshold ``factor * clean_loss`` (:func:`loss_departure`).
+
+    Attributes:
+        critical_eps: the smallest grid ε past the threshold (:func:`critical_epsilon`); ``nan`` if none.
+        max_loss: the largest loss on the grid (``inf`` when one is non-finite).
+        eps_at_max: the ε of ``max_loss`` (the smallest such ε).
+        departure_ratio: ``max_loss / clean_loss``: ``1`` = no effect, ``factor`` = at the threshold.
+        threshold_fraction: ``(max_loss - clean_loss) / ((factor - 1) clean_loss)``, the fraction of the way from
+            the clean loss to the threshold the curve has come: ``0`` = no effect, ``1`` = at the threshold,
+            ``> 1`` = past it.
+    """
+
+    critical_eps: float
+    max_loss: float
+    eps_at_max: float
+    departure_ratio: float
+    threshold_fraction: float
+
+
+def loss_departure(
+    epsilons: Sequence[float], losses: Sequence[float], clean_loss: float, factor: float = 2.0
+) -> Departure:
+    """The critical ε, and where the curve stands relative to the threshold when no ε reaches it.
+
+    :func:`critical_epsilon` alone is ``nan`` whenever the grid stops short of the threshold (at the quickstart's
+    default grid, up to ε = 1, the loss rises from 1.30 to 1.78, short of 2 x 1.30): ``departure_ratio`` and
+    ``threshold_fraction`` (1.37 and 0.37 there) say how far it got, so every probe reports something. All
+    fields are ``nan`` when the clean loss is not finite; with a clean loss of 0 any positive loss gives ``inf``.
+
+    Example::
+
+        >>> d = loss_departure([1e-2, 1e-1, 1.0], [1.31, 1.45, 1.78], clean_loss=1.30)
+        >>> d.critical_eps, round(d.departure_ratio, 3), round(d.threshold_fraction, 3), d.eps_at_max
+        (nan, 1.369, 0.369, 1.0)
+    """
+    critical = critical_epsilon(epsilons, losses, clean_loss, factor)
+    if not math.isfinite(clean_loss) or not len(losses):
+        return Departure(critical, float("nan"), float("nan"), float("nan"), float("nan"))
+    pairs = sorted(zip(epsilons, losses, strict=True))
+    peak = max(float("inf") if not math.isfinite(loss) else float(loss) for _, loss in pairs)
+    eps_at_max = next(float(e) for e, loss in pairs if (float("inf") if not math.isfinite(loss) else loss) == peak)
+    rise = peak - clean_loss
+    if clean_loss == 0:  # no scale to measure the rise against: any rise is infinitely far
+        hit = rise > 0
+        return Departure(critical, peak, eps_at_max, float("inf") if hit else 1.0, float("inf") if hit else 0.0)
+    return Departure(critical, peak, eps_at_max, peak / clean_loss, rise / ((factor - 1.0) * clean_loss))
+
+
+@dataclass(frozen=True)
+class EpsilonScan:
+    """Result of :func:`extend_epsilon_grid`.
+
+    Attributes:
+        epsilons: the grid evaluated, ascending (the given grid, then the extension).
+        losses: the loss at each ε.
+        departure: :func:`loss_departure` of the whole curve.
+        stopped: why the extension stopped: ``"crossed"`` (the threshold is met), ``"saturated"`` (the loss has
+            levelled off at ``ln C``, or anywhere when ``num_classes`` is not given), ``"max_eps"`` (the next ε
+            would exceed ``max_eps``) or ``"max_points"``.
+    """
+
+    epsilons: list[float]
+    losses: list[float]
+    departure: Departure
+    stopped: str
+
+    @property
+    def saturated(self) -> bool:
+        """Whether the loss levelled off before meeting the threshold."""
+        return self.stopped == "saturated"
+
+
+def extend_epsilon_grid(
+    loss_at: Callable[[float], float],
+    epsilons: Sequence[float],
+    clean_loss: float,
+    factor: float = 2.0,
+    *,
+    losses: Sequence[float] | None = None,
+    num_classes: int | None = None,
+    growth: float = 10**0.5,
+    max_eps: float = 1e3,
+    max_points: int = 32,
+    flat_rtol: float = 0.02,
+) -> EpsilonScan:
+    """Extend an ε grid upwards until the loss crosses ``factor * clean_loss`` or saturates.
+
+    The grid is evaluated (or ``losses`` taken as its values), then ``ε_max * growth``, ``ε_max * growth²``, ...
+    are added one at a time until one of:
+
+    * ``"crossed"``: a loss exceeds ``factor * clean_loss`` (or is non-finite): the critical ε exists;
+    * ``"saturated"``: the last two extensions each raised the loss by less than ``flat_rtol`` (relative) and,
+      when ``num_classes`` ``C`` is given, the loss is at least ``(1 - flat_rtol) ln C``, the loss of a
+      classifier that has lost all information about the input: more noise cannot help it cross. A
+      threshold above ``ln C`` (a clean loss above ``ln C / factor``) is typically met only by a model that
+      turns confidently wrong under noise, so a saturated scan is a result, not a failure;
+    * ``"max_eps"`` / ``"max_points"``: the budget is spent.
+
+    Args:
+        loss_at: ``ε -> mean loss`` under noise of strength ε (e.g. a closure over the model and probe set).
+        epsilons: the starting grid (positive; any order).
+        clean_loss: the loss without noise.
+        factor: the departure factor of :func:`critical_epsilon` (``> 1``).
+        losses: the losses already measured on ``epsilons`` (skips evaluating them again).
+        num_classes: ``C``, for the ``ln C`` saturation level; ``None``: saturated means levelled off anywhere.
+        growth: ratio between consecutive added ε (``> 1``).
+        max_eps: no ε above this is tried.
+        max_points: at most this many ε in all.
+        flat_rtol: relative rise below which a step counts as flat.
+
+    Raises:
+        ValueError: on an empty grid, a non-positive ε, ``growth <= 1``, ``factor <= 1``, or mismatched ``losses``.
+
+    Example::
+
+        >>> scan = extend_epsilon_grid(lambda e: 1.0 + e, [0.01, 0.1], clean_loss=1.0, growth=10.0)
+        >>> scan.stopped, scan.departure.critical_eps, scan.epsilons
+        ('crossed', 10.0, [0.01, 0.1, 1.0, 10.0])
+    """
+    if not len(epsilons) or any(not (math.isfinite(e) and e > 0) for e in epsilons):
+        raise ValueError(f"epsilons={list(epsilons)} must be a non-empty list of positive numbers")
+    if not growth > 1 or not factor > 1:
+        raise ValueError(f"growth={growth} and factor={factor} must both be > 1")
+    if losses is not None and len(losses) != len(epsilons):
+        raise ValueError(f"got {len(epsilons)} epsilons but {len(losses)} losses")
+    pairs = sorted(zip(epsilons, losses if losses is not None else [loss_at(float(e)) for e in epsilons], strict=True))
+    eps, vals = [float(e) for e, _ in pairs], [float(v) for _, v in pairs]
+    ln_c = math.log(num_classes) if num_classes else None
+
+    def status() -> str | None:
+        if math.isfinite(critical_epsilon(eps, vals, clean_loss, factor)):
+            return "crossed"
+        if len(vals) >= 3 and all(math.isfinite(v) for v in vals[-3:]):
+            flat = all(b - a <= flat_rtol * abs(a) for a, b in itertools.pairwise(vals[-3:]))
+            if flat and (ln_c is None or vals[-1] >= (1.0 - flat_rtol) * ln_c):
+                return "saturated"
+        return None
+
+    stopped = status()
+    while stopped is None:
+        nxt = eps[-1] * growth
+        if nxt > max_eps:
+            stopped = "max_eps"
+        elif len(eps) >= max_points:
+            stopped = "max_points"
+        else:
+            eps.append(nxt)
+            vals.append(float(loss_at(nxt)))
+            stopped = status()
+    return EpsilonScan(eps, vals, loss_departure(eps, vals, clean_loss, factor), stopped)

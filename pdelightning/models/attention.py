@@ -19,7 +19,10 @@ class MultiHeadSelfAttention(nn.Module):
     stacked along the output dimension, and ``out_proj`` holding ``W^O``), so analysis code that
     reads weights works on both.
 
-    Two computation paths give the same output:
+    Two computation paths give the same output, including for a sequence that is all padding (no valid key:
+    softmax over an empty set is undefined, 0/0): its attention weights are all zero, so its attention output
+    is zero before ``W^O`` (``out_proj`` adds only its bias) on both paths, and ``hook_pattern`` shows all-zero
+    rows for it. The model then pools such a sequence to zeros (:func:`~pdelightning.models.base.masked_mean`).
 
     * **fused** (default): ``F.scaled_dot_product_attention``; the probabilities are never formed.
     * **explicit**: softmax of the scaled scores, passed through ``hook_pattern`` with shape
@@ -36,7 +39,8 @@ class MultiHeadSelfAttention(nn.Module):
         ValueError: if ``d_model`` is not divisible by ``n_heads``.
 
     Hook points:
-        ``hook_pattern``: attention probabilities ``[B, H, Tq, Tk]`` (explicit path only).
+        ``hook_pattern``: attention probabilities ``[B, H, Tq, Tk]`` (explicit path only); each row sums to 1 over
+            the valid keys, or is all zero for a sequence with no valid key.
         ``hook_z``: per-head outputs before ``W^O``, ``[B, T, H, d_head]``.
     """
 
@@ -79,17 +83,22 @@ class MultiHeadSelfAttention(nn.Module):
         """
         B, T, _ = x.shape
         q, k, v = self.in_proj(x).view(B, T, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)  # (B, H, T, dh)
-        attn_mask = None
+        attn_mask = empty = None
         if padding_mask is not None:
             attn_mask = ~padding_mask[:, None, None, :]  # True = may attend; (B, 1, 1, T)
+            empty = padding_mask.all(-1)[:, None, None, None]  # (B, 1, 1, 1): no key to attend to at all
         p_drop = self.dropout if self.training else 0.0
         if self.explicit:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.d_head)  # (B, H, T, T)
             if attn_mask is not None:
                 scores = scores.masked_fill(~attn_mask, float("-inf"))
-            pattern = self.hook_pattern(torch.softmax(scores, dim=-1))
-            z = F.dropout(pattern, p_drop, self.training) @ v
+            pattern = torch.softmax(scores, dim=-1)
+            if empty is not None:
+                pattern = pattern.masked_fill(empty, 0.0)  # softmax over no key is 0/0: all-zero rows instead
+            z = F.dropout(self.hook_pattern(pattern), p_drop, self.training) @ v
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p_drop)
+            if empty is not None:
+                z = z.masked_fill(empty, 0.0)  # the same on every SDPA backend, whatever it does with such rows
         z = self.hook_z(z.transpose(1, 2))  # (B, T, H, dh)
         return self.out_proj(z.reshape(B, T, self.d_model))

@@ -122,3 +122,72 @@ def test_d_model_not_divisible_by_n_heads_raises() -> None:
         MultiHeadSelfAttention(6, 4)
     with pytest.raises(ValueError, match=r"d_model=6 must be divisible by n_heads=4"):
         TransformerClassifier(d_model=6, n_heads=4, image_size=8)
+
+
+# ---- all-padding sequences (issue 12, defect 3) ----------------------------------------------------------------
+# Before the fix the explicit path returned NaN for a sequence with no valid key (softmax over an empty set) while
+# the fused path returned finite values: a probe (explicit) disagreed with training (fused). Defined now: zero
+# attention weights, so zero attention output before W^O, on both paths.
+def _all_padding_batch() -> tuple[MultiHeadSelfAttention, Tensor, Tensor]:
+    torch.manual_seed(0)
+    attn = MultiHeadSelfAttention(8, 2).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    mask = torch.tensor([[False] * 5, [True] * 5, [False, False, True, True, True]])  # sequence 1: all padding
+    return attn, x, mask
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_all_padding_sequence_gives_zero_attention_output(explicit: bool) -> None:
+    attn, x, mask = _all_padding_batch()
+    attn.force_explicit = explicit
+    out = attn(x, mask)
+    assert torch.isfinite(out).all()
+    # zero weights -> zero heads -> out_proj adds only its bias
+    torch.testing.assert_close(out[1], attn.out_proj.bias.expand(5, 8))
+    # the other sequences are untouched by the rule: eqs. (9)-(11) by hand
+    torch.testing.assert_close(out[[0, 2]], reference_attention(attn, x[[0, 2]], mask[[0, 2]]))
+
+
+def test_all_padding_fused_equals_explicit_and_pattern_rows_are_zero() -> None:
+    attn, x, mask = _all_padding_batch()
+    fused = attn(x, mask)
+    seen: list[Tensor] = []
+    handle = attn.hook_pattern.register_forward_hook(lambda m, i, o: seen.append(o))
+    explicit = attn(x, mask)
+    handle.remove()
+    assert (fused - explicit).abs().max() <= 1e-6
+    (pattern,) = seen
+    assert not pattern.isnan().any()
+    assert torch.equal(pattern[1], torch.zeros(2, 5, 5, dtype=torch.float64))  # all zeros, not NaN
+    torch.testing.assert_close(pattern[[0, 2]].sum(-1), torch.ones(2, 2, 5, dtype=torch.float64))
+
+
+def test_all_padding_gradients_are_finite_on_both_paths() -> None:
+    for explicit in (False, True):
+        attn, x, mask = _all_padding_batch()
+        attn.force_explicit = explicit
+        x.requires_grad_(True)
+        attn(x, mask).square().sum().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        assert all(torch.isfinite(p.grad).all() for p in attn.parameters() if p.grad is not None)
+        assert torch.equal(x.grad[1], torch.zeros(5, 8, dtype=torch.float64))  # nothing flows into no-key rows
+
+
+@pytest.mark.parametrize("model_name", ["transformer", "pde"])
+def test_model_with_an_all_padding_sequence_agrees_fused_and_explicit(model_name: str) -> None:
+    from pdelightning.models import PDEClassifier
+
+    torch.manual_seed(0)
+    cls = TransformerClassifier if model_name == "transformer" else PDEClassifier
+    kw = {"num_classes": 3, "d_model": 8, "n_layers": 2, "n_heads": 2, "d_ff": 16}
+    model = cls(**kw, input_kind="tokens", vocab_size=10, max_len=6).eval()
+    x = torch.tensor([[1, 2, 3, 0, 0, 0], [0, 0, 0, 0, 0, 0], [4, 5, 6, 7, 8, 9]])  # pad_id 0: row 1 all padding
+    fused = model(x)
+    for block in model.blocks:
+        block.attn.force_explicit = True
+    explicit = model(x)
+    assert torch.isfinite(fused).all() and torch.isfinite(explicit).all()
+    assert (fused - explicit).abs().max() <= 1e-6
+    # an all-padding sequence pools to zeros: its logits are the head applied to the zero vector (no bottleneck
+    # sampling in eval: the bottleneck's mean path)
+    torch.testing.assert_close(explicit[1], model.head(model.bottleneck(torch.zeros(1, 8))[0])[0])

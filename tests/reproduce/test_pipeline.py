@@ -1,60 +1,70 @@
-"""The reproduction pipeline end to end on generated data: paper configs -> runs -> report (with a missing run)."""
+"""The reproduction pipeline end to end on generated data: train -> analyse (runs and pairs) -> publish -> report."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
-import yaml
+import torch
 
-from pdelightning.reproduce.run import CONFIG_DIR, SETTINGS, command, main
-from tests.helpers.tb import scalar_tags
-from tests.test_cli import fake_mnist, fake_newsgroups
-
-
-def test_every_setting_has_a_config_and_references_come_first() -> None:
-    names = [s.name for s in SETTINGS]
-    for s in SETTINGS:
-        cfg = yaml.safe_load((CONFIG_DIR / s.config).read_text())
-        assert cfg["trainer"]["logger"]["init_args"]["name"] == s.name
-        if s.reference is not None:
-            assert names.index(s.reference) < names.index(s.name)
+from pdelightning.reproduce.analyze import checkpoints
+from pdelightning.reproduce.measures import eq21_per_step
+from pdelightning.reproduce.recorder import load_model
+from pdelightning.reproduce.report import write_report
+from pdelightning.reproduce.run import main
+from pdelightning.reproduce.settings import RunSpec
+from pdelightning.reproduce.train import train_run
+from tests.test_cli import fake_mnist
 
 
-def test_reference_callbacks_are_appended_with_the_same_seed_checkpoint(tmp_path: Path) -> None:
-    pde = next(s for s in SETTINGS if s.name == "mnist_pde")
-    cmd = command(pde, 2, tmp_path, tmp_path / "data", quick=False, extra=[])
-    ckpt = tmp_path / "mnist_transformer" / "seed2" / "checkpoints" / "last.ckpt"
-    assert cmd.count(f"--trainer.callbacks.reference_checkpoint={ckpt}") == 2
-    assert "--trainer.callbacks+=pdelightning.callbacks.AttentionSimilarity" in cmd
-
-
-def test_quick_pipeline_names_missing_runs(tmp_path: Path) -> None:
-    mnist, news = fake_mnist(tmp_path / "mnist", n_train=96), fake_newsgroups(tmp_path / "news", per_group=40)
-    out = tmp_path / "runs"
+def test_quick_pipeline_trains_analyses_publishes_and_reports(tmp_path: Path) -> None:
+    mnist = fake_mnist(tmp_path / "mnist", n_train=96, n_test=48)
+    out, pub = tmp_path / "runs", tmp_path / "pub"
     code = main([
-        "--out", str(out), "--mnist-dir", str(mnist), "--newsgroups-dir", str(news), "--seeds", "0", "--quick",
-        "--settings", "mnist_transformer", "mnist_pde", "newsgroups_pde",
-        "--", "--model.model.init_args.n_layers=2",
+        "all", "--quick", "--out", str(out), "--publish", str(pub), "--mnist-dir", str(mnist), "--seeds", "0", "3",
+        "--settings", "mnist_transformer", "mnist_pde", "--workers", "1",
     ])  # fmt: skip
     assert code == 0
-    for name in ("mnist_transformer", "mnist_pde", "newsgroups_pde"):
-        meta = json.loads((out / name / "seed0" / "run.json").read_text())
-        assert meta["completed"], (out / name / "seed0" / "train.log").read_text()[-3000:]
-    # the PDE run compared itself with the Transformer checkpoint of the same seed
-    tags = scalar_tags(out / "mnist_pde" / "seed0")
-    assert "analysis/attention_similarity/cosine/mean" in tags
-    assert "analysis/information_flow/pearson_vs_reference/blocks.0" in tags
-    assert "analysis/layer_mutual_information/I_TY/blocks.0" in scalar_tags(out / "newsgroups_pde" / "seed0")
-    report = (out / "report" / "REPRODUCTION.md").read_text()
-    assert "newsgroups_transformer" in report and "missing" in report.lower()
-    for png in (out / "report" / "figures").glob("*.png"):
-        assert png.stat().st_size <= 200_000
+    for setting in ("mnist_transformer", "mnist_pde"):
+        for seed in (0, 3):
+            rdir = out / setting / f"seed{seed}"
+            meta = json.loads((rdir / "run.json").read_text())
+            assert meta["status"] == "complete", (rdir / "train.log").read_text()[-3000:]
+            assert [st for _, st, _ in checkpoints(rdir)] == ["init", "final"]
+            assert list(rdir.glob("events.out.tfevents.*")), "TensorBoard events are kept"
+    runs = pd.read_csv(pub / "runs.csv")
+    assert len(runs) == 4 and set(runs["status"]) == {"complete"}
+    summary = pd.read_csv(pub / "summary.csv.gz")
+    pair = summary[summary["setting"] == "pair_pde_vs_transformer"]
+    assert set(pair["seed"]) == {0, 3} and {"cosine", "null_uniform_cosine", "pearson_vs_reference"} <= set(
+        pair["quantity"])  # fmt: skip
+    assert json.loads((out / "pair_pde_vs_transformer" / "seed0" / "pair.json").read_text())["reference_seed"] == 3
+    assert json.loads((out / "pair_pde_vs_transformer_shared_init/seed3/pair.json").read_text())["reference_seed"] == 3
+    assert (pub / "progress.log").read_text().count("] analysed ") == 4 + 6
+    report = write_report(pub, tmp_path / "report")
+    text = report.read_text()
+    assert "QUICK PIPELINE CHECK" in text and "## Verdicts that changed since the previous report" in text
+    pngs = list((tmp_path / "report" / "figures").glob("*.png"))
+    assert pngs and all(p.stat().st_size <= 200_000 for p in pngs)
 
 
-@pytest.mark.parametrize("bad", [["--settings", "mnist_tranformer"], ["--seeds", "x"]])
+def test_pde_sweep_chooses_dt_so_eq21_at_initialisation_hits_its_target(tmp_path: Path) -> None:
+    mnist = fake_mnist(tmp_path / "mnist", n_train=64, n_test=16)
+    spec = RunSpec("sweep_pde", "eq21-1.5", 3)
+    meta = train_run(spec, tmp_path / "runs", mnist, quick=True)
+    assert meta["status"] in ("complete", "diverged"), meta.get("error")
+    model, payload = load_model(spec.path(tmp_path / "runs") / "ckpt" / "step000000.pt")
+    assert payload["init_args"]["dt"] == pytest.approx(meta["dt"])
+    assert max(eq21_per_step(model).values()) == pytest.approx(1.5, rel=1e-4)
+    assert torch.isfinite(torch.tensor(meta["eq21_coefficient"]))
+
+
+@pytest.mark.parametrize("bad", [["all", "--settings", "mnist_tranformer"], ["all", "--seeds", "x"], ["fit"],
+                                 ["all", "--cells", "nosuch:L6"]])  # fmt: skip
 def test_bad_arguments_are_refused(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(bad)
-    assert "invalid" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid" in err or "expected" in err

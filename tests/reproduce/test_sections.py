@@ -1,0 +1,190 @@
+"""Each claim section on planted summaries with known verdicts: holds, does not hold, inconclusive, not comparable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pdelightning.reproduce import paper
+from pdelightning.reproduce.rules import EPS_GRID, MNIST_LAYERS, NEWSGROUPS_LAYERS, TABLE2_LAYERS
+from pdelightning.reproduce.sections import ablations, attention, bottleneck, gradients, perturbation, refinement, runs
+from pdelightning.reproduce.sections.information_flow import table2, table3
+from pdelightning.reproduce.settings import depth_lr_cells, eq21_cells
+from pdelightning.reproduce.verdicts import FAILS, HOLDS, INCONCLUSIVE, NOT_COMPARABLE
+from tests.reproduce.planted import Planter
+
+
+def verdicts(section: object) -> dict[str, str]:
+    return {c.rule.id: c.verdict for c in section.claims}  # type: ignore[attr-defined]
+
+
+# ---- Table 2 ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("shift", "noise", "expected"),
+    [(0.0, 0.002, HOLDS), (-0.3, 0.002, FAILS), (0.0, 0.06, INCONCLUSIVE)],
+)
+def test_table2_planted(shift: float, noise: float, expected: str) -> None:
+    p = Planter()
+    for s, values in (("mnist_transformer", paper.TABLE2_TRANSFORMER), ("mnist_pde", paper.TABLE2_PDE)):
+        p.add(s, "consecutive_corr", lambda _seed, v=values: np.array(v) + shift, TABLE2_LAYERS, noise=noise)
+    v = verdicts(table2(p.results()))
+    assert v["t2.transformer"] == expected and v["t2.pde"] == expected
+
+
+def test_table2_missing_runs_are_not_comparable_and_pde_above() -> None:
+    assert set(verdicts(table2(Planter().results())).values()) == {NOT_COMPARABLE}
+    p = Planter()
+    p.add("mnist_transformer", "consecutive_corr", lambda s: np.full(9, 0.80), TABLE2_LAYERS, noise=0.01)
+    p.add("mnist_pde", "consecutive_corr", lambda s: np.full(9, 0.95), TABLE2_LAYERS, noise=0.01)
+    v = verdicts(table2(p.results()))
+    assert v["t2.pde_above"] == HOLDS and v["t2.transformer"] == FAILS
+
+
+# ---- Table 3 ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("start", "end", "expected"), [(0.95, -0.1, HOLDS), (0.6, 0.55, FAILS), (0.5, 0.0, INCONCLUSIVE)]
+)
+def test_table3_planted(start: float, end: float, expected: str) -> None:
+    p = Planter()
+    for q in ("pearson_vs_reference", "spearman_vs_reference"):
+        p.add("pair_pde_vs_transformer", q, lambda s: np.linspace(start, end, 10), MNIST_LAYERS, noise=0.04)
+        p.add("pair_transformer_vs_transformer", q, lambda s: np.linspace(0.5, 0.4, 10), MNIST_LAYERS)
+    sec = table3(p.results())
+    v = verdicts(sec)
+    assert v["t3.pearson"] == expected and v["t3.spearman"] == expected
+    assert "Transformer vs Transformer" in sec.claims[0].ceiling
+
+
+# ---- attention -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("cos", "null", "expected"), [(0.995, 0.6, HOLDS), (0.7, 0.8, FAILS), (0.985, 0.6, INCONCLUSIVE)]
+)
+def test_attention_cosine_planted(cos: float, null: float, expected: str) -> None:
+    p = Planter()
+    p.add("pair_pde_vs_transformer", "cosine", lambda s: np.full(10, cos), MNIST_LAYERS, noise=0.006)
+    p.add("pair_pde_vs_transformer", "kl", lambda s: np.full(10, 0.01), MNIST_LAYERS, noise=0.001)
+    for n in ("uniform", "shuffled", "random_init"):
+        p.add("pair_pde_vs_transformer", f"null_{n}_cosine", lambda s: np.full(10, null), MNIST_LAYERS)
+        p.add("pair_pde_vs_transformer", f"null_{n}_kl", lambda s: np.full(10, 0.5), MNIST_LAYERS)
+    v = verdicts(attention(p.results()))
+    assert v["att.cosine"] == expected
+    assert v["att.kl"] == HOLDS  # 0.01 < 0.0288 and far below every null
+
+
+# ---- information bottleneck ------------------------------------------------------------------------------------------
+def _ib(p: Planter, setting: str, curve: np.ndarray, layer_scale: list[float]) -> None:
+    steps = [0, 10, 100, 1000]
+    for j, la in enumerate(NEWSGROUPS_LAYERS):
+        p.trajectory(setting, "I_TY", la, steps, lambda s, j=j: curve * layer_scale[j] + 0.01 * s)
+
+
+def test_bottleneck_planted_decline_and_sharpest_first_layer() -> None:
+    p = Planter()
+    _ib(p, "newsgroups_transformer", np.array([2.0, 3.0, 2.6, 2.2]), [1, 1, 1, 1.2])
+    _ib(p, "newsgroups_pde", np.array([1.5, 2.5, 1.0, 1.2]), [1.0, 0.5, 0.4, 0.3])
+    v = verdicts(bottleneck(p.results()))
+    assert v["ib.decline_transformer"] == FAILS  # ends above its start in every layer
+    assert v["ib.decline_pde"] == HOLDS  # 1.2 x scale < 1.5 x scale at every layer
+    assert v["ib.pde_lower"] == HOLDS and v["ib.pde_layer1_sharpest"] == HOLDS
+
+
+def test_max_drawdown_is_peak_to_lowest_later_point() -> None:
+    from pdelightning.reproduce.sections.bottleneck import max_drawdown
+
+    assert max_drawdown(np.array([0.0, 2.0, 1.5, 3.0, 0.2, 2.5])) == pytest.approx(2.8)
+    assert max_drawdown(np.array([1.0, 2.0, 3.0])) == 0.0
+
+
+# ---- gradients -------------------------------------------------------------------------------------------------------
+def test_gradients_planted() -> None:
+    p = Planter()
+    steps = [0, 10, 100, 1000]
+    for j, la in enumerate(NEWSGROUPS_LAYERS):
+        p.trajectory("newsgroups_transformer", "relgrad", la, steps, lambda s: [1e-3] * 4)
+        p.trajectory("newsgroups_pde", "relgrad", la, steps, lambda s, j=j: [1e-2 * (5 if j == 0 else 1)] * 4)
+        for s in ("newsgroups_transformer", "newsgroups_pde"):
+            p.trajectory(s, "grad_abs_mean", la, steps, lambda s: [1e-4] * 4)
+    v = verdicts(gradients(p.results()))
+    assert v["grad.pde_higher"] == HOLDS and v["grad.pde_first_layer"] == HOLDS
+    assert v["grad.range_transformer"] == NOT_COMPARABLE == v["grad.range_pde"]
+
+
+# ---- perturbation ----------------------------------------------------------------------------------------------------
+def test_perturbation_planted_divergence_at_1e_2() -> None:
+    from pdelightning.reproduce.sections.perturbation import LABELS
+
+    p = Planter()
+    eps = np.array(EPS_GRID)
+    for s, rel in (("newsgroups_transformer", 0.05 * (eps >= 1e-1)), ("newsgroups_pde", 0.5 * (eps >= 1e-2))):
+        p.add(s, "loss_clean", lambda seed: 1.0).add(s, "acc_clean", lambda seed: 0.8)
+        p.add(s, "loss", lambda seed, r=rel: 1.0 + r, LABELS, noise=0.002)
+        p.add(s, "acc", lambda seed, r=rel: 0.8 - 0.5 * r, LABELS)
+    v = verdicts(perturbation(p.results()))
+    assert v["pert.similar_low"] == HOLDS and v["pert.pde_faster_loss"] == HOLDS
+    assert v["pert.pde_faster_acc"] == HOLDS and v["pert.divergence_near"] == HOLDS
+
+
+def test_divergence_nowhere_on_the_grid_does_not_hold() -> None:
+    from pdelightning.reproduce.sections.perturbation import LABELS
+
+    p = Planter()
+    for s in ("newsgroups_transformer", "newsgroups_pde"):
+        p.add(s, "loss_clean", lambda seed: 1.0).add(s, "acc_clean", lambda seed: 0.8)
+        p.add(s, "loss", lambda seed: np.ones(len(LABELS)), LABELS).add(s, "acc", lambda seed: np.full(13, 0.8), LABELS)
+    v = verdicts(perturbation(p.results()))
+    assert v["pert.divergence_near"] == FAILS and v["pert.pde_faster_loss"] == FAILS
+
+
+# ---- v2 ablations ----------------------------------------------------------------------------------------------------
+def _sweeps(p: Planter, no_ln_diverges: bool, pde_diverges_above_1: bool) -> None:
+    for c in depth_lr_cells():
+        last = f"blocks.{c.depth - 1}"
+        for s, cka, rank in (("sweep_transformer", 0.8, 10.0), ("sweep_no_residual", 0.1, 1.5),
+                             ("sweep_no_layernorm", 0.7, 9.0)):  # fmt: skip
+            div = s == "sweep_no_layernorm" and no_ln_diverges and c.lr > 1e-3
+            p.run(s, c.name, diverged=div, status="diverged" if div else "complete")
+            p.add(s, "cka_to_embedding", lambda seed, v=cka: v, (last,), cell=c.name, noise=0.01)
+            p.add(s, "erank", lambda seed, v=rank: v, (last,), cell=c.name, noise=0.05)
+    for c in eq21_cells():
+        for s in ("sweep_pde", "sweep_pde_stabilized"):
+            div = s == "sweep_pde" and pde_diverges_above_1 and (c.eq21_target or 0) > 1
+            p.run(s, c.name, diverged=div, status="diverged" if div else "complete")
+
+
+def test_ablations_planted() -> None:
+    p = Planter()
+    _sweeps(p, no_ln_diverges=True, pde_diverges_above_1=True)
+    v = verdicts(ablations(p.results()))
+    assert v == {"v2.no_residual_drift": HOLDS, "v2.no_layernorm_explosive": HOLDS, "v2.pde_unstable": HOLDS,
+                 "v2.eq21_predicts": HOLDS}  # fmt: skip
+    p = Planter()
+    _sweeps(p, no_ln_diverges=False, pde_diverges_above_1=False)
+    v = verdicts(ablations(p.results()))
+    assert v["v2.no_layernorm_explosive"] == FAILS and v["v2.pde_unstable"] == FAILS
+    assert v["v2.eq21_predicts"] == FAILS
+    assert verdicts(ablations(Planter().results()))["v2.no_residual_drift"] == NOT_COMPARABLE
+
+
+def test_wilson_interval() -> None:
+    from pdelightning.reproduce.sections.ablations import wilson
+
+    lo, hi = wilson(3, 10)  # statsmodels proportion_confint(3, 10, method="wilson") = (0.1078, 0.6032)
+    assert lo == pytest.approx(0.1078, abs=1e-4) and hi == pytest.approx(0.6032, abs=1e-4)
+
+
+# ---- refinement and the precondition ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("dist", "change", "expected"), [(0.01, 0.0, HOLDS), (0.6, -0.2, FAILS), (0.095, 0.0, INCONCLUSIVE)]
+)
+def test_refinement_planted(dist: float, change: float, expected: str) -> None:
+    p = Planter()
+    p.add("mnist_pde", "refine_logit_distance", lambda s: dist, noise=0.02)
+    p.add("mnist_pde", "refine_acc_change", lambda s: change, noise=0.001)
+    assert verdicts(refinement(p.results()))["cont.refinement"] == expected
+
+
+def test_convergence_precondition_needs_every_seed() -> None:
+    p = Planter().run("mnist_transformer", val_acc=lambda s: 0.98 - 0.002 * s)
+    assert verdicts(runs(p.results()))["pre.mnist_transformer_converged"] == HOLDS
+    p = Planter().run("mnist_transformer", val_acc=lambda s: 0.99 if s else 0.95)
+    assert verdicts(runs(p.results()))["pre.mnist_transformer_converged"] == INCONCLUSIVE
