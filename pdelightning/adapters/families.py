@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from pdelightning.adapters.base import (
     reset_all,
     value_weight_of,
 )
+from pdelightning.models.attention import MultiHeadSelfAttention
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget
 
 
@@ -71,7 +73,7 @@ class ProtocolAdapter(ModelAdapter):
     @contextlib.contextmanager
     def probe_mode(self, attention: bool = False) -> Iterator[None]:
         """Fast paths off, and our attention modules on their explicit path for every probe forward."""
-        switched = [m for m in self.model.modules() if hasattr(m, "force_explicit") and not m.force_explicit]
+        switched = [m for m in self.model.modules() if isinstance(m, MultiHeadSelfAttention) and not m.force_explicit]
         with fastpath_off():
             for m in switched:
                 m.force_explicit = True
@@ -107,7 +109,8 @@ _RESID_POST = re.compile(r"^(?P<prefix>(?:.*\.)?)blocks\.(?P<i>\d+)\.hook_resid_
 
 
 class TransformerLensAdapter(ModelAdapter):
-    """TransformerLens ``HookedTransformer`` (3.x), or any model with its hook names (``blocks.{i}.hook_resid_post``).
+    """TransformerLens ``HookedTransformer`` (3.x), or any model with its hook names (``blocks.{i}.hook_resid_post``
+    under a ``blocks`` list).
 
     Layers are the ``hook_resid_post`` points, attention ``blocks.{i}.attn`` (read at ``hook_pattern``), ``u_0`` is
     ``blocks.0.hook_resid_pre`` (token plus positional embedding) when present, else ``hook_embed``; ``W^O``/``W_V``
@@ -120,7 +123,12 @@ class TransformerLensAdapter(ModelAdapter):
 
     @classmethod
     def detect(cls, module: nn.Module) -> bool:
-        return any(_RESID_POST.match(n) for n, _ in module.named_modules())
+        blocks = getattr(module, "blocks", None)
+        return (
+            isinstance(blocks, (nn.ModuleList, nn.Sequential))
+            and len(blocks) > 0
+            and isinstance(getattr(blocks[0], "hook_resid_post", None), nn.Module)
+        )
 
     def targets(self) -> AnalysisTargets:
         modules = dict(self.model.named_modules())
@@ -270,11 +278,10 @@ class HuggingFaceAdapter(ModelAdapter):
 
     @classmethod
     def detect(cls, module: nn.Module) -> bool:
-        try:
-            from transformers import PreTrainedModel
-        except ImportError:  # transformers not installed: nothing to recognise
+        transformers = sys.modules.get("transformers")  # a HuggingFace model means transformers is imported already
+        if transformers is None:
             return False
-        return isinstance(module, PreTrainedModel) and _block_list(module) is not None
+        return isinstance(module, transformers.PreTrainedModel) and _block_list(module) is not None
 
     def targets(self) -> AnalysisTargets:
         found = _block_list(self.model)

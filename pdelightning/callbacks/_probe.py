@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from pdelightning.adapters.base import ModelAdapter
-from pdelightning.adapters.registry import TargetNotFoundError, resolve
+from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.batch import split_batch as _split
 from pdelightning.probing.capture import Request
@@ -209,6 +209,7 @@ class ProbeCallback(Callback):
         self._n_probes = 0
         self._final = False
         self._adapter: ModelAdapter | None = None
+        self._plain = False
         self._hub: ProbeHub | None = None
         self._pending_hub_state: dict[str, Any] | None = None
 
@@ -227,7 +228,12 @@ class ProbeCallback(Callback):
     # ---- targets -------------------------------------------------------------------------------------------------
     def resolved(self, pl_module: nn.Module) -> tuple[ModelAdapter | None, AnalysisTargets]:
         """``(adapter, targets)`` of the model under training (targets re-read: PDE coefficients are live)."""
-        return resolve(pl_module, need=self.needs, **self.patterns)
+        if self._adapter is not None and self._adapter.root is unwrap(pl_module) and self._plain:
+            return self._adapter, self._adapter.targets()
+        adapter, targets = resolve(pl_module, need=self.needs, **self.patterns)
+        self._plain = all(v is None for v in self.patterns.values())
+        self._adapter = adapter
+        return adapter, targets
 
     def targets(self, pl_module: nn.Module) -> AnalysisTargets:
         """The targets this callback analyses."""

@@ -69,8 +69,6 @@ def _attention_weights(adapter: Any) -> list[torch.Tensor]:
     return out
 
 
-
-
 def import_object(path: str, arg: str = "reference_class") -> object:
     """Import ``package.module.Name``; a bad path raises ``ValueError`` naming ``arg`` and the path.
 
@@ -194,5 +192,3 @@ def build_from_config(path: str, linked: Mapping[str, Any], cls: type | None = N
         if "num_classes" in linked:
             section.setdefault("num_classes", linked["num_classes"])
     return instantiate_module(cls, section)
-
-

@@ -38,6 +38,7 @@ from pdelightning.adapters.registry import resolve
 from pdelightning.analysis.attention import (  # noqa: F401 (the old import path keeps working)
     MATCH_BY,
     METRICS,
+    SKILL_MIN_ROOM,
     attention_cosine,
     attention_entropy,
     attention_js,
@@ -179,7 +180,10 @@ class AttentionSimilarity(ProbeCallback):
         nulls: the null baselines to compute, a subset of ``("uniform", "shuffled", "random_init")``.
         eps: the KL guard (reference probabilities are clamped at ``eps``), in ``(0, 1)``.
         log_figures: write the attention-map and per-layer figures (on the probes that draw figures).
-        null_seed: seed of the re-initialisation and of the shuffled pairing.
+        null_seed: seed of the re-initialisation.
+        skill_min_room: the least room a null must leave (``1 - s_null`` for cosine, ``d_null`` for KL/JS) for a
+            skill to be reported; below it the skill is NaN (its denominator would blow up tiny differences, e.g.
+            skill -28 against a uniform null at cosine 0.988) and the margin is the number to read.
         **kwargs: :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (cadence, probe set, globs).
 
     Raises:
@@ -224,6 +228,7 @@ class AttentionSimilarity(ProbeCallback):
         eps: float = 1e-8,
         log_figures: bool = True,
         null_seed: int = 0,
+        skill_min_room: float = SKILL_MIN_ROOM,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -268,6 +273,9 @@ class AttentionSimilarity(ProbeCallback):
         self.eps = eps
         self.log_figures = log_figures
         self.null_seed = null_seed
+        if not 0.0 <= skill_min_room < 1.0:
+            raise ValueError(f"skill_min_room={skill_min_room} must lie in [0, 1)")
+        self.skill_min_room = skill_min_room
         self.initial = reference is None and reference_checkpoint is None and reference_config is None
         self._reference: nn.Module | None = freeze(reference) if reference is not None else None
         self._pending_initial: dict[str, Tensor] | None = None
@@ -496,11 +504,11 @@ class AttentionSimilarity(ProbeCallback):
             res.update({f"{m}_null_{null}": v for m, v in vals.items()})
         if nulls:
             strongest_cos = max(v["cosine"] for v in nulls.values())
-            res["cosine_skill"] = skill_score(res["cosine"], strongest_cos)
+            res["cosine_skill"] = skill_score(res["cosine"], strongest_cos, min_room=self.skill_min_room)
             res["cosine_margin"] = res["cosine"] - strongest_cos
             for m in ("kl", "js"):
                 strongest = min(v[m] for v in nulls.values())
-                res[f"{m}_skill"] = skill_score(res[m], strongest, higher_is_better=False)
+                res[f"{m}_skill"] = skill_score(res[m], strongest, higher_is_better=False, min_room=self.skill_min_room)
                 res[f"{m}_margin"] = strongest - res[m]
         res["rows"] = int(rows.sum())  # valid query rows pooled (an int: not logged)
         res["entropy"] = float(out[f"entropy/{layer}"].sum().double() / n)

@@ -40,7 +40,7 @@ from pdelightning.analysis.perturbation import (  # noqa: F401 (the old import p
 from pdelightning.callbacks._figures import loss_vs_eps_figure
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback, validation_loader
 from pdelightning.models.protocol import AnalysisTargets
-from pdelightning.probing.batch import per_sample_loss, repeat_batch, split_batch
+from pdelightning.probing.batch import per_sample_loss, primary_input, repeat_batch, with_primary_input
 from pdelightning.probing.capture import Captured, Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 
@@ -49,40 +49,6 @@ MODES = ("auto", "input", "embedding")
 DEFAULT_EPSILONS: tuple[float, ...] = tuple(float(e) for e in np.logspace(-4, 1, 11))
 ATTENTION_ELEMENTS = 2**25
 """Cap on ``rows x T^2`` of one batched perturbation forward (the explicit attention it forms per head)."""
-
-
-def _primary_path(batch: Any) -> tuple[str, Any] | None:
-    """Where a batch's main input is: ``("arg", 0)`` for tuples, ``("kw", name)`` for dicts, ``None`` if unknown."""
-    args, kwargs, _ = split_batch(batch)
-    if args and isinstance(args[0], Tensor):
-        return ("arg", 0)
-    for name in ("pixel_values", "input_ids", "inputs_embeds", "x", "input", "inputs"):
-        if isinstance(kwargs.get(name), Tensor):
-            return ("kw", name)
-    first = next((k for k, v in kwargs.items() if isinstance(v, Tensor)), None)
-    return ("kw", first) if first is not None else None
-
-
-def primary_input(batch: Any) -> Tensor | None:
-    """The main input tensor of a batch (what ``mode="input"`` perturbs)."""
-    path = _primary_path(batch)
-    if path is None:
-        return None
-    args, kwargs, _ = split_batch(batch)
-    return args[path[1]] if path[0] == "arg" else kwargs[path[1]]
-
-
-def with_primary_input(batch: Any, value: Tensor) -> Any:
-    """The batch with its main input replaced by ``value`` (the structure kept)."""
-    path = _primary_path(batch)
-    assert path is not None
-    if path[0] == "kw":
-        out = dict(batch)
-        out[path[1]] = value
-        return out
-    if isinstance(batch, Tensor):
-        return value
-    return type(batch)([value, *list(batch)[1:]])
 
 
 def resolve_mode(mode: str, x: Any) -> Literal["input", "embedding"]:

@@ -28,6 +28,7 @@ from pdelightning.analysis.representation import pool_tokens
 from pdelightning.analysis.stability import (  # noqa: F401 (moved there; the old import path keeps working)
     LossScan,
     eq21_number,
+    exact_spectral_norm,
     relative_drift,
     scan_losses,
     spectral_norm_power,
@@ -79,8 +80,9 @@ class StabilityMonitor(ProbeCallback):
       largest diffusion coefficient, flagged when above ``threshold`` (default 1, the theorem's bound).
     * **spectral norms** ``||W^O||_2`` and ``||W^O W^V||_2`` (composed value-output map; nn.Linear convention
       ``W_O @ W_V``, grouped key/value heads repeated) for every layer with attention, exact
-      (``torch.linalg.matrix_norm(W, 2)``, an SVD: a warm-started power iteration of a few steps reads low when
-      the top singular values are close, and eq. (21) would read low with it). ``W^O`` is found by the model's
+      (:func:`~pdelightning.analysis.stability.exact_spectral_norm`: an SVD up to 512 x 512, above it a subspace
+      iteration run to a relative tolerance of 1e-4; a warm-started power iteration of a fixed few steps reads
+      low when the top singular values are close, and eq. (21) would read low with it). ``W^O`` is found by the model's
       adapter (``out_proj``, ``o_proj``, ``c_proj``, ``proj``, BERT's ``attention.output.dense``, TransformerLens'
       ``W_O``). Layers without an attention output projection are skipped.
     * **representations** on the fixed probe set, over the valid (non-padding) tokens: relative drift
@@ -248,7 +250,7 @@ class StabilityMonitor(ProbeCallback):
     def _norm(matrix: Tensor) -> float:
         if not bool(torch.isfinite(matrix).all()):
             return float("inf")
-        return float(torch.linalg.matrix_norm(matrix.float(), ord=2))
+        return float(exact_spectral_norm(matrix.detach()).sigma)
 
     def _weights(self, targets: AnalysisTargets, metrics: dict[str, float], events: list[tuple[str, str]]) -> None:
         for layer in targets.layers:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -158,11 +159,10 @@ def _accepts(fn: Callable[..., Any], names: list[str]) -> bool:
 
 
 def _inner_hf_model(module: nn.Module) -> nn.Module | None:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
+    transformers = sys.modules.get("transformers")  # a HuggingFace model means transformers is imported already
+    if transformers is None:
         return None
-    return next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
+    return next((m for m in module.modules() if isinstance(m, transformers.PreTrainedModel)), None)
 
 
 def eager(module: nn.Module) -> nn.Module:
@@ -222,3 +222,37 @@ def per_sample_loss(pl_module: nn.Module, batch: Any, logits: Tensor, labels: Te
 def labels_of(batch: Any) -> Tensor | None:
     """The labels of a batch (see :func:`split_batch`)."""
     return split_batch(batch)[2]
+
+
+def _primary_path(batch: Any) -> tuple[str, Any] | None:
+    """Where a batch's main input is: ``("arg", 0)`` for tuples, ``("kw", name)`` for dicts, ``None`` if unknown."""
+    args, kwargs, _ = split_batch(batch)
+    if args and isinstance(args[0], Tensor):
+        return ("arg", 0)
+    for name in ("pixel_values", "input_ids", "inputs_embeds", "x", "input", "inputs"):
+        if isinstance(kwargs.get(name), Tensor):
+            return ("kw", name)
+    first = next((k for k, v in kwargs.items() if isinstance(v, Tensor)), None)
+    return ("kw", first) if first is not None else None
+
+
+def primary_input(batch: Any) -> Tensor | None:
+    """The main input tensor of a batch (what ``mode="input"`` perturbs)."""
+    path = _primary_path(batch)
+    if path is None:
+        return None
+    args, kwargs, _ = split_batch(batch)
+    return args[path[1]] if path[0] == "arg" else kwargs[path[1]]
+
+
+def with_primary_input(batch: Any, value: Tensor) -> Any:
+    """The batch with its main input replaced by ``value`` (the structure kept)."""
+    path = _primary_path(batch)
+    assert path is not None
+    if path[0] == "kw":
+        out = dict(batch)
+        out[path[1]] = value
+        return out
+    if isinstance(batch, Tensor):
+        return value
+    return type(batch)([value, *list(batch)[1:]])
