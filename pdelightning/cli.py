@@ -1,23 +1,72 @@
-"""``pdelightning`` command line: LightningCLI with YAML configs (``fit``, ``validate``, ``test``, ``predict``)."""
+"""``pdelightning`` command line: LightningCLI with YAML configs (``fit``, ``validate``, ``test``, ``predict``).
+
+On top of LightningCLI:
+
+- checkpoints are written by :class:`~pdelightning.checkpointing.AtomicCheckpointIO` (atomic, finite only,
+  unreadable files named) unless the trainer config gives its own ``CheckpointIO`` plugin, and the random
+  states travel in them (:class:`~pdelightning.resume.RNGStateCheckpoint`);
+- ``--ckpt_path`` must hold the configured model (no silent switch to the checkpoint's), a resume into a
+  logger version that has TensorBoard events drops the events logged after the checkpoint, and a
+  different ``config.yaml`` already in the log directory is kept (:mod:`pdelightning.resume`);
+- a run stopped by ``StabilityMonitor(action="stop")`` exits with status 3 and says why on its last line;
+- bad input (values, config files, data files, checkpoints) ends with one ``error:`` line naming the value
+  and the valid choices or the file and the fix (status 2), and a run that fails before its first step
+  removes the log directory it created.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
-from typing import Any
+import warnings
+from pathlib import Path
+from typing import Any, NoReturn
 
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch import Callback
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+from typing_extensions import override
 
 # Imported so that their classes are known by short name in YAML (class_path: PDEClassifier, ...).
 import pdelightning.callbacks
 import pdelightning.data
 import pdelightning.models  # noqa: F401
+from pdelightning.checkpointing import AtomicCheckpointIO, load_checkpoint_file
+from pdelightning.cli_errors import check_config_files, clarify_parse_error, instantiation_message
 from pdelightning.data.base import ClassificationDataModule
+from pdelightning.resume import (
+    KeepConfigCallback,
+    RNGStateCheckpoint,
+    check_model_matches,
+    check_state_dict_matches,
+    event_files,
+    plain_config,
+    purge_events,
+    resume_step,
+)
 from pdelightning.task import ClassificationTask
+from pdelightning.utils import InputError
 
+EXIT_BAD_INPUT = 2
+"""Exit status for a bad value, config, data file or checkpoint (as argparse uses for bad arguments)."""
+EXIT_UNSTABLE = 3
+"""Exit status of a run that ``StabilityMonitor(action="stop")`` stopped."""
 _DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
     "init_args": {"save_dir": "logs", "name": "pdelightning"},
 }
+_SPECIAL_CKPT = ("last", "best", "hpc", "registry")
+_LINKED = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
+
+
+class _ArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser whose errors end with the root cause (see :func:`clarify_parse_error`)."""
+
+    @override
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        super().error(clarify_parse_error(message, getattr(ex, "subcommand_parser", None) or self), ex)
 
 
 class PDELightningCLI(LightningCLI):
@@ -25,17 +74,204 @@ class PDELightningCLI(LightningCLI):
 
     Linked (``apply_on="instantiate"``): ``data.num_classes`` into the task and the model,
     ``data.input_kind``, ``data.image_size``, ``data.vocab_size`` and ``data.max_len`` into the model.
+    A model setting that contradicts the linked value (set to something other than its default) is an error.
+
+    Attributes:
+        stop_reason: why ``StabilityMonitor`` stopped the run, or ``None``.
     """
+
+    stop_reason: str | None = None
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         """Link the data module's attributes to the model's arguments."""
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        for attr in ("num_classes", "input_kind", "image_size", "vocab_size", "max_len"):
+        for attr in _LINKED:
             parser.link_arguments(f"data.{attr}", f"model.model.init_args.{attr}", apply_on="instantiate")
 
-    def after_fit(self) -> None:
-        """Say where the logs are, how to view them, and the final validation numbers."""
+    # ---- before anything is built ----------------------------------------------------------------------
+    def _section(self) -> Any:
+        return self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` (exists, readable, same model) instead of merging its hyperparameters.
+
+        LightningCLI would overwrite the configured model with the checkpoint's; here a different model is
+        an error that says how to resume the checkpoint's own configuration.
+        """
+        self._ckpt: tuple[Path, dict[str, Any]] | None = None
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self._section().get("ckpt_path")
+        if not ckpt_path or str(ckpt_path) in _SPECIAL_CKPT or ":" in str(ckpt_path).split("/")[0]:
+            return
+        path = Path(ckpt_path).expanduser()
+        if path.is_dir():
+            found = sorted(str(p) for pattern in ("*.ckpt", "checkpoints/*.ckpt") for p in path.glob(pattern))[:5]
+            raise InputError(
+                f"--ckpt_path {path} is a directory; give a checkpoint file"
+                + (f", e.g. one of: {', '.join(found)}" if found else " (it holds no *.ckpt files)")
+            )
+        if not path.is_file():
+            near = sorted(str(p) for p in path.parent.glob("*.ckpt"))[:5] if path.parent.is_dir() else []
+            raise FileNotFoundError(
+                f"--ckpt_path {path} does not exist"
+                + (f"; checkpoints in {path.parent}: {', '.join(near)}" if near else "")
+            )
+        try:
+            checkpoint = load_checkpoint_file(path, weights_only=True, mmap=True)
+        except InputError:
+            raise
+        except Exception:  # e.g. a weights-only refusal: leave the checks to the trainer's own load
+            return
+        self._ckpt = (path, checkpoint)
+        model = self._section().get("model")
+        configured = model.get("model") if model is not None else None
+        if configured is not None and configured.get("class_path"):
+            check_model_matches(path, checkpoint, plain_config(configured))
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        """Remember model settings that the data links will overwrite, to compare once the data module exists."""
+        self._explicit: dict[str, Any] = {}
+        section = self._section()
+        model = section.get("model")
+        if model is None:
+            return
+        inner = model.get("model")
+        init = inner.get("init_args") if inner is not None and inner.get("class_path") else None
+        defaults = _class_defaults_of(inner.get("class_path")) if init is not None else {}
+        for attr in _LINKED:
+            value = init.get(attr) if init is not None else None
+            if value is not None and attr in defaults and value != defaults[attr]:
+                self._explicit[f"model.model.init_args.{attr}"] = (attr, value)
+        task_classes = model.get("num_classes")
+        if task_classes is not None and task_classes != _class_defaults_of(ClassificationTask).get("num_classes"):
+            self._explicit["model.num_classes"] = ("num_classes", task_classes)
+
+    @override
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            err._pdelightning_instantiating = True  # type: ignore[attr-defined]
+            raise
+
+    @override
+    def after_instantiate_classes(self) -> None:
+        """Refuse model settings contradicted by the data links; check the checkpoint's tensor shapes."""
+        dm = self.datamodule
+        for key, (attr, value) in getattr(self, "_explicit", {}).items():
+            data_value = getattr(dm, attr, None)
+            if dm is not None and data_value is not None and data_value != value:
+                raise InputError(
+                    f"{key}={value!r} contradicts the data: {type(dm).__name__} has {attr}={data_value!r}, which "
+                    f"the CLI links into the model; remove {key} from the config (the data module sets it)"
+                )
+        if isinstance(self.model, ClassificationTask) and self.subcommand == "fit":
+            try:  # build the optimizer once now, so a bad setting fails before any log directory exists
+                self.model.configure_optimizers()
+            except Exception as err:
+                raise InputError(f"model.optimizer / model.lr_scheduler: {type(err).__name__}: {err}") from err
+        if self._ckpt is not None and self.model is not None:
+            configured = plain_config(self._section().model.model)
+            check_state_dict_matches(self._ckpt[0], self._ckpt[1], self.model, configured)
+
+    @override
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Any:
+        """Add the atomic checkpoint plugin (unless one is configured) and the random-state callback."""
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        strategy = config.get("strategy", "auto")
+        sharded = any(s in str(strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
+                      for s in ("deepspeed", "fsdp", "modelparallel"))  # fmt: skip
+        if not sharded and not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        config = {**config, "plugins": plugins or None}
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if not any(isinstance(c, RNGStateCheckpoint) for c in [*configured, *callbacks]):
+            callbacks = [*callbacks, RNGStateCheckpoint()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    # ---- running ---------------------------------------------------------------------------------------
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; when it fails before its first step, remove the log directories this run created."""
+        created = self._log_dirs_not_yet_there()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            self._remove_if_nothing_written(created)
+            raise
+
+    def _log_dirs_not_yet_there(self) -> list[Path]:
+        if not self.trainer.is_global_zero:
+            return []
+        missing = []
+        for logger in self.trainer.loggers:
+            log_dir = getattr(logger, "log_dir", None)
+            if not log_dir:
+                continue
+            path = Path(log_dir).resolve()
+            while not path.exists() and path != path.parent:
+                missing.append(path)
+                path = path.parent
+        return missing
+
+    def _remove_if_nothing_written(self, created: list[Path]) -> None:
+        if not created or self.trainer.global_step > 0:
+            return
+        if any(any(d.rglob("*.ckpt")) for d in created if d.is_dir()):
+            return
+        for d in created:  # deepest first: the version directory, then parents left empty
+            if d.is_dir() and (d == created[0] or not any(d.iterdir())):
+                shutil.rmtree(d, ignore_errors=True)
+
+    def before_fit(self) -> None:
+        """Drop the TensorBoard events logged after the checkpoint; warn when probes run without validation."""
         trainer = self.trainer
+        if self._ckpt is not None and trainer.is_global_zero:
+            path, checkpoint = self._ckpt
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger) and logger.log_dir and Path(logger.log_dir).is_dir():
+                    self._purge(logger, path, checkpoint)
+        if trainer.limit_val_batches == 0:
+            probes = [type(c).__name__ for c in trainer.callbacks if _is_probe(c)]
+            if probes:
+                warnings.warn(
+                    f"trainer.limit_val_batches=0 turns validation off, but {', '.join(probes)} still probe a fixed "
+                    "sample set every time they run; with no validation loop their probe set comes from the "
+                    "training data. Set limit_val_batches > 0 (or remove the callbacks) for held-out probes.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+
+    @staticmethod
+    def _purge(logger: TensorBoardLogger, ckpt_path: Path, checkpoint: dict[str, Any]) -> None:
+        log_dir = Path(logger.log_dir).resolve()
+        files = event_files(log_dir)
+        if not files:
+            return
+        step = resume_step(checkpoint)
+        if log_dir not in ckpt_path.resolve().parents:
+            warnings.warn(
+                f"resuming {ckpt_path} into {log_dir}, which already holds TensorBoard events of another run: both "
+                f"histories continue there from step {step}. Leave trainer.logger.init_args.version unset to log "
+                "into a new version instead.",
+                UserWarning,
+                stacklevel=3,
+            )
+            return
+        removed = purge_events(log_dir, step, files)
+        if removed:
+            print(f"Resuming at step {step}: removed {removed} TensorBoard events logged after {ckpt_path.name}")
+
+    def after_fit(self) -> None:
+        """Say where the logs are, how to view them, the final numbers, and why the run stopped if it was unstable."""
+        trainer = self.trainer
+        reasons = [c.stop_reason for c in trainer.callbacks if _is_stability_monitor(c) and c.stop_reason]
+        self.stop_reason = reasons[0] if reasons else None
         if not trainer.is_global_zero or trainer.logger is None:
             return
         log_dir = trainer.logger.log_dir or trainer.default_root_dir
@@ -44,9 +280,42 @@ class PDELightningCLI(LightningCLI):
             for k, v in sorted(trainer.callback_metrics.items())
             if k.startswith(("val/", "train/acc"))
         )
-        print(f"\nFinished after {trainer.global_step} steps ({trainer.current_epoch} epochs). {final}")
+        verb = "Stopped (unstable)" if self.stop_reason else "Finished"
+        print(f"\n{verb} after {trainer.global_step} steps ({trainer.current_epoch} epochs). {final}")
         print(f"Logs and checkpoints: {log_dir}")
         print(f"View them with:       tensorboard --logdir {trainer.logger.save_dir}")
+
+    def unstable_message(self) -> str | None:
+        """The last line of a run ``StabilityMonitor`` stopped: the reason, and which files keep finite weights."""
+        if not self.stop_reason:
+            return None
+        io = getattr(self.trainer.strategy, "checkpoint_io", None)
+        refused = sorted({p for p, _, _ in getattr(io, "refused", [])})
+        kept = [p for p in refused if os.path.isfile(p)]
+        note = ""
+        if refused:
+            note = (
+                f"; non-finite weights were not saved, {', '.join(kept)} keep the last finite ones"
+                if kept
+                else "; non-finite weights were not saved and no finite checkpoint was written before"
+            )
+        return f"training stopped at step {self.trainer.global_step} as unstable: {self.stop_reason}{note}"
+
+
+def _class_defaults_of(cls_or_path: Any) -> dict[str, Any]:
+    from pdelightning.resume import class_defaults
+
+    if isinstance(cls_or_path, str):
+        return class_defaults(cls_or_path)
+    return class_defaults(f"{cls_or_path.__module__}.{cls_or_path.__qualname__}")
+
+
+def _is_probe(callback: Callback) -> bool:
+    return any(c.__name__ == "ProbeCallback" for c in type(callback).__mro__)
+
+
+def _is_stability_monitor(callback: Callback) -> bool:
+    return any(c.__name__ == "StabilityMonitor" for c in type(callback).__mro__) and hasattr(callback, "stop_reason")
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> PDELightningCLI:
@@ -56,17 +325,28 @@ def build_cli(args: ArgsType = None, run: bool = True) -> PDELightningCLI:
         ClassificationDataModule,
         subclass_mode_data=True,
         trainer_defaults={"logger": _DEFAULT_LOGGER},
+        save_config_callback=KeepConfigCallback,
         save_config_kwargs={"overwrite": True},
+        parser_class=_ArgumentParser,
         args=args,
         run=run,
     )
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``pdelightning`` console script and ``python -m pdelightning``.
 
     ``pdelightning report ...`` and ``pdelightning reproduce ...`` go to the reproduction tools; everything
-    else (``fit``, ``validate``, ``test``, ``predict``) to LightningCLI.
+    else (``fit``, ``validate``, ``test``, ``predict``) to LightningCLI. Exit status: 0 on success, 2 on bad
+    input (one ``error:`` line; set ``PDELIGHTNING_TRACEBACK=1`` for the traceback), 3 when
+    ``StabilityMonitor`` stopped training, 1 on any other failure (with its traceback).
     """
     argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
     if argv and argv[0] in ("report", "reproduce"):
@@ -75,7 +355,24 @@ def main(args: ArgsType = None) -> None:
         else:
             from pdelightning.reproduce.run import main as tool
         sys.exit(tool(argv[1:]))
-    build_cli(args)
+    debug = os.environ.get("PDELIGHTNING_TRACEBACK", "") not in ("", "0")
+    try:
+        if argv is not None:
+            check_config_files(argv)
+        cli = build_cli(argv if argv is not None else args)
+    except (InputError, FileNotFoundError) as err:
+        if debug:
+            raise
+        _fail(str(err))
+    except Exception as err:
+        if debug or not getattr(err, "_pdelightning_instantiating", False):
+            raise
+        _fail(instantiation_message(err))
+    message = cli.unstable_message()
+    if message:
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(EXIT_UNSTABLE)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,15 @@
-"""Small helpers shared by the task and the callbacks."""
+"""Small helpers shared by the task, the callbacks and the command line."""
 
 from __future__ import annotations
 
 import lightning.pytorch as L
+
+
+class InputError(ValueError):
+    """Something the user gave (a value, a config, a file) is wrong; the message names it and the fix.
+
+    The command line prints these as one ``error:`` line without a traceback and exits with status 2.
+    """
 
 
 def should_log(trainer: L.Trainer | None) -> bool:

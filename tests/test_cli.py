@@ -152,3 +152,44 @@ def test_print_config_and_module_entry_point() -> None:
     cfg = yaml.safe_load(out)
     assert cfg["model"]["model"]["class_path"] == "pdelightning.models.TransformerClassifier"
     assert cfg["data"]["class_path"] == "pdelightning.data.DigitsDataModule"
+
+
+def _unstable_args(save_dir: Path) -> list[str]:
+    return ["fit", "-c", str(ROOT / "configs/quickstart.yaml"), "-c", str(ROOT / "callbacks/stability_monitor.yaml"),
+            "--trainer.callbacks.action=stop", "--trainer.callbacks.check_every_n_steps=1",
+            "--model.optimizer.init_args.lr=1e6", "--trainer.max_steps=8", "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={save_dir}"]  # fmt: skip
+
+
+def _assert_unstable_outcome(code: int, last_line: str, save_dir: Path) -> None:
+    import torch
+
+    from pdelightning.cli import EXIT_UNSTABLE
+
+    assert code == EXIT_UNSTABLE
+    assert last_line.startswith("error: training stopped at step ") and "as unstable: StabilityMonitor:" in last_line
+    assert "non-finite" in last_line and "not saved" in last_line
+    ckpts = list(save_dir.rglob("*.ckpt"))
+    for ckpt in ckpts:  # whatever was written holds only finite tensors
+        state = torch.load(ckpt, weights_only=True)["state_dict"]
+        assert all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+    if not ckpts:  # lr=1e6 makes the weights non-finite at the first step: no finite state ever existed
+        assert "no finite checkpoint was written before" in last_line
+
+
+def test_unstable_run_exits_3_with_the_reason_last(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pdelightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(_unstable_args(tmp_path))
+    out = capsys.readouterr()
+    last = [line for line in (out.out + out.err).splitlines() if line.strip()][-1]
+    _assert_unstable_outcome(exit_.value.code, last, tmp_path)
+
+
+@pytest.mark.slow
+def test_unstable_run_console_script(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "pdelightning", *_unstable_args(tmp_path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    _assert_unstable_outcome(proc.returncode, last, tmp_path)

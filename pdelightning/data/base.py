@@ -15,14 +15,14 @@ Every module yields ``(x, y)`` batches and describes its data through attributes
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
 import lightning.pytorch as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from typing_extensions import override
 
 from pdelightning.models.embedding import InputKind
@@ -110,6 +110,86 @@ def pad_sequences(seqs: Sequence[Sequence[int]], max_len: int, pad_id: int = PAD
     return torch.from_numpy(out)
 
 
+class ResumableRandomSampler(RandomSampler):
+    """``RandomSampler`` (same orders: a per-epoch seed drawn from torch's global RNG) that can replay an epoch.
+
+    After :meth:`resume_at` ``(seed, skip)``, the next iteration uses that seed without touching the global RNG
+    and starts after the first ``skip`` indices.
+    """
+
+    def __init__(self, data_source: Sized) -> None:
+        super().__init__(data_source)  # type: ignore[arg-type]
+        self.seed: int | None = None
+        self._resume: tuple[int, int] | None = None
+
+    def resume_at(self, seed: int, skip: int) -> None:
+        """Make the next epoch replay the one of ``seed``, from index ``skip`` on."""
+        self._resume = (int(seed), int(skip))
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.data_source)
+        if self._resume is not None:
+            seed, skip = self._resume
+            self._resume = None
+        else:
+            seed, skip = int(torch.empty((), dtype=torch.int64).random_().item()), 0
+        self.seed = seed
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        yield from torch.randperm(n, generator=generator).tolist()[skip:]
+
+
+class ResumableDataLoader(DataLoader):
+    """A shuffling ``DataLoader`` that Lightning can stop and resume mid-epoch (it is ``_Stateful``).
+
+    Without it, a run resumed from a mid-epoch checkpoint reshuffles the rest of that epoch. Here
+    :meth:`state_dict` holds the epoch's shuffling seed and the number of batches handed out, and after
+    :meth:`load_state_dict` the next iteration replays the same order from the next batch, leaving torch's
+    global RNG as the uninterrupted run had it. Orders are the ones ``DataLoader(shuffle=True)`` gives.
+    With another sampler (e.g. Lightning's ``DistributedSampler`` under DDP) it behaves as a plain loader.
+    """
+
+    def __init__(self, dataset: Dataset, *args: Any, shuffle: bool | None = None, **kwargs: Any) -> None:
+        if shuffle and kwargs.get("sampler") is None and kwargs.get("batch_sampler") is None:
+            kwargs["sampler"] = ResumableRandomSampler(dataset)  # type: ignore[arg-type]
+            shuffle = None
+        super().__init__(dataset, *args, shuffle=shuffle, **kwargs)
+        self._batches = 0
+        self._pending: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        sampler = self.sampler if isinstance(self.sampler, ResumableRandomSampler) else None
+        pending, self._pending = self._pending, None
+        skip = 0
+        if sampler is not None and pending is not None and pending.get("seed") is not None:
+            n_batches = len(self)
+            if 0 <= pending["batches"] < n_batches:  # mid-epoch: replay the rest; at the end: a fresh epoch
+                skip = pending["batches"]
+                sampler.resume_at(pending["seed"], skip * (self.batch_size or 1))
+        if skip:
+            state = torch.get_rng_state()  # the iterator draws a worker base seed the interrupted epoch had drawn
+            iterator = super().__iter__()
+            torch.set_rng_state(state)
+        else:
+            iterator = super().__iter__()
+        self._batches = skip
+        return self._count(iterator)
+
+    def _count(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        for batch in iterator:
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"seed": this epoch's shuffling seed (or None), "batches": batches handed out so far}``."""
+        seed = self.sampler.seed if isinstance(self.sampler, ResumableRandomSampler) else None
+        return {"seed": seed, "batches": self._batches}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the epoch of ``state_dict`` at the next iteration."""
+        self._pending = {"seed": state_dict.get("seed"), "batches": int(state_dict.get("batches", 0))}
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Base class: ``(x, y)`` classification batches plus the attributes a model needs to be built.
 
@@ -167,7 +247,7 @@ class ClassificationDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for a dataloader")
-        return DataLoader(
+        return (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
@@ -178,7 +258,11 @@ class ClassificationDataModule(L.LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (the order follows the global seed, see ``seed_everything``)."""
+        """Shuffled training batches (the order follows the global seed, see ``seed_everything``).
+
+        The loader is a :class:`ResumableDataLoader`, so a run resumed from a mid-epoch checkpoint continues
+        the interrupted epoch in the same order.
+        """
         return self._loader(self.train_dataset, shuffle=True)
 
     @override

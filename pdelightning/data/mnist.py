@@ -16,7 +16,9 @@ import logging
 import os
 import shutil
 import stat
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ from pdelightning.data.base import (
     random_subset,
     stratified_split,
 )
+from pdelightning.data.files import DataFileError, checksum_hint
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +63,84 @@ def _is_writable_dir(path: Path) -> bool:
     return os.access(path, os.W_OK) and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
+IDX_DIMS = {2049: 1, 2051: 3}
+"""IDX magic numbers of the MNIST files (unsigned bytes) and their number of dimensions: labels, images."""
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error, OSError, struct.error)
+
+
+def idx_expected_size(header: bytes) -> int | None:
+    """The byte size an IDX file must have according to its header, or ``None`` if the header is not MNIST's.
+
+    Example::
+
+        >>> idx_expected_size(struct.pack(">IIII", 2051, 60000, 28, 28))
+        47040016
+    """
+    if len(header) < 8:
+        return None
+    (magic,) = struct.unpack(">I", header[:4])
+    ndim = IDX_DIMS.get(magic)
+    if ndim is None or len(header) < 4 + 4 * ndim:
+        return None
+    dims = struct.unpack(f">{ndim}I", header[4 : 4 + 4 * ndim])
+    return 4 + 4 * ndim + int(np.prod(dims))
+
+
+def idx_problem(path: Path) -> str | None:
+    """Why the decompressed IDX file ``path`` is unusable (bad header, wrong size), or ``None`` if it is fine."""
+    with open(path, "rb") as f:
+        header = f.read(16)
+    expected = idx_expected_size(header)
+    if expected is None:
+        return f"{path} does not start with an MNIST IDX header (magic 2049 or 2051)"
+    size = path.stat().st_size
+    if size != expected:
+        return f"{path} has {size} bytes but its IDX header implies {expected}"
+    return None
+
+
+def _gz_summary(gz: Path) -> tuple[bytes, int]:
+    """The first 16 decompressed bytes of ``gz`` and its uncompressed size from the gzip trailer (mod 2**32)."""
+    with gzip.open(gz, "rb") as f:
+        head = f.read(16)
+    with open(gz, "rb") as f:
+        f.seek(-4, os.SEEK_END)
+        (isize,) = struct.unpack("<I", f.read(4))
+    return head, isize
+
+
+def _is_current(plain: Path, gz: Path) -> bool:
+    """Whether ``plain`` is a complete decompression of ``gz``: same IDX header, the trailer's size, no problem."""
+    if idx_problem(plain) is not None:
+        return False
+    try:
+        head, isize = _gz_summary(gz)
+    except _GZIP_ERRORS:
+        return True  # a damaged .gz next to a complete file: keep using the file
+    with open(plain, "rb") as f:
+        return f.read(16) == head and plain.stat().st_size % (1 << 32) == isize
+
+
 def _gunzip(src: Path, dst: Path) -> None:
-    """Decompress ``src`` to ``dst`` through a temporary file and an atomic rename."""
+    """Decompress ``src`` to ``dst`` through a temporary file and an atomic rename.
+
+    Raises:
+        DataFileError: naming ``src`` and what to do, if it is not a complete gzip file or holds a broken IDX file.
+    """
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
-        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, length=1 << 20)
+        try:
+            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, length=1 << 20)
+        except _GZIP_ERRORS as err:
+            if isinstance(err, OSError) and not isinstance(err, gzip.BadGzipFile) and err.errno is not None:
+                raise  # a real I/O error (disk full, permissions), not a damaged file
+            raise DataFileError(
+                f"{src} is corrupt or truncated ({type(err).__name__}: {err}); {checksum_hint(src)}"
+            ) from err
+        problem = idx_problem(tmp)
+        if problem is not None:
+            raise DataFileError(f"{src} decompresses to a broken IDX file ({problem}); {checksum_hint(src)}")
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -96,13 +171,33 @@ def prepare_mnist_root(data_dir: str | Path, download: bool = False) -> Path:
     :func:`_scratch_root`), which is returned instead of ``data_dir``. Only when files are missing
     altogether and ``download`` is true does torchvision download them.
 
+    Decompressed files are checked against their ``.gz`` (IDX header and size) and re-extracted when stale
+    (e.g. left by an interrupted extraction, or older than a replaced ``.gz``).
+
     Raises:
         FileNotFoundError: if a file is missing in both forms and ``download`` is false.
+        DataFileError: if a ``.gz`` is corrupt or truncated, or a decompressed file without its ``.gz`` is broken;
+            the message names the file and what to do.
     """
     data_dir = Path(data_dir).expanduser()
     raw = data_dir / "MNIST" / "raw"
     plain = {name: raw / name for name in MNIST_FILES}
-    if all(p.is_file() for p in plain.values()):
+    stale = set()
+    for name, p in plain.items():
+        if not p.is_file():
+            continue
+        gz = p.with_name(f"{name}.gz")
+        if gz.is_file():
+            if not _is_current(p, gz):
+                stale.add(name)
+                log.warning("%s does not match %s: decompressing it again", p, gz.name)
+        else:
+            problem = idx_problem(p)
+            if problem is not None:
+                raise DataFileError(
+                    f"{problem}; replace it with an intact copy, or delete it and put {name}.gz in {raw}"
+                )
+    if not stale and all(p.is_file() for p in plain.values()):
         return data_dir
     gz_missing = [name for name, p in plain.items() if not p.is_file() and not p.with_name(f"{name}.gz").is_file()]
     if gz_missing:
@@ -122,13 +217,16 @@ def prepare_mnist_root(data_dir: str | Path, download: bool = False) -> Path:
         log.info("%s is read-only: decompressing MNIST into %s", raw, target_raw)
     for name, src in plain.items():
         dst = target_raw / name
-        if dst.is_file():
+        gz = src.with_name(f"{name}.gz")
+        if dst.is_file() and (not gz.is_file() or _is_current(dst, gz)):
             continue
-        if src.is_file():  # decompressed in the read-only source already: link it into the scratch root
+        if dst != src and (dst.exists() or dst.is_symlink()):  # a stale scratch copy
+            dst.unlink()
+        if dst != src and src.is_file() and name not in stale:  # a good file in the read-only source: link it
             with contextlib.suppress(FileExistsError):  # another process linked it first
                 os.symlink(src.resolve(), dst)
         else:
-            _gunzip(src.with_name(f"{name}.gz"), dst)
+            _gunzip(gz, dst)
     return target_root
 
 

@@ -15,9 +15,11 @@ Both sources give the same documents in the same order (group, then file name, a
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -40,6 +42,7 @@ from pdelightning.data.base import (
     random_subset,
     stratified_split,
 )
+from pdelightning.data.files import DataFileError, checksum_hint
 
 Source = Literal["auto", "tarball", "sklearn"]
 RemoveKind = Literal["headers", "footers", "quotes"]
@@ -144,20 +147,28 @@ def read_tarball(path: str | Path) -> Documents:
 
     Raises:
         ValueError: if the archive holds no ``20news-bydate-{train,test}/<group>/<id>`` files.
+        DataFileError: if the file is not a readable (gzipped) tar archive: corrupt or truncated. The message
+            names it, its expected checksum when a ``SHA256SUMS`` lists it, and what to do.
     """
     docs: dict[str, list[tuple[str, str, str]]] = {"train": [], "test": []}
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            parts = [p for p in member.name.split("/") if p not in ("", ".")]
-            if len(parts) != 3 or parts[0] not in ("20news-bydate-train", "20news-bydate-test"):
-                continue
-            split = parts[0].rsplit("-", 1)[1]
-            f = tar.extractfile(member)
-            if f is None:
-                continue
-            docs[split].append((parts[1], parts[2], f.read().decode("latin-1")))
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                parts = [p for p in member.name.split("/") if p not in ("", ".")]
+                if len(parts) != 3 or parts[0] not in ("20news-bydate-train", "20news-bydate-test"):
+                    continue
+                split = parts[0].rsplit("-", 1)[1]
+                f = tar.extractfile(member)
+                if f is None:
+                    continue
+                docs[split].append((parts[1], parts[2], f.read().decode("latin-1")))
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataFileError(
+            f"{path} is not a readable 20 Newsgroups tarball, it is corrupt or truncated "
+            f"({type(err).__name__}: {err}); {checksum_hint(path)}"
+        ) from err
     if not docs["train"] and not docs["test"]:
         raise ValueError(f"{path} holds no 20news-bydate-{{train,test}}/<group>/<id> files")
     return {split: [(g, text) for g, _, text in sorted(items, key=lambda t: t[:2])] for split, items in docs.items()}

@@ -1,0 +1,64 @@
+"""ResumableDataLoader: DataLoader(shuffle=True)'s orders, resumable mid-epoch without touching the global RNG."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from pdelightning.data import DigitsDataModule
+from pdelightning.data.base import ResumableDataLoader, ResumableRandomSampler
+
+DATA = TensorDataset(torch.arange(23))
+
+
+def _epochs(loader: DataLoader, n: int) -> list[list[int]]:
+    return [[int(v) for (b,) in loader for v in b] for _ in range(n)]
+
+
+def test_same_orders_as_torch_shuffle() -> None:
+    torch.manual_seed(5)
+    expected = _epochs(DataLoader(DATA, batch_size=4, shuffle=True), 3)
+    after_expected = torch.rand(1)
+    torch.manual_seed(5)
+    got = _epochs(ResumableDataLoader(DATA, batch_size=4, shuffle=True), 3)
+    assert got == expected and torch.equal(torch.rand(1), after_expected)  # same draws from the global RNG
+    assert sorted(got[0]) == list(range(23)) and got[0] != got[1]
+
+
+def test_resume_mid_epoch_replays_the_rest_without_touching_the_rng() -> None:
+    torch.manual_seed(1)
+    full = ResumableDataLoader(DATA, batch_size=4, shuffle=True)
+    it = iter(full)
+    first = [next(it) for _ in range(2)]
+    state = full.state_dict()
+    rng = torch.get_rng_state()
+    rest = [b for (b,) in it]
+    next_epoch = _epochs(full, 1)[0]
+
+    torch.set_rng_state(rng)  # the resumed process: RNG restored from the checkpoint, a fresh loader
+    resumed = ResumableDataLoader(DATA, batch_size=4, shuffle=True)
+    resumed.load_state_dict(state)
+    got = [b for (b,) in resumed]
+    assert state["batches"] == 2 and len(first) == 2
+    assert [b.tolist() for b in got] == [b.tolist() for b in rest]
+    assert _epochs(resumed, 1)[0] == next_epoch  # the RNG was left where the uninterrupted run had it
+
+
+def test_state_at_the_end_of_an_epoch_starts_a_fresh_one() -> None:
+    torch.manual_seed(2)
+    loader = ResumableDataLoader(DATA, batch_size=4, shuffle=True)
+    _epochs(loader, 1)
+    state, rng = loader.state_dict(), torch.get_rng_state()
+    expected = _epochs(loader, 1)[0]
+    torch.set_rng_state(rng)
+    resumed = ResumableDataLoader(DATA, batch_size=4, shuffle=True)
+    resumed.load_state_dict(state)
+    assert state["batches"] == 6 and _epochs(resumed, 1)[0] == expected
+
+
+def test_train_loader_of_the_data_modules_is_resumable() -> None:
+    dm = DigitsDataModule(batch_size=64)
+    dm.setup("fit")
+    assert isinstance(dm.train_dataloader(), ResumableDataLoader)
+    assert isinstance(dm.train_dataloader().sampler, ResumableRandomSampler)
+    assert type(dm.val_dataloader()) is DataLoader  # evaluation loaders stay plain and ordered
