@@ -94,6 +94,7 @@ class ClassificationTask(L.LightningModule):
         if self._returns_kl:
             model.set_bottleneck_sampling(beta > 0)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_acc.persistent(True)  # a run resumed mid-epoch continues the epoch's accuracy
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -128,6 +129,14 @@ class ClassificationTask(L.LightningModule):
             self.log_dict(metrics, on_step=True, on_epoch=False)
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Accept checkpoints written before the training accuracy's state was saved (it restarts at zero)."""
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            for key, value in self.state_dict().items():
+                if key.startswith("train_acc.") and key not in state:
+                    state[key] = value
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch's training accuracy (accumulated every step, logged once)."""

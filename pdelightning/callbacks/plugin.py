@@ -4,7 +4,8 @@ pdelightning registers :func:`callbacks_factory` in Lightning's ``lightning.pyto
 entry-point group, which every ``Trainer`` consults when it is built. It does nothing unless
 ``PDELIGHTNING_CALLBACKS`` is set:
 
-* ``PDELIGHTNING_CALLBACKS=all``: the six callbacks with their defaults;
+* ``PDELIGHTNING_CALLBACKS=all``: every callback with its defaults (``paper``: the six of the paper's experiments;
+  ``lens``: PDEFit, JacobianStability, AttentionRollout), all under one shared time budget;
 * ``PDELIGHTNING_CALLBACKS=gradient_flow,stability_monitor``: a comma list (snake-case or class names);
 * ``PDELIGHTNING_CALLBACKS=path/to/bundle.yaml``: callbacks with arguments, either one of our
   ``callbacks/*.yaml`` bundles (``trainer: callbacks+: [...]``) or a plain list of
@@ -40,16 +41,21 @@ CALLBACK_NAMES = (
     "PerturbationEval",
     "StabilityMonitor",
 )
+"""The six analysis callbacks of the paper's experiments."""
+LENS_NAMES = ("PDEFit", "JacobianStability", "AttentionRollout")
+"""The PDE lens: how PDE-like and how stable any Transformer's depth dynamics are."""
+GROUPS = {"all": CALLBACK_NAMES + LENS_NAMES, "paper": CALLBACK_NAMES, "lens": LENS_NAMES}
 
 
 def _snake(name: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
 def _resolve_class(name: str) -> type[Callback]:
     import pdelightning.callbacks as cbs
 
-    by_name = {n.lower(): n for n in CALLBACK_NAMES} | {_snake(n): n for n in CALLBACK_NAMES}
+    known = CALLBACK_NAMES + LENS_NAMES
+    by_name = {n.lower(): n for n in known} | {_snake(n): n for n in known}
     key = name.strip()
     if key.lower() in by_name:
         return getattr(cbs, by_name[key.lower()])
@@ -57,8 +63,8 @@ def _resolve_class(name: str) -> type[Callback]:
         module, _, cls = key.rpartition(".")
         return getattr(importlib.import_module(module), cls)
     raise ValueError(
-        f"{ENV_VAR}: unknown callback {name!r}; valid names: 'all', "
-        f"{', '.join(_snake(n) for n in CALLBACK_NAMES)} (or their class names), or a YAML file path"
+        f"{ENV_VAR}: unknown callback {name!r}; valid names: {', '.join(repr(g) for g in GROUPS)}, "
+        f"{', '.join(_snake(n) for n in CALLBACK_NAMES + LENS_NAMES)} (or their class names), or a YAML file path"
     )
 
 
@@ -106,9 +112,9 @@ def build_callbacks(spec: str) -> list[Callback]:
             else:
                 out.append(_make(_resolve_class(entry["class_path"]), entry.get("init_args")))
         return out
-    names = [n for n in spec.split(",") if n.strip()]
-    if any(n.strip().lower() == "all" for n in names):
-        names = list(CALLBACK_NAMES)
+    names: list[str] = []
+    for n in (n.strip() for n in spec.split(",") if n.strip()):
+        names += list(GROUPS.get(n.lower(), (n,)))
     return [_make(_resolve_class(n)) for n in names]
 
 

@@ -198,6 +198,7 @@ class StabilityMonitor(ProbeCallback):
         self._slots: list[int | None] = []  # global step of each buffered loss, None where a batch had none
         self._batch_step = 0
         self._active: set[str] = set()
+        self._restored_window: tuple[list[float], list[int | None]] = ([], [])
 
     # ---- state -----------------------------------------------------------------------------------------
     @override
@@ -207,6 +208,9 @@ class StabilityMonitor(ProbeCallback):
             "ema_count": self.ema_count,
             "last_spike_step": self.last_spike_step,
             "active": sorted(self._active),
+            # the losses buffered since the last check: a resumed run checks them too (a NaN there is not lost)
+            "window": [float(v) for v in self._buffer[: len(self._slots)].tolist()] if self._buffer is not None else [],
+            "slots": list(self._slots),
         }
 
     @override
@@ -215,6 +219,7 @@ class StabilityMonitor(ProbeCallback):
         self.ema_count = state_dict["ema_count"]
         self.last_spike_step = state_dict["last_spike_step"]
         self._active = set(state_dict.get("active", []))
+        self._restored_window = (list(state_dict.get("window", [])), list(state_dict.get("slots", [])))
 
     def layout(self) -> dict[str, list[str]]:
         """Custom-scalars charts: one per per-layer quantity, and one for the loss checks."""
@@ -346,7 +351,13 @@ class StabilityMonitor(ProbeCallback):
     # ---- the training loss -----------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._buffer, self._slots, self._active = None, [], set()
+        self._buffer, self._slots = None, []
+        window, slots = self._restored_window
+        if slots:  # resumed: the losses of the unfinished window come first
+            self._buffer = torch.zeros(self.check_every_n_steps, device=pl_module.device)
+            self._buffer[: len(window)] = torch.tensor(window, device=pl_module.device)
+            self._slots = slots
+        self._restored_window = ([], [])
         super().on_train_start(trainer, pl_module)
 
     @override

@@ -1,0 +1,138 @@
+"""How information flows across layers: attention rollout through the whole stack (Abnar & Zuidema, 2020).
+
+A layer's attention says where each token reads from in the layer below; with the residual path, a token also
+keeps its own state. Rollout composes the layers: ``R_l = Ã_l R_{l-1}`` with ``Ã = (1 - w) A + w I`` (heads fused,
+rows renormalised over valid keys), so ``R_l[i, j]`` is how much of output position ``i`` after layer ``l`` traces
+back to input token ``j`` (:mod:`pdelightning.analysis.rollout`). The entropy of its rows says how widely
+information has mixed: ``0`` for a stack that keeps every token to itself, ``ln T`` for complete mixing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from typing_extensions import override
+
+from pdelightning.analysis.rollout import attention_rollout, row_entropy
+from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.probing.capture import Request
+from pdelightning.probing.hub import ProbeBatch, ProbeSession
+
+
+class AttentionRollout(ProbeCallback):
+    r"""Attention rollout per probe: the rolled-out token-to-token attention through the layers, and its entropy.
+
+    For each probe sample, the attention probabilities of every layer (read exactly as the model's library computes
+    them, see :mod:`pdelightning.adapters.readers`) are fused over heads (``head_fusion``), mixed with the residual
+    identity (``0.5 A + 0.5 I`` by default), renormalised over valid keys and multiplied through the layers.
+    Logged per layer: the mean row entropy of the rollout after that layer (nats, over valid rows and samples), and
+    the same as a fraction of ``ln`` (number of valid tokens) (``mixing``: 0 = no mixing, 1 = uniform). The figure
+    shows the final rollout of probe sample 0 and the entropy per layer. Comparing a PDE model's rollout with a
+    Transformer's shows whether the continuum model moves information across tokens the same way (the paper's
+    information-flow section has no such picture).
+
+    Args:
+        residual_weight: weight ``w`` of the identity (the residual path) in each layer's matrix, in ``[0, 1)``.
+        head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
+        **kwargs: the :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments.
+
+    Raises:
+        ValueError: for ``residual_weight`` outside ``[0, 1)`` or an unknown ``head_fusion``.
+        TargetNotFoundError: at setup, when the model has no layers with attention.
+
+    Logged metrics: ``analysis/attention_rollout/entropy/<layer>``, ``analysis/attention_rollout/mixing/<layer>``.
+    Figure ``analysis/attention_rollout/rollout``.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[AttentionRollout()])
+    """
+
+    name = "attention_rollout"
+    needs = ("layers", "attention")
+
+    def __init__(
+        self, residual_weight: float = 0.5, head_fusion: Literal["mean", "max", "min"] = "mean", **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= residual_weight < 1.0:
+            raise ValueError(f"residual_weight={residual_weight} must lie in [0, 1)")
+        if head_fusion not in ("mean", "max", "min"):
+            raise ValueError(f"head_fusion={head_fusion!r} is not one of ('mean', 'max', 'min')")
+        self.residual_weight, self.head_fusion = residual_weight, head_fusion
+        self.last_metrics: dict[str, float] = {}
+
+    @override
+    def request(self) -> Request:
+        return Request(attention=True)
+
+    @override
+    def begin(self, session: ProbeSession) -> None:
+        self._names = [t.name for t in session.targets["model"].layers]
+        keys = [f"entropy/{n}" for n in self._names] + [f"mixing/{n}" for n in self._names]
+        self._store = GatherStore(keys).to(session.device)
+        self._sample0: torch.Tensor | None = None
+
+    @override
+    def consume(self, pb: ProbeBatch) -> None:
+        attentions = [pb.captured["model"].attention[n] for n in self._names]
+        t = attentions[0].shape[-1]
+        valid = pb.valid if pb.valid is not None and pb.valid.shape == (attentions[0].shape[0], t) else None
+        rollout = attention_rollout(
+            attentions, valid, residual_weight=self.residual_weight, head_fusion=self.head_fusion
+        )  # [L, B, T, T]
+        rows = row_entropy(rollout, valid, reduction="none")  # [L, B, T], zero at padded rows
+        if valid is None:
+            valid = torch.ones(rows.shape[1:], dtype=torch.bool, device=rows.device)
+        count = valid.sum(-1).clamp_min(1).to(rows.dtype)  # [B]
+        entropy = rows.sum(-1) / count  # [L, B]
+        ceiling = count.log().clamp_min(1e-12)
+        update = {}
+        for i, n in enumerate(self._names):
+            update[f"entropy/{n}"] = entropy[i].float()
+            update[f"mixing/{n}"] = torch.where(count > 1, entropy[i] / ceiling, torch.zeros_like(ceiling)).float()
+        self._store.update(pb.index, **update)
+        if bool((pb.index == 0).any()):
+            k = int((pb.index == 0).nonzero()[0, 0])
+            keep = valid[k]
+            self._sample0 = rollout[-1, k][keep][:, keep].float().cpu()
+
+    @override
+    def finish(self, session: ProbeSession) -> None:
+        out = self._store.gather()
+        self._store = None  # type: ignore[assignment]
+        metrics = {}
+        for key, v in out.items():
+            v = v.double()
+            metrics[f"analysis/{self.name}/{key}"] = float(v.mean()) if v.numel() else math.nan
+        self.last_metrics = metrics
+        self.log_scalars(session.trainer, metrics, session.step)
+        if self.figures_due and self._sample0 is not None:
+            sample, names = self._sample0, list(self._names)
+            entropies = [metrics[f"analysis/{self.name}/entropy/{n}"] for n in names]
+            self.figure(session, self.key("rollout"), lambda: rollout_figure(sample, names, entropies))
+
+    @override
+    def layout(self) -> dict[str, list[str]]:
+        k = f"analysis/{self.name}"
+        return {"rollout entropy per layer": [rf"^{k}/entropy/.*"], "mixing per layer": [rf"^{k}/mixing/.*"]}
+
+
+def rollout_figure(sample: torch.Tensor, layers: list[str], entropies: list[float]) -> Any:
+    """The final rollout of one probe sample (output position x input token) and the entropy per layer."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.5, 3.6))
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.2, wspace=0.35)
+    ax_m, ax_e = fig.subplots(1, 2)
+    image = ax_m.imshow(sample.numpy(), cmap="viridis", vmin=0.0)
+    ax_m.set_xlabel("input token", fontsize=8)
+    ax_m.set_ylabel("output position", fontsize=8)
+    ax_m.set_title(f"rollout through {len(layers)} layers (sample 0)", fontsize=9)
+    fig.colorbar(image, ax=ax_m, shrink=0.8)
+    ax_e.plot(range(len(layers)), entropies, "o-")
+    ax_e.set_xticks(range(len(layers)), layers, rotation=60, fontsize=6)
+    ax_e.set_ylabel("row entropy of the rollout [nats]", fontsize=8)
+    return fig
