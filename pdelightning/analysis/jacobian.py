@@ -278,6 +278,7 @@ def jacobian_spectral_norm_block(
     v0: Tensor | None = None,
     seed: int = 0,
     method: JacobianMethod = "auto",
+    start: Tensor | None = None,
 ) -> JacobianNorm:
     """Per-sample ``||∂f/∂u||_2`` by block (subspace) iteration with a Rayleigh-Ritz step: for clustered spectra.
 
@@ -302,6 +303,8 @@ def jacobian_spectral_norm_block(
         v0: warm start ``[B, T, d]`` (the previous top vector) used as the first direction.
         seed: seed of the random directions.
         method: ``"auto"``, ``"double_vjp"`` or ``"jvp"`` (as for :func:`jacobian_spectral_norm`).
+        start: ``[B, k, T, d]`` starting directions (instead of the seeded random ones), e.g. drawn per sample so a
+            sample's estimate does not depend on the batch it is in.
 
     Returns:
         :class:`JacobianNorm` (``vector``: the top Ritz vector ``[B, T, d]``).
@@ -328,7 +331,10 @@ def jacobian_spectral_norm_block(
     mask_rep = mask.repeat_interleave(k, 0)
     n = u[0].numel()
     gen = torch.Generator().manual_seed(seed)
-    v = (torch.randn((b * k, *u.shape[1:]), generator=gen, dtype=u.dtype).to(u.device) * mask_rep).view(b, k, n)
+    if start is not None and start.shape == (b, k, *u.shape[1:]):
+        v = (start.detach().to(u) * mask[:, None]).reshape(b, k, n).clone()
+    else:
+        v = (torch.randn((b * k, *u.shape[1:]), generator=gen, dtype=u.dtype).to(u.device) * mask_rep).view(b, k, n)
     if v0 is not None and v0.shape == u.shape and bool(torch.isfinite(v0).all()):
         v[:, 0] = (v0.detach().to(u) * mask).reshape(b, n)
     v = torch.linalg.qr(v.transpose(1, 2)).Q.transpose(1, 2)  # orthonormal rows per sample: [B, k, n]

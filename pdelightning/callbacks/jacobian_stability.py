@@ -20,12 +20,19 @@ from typing_extensions import override
 
 from pdelightning.adapters.readers import first_tensor
 from pdelightning.analysis.jacobian import compose, jacobian_spectral_norm_block
+from pdelightning.analysis.perturbation import gaussian_noise
 from pdelightning.analysis.stability import eq21_number, exact_spectral_norm
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.callbacks.pde_fit import step_of
 from pdelightning.probing.batch import map_tensors
 from pdelightning.probing.capture import Request, first_input, replace_first_input
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_position")
+
+
+def _is_cache(value: Any) -> bool:
+    return "Cache" in type(value).__name__
 
 
 def layer_map(
@@ -41,6 +48,11 @@ def layer_map(
     def cut(t: Tensor) -> Tensor:
         return t[rows].detach() if n is not None and t.dim() > 0 and t.shape[0] == n else t.detach()
 
+    # a key/value cache (HuggingFace decoders) would grow with every call of the map: call the layer without one
+    args = tuple(None if _is_cache(a) else a for a in args)
+    kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
     args, kwargs = map_tensors(args, cut), map_tensors(kwargs, cut)
 
     def f(u: Tensor) -> Tensor:
@@ -148,15 +160,23 @@ class JacobianStability(ProbeCallback):
                 u0 = u if u0 is None else u0
                 dt, _ = step_of(layer, n_layers, self.dt, 1.0)
                 vmask = valid if valid is not None and valid.shape == u.shape[:2] else None
-                kw = {"block": k, "n_iter": self.n_iter, "tol": 0.0}
-                out[f"sigma/{layer.name}"] = jacobian_spectral_norm_block(f, u, vmask, **kw).sigma
-                out[f"rate/{layer.name}"] = (
-                    jacobian_spectral_norm_block(f, u, vmask, minus_identity=True, **kw).sigma / dt
+                # per-sample starting directions: a sample's estimate does not depend on its batch or rank
+                start = gaussian_noise(pb.index[keep], (k, *u.shape[1:]), self.seed).to(u)
+                kw: dict[str, Any] = {"block": k, "n_iter": self.n_iter, "tol": 0.0, "start": start}
+                key = (layer.name, tuple(pb.index[keep].tolist()))
+                res = jacobian_spectral_norm_block(f, u, vmask, v0=self._warm.get(key), **kw)
+                rate = jacobian_spectral_norm_block(
+                    f, u, vmask, minus_identity=True, v0=self._warm.get((*key, "-I")), **kw
                 )
+                self._warm[key], self._warm[(*key, "-I")] = res.vector.detach(), rate.vector.detach()
+                out[f"sigma/{layer.name}"], out[f"rate/{layer.name}"] = res.sigma, rate.sigma / dt
                 maps.append(f)
             if self.lyapunov and maps and u0 is not None:
                 vmask = valid if valid is not None and valid.shape == u0.shape[:2] else None
-                sigma = jacobian_spectral_norm_block(compose(maps), u0, vmask, block=k, n_iter=self.n_iter, tol=0.0)
+                start = gaussian_noise(pb.index[keep], (k, *u0.shape[1:]), self.seed + 1).to(u0)
+                sigma = jacobian_spectral_norm_block(
+                    compose(maps), u0, vmask, block=k, n_iter=self.n_iter, tol=0.0, start=start
+                )
                 out["lyapunov"] = sigma.sigma.clamp_min(torch.finfo(sigma.sigma.dtype).tiny).log() / len(maps)
             else:
                 out["lyapunov"] = torch.full((len(keep),), math.nan)

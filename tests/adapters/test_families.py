@@ -87,9 +87,10 @@ def test_all_callbacks_with_no_arguments_through_the_plugin(name: str, monkeypat
     for layer in layers:
         for key in ("attention_similarity/cosine", "layer_mutual_information/I_TY", "gradient_flow/grad_norm",
                     "stability_monitor/W_O_spectral", "stability_monitor/drift", "information_flow/consecutive_corr",
-                    "perturbation_eval/amplification"):  # fmt: skip
+                    "perturbation_eval/amplification", "pde_fit/r2", "jacobian_stability/spectral_norm",
+                    "attention_rollout/entropy"):  # fmt: skip
             assert f"analysis/{key}/{layer}" in keys, (key, layer)
-    for key in ("perturbation_eval/loss_clean", "overhead/fraction"):
+    for key in ("perturbation_eval/loss_clean", "overhead/fraction", "jacobian_stability/lyapunov"):
         assert f"analysis/{key}" in keys
     values = [v for k in keys if k.startswith("analysis/stability_monitor/W_O_spectral") for _, v in logger.series(k)]
     assert values and all(math.isfinite(v) and v > 0 for v in values)
@@ -117,7 +118,8 @@ def test_a_model_without_a_transformer_finishes_with_one_warning_per_callback_th
             enable_checkpointing=False, num_sanity_val_steps=0, accelerator="cpu",
         ).fit(MLPModule(), *image_loaders(n=32))  # fmt: skip
     off = [str(w.message) for w in caught if "switched off" in str(w.message)]
-    for name in ("AttentionSimilarity", "InformationFlow", "LayerMutualInformation", "StabilityMonitor"):
+    for name in ("AttentionSimilarity", "InformationFlow", "LayerMutualInformation", "StabilityMonitor", "PDEFit",
+                 "JacobianStability", "AttentionRollout"):  # fmt: skip
         mine = [m for m in off if m.startswith(name)]
         assert len(mine) == 1, (name, off)
         assert "has no Transformer layers to analyse" in mine[0] and "Modules seen: net" in mine[0]

@@ -16,8 +16,9 @@ _SCRIPT = """
 import json, sys, time
 import lightning.pytorch as L, torch
 sys.path.insert(0, {root!r})
-from pdelightning.callbacks import (AttentionSimilarity, GradientFlow, InformationFlow, LayerMutualInformation,
-                                    PerturbationEval, StabilityMonitor)
+from pdelightning.callbacks import (AttentionRollout, AttentionSimilarity, GradientFlow, InformationFlow,
+                                    JacobianStability, LayerMutualInformation, PDEFit, PerturbationEval,
+                                    StabilityMonitor)
 from pdelightning.probing.hub import ProbeHub
 from pdelightning.task import ClassificationTask
 from tests.helpers.loggers import MemoryLogger
@@ -35,7 +36,8 @@ base = our_task("pde", bottleneck_dim=None)
 task = SlowRankOne(base.model, num_classes=4, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
 kw = dict(probe_size=probe_size, probe_batch_size=4)
 callbacks = [AttentionSimilarity(**kw), InformationFlow(unbiased=probe_size >= 4, **kw), LayerMutualInformation(**kw),
-             PerturbationEval(**kw), StabilityMonitor(**kw), GradientFlow()]
+             PerturbationEval(**kw), StabilityMonitor(**kw), GradientFlow(), PDEFit(**kw),
+             JacobianStability(max_samples=3, n_iter=6, **kw), AttentionRollout(**kw)]
 logger = MemoryLogger()
 trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=12,
                     callbacks=callbacks, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
