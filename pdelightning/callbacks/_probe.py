@@ -312,7 +312,9 @@ class ProbeCallback(Callback):
         """Whether this callback probes at ``hook`` (``start``, ``batch_end``, ``epoch_end``, ``train_end``) now."""
         step = trainer.global_step
         if hook == "start":
-            return self.probe_at_start and step == 0
+            # a run resumed from a checkpoint taken right after a probe logs that probe again: the log purge on
+            # resume removed everything at the checkpoint's step (what the killed run's next batch had logged too)
+            return (self.probe_at_start and step == 0) or (step > 0 and self.last_probe_step == step)
         if self.budget is not None:
             if hook == "train_end":
                 return self.last_probe_step != step
@@ -326,9 +328,10 @@ class ProbeCallback(Callback):
         return False
 
     def mark_probed(self, step: int, final: bool) -> None:
-        """Called by the hub after :meth:`finish`."""
+        """Called by the hub after :meth:`finish` (a probe repeated at the same step after a resume is not counted)."""
+        if step != self.last_probe_step:
+            self._n_probes += 1
         self.last_probe_step = step
-        self._n_probes += 1
 
     @property
     def figures_due(self) -> bool:

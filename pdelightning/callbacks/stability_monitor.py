@@ -199,6 +199,7 @@ class StabilityMonitor(ProbeCallback):
         self._batch_step = 0
         self._active: set[str] = set()
         self._restored_window: tuple[list[float], list[int | None]] = ([], [])
+        self._last_check: tuple[int, dict[str, float]] | None = None
 
     # ---- state -----------------------------------------------------------------------------------------
     @override
@@ -211,6 +212,7 @@ class StabilityMonitor(ProbeCallback):
             # the losses buffered since the last check: a resumed run checks them too (a NaN there is not lost)
             "window": [float(v) for v in self._buffer[: len(self._slots)].tolist()] if self._buffer is not None else [],
             "slots": list(self._slots),
+            "last_check": list(self._last_check) if self._last_check is not None else None,
         }
 
     @override
@@ -220,6 +222,8 @@ class StabilityMonitor(ProbeCallback):
         self.last_spike_step = state_dict["last_spike_step"]
         self._active = set(state_dict.get("active", []))
         self._restored_window = (list(state_dict.get("window", [])), list(state_dict.get("slots", [])))
+        last = state_dict.get("last_check")
+        self._last_check = (int(last[0]), dict(last[1])) if last else None
 
     def layout(self) -> dict[str, list[str]]:
         """Custom-scalars charts: one per per-layer quantity, and one for the loss checks."""
@@ -358,6 +362,8 @@ class StabilityMonitor(ProbeCallback):
             self._buffer[: len(window)] = torch.tensor(window, device=pl_module.device)
             self._slots = slots
         self._restored_window = ([], [])
+        if self._last_check is not None and 0 < trainer.global_step == self._last_check[0]:
+            self.log_scalars(trainer, self._last_check[1])  # purged at the resume step with the next batch's logs
         super().on_train_start(trainer, pl_module)
 
     @override
@@ -429,3 +435,4 @@ class StabilityMonitor(ProbeCallback):
         if self.loss_ema is not None:
             metrics[self.key("loss_ema")] = self.loss_ema
         self.log_scalars(trainer, metrics)
+        self._last_check = (trainer.global_step, metrics)

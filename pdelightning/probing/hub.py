@@ -150,6 +150,7 @@ class ProbeHub:
         self._t0: float | None = None
         self._wall_offset = 0.0
         self._calibrate_at: int | None = None
+        self._started_at: int | None = None
         self.last_timings: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -275,7 +276,11 @@ class ProbeHub:
         """Run one probe for every callback due at this hook and step (idempotent per step)."""
         if trainer.sanity_checking:
             return
-        due = [c for c in self.callbacks if c.active and c.last_probe_step != trainer.global_step]
+        if hook == "start":
+            if self._started_at == trainer.global_step:
+                return  # every callback's on_train_start calls this; the start probe runs once
+            self._started_at = trainer.global_step
+        due = [c for c in self.callbacks if c.active and (c.last_probe_step != trainer.global_step or hook == "start")]
         due = [c for c in due if c.is_due(trainer, hook, final)]
         if due:
             self.run(trainer, pl_module, due, final)
@@ -309,7 +314,8 @@ class ProbeHub:
         cost = time.perf_counter() - t0
         self.last_timings = timings | {"total": cost}
         budgeted = any(c.budget is not None for c in due)
-        if self.schedule is not None and budgeted:
+        repeat = bool(self.schedule is not None and self.schedule.steps and self.schedule.steps[-1] == step)
+        if self.schedule is not None and budgeted and not repeat:
             self.schedule.record_probe(step, cost)
             if not final:
                 self._plan(trainer)

@@ -1,7 +1,8 @@
 """``pdelightning reproduce analyze``: every number of the report, computed afterwards from saved weights.
 
-An *analysis unit* is a run (``<setting>[/<cell>]/seed<k>``) or a pair (``pair_<name>/seed<k>``: a model and an
-independently initialised reference, see :data:`~pdelightning.reproduce.settings.PAIRS`). Each unit loads the
+An *analysis unit* is a run (``<setting>[/<cell>]/seed<k>``, this module) or a pair (``pair_<name>/seed<k>``: a
+model and an independently initialised reference, see :data:`~pdelightning.reproduce.settings.PAIRS`;
+:mod:`.pairs`). Each unit loads the
 checkpoints it needs, computes its quantities on the fixed probe set (:mod:`.probe`) with the functions of
 :mod:`pdelightning.analysis`, and writes ``summary.csv`` (long format, :mod:`.summary`) into its folder. Fixing an
 estimator means re-running this, never re-training. The quantities of a unit are listed in the functions below; the
@@ -14,6 +15,7 @@ import itertools
 import json
 import math
 import traceback
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pdelightning.analysis import attention as att
 from pdelightning.analysis import information as info
 from pdelightning.analysis.cka import linear_cka
 from pdelightning.analysis.linear_probe import probe_information
 from pdelightning.analysis.perturbation import amplification, format_eps, gaussian_noise, per_sample_rms
 from pdelightning.analysis.representation import layer_correlation
+from pdelightning.reproduce.lens import lens_values
 from pdelightning.reproduce.measures import eq21_per_step, refined
 from pdelightning.reproduce.probe import BATCH, ProbeData, forward_capture, layer_outputs, probe_data
 from pdelightning.reproduce.recorder import CKPT_DIR, FINAL, load_model
@@ -38,9 +40,10 @@ from pdelightning.reproduce.rules import (
     IXT_MAX_SAMPLES,
     IXT_NOISE_VARIANCE,
     NOISE_SEED,
-    PROBE_SEED,
+    PERTURBATION_N,
+    SKIP_STEPS,
 )
-from pdelightning.reproduce.settings import PairSpec, RunSpec, setting
+from pdelightning.reproduce.settings import RunSpec, setting
 from pdelightning.reproduce.summary import SUMMARY_NAME, Row, rows_from, write_rows
 
 _LN2 = math.log(2.0)
@@ -87,16 +90,27 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor, device: str, batch: int = 
     return float((logits.argmax(-1) == y).float().mean()), _f(loss), logits
 
 
+def _test_accuracy(model: nn.Module, pdata: ProbeData, device: str, keep: dict[str, Tensor]) -> dict[str, float]:
+    """Accuracy and loss on the full test split; the logits are kept in ``keep["logits"]``."""
+    acc, loss, keep["logits"] = _accuracy(model, pdata.x_test, pdata.y_test, device)
+    return {"test_acc": acc, "test_loss": loss}
+
+
 # ---- per-model quantities --------------------------------------------------------------------------------------------
-def representation_values(model: nn.Module, pdata: ProbeData, device: str, consecutive: bool) -> dict[str, Any]:
-    """CKA to the embedding, effective rank, RMS and non-finite share per layer; with ``consecutive`` also the
+def representation_values(
+    model: nn.Module, pdata: ProbeData, device: str, consecutive: bool, erank_layers: bool | Collection[str] = True
+) -> dict[str, Any]:
+    """CKA to the embedding, effective rank (at ``erank_layers``: all, none, or the names given), RMS and non-finite
+    share per layer, and the accuracy on the probe set (``probe_acc``); with ``consecutive`` also the
     consecutive-layer Pearson correlation (Table 2) and CKA, all on pooled probe-set representations.
     """
-    cap = forward_capture(model, pdata.x, device, pdata.pad_id)
+    cap = forward_capture(model, pdata.x, device, pdata.pad_id, erank=erank_layers)
     emb = cap.pooled["embedding"]
     v: dict[str, Any] = {"cka_to_embedding": {}, "erank": {}, "rms": {}, "nonfinite": {}}
+    v["probe_acc"] = float((cap.logits.argmax(-1) == pdata.y).float().mean())
     for name in cap.layers:
-        v["erank"][name] = _nanmean(cap.erank[name])
+        if name in cap.erank:
+            v["erank"][name] = _nanmean(cap.erank[name])
         v["rms"][name] = cap.rms(name)
         v["nonfinite"][name] = cap.nonfinite[name] / max(cap.count[name], 1.0)
         if name != "embedding":
@@ -164,34 +178,36 @@ def gradient_values(model: nn.Module, pdata: ProbeData, device: str) -> dict[str
     return v
 
 
-def perturbation_values(model: nn.Module, pdata: ProbeData, device: str) -> dict[str, Any]:
+def perturbation_values(model: nn.Module, pdata: ProbeData, device: str, n: int | None = None) -> dict[str, Any]:
     """Loss and accuracy with Gaussian noise ε x (sample's embedding RMS) on the embedding, for every ε of the fixed
-    grid; per-layer amplification ||Δh_l|| / ||Δh_0|| at ``AMPLIFICATION_EPS``.
+    grid; per-layer amplification ||Δh_l|| / ||Δh_0|| at ``AMPLIFICATION_EPS``; on the first ``n`` probe samples
+    (all by default). The noise of a sample depends only on its index in the test split and ε.
     """
-    v: dict[str, Any] = {"loss": {}, "acc": {}, "amplification": {}}
-    clean = forward_capture(model, pdata.x, device, pdata.pad_id, erank=False)
-    v["loss_clean"] = _f(F.cross_entropy(clean.logits, pdata.y))
-    v["acc_clean"] = float((clean.logits.argmax(-1) == pdata.y).float().mean())
+    x, y, index = pdata.x[:n], pdata.y[:n], pdata.index[:n]
+    v: dict[str, Any] = {"loss": {}, "acc": {}, "amplification": {}, "perturbation_n": float(len(y))}
+    clean = forward_capture(model, x, device, pdata.pad_id, erank=False)
+    v["loss_clean"] = _f(F.cross_entropy(clean.logits, y))
+    v["acc_clean"] = float((clean.logits.argmax(-1) == y).float().mean())
 
     def noisy(eps: float) -> Any:
         def embed_fn(start: int, u0: Tensor, valid: Tensor | None) -> Tensor:
-            idx = pdata.index[start : start + u0.shape[0]]
+            idx = index[start : start + u0.shape[0]]
             z = gaussian_noise(idx, list(u0.shape[1:]), NOISE_SEED, None if valid is None else valid.cpu())
             return u0 + eps * per_sample_rms(u0, valid)[:, None, None] * z.to(u0)
 
         return embed_fn
 
     for eps in EPS_GRID:
-        cap = forward_capture(model, pdata.x, device, pdata.pad_id, erank=False, embed_fn=noisy(eps))
+        cap = forward_capture(model, x, device, pdata.pad_id, erank=False, embed_fn=noisy(eps))
         key = f"eps={format_eps(eps)}"
         finite = bool(torch.isfinite(cap.logits).all())
-        v["loss"][key] = _f(F.cross_entropy(cap.logits, pdata.y)) if finite else math.inf
-        v["acc"][key] = float((cap.logits.argmax(-1) == pdata.y).float().mean())
+        v["loss"][key] = _f(F.cross_entropy(cap.logits, y)) if finite else math.inf
+        v["acc"][key] = float((cap.logits.argmax(-1) == y).float().mean())
     # amplification: token-level clean vs noisy outputs, batch by batch
     amps: dict[str, list[Tensor]] = {}
     embed_fn = noisy(AMPLIFICATION_EPS)
-    for start in range(0, len(pdata.x), BATCH):
-        xb = pdata.x[start : start + BATCH].to(device)
+    for start in range(0, len(x), BATCH):
+        xb = x[start : start + BATCH].to(device)
         clean_out = layer_outputs(model, xb, pdata.pad_id)
         noisy_out = layer_outputs(model, xb, pdata.pad_id, embed_fn, start)
         valid = None if xb.dtype.is_floating_point else (xb != pdata.pad_id).cpu()
@@ -203,9 +219,16 @@ def perturbation_values(model: nn.Module, pdata: ProbeData, device: str) -> dict
     return v
 
 
-def refinement_values(model: nn.Module, pdata: ProbeData, device: str) -> dict[str, float]:
-    """The trained PDE model vs the same weights run as 2L steps of Δt/2 on the full test split."""
-    acc, _, z = _accuracy(model, pdata.x_test, pdata.y_test, device)
+def refinement_values(
+    model: nn.Module, pdata: ProbeData, device: str, logits: Tensor | None = None
+) -> dict[str, float]:
+    """The trained PDE model vs the same weights run as 2L steps of Δt/2 on the full test split (``logits``: the
+    L-step model's test-split logits when already computed).
+    """
+    if logits is None:
+        acc, _, z = _accuracy(model, pdata.x_test, pdata.y_test, device)
+    else:
+        acc, z = float((logits.argmax(-1) == pdata.y_test).float().mean()), logits
     acc2, _, z2 = _accuracy(refined(model, 2).to(device), pdata.x_test, pdata.y_test, device)
     dist = _f((z2 - z).norm() / z.norm())
     return {"refine_acc_L": acc, "refine_acc_2L": acc2, "refine_acc_change": acc2 - acc, "refine_logit_distance": dist}
@@ -223,23 +246,33 @@ def analyze_run(spec: RunSpec, out: Path, device: str = "cpu") -> int:
         write_rows(rdir / SUMMARY_NAME, rows)
         return 0
     pdata = probe_data(meta)
+    main = s.role == "main"
     for step, stage, path in ckpts:
+        if step in SKIP_STEPS and stage == "":
+            continue
         model, _ = load_model(path, device)
+        last = f"blocks.{len(model.blocks) - 1}"
+        test: dict[str, Tensor] = {}  # the accuracy group's test logits, reused by the refinement group
+
         groups: list[tuple[str, Any]] = []
         if any(hasattr(b, "dt") for b in model.blocks):
             groups.append(("eq21", lambda m: {"eq21": eq21_per_step(m)}))
         if s.data == "mnist" and stage in ("init", "final"):
-            groups.append(("representation", lambda m: representation_values(m, pdata, device, s.role == "main")))
+            ranks: bool | set[str] = True if main else {"embedding", last}
+            groups.append(("representation", lambda m, r=ranks: representation_values(m, pdata, device, main, r)))
         if s.data == "newsgroups":
             groups += [("information", lambda m: information_values(m, pdata, device)),
                        ("gradients", lambda m: gradient_values(m, pdata, device))]  # fmt: skip
         if stage == "final":
-            groups.append(("accuracy", lambda m: dict(zip(("test_acc", "test_loss"), _accuracy(
-                m, pdata.x_test, pdata.y_test, device)[:2], strict=True))))  # fmt: skip
+            if main and s.data == "mnist":  # the others report the accuracy of their probe-set pass instead
+                groups.append(("accuracy", lambda m, t=test: _test_accuracy(m, pdata, device, t)))
             if s.data == "newsgroups":
-                groups.append(("perturbation", lambda m: perturbation_values(m, pdata, device)))
+                groups.append(("perturbation", lambda m: perturbation_values(m, pdata, device,
+                                                                             PERTURBATION_N[s.data])))  # fmt: skip
             if spec.setting == "mnist_pde":
-                groups.append(("refinement", lambda m: refinement_values(m, pdata, device)))
+                groups.append(("refinement", lambda m, t=test: refinement_values(m, pdata, device, t.get("logits"))))
+            if main and s.data == "mnist":
+                groups.append(("lens", lambda m: lens_values(m, pdata, device)))
         v: dict[str, Any] = {}
         for name, fn in groups:
             try:
@@ -258,106 +291,9 @@ def analyze_run(spec: RunSpec, out: Path, device: str = "cpu") -> int:
     return write_rows(rdir / SUMMARY_NAME, rows)
 
 
-@torch.no_grad()
-def _patterns(model: nn.Module, x: Tensor, device: str) -> list[Tensor]:
-    got: dict[int, Tensor] = {}
-    handles = [b.attn.hook_pattern.register_forward_hook(lambda _m, _i, o, i=i: got.__setitem__(i, o.float()))
-               for i, b in enumerate(model.blocks)]  # fmt: skip
-    try:
-        model(x.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    return [got[i] for i in sorted(got)]
-
-
-def attention_values(
-    model: nn.Module, ref: nn.Module, ref_init: nn.Module | None, pdata: ProbeData, device: str
-) -> dict:
-    """Per layer: matched cosine / KL / JS of the model's attention against the reference's, and against the nulls
-    (uniform, the reference on another sample, the reference at initialisation), plus both attention entropies.
-    """
-    n = len(pdata.y)
-    perm = att.derangement(n, PROBE_SEED)
-    comps = ["ref", "uniform", "shuffled"] + (["random_init"] if ref_init is not None else [])
-    sums: dict[str, dict[int, dict[str, list[Tensor]]]] = {c: {} for c in comps}
-    ent_m: dict[int, list[Tensor]] = {}
-    ent_r: dict[int, list[Tensor]] = {}
-    rows_all = []
-    for start in range(0, n, 250):
-        xb, xs = pdata.x[start : start + 250], pdata.x[perm[start : start + 250]]
-        valid = torch.ones(xb.shape[0], *([xb.shape[1]] if xb.dim() >= 2 else []), dtype=torch.bool, device=device)
-        if not xb.dtype.is_floating_point:
-            valid = (xb != pdata.pad_id).to(device)
-        pm, pr, ps = _patterns(model, xb, device), _patterns(ref, xb, device), _patterns(ref, xs, device)
-        pi = _patterns(ref_init, xb, device) if ref_init is not None else None
-        rows_all.append(valid.sum(1).cpu())
-        for layer, p in enumerate(pm):
-            uni = att.uniform_attention(valid).expand(-1, p.shape[1], -1, -1)
-            others = {"ref": pr[layer], "uniform": uni, "shuffled": ps[layer]}
-            if pi is not None:
-                others["random_init"] = pi[layer]
-            for c, q in others.items():
-                for k, t in att.pairwise_head_sums(p, q, valid).items():
-                    sums[c].setdefault(layer, {}).setdefault(k, []).append(t.cpu())
-            w = valid.float()[:, None, :]
-            ent_m.setdefault(layer, []).append((att.attention_entropy(p) * w).sum((1, 2)).cpu() / p.shape[1])
-            ent_r.setdefault(layer, []).append((att.attention_entropy(pr[layer]) * w).sum((1, 2)).cpu() / p.shape[1])
-    rows = torch.cat(rows_all)
-    v: dict[str, Any] = {}
-    for c in comps:
-        prefix = "" if c == "ref" else f"null_{c}_"
-        for layer, s in sums[c].items():
-            res = att.summarize_pairs({k: torch.cat(t) for k, t in s.items()}, rows)
-            for m in att.METRICS:
-                v.setdefault(f"{prefix}{m}", {})[f"blocks.{layer}"] = res[m]
-    total = float(rows.sum())
-    v["entropy_model"] = {f"blocks.{k}": float(torch.cat(t).sum()) / total for k, t in ent_m.items()}
-    v["entropy_reference"] = {f"blocks.{k}": float(torch.cat(t).sum()) / total for k, t in ent_r.items()}
-    return v
-
-
-def analyze_pair(pspec: PairSpec, out: Path, device: str = "cpu") -> int:
-    """Analyse one model-vs-reference unit; writes ``pair_<name>/seed<k>/summary.csv``."""
-    model_spec, ref_spec = pspec.members()
-    udir = Path(out) / pspec.id
-    udir.mkdir(parents=True, exist_ok=True)
-    (udir / "pair.json").write_text(json.dumps({"pair": pspec.pair, "seed": pspec.seed,
-                                                "reference_seed": pspec.reference_seed}))  # fmt: skip
-    setting_name = f"pair_{pspec.pair}"
-    mk, rk = checkpoints(model_spec.path(out)), checkpoints(ref_spec.path(out))
-    if not mk or not rk:
-        return write_rows(udir / SUMMARY_NAME, [])
-    meta = json.loads((model_spec.path(out) / "run.json").read_text())
-    pdata = probe_data(meta)
-    rows: list[Row] = []
-    ref_init_path = next(p for s, st, p in rk if st == "init")
-    for stage in ("init", "final"):
-        mp = next((p for _, st, p in mk if st == stage), None)
-        rp = next((p for _, st, p in rk if st == stage), None)
-        if mp is None or rp is None:
-            continue
-        model, payload = load_model(mp, device)
-        ref, _ = load_model(rp, device)
-        ref_init = load_model(ref_init_path, device)[0] if stage == "final" else None
-        cm = forward_capture(model, pdata.x, device, pdata.pad_id, erank=False)
-        cr = forward_capture(ref, pdata.x, device, pdata.pad_id, erank=False)
-        v: dict[str, Any] = {"pearson_vs_reference": {}, "spearman_vs_reference": {}, "cka_vs_reference": {}}
-        for name in cm.layers:
-            if name not in cr.pooled:
-                continue
-            a, b = cm.pooled[name], cr.pooled[name]
-            v["pearson_vs_reference"][name] = _safe(layer_correlation, a, b, "pearson", "flattened")
-            v["spearman_vs_reference"][name] = _safe(layer_correlation, a, b, "spearman", "flattened")
-            v["cka_vs_reference"][name] = _safe(linear_cka, a, b, CKA_UNBIASED)
-        v.update(attention_values(model, ref, ref_init, pdata, device))
-        rows += rows_from(setting_name, "", pspec.seed, int(payload["step"]), stage, v)
-    return write_rows(udir / SUMMARY_NAME, rows)
-
-
 def eps_label(eps: float) -> str:
     """The ``layer`` column of a perturbation value at ``eps``."""
     return f"eps={format_eps(eps)}"
 
 
-__all__ = ["analyze_pair", "analyze_run", "checkpoints", "eps_label", "np"]
+__all__ = ["analyze_run", "checkpoints", "eps_label", "np"]

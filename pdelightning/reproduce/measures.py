@@ -1,66 +1,18 @@
-"""Model-level measurements the analysis needs that are not callbacks' math: eq. (21) per step of a PDE model,
-the effective rank of token representations, and the depth-refined PDE model (2L steps of Δt/2).
-
-``effective_rank`` is new math with no home in :mod:`pdelightning.analysis` yet; it belongs in
-``pdelightning/analysis/representation.py`` and should move there (the report imports it from here until then).
+"""Model-level measurements the analysis needs that are not callbacks' math: eq. (21) per step of a PDE model and
+the depth-refined PDE model (2L steps of Δt/2). The effective rank lives in :mod:`pdelightning.analysis.rank`
+(re-exported here for older imports).
 """
 
 from __future__ import annotations
 
 import copy
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
+from pdelightning.analysis.rank import effective_rank
 from pdelightning.analysis.stability import eq21_number, exact_spectral_norm
 
-
-def effective_rank(h: Tensor, padding_mask: Tensor | None = None, eps: float = 1e-12) -> Tensor:
-    """Effective rank of each sample's token matrix, ``exp(H(p))`` with ``p = σ / Σσ`` (Roy & Vetterli 2007).
-
-    Each sample's ``[T, d]`` token matrix (valid tokens only) is centred over its tokens, its singular values
-    ``σ`` are normalised to a distribution ``p``, and the exponential of its Shannon entropy is returned: between 1
-    (all tokens on one line through their mean: rank collapse, Dong et al. 2021) and ``min(T - 1, d)``. A sample
-    whose centred tokens are all zero (every token equal) has effective rank 0 by convention.
-
-    Args:
-        h: ``[B, T, d]``.
-        padding_mask: ``[B, T]``, ``True`` at padding, or ``None``.
-        eps: singular values below ``eps`` times the largest count as zero.
-
-    Returns:
-        ``[B]`` effective ranks (float64).
-
-    Example::
-
-        >>> x = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 2.0], [0.0, -2.0]]])
-        >>> round(float(effective_rank(x)[0]), 4)  # σ = (2√2, √2), p = (2/3, 1/3), exp(H(p))
-        1.8899
-    """
-    h = h.detach().double()
-    if padding_mask is None or not bool(padding_mask.any()):
-        return _erank_from_singular_values(torch.linalg.svdvals(h - h.mean(1, keepdim=True)), eps)
-    out = torch.zeros(h.shape[0], dtype=torch.float64)
-    for i in range(h.shape[0]):
-        x = h[i][~padding_mask[i].bool()]
-        if x.shape[0] >= 2:
-            out[i] = _erank_from_singular_values(torch.linalg.svdvals(x - x.mean(0, keepdim=True))[None], eps)[0]
-    return out
-
-
-def _erank_from_singular_values(s: Tensor, eps: float) -> Tensor:
-    """``exp(H(σ / Σσ))`` per row of ``s`` ``[B, k]`` (values below ``eps`` x the row's largest ignored); rows
-    that are all zero give 0, rows with a non-finite value ``nan``.
-    """
-    finite = torch.isfinite(s).all(-1)
-    s = torch.where(torch.isfinite(s), s, torch.zeros(()))
-    top = s.max(-1, keepdim=True).values
-    s = torch.where(s > eps * top, s, torch.zeros(()))
-    total = s.sum(-1, keepdim=True)
-    p = s / total.clamp_min(torch.finfo(s.dtype).tiny)
-    erank = torch.exp(-torch.xlogy(p, p).sum(-1))
-    erank = torch.where(total.squeeze(-1) > 0, erank, torch.zeros(()))
-    return torch.where(finite, erank, torch.full_like(erank, float("nan")))
+__all__ = ["effective_rank", "eq21_coefficient", "eq21_per_step", "refined"]
 
 
 def eq21_per_step(model: nn.Module) -> dict[str, float]:

@@ -38,14 +38,15 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _train_task(spec: RunSpec, out: str, data_dir: str, quick: bool, extra: list[str]) -> dict:
+def _train_task(spec: RunSpec, out: str, data_dir: str, quick: bool, extra: list[str], budget_name: str) -> dict:
     from pdelightning.reproduce.train import train_run
 
-    return train_run(spec, Path(out), Path(data_dir), quick, extra)
+    return train_run(spec, Path(out), Path(data_dir), quick, extra, budget_name)
 
 
 def _analyze_task(unit: RunSpec | PairSpec, out: str) -> int:
-    from pdelightning.reproduce.analyze import analyze_pair, analyze_run
+    from pdelightning.reproduce.analyze import analyze_run
+    from pdelightning.reproduce.pairs import analyze_pair
     from pdelightning.reproduce.train import redirected
 
     out_path = Path(out)
@@ -174,7 +175,8 @@ def run_pipeline(
                         log(f"skip {task.unit.id}: past the training deadline")
                         continue
                     s = setting(task.unit.setting)
-                    fut = ex.submit(_train_task, task.unit, str(out), str(data_dirs[s.data]), plan.quick, extra or [])
+                    fut = ex.submit(_train_task, task.unit, str(out), str(data_dirs[s.data]), plan.quick, extra or [],
+                                    plan.budget)  # fmt: skip
                 else:
                     fut = ex.submit(_analyze_task, task.unit, str(out))
                 running[fut] = task

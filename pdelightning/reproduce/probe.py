@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,8 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from pdelightning.analysis.rank import effective_rank
 from pdelightning.analysis.representation import padding_mask_from_inputs, pool_tokens
-from pdelightning.reproduce.measures import effective_rank
 from pdelightning.reproduce.rules import FIT_N, FIT_SEED, GRAD_N, PROBE_N, PROBE_SEED
 
 BATCH = 250
@@ -130,7 +130,7 @@ def forward_capture(
     x: Tensor,
     device: str | torch.device = "cpu",
     pad_id: int = 0,
-    erank: bool = True,
+    erank: bool | Collection[str] = True,
     batch_fn: Callable[[int, Tensor, dict[str, Tensor], list[Tensor]], Any] | None = None,
     patterns: bool = False,
     embed_fn: Callable[[int, Tensor, Tensor | None], Tensor] | None = None,
@@ -143,7 +143,8 @@ def forward_capture(
         x: inputs ``[N, ...]`` (CPU).
         device: where to run.
         pad_id: padding id of token inputs.
-        erank: compute effective ranks (an SVD per sample and layer).
+        erank: compute effective ranks (one batched SVD per layer and batch): ``True`` for every layer, ``False``
+            for none, or the names of the layers to compute them at.
         batch_fn: called per batch with ``(start, x_batch, token outputs {layer: [B, T, d]}, patterns)``; its
             return values are collected in ``Capture.extra`` (for quantities that need token-level outputs).
         patterns: capture ``blocks.{i}.attn.hook_pattern`` (``[B, H, T, T]``) for ``batch_fn``; takes the explicit
@@ -153,6 +154,7 @@ def forward_capture(
     """
     points = hook_points(model)
     names = list(points)
+    rank_at = set(names) if erank is True else set() if erank is False else set(erank)
     store: dict[str, Tensor] = {}
     pats: dict[int, Tensor] = {}
     handles = []
@@ -195,7 +197,7 @@ def forward_capture(
                 bad[n] += float((~finite).sum())
                 sq[n] += float(torch.where(finite, h, torch.zeros(())).pow(2).sum())
                 cnt[n] += float(h.numel())
-                if erank:
+                if n in rank_at:
                     ranks[n].append(effective_rank(h.cpu(), None if mask is None else mask.cpu()))
             if batch_fn is not None:
                 extra.append(batch_fn(start, xb, dict(store), [pats[i] for i in sorted(pats)]))
@@ -204,7 +206,7 @@ def forward_capture(
             h.remove()
     return Capture(
         names, {n: torch.cat(v) for n, v in pooled.items()},
-        {n: torch.cat(v) for n, v in ranks.items()} if erank else {}, sq, cnt, bad, torch.cat(logits), extra,
+        {n: torch.cat(v) for n, v in ranks.items() if v}, sq, cnt, bad, torch.cat(logits), extra,
     )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from pdelightning.reproduce.budget import BUDGETS
 from pdelightning.reproduce.settings import QUICK_SEEDS, SEEDS, SETTING_NAMES, Plan
 
 COMMANDS = ("train", "analyze", "all")
@@ -31,6 +32,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--newsgroups-dir", type=Path, default=Path("data"), help="20news-bydate.tar.gz or its folder")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default {list(SEEDS)} ({list(QUICK_SEEDS)} "
                                                                       "with --quick)")  # fmt: skip
+    p.add_argument(
+        "--sweep-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds of the sweep settings (default: the budget's; with --seeds and no budget, --seeds)",
+    )
+    p.add_argument(
+        "--budget",
+        choices=sorted(BUDGETS),
+        default="full",
+        help="seeds, sweep cells and cuts (pdelightning/reproduce/budget.py); default full",
+    )
     p.add_argument("--settings", nargs="+", default=list(SETTING_NAMES), choices=SETTING_NAMES, metavar="SETTING",
                    help=f"subset of {', '.join(SETTING_NAMES)}")  # fmt: skip
     p.add_argument(
@@ -64,14 +78,22 @@ def main(argv: list[str] | None = None) -> int:
         parser().error(f"--workers {args.workers}: must be at least 1")
     from pdelightning.reproduce.pipeline import run_pipeline
 
-    seeds = tuple(args.seeds) if args.seeds else (QUICK_SEEDS if args.quick else SEEDS)
-    cells: dict[str, tuple[str, ...]] = {}
+    b = BUDGETS[args.budget]
+    seeds = tuple(args.seeds) if args.seeds else (QUICK_SEEDS if args.quick else b.main_seeds)
+    if args.sweep_seeds:
+        sweep_seeds: tuple[int, ...] | None = tuple(args.sweep_seeds)
+    elif args.quick or args.seeds:
+        sweep_seeds = None
+    else:
+        sweep_seeds = b.sweep_seeds
+    cells: dict[str, tuple[str, ...]] = {} if args.cells else dict(b.cells)
     for item in args.cells or []:
         name, sep, cell = item.partition(":")
         if not sep or name not in SETTING_NAMES:
             parser().error(f"--cells {item!r}: expected SETTING:CELL with SETTING one of {', '.join(SETTING_NAMES)}")
         cells[name] = (*cells.get(name, ()), cell)
-    plan = Plan(settings=tuple(args.settings), seeds=seeds, quick=args.quick, cells=cells)
+    plan = Plan(settings=tuple(args.settings), seeds=seeds, quick=args.quick, cells=cells, sweep_seeds=sweep_seeds,
+                budget=args.budget)  # fmt: skip
     status = run_pipeline(
         plan, args.out, {"mnist": args.mnist_dir, "newsgroups": args.newsgroups_dir}, workers=args.workers,
         threads_per_worker=args.threads_per_worker, train=args.command in ("train", "all"),

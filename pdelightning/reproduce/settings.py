@@ -244,13 +244,15 @@ class Plan:
     seeds: tuple[int, ...] = SEEDS
     quick: bool = False
     cells: dict[str, tuple[str, ...]] = field(default_factory=dict)  # optional subset of cells per setting
+    sweep_seeds: tuple[int, ...] | None = None  # seeds of the sweeps (None: ``seeds``)
+    budget: str = "full"  # name of the :mod:`~pdelightning.reproduce.budget` whose cuts every run gets
 
     def runs(self) -> list[RunSpec]:
         """Every run, in priority order."""
         main = [s for s in SETTINGS if s.name in self.settings and s.role == "main"]
         sweep = [s for s in SETTINGS if s.name in self.settings and s.role == "sweep"]
         out = [RunSpec(s.name, "", seed) for seed in self.seeds for s in main]
-        for seed in self.seeds:
+        for seed in self.sweep_seeds if self.sweep_seeds is not None else self.seeds:
             for s in sweep:
                 for c in s.cells:
                     if s.name in self.cells and c.name not in self.cells[s.name]:

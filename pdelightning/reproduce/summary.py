@@ -8,6 +8,7 @@ Two tables:
   ``stage`` (``init`` for step 0, ``final`` for the last checkpoint, empty in between), ``quantity``, ``layer``
   (``blocks.i``, ``embedding``, ``eps=…``, or empty) and ``value``.
 * ``runs.csv``: one row per run with :data:`RUN_FIELDS` (from each run's ``run.json``).
+* ``compute.json`` (optional): the compute the background jobs used (CPU seconds per phase), for the report.
 
 :class:`Results` reads them for the report's sections.
 """
@@ -31,11 +32,13 @@ COLUMNS: tuple[str, ...] = ("setting", "cell", "seed", "step", "stage", "quantit
 RUN_FIELDS: tuple[str, ...] = (
     "setting", "cell", "seed", "status", "device", "gpu", "wall_s", "final_step", "epochs", "stop_reason",
     "plateau_met", "plateau_epoch", "val_acc", "best_val_acc", "diverged", "divergence_step", "first_nonfinite_step",
-    "max_train_loss", "dt", "eq21_target", "n_layers", "lr", "quick",
+    "max_train_loss", "dt", "eq21_target", "n_layers", "lr", "quick", "budget", "cuts", "imported",
+    "init_regenerated",
 )  # fmt: skip
 SUMMARY_NAME = "summary.csv"
 MERGED_NAME = "summary.csv.gz"
 RUNS_NAME = "runs.csv"
+COMPUTE_NAME = "compute.json"
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,10 @@ class Results:
     ``stage`` selects ``"final"`` or ``"init"`` values; :meth:`trajectory` gives every step.
     """
 
-    def __init__(self, summary: pd.DataFrame, runs: pd.DataFrame | None = None) -> None:
+    def __init__(
+        self, summary: pd.DataFrame, runs: pd.DataFrame | None = None, compute: dict[str, Any] | None = None
+    ) -> None:
+        self.compute = dict(compute or {})
         self.df = summary.copy()
         for col in ("cell", "stage", "layer"):
             self.df[col] = self.df[col].fillna("").astype(str)
@@ -160,9 +166,11 @@ class Results:
 
     @classmethod
     def load(cls, source: Path) -> Results:
-        """From a folder with ``summary.csv.gz`` and ``runs.csv``, or a runs root."""
+        """From a folder with ``summary.csv.gz`` and ``runs.csv`` (and optionally ``compute.json``), or a runs root."""
         source = Path(source)
-        return cls(read_summary(source), read_runs(source if source.is_dir() else source.parent))
+        folder = source if source.is_dir() else source.parent
+        compute = json.loads((folder / COMPUTE_NAME).read_text()) if (folder / COMPUTE_NAME).is_file() else None
+        return cls(read_summary(source), read_runs(folder), compute)
 
     def has(self, setting: str, quantity: str) -> bool:
         """Whether any value of ``quantity`` exists for ``setting``."""

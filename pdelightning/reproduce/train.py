@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pdelightning.reproduce.budget import budget
 from pdelightning.reproduce.recorder import RunRecorder
 from pdelightning.reproduce.rules import DIVERGENCE_LOSS_FACTOR
 from pdelightning.reproduce.settings import CHECKPOINT_STEPS, RunSpec, quick_overrides, setting
@@ -37,9 +38,15 @@ def device_name() -> str:
 
 
 def fit_args(
-    spec: RunSpec, out: Path, data_dir: Path, quick: bool, extra: list[str], dt: float | None = None
+    spec: RunSpec,
+    out: Path,
+    data_dir: Path,
+    quick: bool,
+    extra: list[str],
+    dt: float | None = None,
+    budget_name: str = "full",
 ) -> list[str]:
-    """The ``pdelightning fit`` arguments of one run (without the ``fit`` subcommand)."""
+    """The ``pdelightning fit`` arguments of one run (without the ``fit`` subcommand), the budget's cuts included."""
     s = setting(spec.setting)
     rdir = spec.path(out)
     args = [
@@ -48,6 +55,7 @@ def fit_args(
         f"--trainer.logger.init_args.version={rdir.name}", f"--trainer.default_root_dir={rdir}",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--data.init_args.data_dir={data_dir}", *spec.get_cell().overrides,
+        *budget(budget_name).overrides_for(spec.setting),
     ]  # fmt: skip
     if quick:
         args += quick_overrides(spec)
@@ -103,8 +111,17 @@ def redirected(log: Path) -> Iterator[None]:
             os.close(saved[1])
 
 
-def train_run(spec: RunSpec, out: Path, data_dir: Path, quick: bool = False, extra: list[str] | None = None) -> dict:
-    """Train one run and write its ``run.json``; never raises (a failure is recorded as ``status: failed``)."""
+def train_run(
+    spec: RunSpec,
+    out: Path,
+    data_dir: Path,
+    quick: bool = False,
+    extra: list[str] | None = None,
+    budget_name: str = "full",
+) -> dict:
+    """Train one run under the budget ``budget_name`` and write its ``run.json``; never raises (a failure is
+    recorded as ``status: failed``).
+    """
     import json
 
     s, cell = setting(spec.setting), spec.get_cell()
@@ -115,6 +132,7 @@ def train_run(spec: RunSpec, out: Path, data_dir: Path, quick: bool = False, ext
         "setting": spec.setting, "cell": spec.cell, "seed": spec.seed, "config": f"configs/paper/{s.config}",
         "role": s.role, "data": s.data, "data_dir": str(data_dir), "device": device_name(), "quick": quick,
         "status": "running", "eq21_target": cell.eq21_target, "n_layers": cell.depth, "lr": cell.lr,
+        "budget": budget_name, "cuts": budget(budget_name).cut_for(spec.setting),
     }  # fmt: skip
     meta["gpu"] = meta["device"].startswith("cuda")
     start = time.perf_counter()
@@ -122,11 +140,11 @@ def train_run(spec: RunSpec, out: Path, data_dir: Path, quick: bool = False, ext
         try:
             from pdelightning.cli import build_cli
 
-            args = fit_args(spec, out, data_dir, quick, extra)
+            args = fit_args(spec, out, data_dir, quick, extra, budget_name=budget_name)
             if cell.eq21_target is not None:
                 dt, coefficient = choose_dt(args, cell.eq21_target)
                 meta.update(dt=dt, eq21_coefficient=coefficient)
-                args = fit_args(spec, out, data_dir, quick, extra, dt=dt)
+                args = fit_args(spec, out, data_dir, quick, extra, dt=dt, budget_name=budget_name)
             meta["overrides"] = args[2:]
             cli = build_cli(args, run=False)
             model_class, init_args = _model_spec(cli)

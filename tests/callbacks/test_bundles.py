@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pdelightning.callbacks.plugin import CALLBACK_NAMES
+import pdelightning.callbacks
+from pdelightning.callbacks.plugin import CALLBACK_NAMES, GROUPS, LENS_NAMES
 from pdelightning.cli import build_cli
 from tests.test_cli import fake_mnist, fake_newsgroups
 
@@ -32,9 +33,11 @@ def test_bundle_appends_and_runs(bundle: Path, tmp_path: Path) -> None:
     assert cli.trainer.state.finished
 
 
-def test_all_bundle_holds_all_six() -> None:
+def test_all_bundle_holds_every_callback() -> None:
     content = yaml.safe_load((ROOT / "callbacks/all.yaml").read_text())
-    assert [e["class_path"].rsplit(".", 1)[1] for e in content["trainer"]["callbacks+"]] == list(CALLBACK_NAMES)
+    names = [e["class_path"].rsplit(".", 1)[1] for e in content["trainer"]["callbacks+"]]
+    assert names == list(CALLBACK_NAMES + LENS_NAMES) == list(GROUPS["all"])
+    assert set(names) == set(pdelightning.callbacks.__all__) - {"TargetNotFoundError"}
 
 
 @pytest.mark.parametrize("config", PAPER, ids=lambda p: p.stem)

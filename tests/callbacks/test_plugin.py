@@ -12,7 +12,7 @@ import lightning.pytorch as L
 import pytest
 
 from pdelightning.callbacks import GradientFlow, InformationFlow, PerturbationEval, StabilityMonitor
-from pdelightning.callbacks.plugin import CALLBACK_NAMES, ENV_VAR, build_callbacks, callbacks_factory
+from pdelightning.callbacks.plugin import CALLBACK_NAMES, LENS_NAMES, ENV_VAR, build_callbacks, callbacks_factory
 from tests.helpers.tb import scalar_tags
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,9 +43,12 @@ def test_off_unless_asked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_names_all_and_yaml(tmp_path: Path) -> None:
     assert [type(c) for c in build_callbacks("gradient_flow, StabilityMonitor")] == [GradientFlow, StabilityMonitor]
-    assert [type(c).__name__ for c in build_callbacks("all")] == list(CALLBACK_NAMES)
+    assert [type(c).__name__ for c in build_callbacks("all")] == list(CALLBACK_NAMES + LENS_NAMES)
+    assert [type(c).__name__ for c in build_callbacks("paper")] == list(CALLBACK_NAMES)
+    assert [type(c).__name__ for c in build_callbacks("lens,gradient_flow")] == [*LENS_NAMES, "GradientFlow"]
     bundle = build_callbacks(str(ROOT / "callbacks/all.yaml"))
-    assert [type(c).__name__ for c in bundle] == list(CALLBACK_NAMES)
+    assert [type(c).__name__ for c in bundle] == list(CALLBACK_NAMES + LENS_NAMES)
+    assert all(c.on_missing == "warn" for c in bundle)  # attached by the plugin: never kill the user's run
     cfg = tmp_path / "cbs.yaml"
     cfg.write_text(
         "- class_path: pdelightning.callbacks.PerturbationEval\n  init_args:\n    epsilons: [0.01, 0.1]\n"

@@ -11,8 +11,9 @@ from pdelightning.reproduce.sections.bottleneck import bottleneck
 from pdelightning.reproduce.sections.common import FigureSpec, Section, Table
 from pdelightning.reproduce.sections.gradients import gradients
 from pdelightning.reproduce.sections.information_flow import table2, table3
+from pdelightning.reproduce.sections.lens import lens
 from pdelightning.reproduce.sections.perturbation import perturbation
-from pdelightning.reproduce.sections.refinement import lens, refinement
+from pdelightning.reproduce.sections.refinement import refinement
 from pdelightning.reproduce.sections.runs import runs
 from pdelightning.reproduce.summary import Results
 

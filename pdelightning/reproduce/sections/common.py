@@ -85,12 +85,16 @@ def per_seed(results: Results, setting: str, quantity: str, layers: Sequence[str
 
 
 def accuracy_text(results: Results, settings: Sequence[tuple[str, str]], quantity: str = "test_acc") -> str:
-    """``label test acc X [lo, hi] (n)`` for each ``(label, setting)``."""
+    """``label accuracy X [lo, hi] (n)`` for each ``(label, setting)``: on the full test split (``test_acc``) where
+    it was measured, else on the probe set (``probe_acc``, final checkpoint), labelled as such.
+    """
     parts = []
     for label, s in settings:
-        e = est(results.values(s, quantity))
+        e, where = est(results.values(s, quantity)), ""
+        if e.missing and quantity == "test_acc":
+            e, where = est(results.values(s, "probe_acc")), " (probe set)"
         if not e.missing:
-            parts.append(f"{label} {cell(e)} (n={e.n})")
+            parts.append(f"{label}{where} {cell(e)}" + (f" (n={e.n})" if e.n > 1 else ""))
     return ("test accuracy: " + "; ".join(parts)) if parts else "test accuracy: —"
 
 
@@ -101,3 +105,14 @@ def curve_stats(values: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray, 
     mat = np.vstack(list(values.values()))
     ests = [est(mat[:, j]) for j in range(mat.shape[1])]
     return (np.array([e.value for e in ests]), np.array([e.lo for e in ests]), np.array([e.hi for e in ests]))
+
+
+def budget_text(results: Results, settings: Sequence[str]) -> str:
+    """How the runs of ``settings`` were trained, from the run table's ``cuts`` (each distinct text once), or the
+    design's words when no run recorded a cut.
+    """
+    r = results.runs
+    if "cuts" not in r or r.empty:
+        return "one epoch of MNIST per run"
+    texts = [str(t) for t in r[r["setting"].isin(list(settings))]["cuts"] if isinstance(t, str) and t]
+    return "; ".join(dict.fromkeys(texts)) or "one epoch of MNIST per run"

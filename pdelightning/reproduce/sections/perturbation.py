@@ -58,9 +58,11 @@ def divergence_eps(pde: np.ndarray, transformer: np.ndarray) -> float:
 def perturbation(results: Results) -> Section:
     """The three §3.5 claims (loss), the same claim on accuracy, the ε table and per-layer amplification."""
     sec = Section("perturbation", "Perturbation sensitivity (§3.5)")
+    n_pert = results.values("newsgroups_pde", "perturbation_n")
+    where = f"the first {int(n_pert[0])} posts of the probe set" if n_pert.size else "the probe set"
     sec.intro = (
         f"Paper: {paper.PERTURBATION_SOURCE}. Ours: Gaussian noise ε × (each sample's embedding RMS) added to the "
-        "embedding of the probe set, at the final checkpoint; ε on a grid fixed before the runs (1e-4 to 1e2 in half "
+        f"embedding of {where}, at the final checkpoint; ε on a grid fixed before the runs (1e-4 to 1e2 in half "
         "decades). Both models end in a LayerNorm, so neither output is bounded by architecture alone. Relative loss "
         "increase = (loss(ε) − clean) / clean; accuracy drop = clean − acc(ε)."
     )

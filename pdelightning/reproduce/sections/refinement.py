@@ -1,10 +1,10 @@
-"""Depth refinement of the trained PDE model (the continuum claim), and the hook for the "PDE lens" section."""
+"""Depth refinement of the trained PDE model (the continuum claim)."""
 
 from __future__ import annotations
 
 from pdelightning.reproduce.rules import BY_ID
-from pdelightning.reproduce.sections.common import Section, Table, cell, est
-from pdelightning.reproduce.summary import Results, layer_key
+from pdelightning.reproduce.sections.common import Section, cell, est
+from pdelightning.reproduce.summary import Results
 from pdelightning.reproduce.verdicts import claim_result
 
 
@@ -26,26 +26,4 @@ def refinement(results: Results) -> Section:
         accuracy=f"test accuracy: L steps {cell(acc_l)}, 2L steps {cell(acc_2l)}",
         estimates={"distance": dist, "change": change},
     ))  # fmt: skip
-    return sec
-
-
-LENS_PREFIX = "lens_"
-
-
-def lens(results: Results) -> Section | None:
-    """The "PDE lens" section, rendered only when the analysis wrote quantities named ``lens_*``.
-
-    The lead adds the quantities (fitted D, α, R² per layer; measured Jacobian stability vs eq. 21) to the
-    analysis; every such quantity of every setting is tabulated here per layer (final checkpoint), seed means with
-    intervals, without verdicts.
-    """
-    df = results.df[results.df["quantity"].str.startswith(LENS_PREFIX)]
-    if df.empty:
-        return None
-    sec = Section("lens", "The PDE lens")
-    sec.intro = "Quantities of the PDE lens, per setting and layer (final checkpoint; no paper value, no verdict)."
-    for (setting, quantity), g in df[df["stage"] == "final"].groupby(["setting", "quantity"]):
-        layers = sorted(set(g["layer"]), key=layer_key)
-        rows = [[la or "—", cell(est(g[g["layer"] == la]["value"].to_numpy()))] for la in layers]
-        sec.tables.append(Table(["layer", quantity], rows, f"`{setting}`"))
     return sec
