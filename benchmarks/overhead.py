@@ -1,20 +1,22 @@
-"""Overhead of the analysis callbacks: the quickstart model trained with none vs all six, side by side.
+"""What the analysis callbacks cost training: bare runs against runs with the callbacks, side by side.
 
-Runs alternate (none, all, all, none, ...) so drift in machine load hits both arms alike; the figure
-of merit is the median over pairs of ``time(all) / time(none)``, timed from the first to the last
-training batch (probes at train start and at their cadence included; set-up and data loading excluded).
-Peak memory: CUDA ``max_memory_allocated`` on a GPU, the process's peak RSS growth on the CPU.
+Runs alternate (none, with, with, none, ...) so drift in machine load hits both arms alike; the figure of merit is
+the median over pairs of ``time(with) / time(none)``, timed from the first callback's ``on_train_start`` to the last
+callback's ``on_train_end`` (so the final probe and the figures drained at the end are inside the timing; set-up and
+data loading are outside). For each run with callbacks it also reports how many probes the time budget gave and
+what one probe cost, per callback (the shared forward separately).
 
-    python benchmarks/overhead.py --steps 600 --pairs 5
-    python benchmarks/overhead.py --steps 600 --pairs 5 --every-n-steps 300   # another cadence
+    python benchmarks/overhead.py                                   # defaults: quickstart and MNIST, all callbacks
+    python benchmarks/overhead.py --configs quickstart --steps 300 --pairs 5
+    python benchmarks/overhead.py --callbacks paper                 # the six of the paper's experiments
+    python benchmarks/overhead.py --each                            # each callback alone, one run each
+    python benchmarks/overhead.py --configs realistic --accelerator gpu --precision bf16-mixed   # d=512, 12 layers
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import resource
 import statistics
 import tempfile
 import time
@@ -25,103 +27,117 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from pdelightning.callbacks.plugin import CALLBACK_NAMES, _resolve_class
+from pdelightning.callbacks.plugin import GROUPS, build_callbacks
 from pdelightning.cli import build_cli
+from pdelightning.probing.hub import ProbeHub
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "quickstart": ["-c", str(ROOT / "configs/quickstart.yaml")],
+    "mnist": ["-c", str(ROOT / "configs/mnist_transformer.yaml")],
+    # a realistic size for a GPU: d = 512, 12 layers, sequences of 256 tokens (synthetic)
+    "realistic": [
+        "-c", str(ROOT / "configs/quickstart.yaml"),
+        "--data=SyntheticTokenDataModule", "--data.init_args.max_len=256", "--data.init_args.batch_size=32",
+        "--model.model.init_args.d_model=512", "--model.model.init_args.n_layers=12",
+        "--model.model.init_args.n_heads=8", "--model.model.init_args.d_ff=2048",
+    ],
+}  # fmt: skip
 
 
-class _Timer(L.Callback):
+class _Start(L.Callback):
     def __init__(self) -> None:
-        self.start = self.end = 0.0
+        self.t = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        self.start = time.perf_counter()
+        self.t = time.perf_counter()
+
+
+class _End(L.Callback):
+    def __init__(self) -> None:
+        self.t = 0.0
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.end = time.perf_counter()
+        self.t = time.perf_counter()
 
 
-def _callbacks(every_n_steps: int | None, probe_at_start: bool = True) -> list[L.Callback]:
-    """The six callbacks, at their defaults or all at ``every_n_steps`` (epochs off)."""
-    out = []
-    for name in CALLBACK_NAMES:
-        cls = _resolve_class(name)
-        params = inspect.signature(cls.__init__).parameters
-        kwargs: dict[str, Any] = {}
-        if every_n_steps:
-            kwargs["every_n_steps"] = every_n_steps
-            if "every_n_epochs" in params or "kwargs" in params:
-                kwargs["every_n_epochs"] = None
-        if not probe_at_start and ("probe_at_start" in params or "kwargs" in params):
-            kwargs["probe_at_start"] = False
-        out.append(cls(**kwargs))
+def run_once(config: str, steps: int, spec: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    """Train ``config`` for ``steps`` steps with the callbacks of ``spec`` (``None``: none); seconds and probes."""
+    extra = [f"--data.init_args.data_dir={args.mnist_dir}"] if config == "mnist" else []
+    cli = build_cli([*CONFIGS[config], *extra, "--seed_everything=0"], run=False)
+    start, end = _Start(), _End()
+    callbacks = [start, *(build_callbacks(spec) if spec else []), end]
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(
+            max_steps=steps, max_epochs=-1, accelerator=args.accelerator, devices=1, precision=args.precision,
+            logger=TensorBoardLogger(tmp), callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0, limit_val_batches=0,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        trainer.fit(cli.model, datamodule=cli.datamodule)
+        fit_s = time.perf_counter() - t0
+    hub = ProbeHub._hubs.get(trainer)
+    out: dict[str, Any] = {"seconds": end.t - start.t, "fit_seconds": fit_s}
+    if hub is not None and hub.history:
+        out["probes"] = len(hub.history)
+        out["probe_steps"] = [h["step"] for h in hub.history]
+        keys = sorted({k for h in hub.history for k in h if k.startswith("seconds/")})
+        # the mean cost of one probe after the first (the first pays one-off costs: copies, lazy imports)
+        later = hub.history[1:] or hub.history
+        out["probe_cost"] = {k[8:]: statistics.mean(h.get(k, 0.0) for h in later) for k in keys}
+        out["first_probe_s"] = hub.history[0].get("seconds/total")
+        if hub.schedule is not None:
+            out["fraction_logged"] = hub.schedule.fraction()
     return out
 
 
-def run_once(
-    steps: int, with_callbacks: bool, every_n_steps: int | None, accelerator: str, probe_at_start: bool = True
-) -> dict[str, Any]:
-    """Train the quickstart model for ``steps`` steps; return seconds and peak memory."""
-    cli = build_cli(["-c", str(ROOT / "configs/quickstart.yaml"), "--seed_everything=0"], run=False)
-    timer = _Timer()
-    callbacks: list[L.Callback] = [timer] + (_callbacks(every_n_steps, probe_at_start) if with_callbacks else [])
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = L.Trainer(
-            max_steps=steps, max_epochs=-1, accelerator=accelerator, devices=1, logger=TensorBoardLogger(tmp),
-            callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            log_every_n_steps=10, num_sanity_val_steps=0, limit_val_batches=0,
-        )  # fmt: skip
-        trainer.fit(cli.model, datamodule=cli.datamodule)
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if torch.cuda.is_available()
-        else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-    )
-    return {"seconds": timer.end - timer.start, "peak_mib": peak}
+def paired(config: str, spec: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Alternating bare / with-callbacks runs; the median ratio and what the callbacks did."""
+    run_once(config, 20, spec, args)  # warm-up: imports, allocator, kernels
+    ratios, rows = [], []
+    for i in range(args.pairs):
+        order = (None, spec) if i % 2 == 0 else (spec, None)
+        res = {flag: run_once(config, args.steps, flag, args) for flag in order}
+        ratios.append(res[spec]["seconds"] / res[None]["seconds"])
+        rows.append(res)
+        print(f"  {config} pair {i}: none {res[None]['seconds']:.2f}s  {spec} {res[spec]['seconds']:.2f}s  "
+              f"ratio {ratios[-1]:.3f}  probes {res[spec].get('probes')}", flush=True)  # fmt: skip
+    withs = [r[spec] for r in rows]
+    return {
+        "config": config, "callbacks": spec, "steps": args.steps, "pairs": args.pairs,
+        "median_ratio": statistics.median(ratios), "ratios": [round(r, 4) for r in ratios],
+        "median_fit_ratio": statistics.median(r[spec]["fit_seconds"] / r[None]["fit_seconds"] for r in rows),
+        "probes": [w.get("probes") for w in withs], "probe_steps": withs[0].get("probe_steps"),
+        "probe_cost_s": withs[-1].get("probe_cost"), "first_probe_s": withs[-1].get("first_probe_s"),
+        "bare_seconds": statistics.median(r[None]["seconds"] for r in rows),
+    }  # fmt: skip
 
 
 def main() -> None:
-    """Run the paired benchmark and print one JSON line of results."""
+    """Run the benchmark and print one JSON line per configuration."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--pairs", type=int, default=5)
-    p.add_argument("--every-n-steps", type=int, default=None, help="override every callback's cadence")
-    p.add_argument("--accelerator", default="auto")
-    p.add_argument(
-        "--no-probe-at-start",
-        action="store_true",
-        help="no probe before step 0 (with a large --every-n-steps: the "
-        "cost of the callbacks on steps that do not probe, i.e. the hot path)",
-    )
+    p.add_argument("--configs", nargs="+", default=["quickstart", "mnist"], choices=sorted(CONFIGS))
+    p.add_argument("--callbacks", default="all", help=f"a plugin spec: {', '.join(GROUPS)} or names (default all)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--each", action="store_true", help="also each callback alone (one pair each)")
+    p.add_argument("--mnist-dir", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--precision", default="32-true")
     args = p.parse_args()
-    run_once(
-        20, True, args.every_n_steps, args.accelerator, not args.no_probe_at_start
-    )  # warm-up: imports, allocator, first compile of kernels
-    ratios, rows = [], []
-    for i in range(args.pairs):
-        order = (False, True) if i % 2 == 0 else (True, False)
-        res = {
-            flag: run_once(args.steps, flag, args.every_n_steps, args.accelerator, not args.no_probe_at_start)
-            for flag in order
-        }
-        ratios.append(res[True]["seconds"] / res[False]["seconds"])
-        rows.append(res)
-        print(f"pair {i}: none {res[False]['seconds']:.2f}s  all {res[True]['seconds']:.2f}s  ratio {ratios[-1]:.3f}")
-    print(json.dumps({
-        "steps": args.steps, "pairs": args.pairs, "every_n_steps": args.every_n_steps,
-        "probe_at_start": not args.no_probe_at_start,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "median_ratio": statistics.median(ratios), "ratios": [round(r, 4) for r in ratios],
-        "peak_mib_none": max(r[False]["peak_mib"] for r in rows),
-        "peak_mib_all": max(r[True]["peak_mib"] for r in rows),
-    }))  # fmt: skip
+    device = torch.cuda.get_device_name() if args.accelerator in ("gpu", "cuda") else f"cpu x{torch.get_num_threads()}"
+    for config in args.configs:
+        print(json.dumps({"device": device, **paired(config, args.callbacks, args)}), flush=True)
+        if args.each:
+            saved = args.pairs
+            args.pairs = 1
+            for name in [n for n in GROUPS.get(args.callbacks, args.callbacks.split(","))]:
+                print(json.dumps({"device": device, **paired(config, name, args)}), flush=True)
+            args.pairs = saved
 
 
 if __name__ == "__main__":

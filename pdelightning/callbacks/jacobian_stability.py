@@ -111,9 +111,9 @@ class JacobianStability(ProbeCallback):
 
     def __init__(
         self,
-        max_samples: int = 16,
-        n_iter: int = 30,
-        block: int = 8,
+        max_samples: int = 8,
+        n_iter: int = 10,
+        block: int = 4,
         dt: float | None = None,
         lyapunov: bool = True,
         **kwargs: Any,
