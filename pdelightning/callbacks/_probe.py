@@ -270,6 +270,8 @@ class ProbeCallback(Callback):
             return
         self._hub = ProbeHub.of(trainer)
         self._hub.attach(self)
+        with contextlib.suppress(Exception):  # built here, not inside the first probe (an iterable dataset: later)
+            self._hub.probe_set(trainer, self)
         if self._pending_hub_state is not None:
             self._hub.load_state_dict(self._pending_hub_state)
             self._pending_hub_state = None
@@ -372,8 +374,11 @@ class ProbeCallback(Callback):
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._hub_step(trainer, pl_module, "train_end", final=True)
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._hub is not None:
-            self._hub.figures.drain()
+            self._hub.figures.drain()  # the last figures render while Lightning finishes; written before it returns
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

@@ -339,6 +339,11 @@ class AttentionSimilarity(ProbeCallback):
             # Copied now, before the strategy wraps the model: under DDP the parameters carry the reducer's
             # hooks, which cannot be deep-copied. The weights are loaded at train start (after DDP's broadcast).
             self._template = module_copy(pl_module)
+        if "random_init" in self.nulls and self._null_model is None and not self._null_failed:
+            # drawn now (its weights do not depend on the model's), not inside the first probe's timing
+            self._null_model = reinitialised_copy(self._template if self._template is not None else pl_module,
+                                                  self.null_seed)  # fmt: skip
+            self._null_failed = self._null_model is None
         reference = self._reference if self._reference is not None else pl_module
         _, ref_targets = self._reference_targets(reference)  # fail fast, before training
         self._layer_pairs(len(self.targets(pl_module).layers), len(ref_targets.layers))
@@ -360,6 +365,7 @@ class AttentionSimilarity(ProbeCallback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         self._null_model = None
         self._template = None
 

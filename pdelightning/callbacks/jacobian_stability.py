@@ -65,7 +65,8 @@ def layer_map(
 class JacobianStability(ProbeCallback):
     r"""Measure the stability of the depth dynamics: per-layer Jacobian norms and the Lyapunov exponent.
 
-    At each probe, for the first ``max_samples`` probe samples (the same samples at every probe):
+    At each probe, for ``max_samples`` probe samples (a random subset, the same at every probe and on any number of
+    processes):
 
     * per layer ``l``: the spectral norm ``||∂u_{l+1}/∂u_l||_2`` of the layer map (the whole block, as a function
       of its residual-stream input, other inputs held fixed), averaged over samples, and ``||J - I||_2 / Δt``, the
@@ -88,7 +89,7 @@ class JacobianStability(ProbeCallback):
     Per-sample values go through a gather (DDP gives the one-process numbers).
 
     Args:
-        max_samples: how many probe samples to linearise at (the first, by probe position).
+        max_samples: how many probe samples to linearise at.
         n_iter: block iterations per probe.
         block: directions per sample.
         dt: ``Δt`` of non-PDE layers for the rate (default ``1/L``).
@@ -139,7 +140,7 @@ class JacobianStability(ProbeCallback):
 
     @override
     def consume(self, pb: ProbeBatch) -> None:
-        keep = (pb.index < self.max_samples).nonzero().flatten()
+        keep = pb.session.subset(pb.index, self.max_samples)
         if len(keep) == 0:  # nothing to measure here, but the rank still takes part in the gather
             self._store.update(pb.index[:0], **{k: torch.zeros(0, device=pb.index.device) for k in self._store.keys})
             return

@@ -337,29 +337,28 @@ class LayerMutualInformation(ProbeCallback):
             )
             self._told_cap = True
         # Every rank holds the same gathered tensors and computes the same (deterministic) numbers, so the
-        # history is identical everywhere; only rank zero writes. The estimators solve small problems on the CPU,
-        # where multi-threaded BLAS would only spin against the training process: run them on one thread.
-        from threadpoolctl import threadpool_limits
-
+        # history is identical everywhere; only rank zero writes.
         entry: dict[str, Any] = {"step": session.step, "I_XT": {}, "I_TY": {}, "saturated": {}, "N": n}
         hashes = gathered["x_hash"].cpu()
-        with threadpool_limits(limits=1):
-            for name in names:
-                t = gathered[f"t/{name}"].cpu().double()
-                i_xt, i_ty, log2_n, h_y = self.estimate(t, y)
-                # the ceiling of any plug-in I(X;T): the entropy of the distinct probe inputs (log2 N when distinct)
-                ceiling = min(
-                    log2_n,
-                    distinct_entropy_bits(
-                        hashes if self.estimator == "binning" else hashes[subsample(n, self.kde_max_samples, self.seed)]
-                    ),
-                )
-                entry["I_XT"][name], entry["I_TY"][name] = i_xt, i_ty
-                entry["saturated"][name] = is_saturated(i_xt, ceiling, self.saturation_tol)
-                entry["log2_N"], entry["H_Y"], entry["ceiling"] = log2_n, h_y, ceiling
-                entry["d"] = t.shape[1]
+        for name in names:
+            t = gathered[f"t/{name}"].cpu().double()
+            i_xt, i_ty, log2_n, h_y = self.estimate(t, y)
+            # the ceiling of any plug-in I(X;T): the entropy of the distinct probe inputs (log2 N when distinct)
+            ceiling = min(
+                log2_n,
+                distinct_entropy_bits(
+                    hashes if self.estimator == "binning" else hashes[subsample(n, self.kde_max_samples, self.seed)]
+                ),
+            )
+            entry["I_XT"][name], entry["I_TY"][name] = i_xt, i_ty
+            entry["saturated"][name] = is_saturated(i_xt, ceiling, self.saturation_tol)
+            entry["log2_N"], entry["H_Y"], entry["ceiling"] = log2_n, h_y, ceiling
+            entry["d"] = t.shape[1]
         entry["known_bias"] = known_bias(self.bias_name(), n, entry["d"])
-        self.history.append(entry)
+        if self.history and self.history[-1]["step"] == entry["step"]:
+            self.history[-1] = entry  # the probe at a resumed run's first step repeats the checkpoint's last one
+        else:
+            self.history.append(entry)
         del gathered
 
         saturated = [n for n in names if entry["saturated"][n]]

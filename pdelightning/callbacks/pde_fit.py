@@ -183,7 +183,10 @@ class PDEFit(ProbeCallback):
             for q, v in values.items():
                 if q != "eq21_fitted" or w_norm is not None:
                     metrics[self.key(q, layer.name)] = float(v)
-        self.history.append(entry)
+        if self.history and self.history[-1]["step"] == entry["step"]:
+            self.history[-1] = entry  # the probe at a resumed run's first step repeats the checkpoint's last one
+        else:
+            self.history.append(entry)
         self.log_scalars(session.trainer, metrics, session.step)
         if self.figures_due and len(self.history) > 0:
             history = [dict(h) for h in self.history]

@@ -33,6 +33,7 @@ from pdelightning.probing.batch import (
     labels_of,
     map_tensors,
     per_sample_loss,
+    take_rows,
     valid_from_batch,
 )
 from pdelightning.probing.capture import Capture, Captured, EmbeddingEdit, Request, pad_prefix
@@ -61,6 +62,7 @@ class ProbeSession:
         probe_size: number of samples in the whole probe set (all ranks).
         figures: the background figure worker.
         partner: ``[probe_size]`` each position's partner for the shuffled null (``-1``: none).
+        rank: ``[probe_size]`` a random rank of each position (a subset of ``k`` samples: those of rank ``< k``).
     """
 
     trainer: L.Trainer
@@ -74,6 +76,13 @@ class ProbeSession:
     figures: FigureWorker
     timings: dict[str, float] = field(default_factory=dict)
     partner: Tensor | None = None
+    rank: Tensor | None = None
+
+    def subset(self, index: Tensor, k: int | None) -> Tensor:
+        """Rows of a batch with probe positions ``index`` that belong to the random subset of ``k`` samples."""
+        if k is None or self.rank is None:
+            return torch.arange(len(index), device=index.device)
+        return (self.rank.to(index.device)[index] < k).nonzero().flatten()
 
     @property
     def device(self) -> torch.device:
@@ -104,6 +113,35 @@ class ProbeBatch:
     loss: Tensor | None
     captured: dict[str, Captured]
     session: ProbeSession
+
+    def take(self, rows: Tensor) -> ProbeBatch:
+        """The samples ``rows`` of this batch (captures, logits, losses and mask cut alike; layer inputs dropped).
+
+        With no row selected, the first sample is kept as a stand-in with an empty index, so the caller still runs its
+        code and contributes zero rows to its gather.
+        """
+        index = self.index[rows] if len(self.index) else self.index[:0]
+        if len(rows) == 0:
+            rows = torch.zeros(1, dtype=torch.long, device=self.logits.device)
+        n = self.logits.shape[0]
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return t[rows] if t is not None and t.dim() > 0 and t.shape[0] == n else t
+
+        captured = {
+            key: Captured(
+                hidden={k: cut(v) for k, v in c.hidden.items()}, embedding=cut(c.embedding),
+                attention={k: cut(v) for k, v in c.attention.items()},
+                resid_pre={k: cut(v) for k, v in c.resid_pre.items()},
+                attn_out={k: cut(v) for k, v in c.attn_out.items()}, mlp_out={k: cut(v) for k, v in c.mlp_out.items()},
+                valid=cut(c.valid),
+            )  # type: ignore[arg-type]
+            for key, c in self.captured.items()
+        }  # fmt: skip
+        return ProbeBatch(
+            take_rows(self.batch, rows, n), index, cut(self.labels), cut(self.valid), cut(self.logits),  # type: ignore[arg-type]
+            cut(self.loss), captured, self.session,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -350,7 +388,7 @@ class ProbeHub:
                 adapters[key], targets[key] = resolve(module, need=())
         session = ProbeSession(
             trainer, pl_module, step, final, targets, adapters, {k: m for k, (m, _) in models.items()}, probe.size,
-            self.figures, timings, probe.partner,
+            self.figures, timings, probe.partner, probe.rank,
         )  # fmt: skip
         for c in members:
             c.begin(session)

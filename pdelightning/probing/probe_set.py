@@ -19,8 +19,10 @@ class ProbeSet:
     ``size`` samples are drawn once from ``dataset`` with a seeded permutation (the same on every rank and for every
     world size); position ``i`` of the probe set is the ``i``-th drawn sample in dataset order. A seeded random
     matching pairs the positions (:attr:`partner`; with an odd size one position has none): each is the other's
-    partner for the shuffled null (a random other sample). Pairs are dealt to ranks round-robin and batches are made
-    of whole pairs (``batch_size`` is rounded up to even), so partners always share a batch. A rank may get no sample
+    partner for the shuffled null (a random other sample). :attr:`rank` orders the positions at random: a callback
+    that measures only ``k`` samples takes those of rank ``< k`` (a random subset, the same on every rank). Pairs
+    are dealt to ranks round-robin and batches are made of whole pairs (``batch_size`` is rounded up to even), so
+    partners always share a batch. A rank may get no sample
     at all (a probe set smaller than the world size): :attr:`stand_in` then holds a batch of probe sample 0 with an
     empty index, which the rank runs so that it takes part in every collective with zero rows.
 
@@ -41,6 +43,9 @@ class ProbeSet:
         self.chosen = torch.randperm(n, generator=g)[: min(size, n)].sort().values
         self.size = len(self.chosen)
         order = torch.randperm(self.size, generator=g).tolist()
+        # a random rank of every position: callbacks that measure only some samples take the lowest ranks
+        self.rank = torch.empty(self.size, dtype=torch.long)
+        self.rank[torch.tensor(order, dtype=torch.long)] = torch.arange(self.size)
         pairs = [order[i : i + 2] for i in range(0, self.size, 2)]
         pairs.sort(key=lambda pair: 0 not in pair)  # position 0 (drawn in figures) lives on rank zero
         self.partner = torch.full((self.size,), -1, dtype=torch.long)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pdelightning.analysis import information as info
 from pdelightning.analysis.cka import linear_cka
-from pdelightning.analysis.linear_probe import probe_information
+from pdelightning.analysis.linear_probe import crossfit_probe_information, probe_information
 from pdelightning.analysis.perturbation import amplification, format_eps, gaussian_noise, per_sample_rms
 from pdelightning.analysis.representation import layer_correlation
 from pdelightning.reproduce.lens import lens_values
@@ -135,17 +135,24 @@ def _ity(t_fit: Tensor, y_fit: Tensor, t_probe: Tensor, y_probe: Tensor, n_class
 
 
 def information_values(model: nn.Module, pdata: ProbeData, device: str) -> dict[str, Any]:
-    """I(T;Y) (probe fitted on the fitting set, scored on the probe set, unclipped), I(X;T) (KDE upper bound) per
-    block, H(Y), and the model's own head bound H(Y) - CE/ln 2 on the probe set.
+    """I(T;Y) (probe fitted on the fitting set, scored on the probe set, unclipped; the rules' estimator), the
+    cross-fitted probe-set estimate (``I_TY_crossfit``: 5-fold LDA on the probe set alone, test posts only; context),
+    I(X;T) (KDE upper bound) per block, H(Y), and the model's own head bound H(Y) - CE/ln 2 on the probe set.
     """
     probe = forward_capture(model, pdata.x, device, pdata.pad_id, erank=False)
     fit = forward_capture(model, pdata.x_fit, device, pdata.pad_id, erank=False)
     sub = info.subsample(len(pdata.y), IXT_MAX_SAMPLES, 0)
-    v: dict[str, Any] = {"I_TY": {}, "I_XT": {}}
+    v: dict[str, Any] = {"I_TY": {}, "I_TY_crossfit": {}, "I_XT": {}}
     for name in probe.layers:
         if name == "embedding":
             continue
         v["I_TY"][name] = _ity(fit.pooled[name], pdata.y_fit, probe.pooled[name], pdata.y, pdata.num_classes)[0]
+        t_probe = probe.pooled[name]
+        v["I_TY_crossfit"][name] = (
+            crossfit_probe_information(t_probe.double(), pdata.y, n_classes=pdata.num_classes)[0]
+            if torch.isfinite(t_probe).all()
+            else math.nan
+        )
         t = probe.pooled[name][sub].double()
         v["I_XT"][name] = info.kde_mutual_information(t, pdata.y[sub], IXT_NOISE_VARIANCE)[0] if torch.isfinite(
             t).all() else math.nan  # fmt: skip
@@ -257,7 +264,7 @@ def analyze_run(spec: RunSpec, out: Path, device: str = "cpu") -> int:
         groups: list[tuple[str, Any]] = []
         if any(hasattr(b, "dt") for b in model.blocks):
             groups.append(("eq21", lambda m: {"eq21": eq21_per_step(m)}))
-        if s.data == "mnist" and stage in ("init", "final"):
+        if s.data == "mnist" and (stage == "final" or (stage == "init" and main)):  # sweeps: final only
             ranks: bool | set[str] = True if main else {"embedding", last}
             groups.append(("representation", lambda m, r=ranks: representation_values(m, pdata, device, main, r)))
         if s.data == "newsgroups":

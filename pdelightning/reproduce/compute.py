@@ -49,6 +49,35 @@ def cpu_seconds(sampler_log: Path) -> dict[str, float]:
     return out
 
 
+def job_wall_seconds(log: Path) -> dict[str, float]:
+    r"""Wall seconds of each run of a ``scripts/cpu_reproduce.sh`` job log (``== <time> <cmd> (pid ...)`` to
+    ``== <time> <cmd> exit <rc>``), summed per command; a run without its exit line is not counted.
+
+    Example::
+
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "train.log"
+        >>> _ = p.write_text("== 2026-11-27T18:00:00Z train (pid 1)\nx\n== 2026-11-27T19:30:00Z train exit 0\n")
+        >>> job_wall_seconds(p)
+        {'train': 5400.0}
+    """
+    from datetime import datetime
+
+    out: dict[str, float] = {}
+    start: tuple[str, datetime] | None = None
+    for line in Path(log).read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 3 or parts[0] != "==":
+            continue
+        when = datetime.fromisoformat(parts[1].replace("Z", "+00:00"))
+        if len(parts) >= 4 and parts[3] == "exit" and start is not None:
+            out[start[0]] = out.get(start[0], 0.0) + (when - start[1]).total_seconds()
+            start = None
+        elif parts[3:4] != ["exit"]:
+            start = (parts[2], when)
+    return out
+
+
 def parity(gpu_units: Path, cpu_units: Path) -> dict[str, Any]:
     """The largest relative difference per quantity between the GPU call's analysis and ours of the same units.
 
@@ -83,12 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pdelightning.reproduce.compute``: write ``compute.json``."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sampler", type=Path, required=True, help="cpu_sampler.log")
+    p.add_argument("--job-logs", type=Path, nargs="*", default=[], help="cpu_reproduce.sh job logs")
     p.add_argument("--gpu-units", type=Path, default=None, help="units/ published by the GPU call")
     p.add_argument("--cpu-units", type=Path, default=None, help="units/ published by the CPU analysis")
     p.add_argument("--out", type=Path, required=True, help="folder receiving compute.json")
     args = p.parse_args(argv)
     cpu = cpu_seconds(args.sampler)
     result: dict[str, Any] = {"cpu_seconds_by_process": cpu, "cpu_seconds_total": sum(cpu.values())}
+    wall: dict[str, float] = {}
+    for log in args.job_logs:
+        for cmd, sec in job_wall_seconds(log).items():
+            wall[cmd] = wall.get(cmd, 0.0) + sec
+    result["wall_seconds_by_job"] = wall
     if args.gpu_units is not None and args.cpu_units is not None:
         result["gpu_cpu_parity"] = parity(args.gpu_units, args.cpu_units)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -66,8 +66,10 @@ def changes_table(changes: Sequence[dict[str, str]]) -> str:
     """The "changed verdicts" table."""
     if not changes:
         return "No verdict of the previous report changed."
-    return md_table(["claim (previous report)", "previous", "now", "rule", "what changed in the measurement"],
-                    [[c["claim"], c["previous"], f"**{c['now']}**", c["rule"], c["why"]] for c in changes])  # fmt: skip
+    return md_table(["claim (previous report)", "previous", "now", "rule", "what changed in the measurement",
+                     "ours now"],
+                    [[c["claim"], c["previous"], f"**{c['now']}**", c["rule"], c["why"], c.get("ours", "—")]
+                     for c in changes])  # fmt: skip
 
 
 def rules_appendix(rules: Sequence[Rule] = RULES) -> str:

@@ -46,7 +46,7 @@ def changed_verdicts(sections: Sequence[Section], previous: Path = PREVIOUS) -> 
                         "why": "no rule continues this claim"})  # fmt: skip
         elif new.verdict != old["verdict"]:
             out.append({"claim": old["claim"], "previous": old["verdict"], "now": new.verdict, "rule": rid,
-                        "why": new.rule.changes or "—"})  # fmt: skip
+                        "why": new.rule.changes or "—", "ours": new.ours or "—"})  # fmt: skip
     return out
 
 

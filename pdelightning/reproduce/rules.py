@@ -35,7 +35,7 @@ PROBE_N: dict[str, int] = {"mnist": 1000, "newsgroups": 1000}
 PROBE_SEED = 2408
 #: Fitting set of the I(T;Y) probe classifier and batch of the post-hoc gradients: this many samples of the
 #: TRAINING split (after the validation hold-out), drawn by ``numpy.random.default_rng(FIT_SEED)``, sorted.
-FIT_N: dict[str, int] = {"mnist": 2000, "newsgroups": 1000}
+FIT_N: dict[str, int] = {"mnist": 2000, "newsgroups": 4000}
 GRAD_N: dict[str, int] = {"mnist": 512, "newsgroups": 128}
 FIT_SEED = 9523
 #: Saved checkpoints NOT analysed (the 20 Newsgroups trajectories use step 0, every other saved step and the final).

@@ -7,11 +7,15 @@ import importlib
 
 import pytest
 
-MODULES = ("verdicts", "measures", "sections.bottleneck", "sections.perturbation", "sections.ablations")
+MODULES = (
+    "pdelightning.reproduce.verdicts", "pdelightning.reproduce.compute", "pdelightning.reproduce.sections.bottleneck",
+    "pdelightning.reproduce.sections.perturbation", "pdelightning.reproduce.sections.ablations",
+    "pdelightning.analysis.rank",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name: str) -> None:
-    module = importlib.import_module(f"pdelightning.reproduce.{name}")
+    module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -35,6 +35,20 @@ def test_effective_rank_against_numpy() -> None:
     assert float(effective_rank(torch.ones(1, 5, 4))[0]) == 0.0  # every token equal
 
 
+def test_effective_rank_of_padded_batches_equals_each_sample_alone() -> None:
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(6, 9, 5, generator=g, dtype=torch.float64)
+    lengths = [9, 7, 2, 1, 0, 5]
+    pad = torch.arange(9)[None, :] >= torch.tensor(lengths)[:, None]
+    h[pad] = 1e3  # padded rows hold garbage: it must not matter
+    got = effective_rank(h, pad)
+    for i, n in enumerate(lengths):
+        want = float(effective_rank(h[i : i + 1, :n])[0]) if n >= 2 else 0.0
+        assert float(got[i]) == pytest.approx(want, rel=1e-9, abs=1e-12)
+    with pytest.raises(ValueError, match="padding_mask"):
+        effective_rank(h, pad[:, :4])
+
+
 def test_eq21_per_step_uses_the_exact_spectral_norm() -> None:
     torch.manual_seed(0)
     model = PDEClassifier(num_classes=3, d_model=16, n_layers=2, n_heads=2, d_ff=8, image_size=8, dt=0.3)

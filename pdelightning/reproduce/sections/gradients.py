@@ -33,7 +33,7 @@ def gradients(results: Results) -> Section:
     """The §3.4 claims on relative gradients ``||dCE/dθ_l|| / ||θ_l||``."""
     sec = Section("gradients", "Gradient flow (§3.4)")
     sec.intro = (
-        f"Paper: {paper.GRADIENT_SOURCE}. Ours: at every saved checkpoint, the gradient of the cross-entropy on a "
+        f"Paper: {paper.GRADIENT_SOURCE}. Ours: at every analysed checkpoint, the gradient of the cross-entropy on a "
         "fixed batch of training-split samples (eval mode) for each block's parameters; the relative gradient "
         "||dCE/dθ_l|| / ||θ_l|| and the mean absolute gradient per entry; per run the median over the checkpoints "
         "after step 0. Absolute magnitudes depend on width, learning rate, loss scale and the IB weight (none stated "

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from pdelightning.reproduce.rules import BY_ID, FIT_N, GRAD_N, INTERVAL, PROBE_N
+from pdelightning.reproduce.rules import BY_ID, FIT_N, GRAD_N, INTERVAL, PROBE_N, SKIP_STEPS
 from pdelightning.reproduce.sections.common import Section, Table, cell, est
 from pdelightning.reproduce.settings import CHECKPOINT_STEPS, PAIRS, SETTINGS
 from pdelightning.reproduce.summary import Results
@@ -57,14 +57,17 @@ def runs(results: Results) -> Section:
     r = results.runs
     devices = collections.Counter(str(d) for d in r["device"]) if "device" in r else {}
     n_gpu = int(sum(_true(g) for g in r.get("gpu", [])))
+    fit = results.values("newsgroups_pde", "fit_n", stage="init")
+    n_fit = f"{int(fit[0])} in these runs" if fit.size else "none analysed"
     sec.intro = (
         f"{len(r)} runs; devices: {', '.join(f'{d} ({n})' for d, n in devices.items()) or '—'}; {n_gpu} trained on "
         "a GPU (the table below names the device of every run). Every analysis number was computed on the CPU from "
         "the runs' saved weights. "
         f"Probe set: {PROBE_N['mnist']} MNIST / {PROBE_N['newsgroups']} 20 Newsgroups test samples (seeded, the same "
-        f"for every run of a data set); I(T;Y) probe fitted on {FIT_N['mnist']} / {FIT_N['newsgroups']} "
-        f"training-split samples; gradients on {GRAD_N['newsgroups']}. Checkpoints at steps "
-        f"{', '.join(map(str, CHECKPOINT_STEPS))} (those within a run) and the final step. "
+        f"for every run of a data set); the 20 Newsgroups I(T;Y) probe fitted on up to {FIT_N['newsgroups']} "
+        f"training-split posts ({n_fit}) and the gradients taken on {GRAD_N['newsgroups']} of them. Checkpoints saved "
+        f"at steps {', '.join(map(str, CHECKPOINT_STEPS))} (those within a run) and the final step; not analysed: "
+        f"steps {', '.join(map(str, SKIP_STEPS))}. "
         f"Intervals: {INTERVAL}."
     )
     val = results.run_field("mnist_transformer", "val_acc")
@@ -89,9 +92,9 @@ def runs(results: Results) -> Section:
         rows.append([
             s.name, s.role, str(len(g)), ", ".join(f"{k} {v}" for k, v in status.items()),
             ", ".join(f"{k} {v}" for k, v in stops.items()), f"{plateau}/{len(g)}",
-            fmt(float(np.median(steps))) if (steps := g["final_step"].dropna().astype(float)).size else "—",
+            f"{np.median(steps):.0f}" if (steps := g["final_step"].dropna().astype(float)).size else "—",
             cell(est(vals)),
-            fmt(float(np.nansum(g["wall_s"].astype(float)))),
+            f"{np.nansum(g['wall_s'].astype(float)):.0f}",
         ])  # fmt: skip
     sec.tables.append(Table(["setting", "role", "runs", "status", "stop reason", "plateau met", "median final step",
                              "final val/acc", "wall time total [s]"], rows, "From each run's run.json."))  # fmt: skip
@@ -168,8 +171,12 @@ def compute_table(results: Results) -> Table | None:
         wall = float(np.nansum(d["wall_s"].astype(float)))
         rows.append([device, str(len(d)), f"{wall / 3600:.2f} h ({wall:.0f} s)"])
     total = results.compute.get("cpu_seconds_total")
+    jobs = results.compute.get("wall_seconds_by_job") or {}
     caption = "Training wall time per device, summed over its runs."
     if total:
         caption += (f" CPU time of the background jobs on the 2-core CPU (training and analysis, one worker, one "
-                    f"torch thread): {total / 3600:.2f} h (scripts/cpu_sampler.sh, sampled each minute).")  # fmt: skip
+                    f"torch thread, on a machine shared with other work): {total / 3600:.2f} h "
+                    "(scripts/cpu_sampler.sh, sampled each minute)")  # fmt: skip
+        caption += ("; wall time of its jobs: " + ", ".join(f"{k} {v / 3600:.2f} h" for k, v in jobs.items()) + "."
+                    if jobs else ".")  # fmt: skip
     return Table(["device", "runs", "training wall time"], rows, caption)

@@ -1,0 +1,57 @@
+"""Section behaviour added for runs of several machines and budgets: where each run was trained, the cuts, the
+accuracy fallback to the probe set, and the warning when the rules' I(T;Y) estimator reads below zero.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pdelightning.reproduce.rules import NEWSGROUPS_LAYERS
+from pdelightning.reproduce.sections.bottleneck import bottleneck
+from pdelightning.reproduce.sections.common import accuracy_text
+from pdelightning.reproduce.sections.runs import runs
+from tests.reproduce.planted import Planter
+
+
+def test_device_and_budget_tables_name_every_run() -> None:
+    p = Planter()
+    p.run("mnist_pde", seeds=(2,), device="cuda: NVIDIA H200", gpu=True, budget="full", wall_s=77.0,
+          imported="GPU run: final weights", init_regenerated=True)  # fmt: skip
+    p.run("mnist_pde", seeds=(0, 1, 3, 4), device="cpu: x86_64, 2 cores", gpu=False, budget="cpu", wall_s=1200.0,
+          cuts="none (the same config as the GPU runs)")  # fmt: skip
+    p.run("newsgroups_pde", device="cpu: x86_64, 2 cores", gpu=False, budget="cpu", wall_s=300.0, cuts="3,000 posts")
+    sec = runs(p.results())
+    devices = next(t for t in sec.tables if t.headers[:2] == ["setting", "device"])
+    rows = {(r[0], r[1]): r for r in devices.rows}
+    assert (
+        rows[("mnist_pde", "cuda: NVIDIA H200")][3] == "2"
+        and "regenerated" in rows[("mnist_pde", "cuda: NVIDIA H200")][4]
+    )
+    assert rows[("mnist_pde", "cpu: x86_64, 2 cores")][3] == "0, 1, 3, 4"
+    budgets = next(t for t in sec.tables if t.headers[:2] == ["setting", "budget"])
+    assert ["newsgroups_pde", "cpu", "5", "3,000 posts"] in budgets.rows
+    compute = next(t for t in sec.tables if t.headers[0] == "device")
+    assert any(r[0] == "cpu: x86_64, 2 cores" and r[1] == "9" for r in compute.rows)
+    assert "1 trained on a GPU" in sec.intro
+
+
+def test_accuracy_falls_back_to_the_probe_set() -> None:
+    p = Planter().add("newsgroups_pde", "probe_acc", lambda s: 0.5).add("mnist_pde", "test_acc", lambda s: 0.98)
+    text = accuracy_text(p.results(), [("PDE", "newsgroups_pde"), ("M", "mnist_pde")])
+    assert "PDE (probe set) 0.5000" in text and "M 0.9800" in text
+
+
+def test_warning_when_the_fixed_estimator_reads_below_zero() -> None:
+    def planted(end: float) -> list[str]:
+        p = Planter()
+        for s in ("newsgroups_transformer", "newsgroups_pde"):
+            for st, v in (("init", -0.9), ("final", 1.2)):
+                p.add(s, "I_TY_crossfit", lambda seed, v=v: np.full(4, v), NEWSGROUPS_LAYERS, stage=st, noise=0.01)
+            for st, v in (("init", 0.0), ("final", end)):
+                p.add(s, "I_TY", lambda seed, v=v: np.full(4, v), NEWSGROUPS_LAYERS, stage=st, noise=0.01)
+            p.add(s, "head_bound", lambda seed: 1.1, noise=0.01)
+        return bottleneck(p.results()).notes
+
+    below = planted(-1.5)
+    assert len(below) == 2 and all("below zero" in n and "train/test shift" in n for n in below)
+    assert planted(0.8) == []
