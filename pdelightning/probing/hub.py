@@ -432,7 +432,7 @@ class ProbeHub:
         if self.schedule is not None:
             self.schedule.tick(self.wall())
             fraction = self.schedule.fraction()
-            if fraction == fraction:  # not nan
+            if step > self.schedule.start_step and fraction == fraction:  # no ratio before any training (or nan)
                 metrics["analysis/overhead/fraction"] = fraction
         self.history.append({"step": step, **metrics, **{f"seconds/{k}": v for k, v in self.last_timings.items()}})
         if trainer.is_global_zero:
