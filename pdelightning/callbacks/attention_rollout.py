@@ -29,7 +29,7 @@ class AttentionRollout(ProbeCallback):
     identity (``0.5 A + 0.5 I`` by default), renormalised over valid keys and multiplied through the layers.
     Logged per layer: the mean row entropy of the rollout after that layer (nats, over valid rows and samples), and
     the same as a fraction of ``ln`` (number of valid tokens) (``mixing``: 0 = no mixing, 1 = uniform). The figure
-    shows the final rollout of probe sample 0 and the entropy per layer. Comparing a PDE model's rollout with a
+    shows the final rollout of one probe sample and the entropy per layer. Comparing a PDE model's rollout with a
     Transformer's shows whether the continuum model moves information across tokens the same way (the paper's
     information-flow section has no such picture).
 
@@ -94,8 +94,9 @@ class AttentionRollout(ProbeCallback):
             update[f"entropy/{n}"] = entropy[i].float()
             update[f"mixing/{n}"] = torch.where(count > 1, entropy[i] / ceiling, torch.zeros_like(ceiling)).float()
         self._store.update(pb.index, **update)
-        if bool((pb.index == 0).any()):
-            k = int((pb.index == 0).nonzero()[0, 0])
+        here = pb.index == pb.session.figure_position
+        if bool(here.any()):
+            k = int(here.nonzero()[0, 0])
             keep = valid[k]
             self._sample0 = rollout[-1, k][keep][:, keep].float().cpu()
 

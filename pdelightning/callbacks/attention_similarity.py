@@ -181,6 +181,9 @@ class AttentionSimilarity(ProbeCallback):
         eps: the KL guard (reference probabilities are clamped at ``eps``), in ``(0, 1)``.
         log_figures: write the attention-map and per-layer figures (on the probes that draw figures).
         null_seed: seed of the re-initialisation.
+        max_samples: how many probe samples the comparison uses (a random subset of whole shuffled-null pairs, the
+            same at every probe and on any number of processes; the reference and the null model run on it only;
+            ``None``: the whole probe set).
         skill_min_room: the least room a null must leave (``1 - s_null`` for cosine, ``d_null`` for KL/JS) for a
             skill to be reported; below it the skill is NaN (its denominator would blow up tiny differences, e.g.
             skill -28 against a uniform null at cosine 0.988) and the margin is the number to read.
@@ -229,6 +232,7 @@ class AttentionSimilarity(ProbeCallback):
         log_figures: bool = True,
         null_seed: int = 0,
         skill_min_room: float = SKILL_MIN_ROOM,
+        max_samples: int | None = 64,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -276,6 +280,9 @@ class AttentionSimilarity(ProbeCallback):
         if not 0.0 <= skill_min_room < 1.0:
             raise ValueError(f"skill_min_room={skill_min_room} must lie in [0, 1)")
         self.skill_min_room = skill_min_room
+        if max_samples is not None and (max_samples < 2 or max_samples % 2):
+            raise ValueError(f"max_samples={max_samples} must be an even number >= 2 (whole shuffled pairs), or None")
+        self.max_samples = max_samples
         self.initial = reference is None and reference_checkpoint is None and reference_config is None
         self._reference: nn.Module | None = freeze(reference) if reference is not None else None
         self._pending_initial: dict[str, Tensor] | None = None
@@ -389,7 +396,8 @@ class AttentionSimilarity(ProbeCallback):
     @override
     def extra_models(self, pl_module: nn.Module) -> dict[str, tuple[nn.Module, Request]]:
         assert self._reference is not None
-        models = {f"reference:{id(self._reference)}": (self._reference, Request(attention=True))}
+        request = Request(attention=True, samples=self.max_samples)
+        models = {f"reference:{id(self._reference)}": (self._reference, request)}
         if "random_init" in self.nulls and not self._null_failed:
             if self._null_model is None:
                 self._null_model = reinitialised_copy(
@@ -397,7 +405,7 @@ class AttentionSimilarity(ProbeCallback):
                 )
                 self._null_failed = self._null_model is None
             if self._null_model is not None:
-                models[f"null:{id(self._null_model)}"] = (self._null_model, Request(attention=True))
+                models[f"null:{id(self._null_model)}"] = (self._null_model, request)
         return models
 
     @override
@@ -426,6 +434,7 @@ class AttentionSimilarity(ProbeCallback):
 
     @override
     def consume(self, pb: ProbeBatch) -> None:
+        pb = pb.take(pb.session.subset(pb.index, self.max_samples))
         p_all = pb.captured["model"].attention
         r_all = pb.captured[self._ref_key].attention
         n_all = pb.captured[self._null_key].attention if self._null_key is not None else {}
@@ -460,8 +469,9 @@ class AttentionSimilarity(ProbeCallback):
                     update[f"shuffled/{m}/{a}"] = v
             else:
                 update[f"rows_shuffled/{a}"] = torch.zeros_like(valid.sum(-1))
-            if self.log_figures and bool((pb.index == 0).any()):  # probe sample 0 lives on rank zero
-                k = int((pb.index == 0).nonzero()[0, 0])
+            here = pb.index == pb.session.figure_position  # the figure's sample lives on process 0
+            if self.log_figures and bool(here.any()):
+                k = int(here.nonzero()[0, 0])
                 keep = valid[k]
                 self._maps[a] = (p[k].mean(0)[keep][:, keep].cpu(), r[k].mean(0)[keep][:, keep].cpu())
         self._store.update(pb.index, **update)

@@ -34,6 +34,9 @@ class Request:
         attention: every layer's attention probabilities ``[B, H, Q, K]`` (switches the model to its explicit path).
         sublayers: every layer's input (``resid_pre``) and its attention and MLP contributions.
         block_inputs: every layer's call arguments, to call the layer again as a map (Jacobians).
+        samples: for a reference or null model: run it only on the random subset of this many probe samples
+            (:meth:`~pdelightning.probing.hub.ProbeSession.subset`); ``None``: on all (the model under training always
+            runs on all).
     """
 
     hidden: bool = False
@@ -41,14 +44,17 @@ class Request:
     attention: bool = False
     sublayers: bool = False
     block_inputs: bool = False
+    samples: int | None = None
 
     def __or__(self, other: Request) -> Request:
-        return Request(**{f.name: getattr(self, f.name) or getattr(other, f.name) for f in fields(self)})
+        flags = {f.name: getattr(self, f.name) or getattr(other, f.name) for f in fields(self) if f.name != "samples"}
+        a, b = self.samples, other.samples
+        return Request(**flags, samples=None if a is None or b is None else max(a, b))
 
     @property
     def empty(self) -> bool:
         """Whether nothing is requested (the forward still gives logits)."""
-        return not any(getattr(self, f.name) for f in fields(self))
+        return not any(getattr(self, f.name) for f in fields(self) if f.name != "samples")
 
 
 @dataclass

@@ -63,6 +63,7 @@ class ProbeSession:
         figures: the background figure worker.
         partner: ``[probe_size]`` each position's partner for the shuffled null (``-1``: none).
         rank: ``[probe_size]`` a random rank of each position (a subset of ``k`` samples: those of rank ``< k``).
+        figure_position: the probe position of the sample that figures draw (rank 0; on process 0).
     """
 
     trainer: L.Trainer
@@ -77,9 +78,13 @@ class ProbeSession:
     timings: dict[str, float] = field(default_factory=dict)
     partner: Tensor | None = None
     rank: Tensor | None = None
+    figure_position: int = 0
 
     def subset(self, index: Tensor, k: int | None) -> Tensor:
-        """Rows of a batch with probe positions ``index`` that belong to the random subset of ``k`` samples."""
+        """Rows of a batch with probe positions ``index`` that belong to the random subset of ``k`` samples.
+
+        A stand-in batch (empty ``index``) has no row in any subset.
+        """
         if k is None or self.rank is None:
             return torch.arange(len(index), device=index.device)
         return (self.rank.to(index.device)[index] < k).nonzero().flatten()
@@ -388,7 +393,7 @@ class ProbeHub:
                 adapters[key], targets[key] = resolve(module, need=())
         session = ProbeSession(
             trainer, pl_module, step, final, targets, adapters, {k: m for k, (m, _) in models.items()}, probe.size,
-            self.figures, timings, probe.partner, probe.rank,
+            self.figures, timings, probe.partner, probe.rank, probe.figure_position,
         )  # fmt: skip
         for c in members:
             c.begin(session)
@@ -400,8 +405,13 @@ class ProbeHub:
                 captured: dict[str, Captured] = {}
                 logits: Tensor | None = None
                 for key, (module, req) in models.items():
+                    inputs = batch
+                    if key != MODEL and req.samples is not None:  # only the random subset (a stand-in row if none)
+                        rows = session.subset(index, req.samples)
+                        rows = rows if len(rows) else torch.zeros(1, dtype=torch.long)
+                        inputs = take_rows(batch, rows.to(device))
                     with Capture(adapters[key], targets[key], req) as cap:
-                        out = call_model(module, batch)
+                        out = call_model(module, inputs)
                         captured[key] = cap.pop()
                     if key == MODEL:
                         logits = extract_logits(out)

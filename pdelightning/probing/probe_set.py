@@ -22,7 +22,8 @@ class ProbeSet:
     partner for the shuffled null (a random other sample). :attr:`rank` orders the positions at random: a callback
     that measures only ``k`` samples takes those of rank ``< k`` (a random subset, the same on every rank). Pairs
     are dealt to ranks round-robin and batches are made of whole pairs (``batch_size`` is rounded up to even), so
-    partners always share a batch. A rank may get no sample
+    partners always share a batch, and a subset of an even number of lowest ranks holds whole pairs. The sample
+    figures draw (:attr:`figure_position`, rank 0) is in the first pair, on process 0. A rank may get no sample
     at all (a probe set smaller than the world size): :attr:`stand_in` then holds a batch of probe sample 0 with an
     empty index, which the rank runs so that it takes part in every collective with zero rows.
 
@@ -47,7 +48,6 @@ class ProbeSet:
         self.rank = torch.empty(self.size, dtype=torch.long)
         self.rank[torch.tensor(order, dtype=torch.long)] = torch.arange(self.size)
         pairs = [order[i : i + 2] for i in range(0, self.size, 2)]
-        pairs.sort(key=lambda pair: 0 not in pair)  # position 0 (drawn in figures) lives on rank zero
         self.partner = torch.full((self.size,), -1, dtype=torch.long)
         for pair in pairs:
             if len(pair) == 2:
@@ -58,6 +58,7 @@ class ProbeSet:
         for start in range(0, len(mine), batch_size):
             pos = torch.tensor(mine[start : start + batch_size], dtype=torch.long)
             self.batches.append((collate_fn([dataset[int(self.chosen[p])] for p in pos]), pos))
+        self.figure_position = int(order[0]) if order else 0
         self.stand_in: tuple[Any, Tensor] | None = None
         if not self.batches and self.size:
             self.stand_in = (collate_fn([dataset[int(self.chosen[0])]]), torch.zeros(0, dtype=torch.long))
