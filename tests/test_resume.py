@@ -116,8 +116,10 @@ BATCH, STEPS_PER_EPOCH, CKPT_EVERY = 128, 11, 8
 ANALYSIS = [
     {"class_path": "pdelightning.callbacks.StabilityMonitor",
      "init_args": {"every_n_steps": 4, "check_every_n_steps": 3, "probe_size": 32}},
-    {"class_path": "pdelightning.callbacks.GradientFlow", "init_args": {"every_n_steps": 3, "histogram_every_n_steps": 5}},
-    {"class_path": "pdelightning.callbacks.LayerMutualInformation", "init_args": {"every_n_steps": 6, "probe_size": 64}},
+    {"class_path": "pdelightning.callbacks.GradientFlow",
+     "init_args": {"every_n_steps": 3, "histogram_every_n_steps": 5}},
+    {"class_path": "pdelightning.callbacks.LayerMutualInformation",
+     "init_args": {"every_n_steps": 6, "probe_size": 64}},
     {"class_path": "pdelightning.callbacks.PDEFit", "init_args": {"every_n_steps": 5, "probe_size": 32}},
 ]  # fmt: skip
 """Callbacks with history, at fixed cadences (a time budget would place probes by wall-clock time)."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from pdelightning.adapters.base import ModelAdapter
@@ -194,6 +195,7 @@ class ProbeHub:
         self._wall_offset = 0.0
         self._calibrate_at: int | None = None
         self._started_at: int | None = None
+        self._floor_warned = False
         self.last_timings: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -286,7 +288,16 @@ class ProbeHub:
         sched = self.schedule
         assert sched is not None
         sched.tick(self.wall())
-        sched.next_step = self._agree(trainer, sched.plan(trainer.global_step, self.total_steps(trainer)))
+        total = self.total_steps(trainer)
+        sched.next_step = self._agree(trainer, sched.plan(trainer.global_step, total))
+        floor = sched.floor_fraction(trainer.global_step, total)
+        if not self._floor_warned and floor is not None and floor > sched.budget:
+            self._floor_warned = True
+            rank_zero_warn(
+                f"analysis budget {sched.budget:.0%}: the probes at the start and the end of training alone will cost "
+                f"about {floor:.0%} of this run ({sched.last_cost:.2f} s per probe); the run gets only those two. "
+                "Attach fewer callbacks, lower their max_samples, or train longer to keep within the budget."
+            )
 
     def _calibrate(self, trainer: L.Trainer) -> None:
         sched = self.schedule

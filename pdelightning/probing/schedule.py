@@ -101,6 +101,18 @@ class BudgetSchedule:
         self.next_step = nxt if nxt < int(total_steps) else None
         return self.next_step
 
+    def floor_fraction(self, step: int, total_steps: float | None) -> float | None:
+        """What the always-run probes (start and end) alone will cost, as a fraction of the projected training time.
+
+        ``None`` while the step time, the probe cost or the run's length is unknown. Above :attr:`budget`, the budget
+        cannot be kept whatever the spacing (the run is too short for the probes attached).
+        """
+        s, c = self.step_time(step), self.last_cost
+        if s is None or c is None or total_steps is None or not math.isfinite(total_steps):
+            return None
+        projected = self.train_seconds + max(0, int(total_steps) - step) * s
+        return 2 * c / projected if projected > 0 else None
+
     def due(self, step: int) -> bool:
         """Whether an interior probe is scheduled at ``step`` (or was missed before it)."""
         return self.next_step is not None and step >= self.next_step

@@ -81,7 +81,7 @@ def test_all_callbacks_with_no_arguments_through_the_plugin(name: str, monkeypat
         trainer.fit(module, train, val)
     switched_off = [str(w.message) for w in caught if "switched off" in str(w.message)]
     assert not switched_off, switched_off
-    adapter, targets = resolve(module)
+    _adapter, targets = resolve(module)
     layers = [t.name for t in targets.layers]
     keys = logger.keys()
     for layer in layers:

@@ -12,7 +12,7 @@ import lightning.pytorch as L
 import pytest
 
 from pdelightning.callbacks import GradientFlow, InformationFlow, PerturbationEval, StabilityMonitor
-from pdelightning.callbacks.plugin import CALLBACK_NAMES, LENS_NAMES, ENV_VAR, build_callbacks, callbacks_factory
+from pdelightning.callbacks.plugin import CALLBACK_NAMES, ENV_VAR, LENS_NAMES, build_callbacks, callbacks_factory
 from tests.helpers.tb import scalar_tags
 
 ROOT = Path(__file__).resolve().parents[2]

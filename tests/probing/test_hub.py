@@ -49,7 +49,7 @@ def test_shared_forward_gives_every_callback_its_values_alone() -> None:
     for cls in PROBE_CALLBACKS:
         alone = MemoryLogger()
         _fit([cls(**FIXED)], alone)
-        mine = {k for k in alone.keys() if k.startswith(f"analysis/{cls.name}/")}
+        mine = {k for k in alone.keys() if k.startswith(f"analysis/{cls.name}/")}  # noqa: SIM118
         assert mine, cls.name
         for key in mine:
             a, t = alone.series(key), together.series(key)
@@ -78,7 +78,7 @@ def test_overhead_is_logged_at_every_budgeted_probe() -> None:
     trainer = _fit([StabilityMonitor(probe_size=16)], logger, max_steps=8)
     fractions = logger.series("analysis/overhead/fraction")
     seconds = logger.series("analysis/overhead/probe_seconds")
-    assert [s for s, _ in seconds][0] == 0 and [s for s, _ in seconds][-1] == 8  # a probe at the start and the end
+    assert next(s for s, _ in seconds) == 0 and [s for s, _ in seconds][-1] == 8  # a probe at the start and the end
     assert fractions and fractions[0][0] > 0 and all(v >= 0 for _, v in fractions)  # no ratio before training
     assert ProbeHub.of(trainer).schedule is not None
 

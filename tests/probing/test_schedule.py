@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -48,7 +49,7 @@ def test_probes_at_start_and_end_and_within_budget() -> None:
     # 3 % of 100 s is 3 s: 15 probes of 0.2 s, the two fixed ones included
     assert 10 <= len(steps) <= 15
     assert fraction <= 0.03 + 1e-9
-    gaps = [b - a for a, b in zip(steps[:-1], steps[1:], strict=True)]
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
     assert max(gaps) <= 1.6 * min(gaps)  # spread over the run (re-planned after each probe, so not exactly even)
 
 
@@ -64,11 +65,21 @@ def test_a_probe_too_expensive_for_the_budget_leaves_start_and_end_only() -> Non
     assert steps == [0, 100]
 
 
+def test_floor_fraction_is_what_the_start_and_end_probes_cost() -> None:
+    sched = BudgetSchedule(0.03)
+    sched.record_probe(0, 1.0)
+    sched.tick(1.0 + 10 * 0.5)  # 10 steps of 0.5 s after a 1 s probe
+    assert sched.floor_fraction(10, math.inf) is None  # unknown length
+    # projected training: 5 s so far + 90 steps x 0.5 s = 50 s; two probes of 1 s = 4 %
+    assert sched.floor_fraction(10, 100) == pytest.approx(2.0 / 50.0)
+    assert BudgetSchedule(0.03).floor_fraction(10, 100) is None  # no probe cost yet
+
+
 def test_explicit_spacing_is_the_closest_allowed() -> None:
     free, _ = simulate(0.5, total=200, step_time=0.1, probe_cost=0.01)
     capped, _ = simulate(0.5, total=200, step_time=0.1, probe_cost=0.01, min_spacing=50)
-    assert min(b - a for a, b in zip(free[1:-1], free[2:-1], strict=False)) < 50
-    assert all(b - a >= 50 for a, b in zip(capped[1:-1], capped[2:-1], strict=False))
+    assert min(b - a for a, b in itertools.pairwise(free[1:-1])) < 50
+    assert all(b - a >= 50 for a, b in itertools.pairwise(capped[1:-1]))
 
 
 def test_unknown_length_uses_the_steady_state_spacing() -> None:
