@@ -16,6 +16,7 @@ import torch
 from typing_extensions import override
 
 from pdelightning.analysis.rollout import attention_rollout, row_entropy
+from pdelightning.callbacks._figures import few_ticks
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
@@ -129,8 +130,9 @@ def rollout_figure(sample: torch.Tensor, layers: list[str], entropies: list[floa
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.2, wspace=0.35)
     ax_m, ax_e = fig.subplots(1, 2)
     image = ax_m.imshow(sample.numpy(), cmap="viridis", vmin=0.0)
-    ax_m.set_xlabel("input token", fontsize=8)
-    ax_m.set_ylabel("output position", fontsize=8)
+    ax_m.set_xlabel("input token")
+    ax_m.set_ylabel("output position")
+    few_ticks(ax_m, sample.shape)
     ax_m.set_title(f"rollout through {len(layers)} layers (sample 0)", fontsize=9)
     fig.colorbar(image, ax=ax_m, shrink=0.8)
     ax_e.plot(range(len(layers)), entropies, "o-")

@@ -27,6 +27,7 @@ from pdelightning.analysis.representation import (  # noqa: F401 (moved there; t
     layer_correlation,
     pool_tokens,
 )
+from pdelightning.callbacks._figures import few_ticks
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.callbacks._reference import import_lightning_module_class, load_reference_checkpoint
 from pdelightning.models.protocol import AnalysisTargets
@@ -368,7 +369,8 @@ def heatmap_figure(rows: list[tuple[str, list[Tensor], list[str]]], n_samples: i
     from matplotlib.figure import Figure
 
     n_cols = max(len(reps) for _, reps, _ in rows)
-    fig = Figure(figsize=(2.0 * n_cols + 1.0, 2.0 * len(rows) + 0.4), layout="constrained")
+    fig = Figure(figsize=(2.0 * n_cols + 1.0, 2.0 * len(rows) + 0.4))  # fixed margins: a layout engine costs more
+    fig.subplots_adjust(left=0.07, right=0.88, bottom=0.12, top=0.9, wspace=0.35, hspace=0.5)
     axes = fig.subplots(len(rows), n_cols, squeeze=False)
     for r, (label, reps, names) in enumerate(rows):
         panels = [x[:n_samples].detach().float().cpu() for x in reps]
@@ -382,12 +384,12 @@ def heatmap_figure(rows: list[tuple[str, list[Tensor], list[str]]], n_samples: i
                 panels[c].numpy(), aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest"
             )
             ax.set_title(names[c], fontsize=8)
-            ax.tick_params(labelsize=6)
-            ax.set_xlabel("feature", fontsize=7)
-            if c == 0:
-                ax.set_ylabel(f"{label}\nsample", fontsize=7)
+            ax.set_xlabel("feature")
+            ax.set_ylabel(f"{label}\nsample" if c == 0 else "")
+            few_ticks(ax, panels[c].shape)
         if image is not None:
-            fig.colorbar(image, ax=list(axes[r]), shrink=0.8)
+            box = axes[r][0].get_position()
+            fig.colorbar(image, cax=fig.add_axes((0.9, box.y0, 0.015, box.height)))
     return fig
 
 
@@ -401,7 +403,8 @@ def cka_figure(
     if cross is not None and ref_names:
         panels.append(("CKA vs reference", cross, names, ref_names))
     m = len(names)
-    fig = Figure(figsize=(4.2 * len(panels) + 0.6, 0.35 * m + 2.2), layout="constrained")
+    fig = Figure(figsize=(4.2 * len(panels) + 0.6, 0.35 * m + 2.2))  # fixed margins: a layout engine costs more
+    fig.subplots_adjust(left=0.1, right=0.86, bottom=0.2, top=0.9, wspace=0.35)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     image = None
     for ax, (title, mat, rows, cols) in zip(axes, panels, strict=True):
@@ -417,5 +420,5 @@ def cka_figure(
                 for j, v in enumerate(row):
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="w" if v < 0.5 else "k")
     if image is not None:
-        fig.colorbar(image, ax=list(axes), shrink=0.8)
+        fig.colorbar(image, cax=fig.add_axes((0.89, 0.2, 0.015, 0.7)))
     return fig
