@@ -106,6 +106,21 @@ def uniform_attention(valid: Tensor) -> Tensor:
     return row[:, None, None, :].expand(-1, 1, valid.shape[-1], -1)
 
 
+def uniform_over_support(r: Tensor) -> Tensor:
+    """Uniform attention ``[B, 1, Q, K]`` over the keys the reference may attend (any head puts mass there).
+
+    For a padded batch that is the valid keys; for a causal model, the valid keys up to the query.
+
+    Example::
+
+        >>> r = torch.tensor([[[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]]])
+        >>> uniform_over_support(r)[0, 0, 1].tolist()
+        [0.5, 0.5, 0.0]
+    """
+    support = (r > 0).any(1, keepdim=True).float()
+    return support / support.sum(-1, keepdim=True).clamp_min(1.0)
+
+
 def pairwise_head_sums(p: Tensor, q: Tensor, row_mask: Tensor, eps: float = 1e-8) -> dict[str, Tensor]:
     """Per-sample sums over valid query rows of cosine, KL(p||q) and JS for every pair of heads.
 

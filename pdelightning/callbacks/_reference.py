@@ -192,3 +192,29 @@ def build_from_config(path: str, linked: Mapping[str, Any], cls: type | None = N
         if "num_classes" in linked:
             section.setdefault("num_classes", linked["num_classes"])
     return instantiate_module(cls, section)
+
+
+def load_reference(
+    pl_module: nn.Module, config: str | None, checkpoint: str | None, class_path: str | None, owner: str
+) -> nn.Module:
+    """A reference model from a YAML ``config`` (with ``checkpoint`` weights, or freshly initialised with a warning)
+    or from a Lightning ``checkpoint`` alone (``class_path`` or the class recorded in it).
+    """
+    if config is not None and not Path(config).is_file():
+        raise FileNotFoundError(f"reference_config={config!r} does not exist")
+    cls = import_object(class_path) if class_path else None
+    if config is not None:
+        module = build_from_config(config, linked_values(pl_module), cls)
+        if checkpoint is not None:
+            if not Path(checkpoint).is_file():
+                raise FileNotFoundError(f"reference_checkpoint={checkpoint!r} does not exist")
+            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            module.load_state_dict(ckpt.get("state_dict", ckpt))
+        else:
+            rank_zero_warn(
+                f"{owner}: the reference built from {config!r} is freshly initialised (no reference_checkpoint given)"
+            )
+        return module
+    return load_reference_checkpoint(
+        checkpoint, cls, hint="also give reference_config (a YAML describing the architecture)"
+    )

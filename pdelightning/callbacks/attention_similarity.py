@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -50,21 +49,16 @@ from pdelightning.analysis.attention import (  # noqa: F401 (the old import path
     skill_score,
     summarize_pairs,
     uniform_attention,
+    uniform_over_support,
 )
 from pdelightning.callbacks._figures import attention_by_layer_figure, attention_maps_figure
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
-from pdelightning.callbacks._reference import (
-    build_from_config,
-    freeze,
-    import_object,
-    linked_values,
-    load_reference_checkpoint,
-    reinitialised_copy,
-)
+from pdelightning.callbacks._reference import freeze, load_reference, reinitialised_copy
 from pdelightning.callbacks._targets import module_copy, unwrap
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+from pdelightning.probing.probe_set import partner_rows
 
 NULLS = ("uniform", "shuffled", "random_init")
 """The null baselines: uniform attention, the reference on another probe sample, a re-initialised model copy."""
@@ -72,36 +66,6 @@ NULLS = ("uniform", "shuffled", "random_init")
 
 def _all_valid(n: int, t: int, device: torch.device) -> Tensor:
     return torch.ones(n, t, dtype=torch.bool, device=device)
-
-
-def _uniform_over_support(r: Tensor) -> Tensor:
-    """Uniform attention ``[B, 1, Q, K]`` over the keys the reference may attend (any head puts mass there).
-
-    For a padded batch that is the valid keys; for a causal model, the valid keys up to the query.
-
-    Example::
-
-        >>> r = torch.tensor([[[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]]])
-        >>> _uniform_over_support(r)[0, 0, 1].tolist()
-        [0.5, 0.5, 0.0]
-    """
-    support = (r > 0).any(1, keepdim=True).float()
-    return support / support.sum(-1, keepdim=True).clamp_min(1.0)
-
-
-def _partner_rows(index: Tensor, partner: Tensor | None) -> Tensor:
-    """Row of each sample's shuffled-null partner in this batch (``partner[position]``), ``-1`` if it has none.
-
-    Example::
-
-        >>> _partner_rows(torch.tensor([4, 5, 8]), torch.tensor([-1, -1, -1, -1, 5, 4, -1, -1, -1])).tolist()
-        [1, 0, -1]
-    """
-    row_of = {int(p): i for i, p in enumerate(index.tolist())}
-    if partner is None:
-        return torch.full_like(index, -1)
-    mates = partner[index.cpu()].tolist()
-    return torch.tensor([row_of.get(int(m), -1) for m in mates], dtype=torch.long, device=index.device)
 
 
 # ---- the callback ----------------------------------------------------------------------------------------
@@ -302,24 +266,8 @@ class AttentionSimilarity(ProbeCallback):
 
     # ---- reference ---------------------------------------------------------------------------------------------
     def _load_reference(self, pl_module: L.LightningModule) -> nn.Module:
-        if self.reference_config is not None and not Path(self.reference_config).is_file():
-            raise FileNotFoundError(f"reference_config={self.reference_config!r} does not exist")
-        cls = import_object(self.reference_class) if self.reference_class else None
-        if self.reference_config is not None:
-            module = build_from_config(self.reference_config, linked_values(pl_module), cls)
-            if self.reference_checkpoint is not None:
-                if not Path(self.reference_checkpoint).is_file():
-                    raise FileNotFoundError(f"reference_checkpoint={self.reference_checkpoint!r} does not exist")
-                ckpt = torch.load(self.reference_checkpoint, map_location="cpu", weights_only=False)
-                module.load_state_dict(ckpt.get("state_dict", ckpt))
-            else:
-                rank_zero_warn(
-                    f"AttentionSimilarity: the reference built from {self.reference_config!r} is freshly initialised "
-                    "(no reference_checkpoint given)"
-                )
-            return module
-        return load_reference_checkpoint(
-            self.reference_checkpoint, cls, hint="also give reference_config (a YAML describing the architecture)"
+        return load_reference(
+            pl_module, self.reference_config, self.reference_checkpoint, self.reference_class, "AttentionSimilarity"
         )
 
     def _reference_targets(self, reference: nn.Module) -> tuple[ModelAdapter | None, AnalysisTargets]:
@@ -438,7 +386,7 @@ class AttentionSimilarity(ProbeCallback):
         p_all = pb.captured["model"].attention
         r_all = pb.captured[self._ref_key].attention
         n_all = pb.captured[self._null_key].attention if self._null_key is not None else {}
-        partner = _partner_rows(pb.index, pb.session.partner) if "shuffled" in self.nulls else None
+        partner = partner_rows(pb.index, pb.session.partner) if "shuffled" in self.nulls else None
         update: dict[str, Tensor] = {}
         for a, b in self._pairs:
             p, r = p_all[a].float(), r_all[b].float()
@@ -452,7 +400,7 @@ class AttentionSimilarity(ProbeCallback):
             update[f"rows/{a}"] = valid.sum(-1)
             for m, v in pairwise_head_sums(p, r, valid, self.eps).items():
                 update[f"main/{m}/{a}"] = v
-            for m, v in pairwise_head_sums(_uniform_over_support(r), r, valid, self.eps).items():
+            for m, v in pairwise_head_sums(uniform_over_support(r), r, valid, self.eps).items():
                 update[f"uniform/{m}/{a}"] = v[:, 0]
             w = valid.float()[:, None, :]
             update[f"entropy/{a}"] = (attention_entropy(p) * w).sum((-1, -2)) / p.shape[1]

@@ -70,3 +70,18 @@ class ProbeSet:
 
     def __len__(self) -> int:
         return len(self.batches) or int(self.stand_in is not None)
+
+
+def partner_rows(index: Tensor, partner: Tensor | None) -> Tensor:
+    """Row of each sample's shuffled-null partner in this batch (``partner[position]``), ``-1`` if it has none.
+
+    Example::
+
+        >>> partner_rows(torch.tensor([4, 5, 8]), torch.tensor([-1, -1, -1, -1, 5, 4, -1, -1, -1])).tolist()
+        [1, 0, -1]
+    """
+    row_of = {int(p): i for i, p in enumerate(index.tolist())}
+    if partner is None:
+        return torch.full_like(index, -1)
+    mates = partner[index.cpu()].tolist()
+    return torch.tensor([row_of.get(int(m), -1) for m in mates], dtype=torch.long, device=index.device)

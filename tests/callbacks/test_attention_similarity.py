@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 import pdelightning.callbacks.attention_similarity as asim
+from pdelightning.callbacks._reference import linked_values
 from pdelightning.callbacks._targets import TargetNotFoundError
 from pdelightning.callbacks.attention_similarity import (
     NULLS,
@@ -379,7 +380,7 @@ def test_reference_from_a_cli_checkpoint_and_another_lightning_module(tmp_path: 
     fit(our_task("pde"), cb, None)
     assert isinstance(cb._reference, ClassificationTask) and not cb._reference.training
     # a CLI-built model's data-linked arguments are read from its hparams, for a reference_config to copy
-    linked = asim.linked_values(cb._reference)
+    linked = linked_values(cb._reference)
     assert linked == {"num_classes": 4, "input_kind": "image", "image_size": 8, "vocab_size": 0, "max_len": 0}
     assert set(cb.last_results) == {"blocks.0", "blocks.1"}
     # any LightningModule class that rebuilds from its checkpoint

@@ -109,3 +109,11 @@ def test_no_plan_without_a_step_time_and_state_round_trip() -> None:
 def test_bad_budget_names_the_value(bad: float) -> None:
     with pytest.raises(ValueError, match=rf"budget={bad!r} must be a fraction in \(0, 1\)"):
         BudgetSchedule(bad)
+
+
+def test_probe_set_doctests() -> None:
+    import doctest
+
+    from pdelightning.probing import probe_set
+
+    assert doctest.testmod(probe_set, raise_on_error=False).failed == 0
