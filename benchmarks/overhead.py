@@ -3,8 +3,8 @@
 Runs alternate (none, with, with, none, ...) so drift in machine load hits both arms alike; the figure of merit is
 the median over pairs of ``time(with) / time(none)``, timed from the first callback's ``on_train_start`` to the return
 of ``trainer.fit`` (so the final probe and the figures rendered at the end are inside the timing; set-up and data
-loading are outside, and reported separately as the whole-``fit`` ratio). For each run with callbacks it also reports how many probes the time budget gave and
-what one probe cost, per callback (the shared forward separately).
+loading are outside, and reported separately as the whole-``fit`` ratio). For each run with callbacks it also reports
+how many probes the time budget gave and what one probe cost, per callback (the shared forward separately).
 
     python benchmarks/overhead.py                                   # defaults: quickstart and MNIST, the six callbacks
     python benchmarks/overhead.py --configs quickstart --steps 300 --pairs 5
