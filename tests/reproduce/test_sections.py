@@ -165,6 +165,25 @@ def test_ablations_planted() -> None:
     assert verdicts(ablations(Planter().results()))["v2.no_residual_drift"] == NOT_COMPARABLE
 
 
+def test_no_layernorm_rate_pools_only_the_cells_that_ran() -> None:
+    """Planted: the no-LayerNorm runs diverge in every lr > 1e-3 cell; the learning rate 3e-3 never ran. The pooled
+    rate is over the cells that ran (1/2 of them diverge, not 3/9), and the claim says how many ran.
+    """
+    p = Planter()
+    skipped = [c.name for c in depth_lr_cells() if abs(c.lr - 3e-3) < 1e-12]
+    assert skipped
+    for c in depth_lr_cells():
+        if c.name in skipped:
+            continue
+        for s in ("sweep_transformer", "sweep_no_layernorm"):
+            div = s == "sweep_no_layernorm" and c.lr > 1e-3
+            p.run(s, c.name, diverged=div, status="diverged" if div else "complete")
+    claim = next(c for c in ablations(p.results()).claims if c.rule.id == "v2.no_layernorm_explosive")
+    ran = len(depth_lr_cells()) - len(skipped)
+    assert f"pooled over the {ran} cells that ran (of {len(depth_lr_cells())})" in claim.ours
+    assert claim.estimates["diff"].value == pytest.approx(0.5)
+
+
 def test_wilson_interval() -> None:
     from pdelightning.reproduce.sections.ablations import wilson
 
