@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pdelightning._checks import check_choice
 from pdelightning.analysis.estimator_bias import (  # noqa: F401 (re-exported: the measured bias of these estimators)
     ESTIMATOR_BIAS,
     LARGE_BIAS_BITS,
@@ -161,8 +162,7 @@ def binning_mutual_information(
         >>> binning_mutual_information(torch.eye(4)[y], y, n_components=None)
         (2.0, 2.0)
     """
-    if bins not in BINNINGS:
-        raise ValueError(f"bins={bins!r} is not one of {BINNINGS}")
+    check_choice("bins", bins, BINNINGS)
     t = t.detach().double().cpu()
     y = y.detach().cpu()
     binned = bin_codes if bins == "equal_width" else quantile_bin_codes

@@ -55,6 +55,8 @@ from torch import Tensor
 from torch.func import jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from pdelightning._checks import check_choice
+
 LayerMap = Callable[[Tensor], Tensor]
 JacobianMethod = Literal["auto", "jvp", "double_vjp"]
 JACOBIAN_METHODS = ("auto", "jvp", "double_vjp")
@@ -228,8 +230,7 @@ def jacobian_spectral_norm(
         raise ValueError(f"n_iter={n_iter} must be >= 1")
     if tol < 0:
         raise ValueError(f"tol={tol} must be >= 0")
-    if method not in JACOBIAN_METHODS:
-        raise ValueError(f"method={method!r} is not one of {JACOBIAN_METHODS}")
+    check_choice("method", method, JACOBIAN_METHODS)
     u = u.detach()
     mask = torch.ones_like(u) if valid is None else valid.to(device=u.device, dtype=u.dtype).unsqueeze(-1)
     gen = torch.Generator().manual_seed(seed)
@@ -322,8 +323,7 @@ def jacobian_spectral_norm_block(
         raise ValueError(f"valid has shape {tuple(valid.shape)}, expected [B, T] = {tuple(u.shape[:2])}")
     if block < 1 or n_iter < 1 or tol < 0:
         raise ValueError(f"block={block}, n_iter={n_iter} must be >= 1 and tol={tol} >= 0")
-    if method not in JACOBIAN_METHODS:
-        raise ValueError(f"method={method!r} is not one of {JACOBIAN_METHODS}")
+    check_choice("method", method, JACOBIAN_METHODS)
     b, k = u.shape[0], block
     u = u.detach()
     u_rep = u.repeat_interleave(k, 0)

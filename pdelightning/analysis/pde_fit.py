@@ -43,6 +43,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from pdelightning._checks import check_choice
 from pdelightning.analysis.stability import eq21_number
 from pdelightning.models.pde import BOUNDARY_CONDITIONS, laplacian_1d
 
@@ -139,8 +140,7 @@ def pde_fit_statistics(
         raise ValueError(f"valid has shape {tuple(valid.shape)}, expected [B, T] = {tuple(u_in.shape[:2])}")
     if dt <= 0 or dx <= 0:
         raise ValueError(f"dt={dt} and dx={dx} must both be positive")
-    if boundary not in BOUNDARY_CONDITIONS:
-        raise ValueError(f"boundary={boundary!r} is not one of {BOUNDARY_CONDITIONS}")
+    check_choice("boundary", boundary, BOUNDARY_CONDITIONS)
     u = u_in.detach().double()
     padding = None if valid is None else ~valid.to(device=u.device, dtype=torch.bool)
     keep = torch.ones(u.shape[:2], dtype=u.dtype, device=u.device) if padding is None else (~padding).to(u.dtype)
@@ -233,8 +233,7 @@ def solve_pde_fit(
     Raises:
         ValueError: on an unknown ``diffusion``, missing keys, or no valid positions.
     """
-    if diffusion not in FIT_DIFFUSION:
-        raise ValueError(f"diffusion={diffusion!r} is not one of {FIT_DIFFUSION}")
+    check_choice("diffusion", diffusion, FIT_DIFFUSION)
     missing = [k for k in STAT_KEYS if k not in stats]
     if missing:
         raise ValueError(f"statistics lack keys {missing}; expected {STAT_KEYS} from pde_fit_statistics")

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
+from pdelightning._checks import check_choice
+
 CorrelationMode = Literal["flattened", "per_sample"]
 
 
@@ -53,8 +55,7 @@ def layer_correlation(
         )
     if method not in ("pearson", "spearman"):
         raise ValueError(f"method={method!r} is not one of ('pearson', 'spearman')")
-    if mode not in CORRELATION_MODES:
-        raise ValueError(f"mode={mode!r} is not one of {CORRELATION_MODES}")
+    check_choice("mode", mode, CORRELATION_MODES)
     fn = pearson_corrcoef if method == "pearson" else spearman_corrcoef
     a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
     if mode == "flattened":

@@ -33,6 +33,8 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import maximum_flow
 from torch import Tensor
 
+from pdelightning._checks import check_choice
+
 HeadFusion = Literal["mean", "max", "min"]
 HEAD_FUSIONS = ("mean", "max", "min")
 Reduction = Literal["mean", "sum", "none"]
@@ -46,8 +48,7 @@ def fuse_heads(attention: Tensor, how: HeadFusion = "mean") -> Tensor:
     Raises:
         ValueError: on an unknown ``how`` or a tensor that is neither 3-D nor 4-D.
     """
-    if how not in HEAD_FUSIONS:
-        raise ValueError(f"head_fusion={how!r} is not one of {HEAD_FUSIONS}")
+    check_choice("head_fusion", how, HEAD_FUSIONS)
     if attention.dim() == 3:
         return attention
     if attention.dim() != 4:
@@ -149,8 +150,7 @@ def row_entropy(matrix: Tensor, valid: Tensor | None = None, reduction: Reductio
         >>> round(row_entropy(torch.full((2, 4, 4), 0.25)).item(), 6), round(torch.tensor(4.0).log().item(), 6)
         (1.386294, 1.386294)
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
+    check_choice("reduction", reduction, REDUCTIONS)
     p = matrix.double()
     h = -torch.where(p > 0, p * p.clamp_min(torch.finfo(p.dtype).tiny).log(), torch.zeros_like(p)).sum(-1)
     if valid is None:

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from pdelightning._checks import check_choice
 from pdelightning.adapters.base import ModelAdapter
 from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
 from pdelightning.models.protocol import AnalysisTargets
@@ -192,8 +193,7 @@ class ProbeCallback(Callback):
             raise ValueError(
                 f"figure_every_n_probes={figure_every_n_probes} must be positive or None (last probe only)"
             )
-        if on_missing not in ON_MISSING:
-            raise ValueError(f"on_missing={on_missing!r} is not one of {ON_MISSING}")
+        check_choice("on_missing", on_missing, ON_MISSING)
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self.budget: float | None = None if budget is None else float(budget)

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from pdelightning._checks import check_choice
 from pdelightning.adapters.base import ModelAdapter
 from pdelightning.adapters.registry import resolve
 from pdelightning.analysis.attention import (  # noqa: F401 (the old import path keeps working)
@@ -211,8 +212,7 @@ class AttentionSimilarity(ProbeCallback):
             raise ValueError(f"reference_class={reference_class!r} needs reference_checkpoint or reference_config")
         if reference_class is not None and "." not in reference_class:
             raise ValueError(f"reference_class={reference_class!r} must be a dotted path such as 'my_pkg.MyModule'")
-        if match_by not in MATCH_BY:
-            raise ValueError(f"match_by={match_by!r} is not one of {MATCH_BY}")
+        check_choice("match_by", match_by, MATCH_BY)
         if isinstance(nulls, str):
             nulls = (nulls,)
         unknown = [n for n in nulls if n not in NULLS]

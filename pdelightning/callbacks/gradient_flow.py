@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from pdelightning._checks import check_choice
 from pdelightning.adapters.registry import TargetNotFoundError, clean_name, resolve
 from pdelightning.analysis.gradients import (  # noqa: F401 (moved there; the old import path keeps working)
     grouped_norms,
@@ -179,8 +180,7 @@ class GradientFlow(Callback):
             raise ValueError(f"budget={budget!r} must be a fraction in (0, 1) (e.g. 0.03), 'auto' or None")
         if budget is None and every_n_steps is None:
             raise ValueError("give every_n_steps or a budget: GradientFlow would never read the gradients")
-        if on_missing not in ON_MISSING:
-            raise ValueError(f"on_missing={on_missing!r} is not one of {ON_MISSING}")
+        check_choice("on_missing", on_missing, ON_MISSING)
         if histogram_every_n_steps is not None and (
             not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps <= 0
         ):

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from pdelightning._checks import check_choice
 from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
 from pdelightning.analysis.cka import cka_matrix
 from pdelightning.analysis.representation import (  # noqa: F401 (moved there; the old import path keeps working)
@@ -149,10 +150,8 @@ class InformationFlow(ProbeCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
-        if correlation not in CORRELATION_MODES:
-            raise ValueError(f"correlation={correlation!r} is not one of {CORRELATION_MODES}")
+        check_choice("pooling", pooling, POOLINGS)
+        check_choice("correlation", correlation, CORRELATION_MODES)
         if reference is not None and reference_checkpoint is not None:
             raise ValueError("give either reference (a module) or reference_checkpoint (a path), not both")
         if reference is not None and not isinstance(reference, nn.Module):

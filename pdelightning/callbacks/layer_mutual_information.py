@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from pdelightning._checks import check_choice
 from pdelightning.analysis.estimator_bias import LARGE_BIAS_BITS, known_bias
 from pdelightning.analysis.information import (  # noqa: F401 (moved there; the old import path keeps working)
     BINNINGS,
@@ -204,10 +205,8 @@ class LayerMutualInformation(ProbeCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator={estimator!r} is not one of {ESTIMATORS}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
+        check_choice("estimator", estimator, ESTIMATORS)
+        check_choice("pooling", pooling, POOLINGS)
         if not noise_variance > 0:
             raise ValueError(f"noise_variance={noise_variance} must be positive")
         if kde_max_samples is not None and kde_max_samples < 2:
@@ -216,8 +215,7 @@ class LayerMutualInformation(ProbeCallback):
             raise ValueError(f"n_bins={n_bins} must be at least 2")
         if n_components is not None and n_components < 1:
             raise ValueError(f"n_components={n_components} must be a positive integer or None (all units)")
-        if bins not in BINNINGS:
-            raise ValueError(f"bins={bins!r} is not one of {BINNINGS}")
+        check_choice("bins", bins, BINNINGS)
         if probe_folds < 2:
             raise ValueError(f"probe_folds={probe_folds} must be at least 2")
         if saturation_tol < 0:

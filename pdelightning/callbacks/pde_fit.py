@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
+from pdelightning._checks import check_choice
 from pdelightning.analysis.pde_fit import FIT_DIFFUSION, STAT_KEYS, pde_fit_statistics, solve_pde_fit
 from pdelightning.analysis.stability import exact_spectral_norm
 from pdelightning.callbacks._probe import ProbeCallback
@@ -89,10 +90,8 @@ class PDEFit(ProbeCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if diffusion not in FIT_DIFFUSION:
-            raise ValueError(f"diffusion={diffusion!r} is not one of {FIT_DIFFUSION}")
-        if boundary not in BOUNDARY_CONDITIONS:
-            raise ValueError(f"boundary={boundary!r} is not one of {BOUNDARY_CONDITIONS}")
+        check_choice("diffusion", diffusion, FIT_DIFFUSION)
+        check_choice("boundary", boundary, BOUNDARY_CONDITIONS)
         if dt is not None and not dt > 0:
             raise ValueError(f"dt={dt} must be positive (or None for 1/L)")
         if not dx > 0:

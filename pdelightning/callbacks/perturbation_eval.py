@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
+from pdelightning._checks import check_choice
 from pdelightning.analysis.perturbation import (  # noqa: F401 (the old import path keeps working)
     amplification,
     critical_epsilon,
@@ -197,8 +198,7 @@ class PerturbationEval(ProbeCallback):
         labels = [format_eps(e) for e in eps]
         if len(set(labels)) != len(labels):
             raise ValueError(f"epsilons {eps} give repeated metric keys {labels}: use distinct values")
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not one of {MODES}")
+        check_choice("mode", mode, MODES)
         if not (math.isfinite(critical_factor) and critical_factor > 1):
             raise ValueError(f"critical_factor={critical_factor} must be a finite number > 1 (e.g. 2.0: loss doubles)")
         if amplification_eps is not None and not (math.isfinite(amplification_eps) and amplification_eps > 0):

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from pdelightning._checks import check_choice
 from pdelightning.analysis.cka import cka_matrix
 from pdelightning.analysis.representation import pool_tokens
 from pdelightning.analysis.stability import (  # noqa: F401 (moved there; the old import path keeps working)
@@ -167,8 +168,7 @@ class StabilityMonitor(ProbeCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if action not in ACTIONS:
-            raise ValueError(f"action={action!r} is not one of {ACTIONS}")
+        check_choice("action", action, ACTIONS)
         if not threshold > 0:
             raise ValueError(f"threshold={threshold} must be positive (eq. 21 bounds the step number by 1)")
         if not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:

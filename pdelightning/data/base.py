@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from typing_extensions import override
 
+from pdelightning._checks import check_choice  # noqa: F401 (re-exported for the data modules)
 from pdelightning.models.embedding import InputKind
 
 PAD_ID = 0
@@ -48,13 +49,6 @@ def check_fraction(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
         raise ValueError(f"{name}={value!r} must be a number strictly between 0 and 1")
     return float(value)
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """Return ``value`` if it is one of ``choices``, else raise ``ValueError`` listing them."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {tuple(choices)}")
-    return value
 
 
 def split_sizes(n: int, fraction: float) -> tuple[int, int]:

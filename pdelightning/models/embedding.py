@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from pdelightning._checks import check_choice
+
 InputKind = Literal["image", "tokens"]
 Tokenization = Literal["rows", "patches"]
 INPUT_KINDS = ("image", "tokens")
@@ -59,13 +61,11 @@ class InputEmbedding(nn.Module):
         pad_id: int = 0,
     ) -> None:
         super().__init__()
-        if input_kind not in INPUT_KINDS:
-            raise ValueError(f"input_kind={input_kind!r} is not one of {INPUT_KINDS}")
+        check_choice("input_kind", input_kind, INPUT_KINDS)
         self.input_kind = input_kind
         self.pad_id = pad_id
         if input_kind == "image":
-            if tokenization not in TOKENIZATIONS:
-                raise ValueError(f"tokenization={tokenization!r} is not one of {TOKENIZATIONS}")
+            check_choice("tokenization", tokenization, TOKENIZATIONS)
             if tokenization == "patches" and (patch_size <= 0 or image_size % patch_size):
                 raise ValueError(f"patch_size={patch_size} must be positive and divide image_size={image_size}")
             ph, pw = (1, image_size) if tokenization == "rows" else (patch_size, patch_size)

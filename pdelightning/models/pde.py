@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pdelightning._checks import check_choice
 from pdelightning.models.attention import MultiHeadSelfAttention
 from pdelightning.models.base import NORM_PLACEMENTS, NormPlacement, SequenceClassifier
 from pdelightning.models.embedding import InputKind, Tokenization
@@ -55,8 +56,7 @@ def laplacian_1d(u: Tensor, dx: float = 1.0, boundary: str = "dirichlet", paddin
         >>> laplacian_1d(u, boundary="dirichlet")[0, :, 0]
         tensor([ 0.,  1., -6.])
     """
-    if boundary not in BOUNDARY_CONDITIONS:
-        raise ValueError(f"boundary={boundary!r} is not one of {BOUNDARY_CONDITIONS}")
+    check_choice("boundary", boundary, BOUNDARY_CONDITIONS)
     if dx <= 0:
         raise ValueError(f"dx={dx} must be positive")
     if boundary == "periodic":
@@ -252,14 +252,11 @@ class PDEClassifier(SequenceClassifier):
             raise ValueError(f"dt={dt} must be positive")
         if dx <= 0:
             raise ValueError(f"dx={dx} must be positive")
-        if boundary not in BOUNDARY_CONDITIONS:
-            raise ValueError(f"boundary={boundary!r} is not one of {BOUNDARY_CONDITIONS}")
-        if diffusion not in DIFFUSION_KINDS:
-            raise ValueError(f"diffusion={diffusion!r} is not one of {DIFFUSION_KINDS}")
+        check_choice("boundary", boundary, BOUNDARY_CONDITIONS)
+        check_choice("diffusion", diffusion, DIFFUSION_KINDS)
         if diffusion != "none" and diffusion_init <= 0:
             raise ValueError(f"diffusion_init={diffusion_init} must be positive when diffusion={diffusion!r}")
-        if norm not in NORM_PLACEMENTS:
-            raise ValueError(f"norm={norm!r} is not one of {NORM_PLACEMENTS}")
+        check_choice("norm", norm, NORM_PLACEMENTS)
         if n_layers <= 0:
             raise ValueError(f"n_layers={n_layers} must be positive")
         if d_ff <= 0:

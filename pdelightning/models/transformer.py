@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from pdelightning._checks import check_choice
 from pdelightning.models.attention import MultiHeadSelfAttention
 from pdelightning.models.base import NORM_PLACEMENTS, NormPlacement, SequenceClassifier
 from pdelightning.models.embedding import InputKind, Tokenization
@@ -116,8 +117,7 @@ class TransformerClassifier(SequenceClassifier):
         pad_id: int = 0,
         bottleneck_dim: int | None = 32,
     ) -> None:
-        if norm not in NORM_PLACEMENTS:
-            raise ValueError(f"norm={norm!r} is not one of {NORM_PLACEMENTS}")
+        check_choice("norm", norm, NORM_PLACEMENTS)
         if n_layers <= 0:
             raise ValueError(f"n_layers={n_layers} must be positive")
         if d_ff <= 0:

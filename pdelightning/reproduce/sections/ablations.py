@@ -111,8 +111,10 @@ def _per_seed_layers(results: Results, setting: str, quantity: str, cell_name: s
 def ablations(results: Results) -> Section:
     """The four v2 claims."""
     sec = Section("ablations", "Stabilizers: v2 ablations as sweeps (MNIST)")
-    budget = (f"Transformer sweeps: {budget_text(results, (BASE, NO_RES, NO_LN))}; PDE sweeps: "
-              f"{budget_text(results, (PDE, PDE_STAB))}")
+    budget = (
+        f"Transformer sweeps: {budget_text(results, (BASE, NO_RES, NO_LN))}; PDE sweeps: "
+        f"{budget_text(results, (PDE, PDE_STAB))}"
+    )
     sec.intro = (
         f"Paper: {paper.V2_SOURCE}. Ours: {budget}; Adam, no gradient clipping; the baseline and the "
         f"two ablated Transformers at depth {' / '.join(map(str, SWEEP_DEPTHS))} x learning rate "

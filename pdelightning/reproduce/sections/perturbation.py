@@ -66,8 +66,9 @@ def perturbation(results: Results) -> Section:
         "decades). Both models end in a LayerNorm, so neither output is bounded by architecture alone. Relative loss "
         "increase = (loss(ε) − clean) / clean; accuracy drop = clean − acc(ε)."
     )
-    rel = {label: curves(results, s)[0] for label, s in MODELS}
-    drop = {label: curves(results, s)[1] for label, s in MODELS}
+    per_model = {label: curves(results, s) for label, s in MODELS}
+    rel = {label: c[0] for label, c in per_model.items()}
+    drop = {label: c[1] for label, c in per_model.items()}
     low = {label: [float(np.nanmax(v[LOW])) for v in rel[label].values()] for label in rel}
     lookup = {(f"max_rel_increase_low_{label.lower()}", ""): est(low[label]) for label in low}
     sec.claims.append(claim_result(
@@ -75,22 +76,18 @@ def perturbation(results: Results) -> Section:
         ours="largest relative increase below ε = 1e-3: " + "; ".join(f"{k} {cell(est(v))}" for k, v in low.items()),
         accuracy=accuracy_text(results, MODELS),
     ))  # fmt: skip
-    area = {label: [float(np.mean(v[HIGH])) for v in rel[label].values()] for label in rel}
-    d_loss = difference_of_means(area["PDE"], area["Transformer"])
-    sec.claims.append(claim_result(
-        BY_ID["pert.pde_faster_loss"], {("rel_increase_diff", ""): d_loss},
-        ours=f"mean relative loss increase over ε ≥ 1e-3: PDE {cell(est(area['PDE']))}, Transformer "
-             f"{cell(est(area['Transformer']))}; difference {cell(d_loss)}",
-        accuracy=accuracy_text(results, MODELS), estimates={"diff": d_loss},
-    ))  # fmt: skip
-    accd = {label: [float(np.mean(v[HIGH])) for v in drop[label].values()] for label in drop}
-    d_acc = difference_of_means(accd["PDE"], accd["Transformer"])
-    sec.claims.append(claim_result(
-        BY_ID["pert.pde_faster_acc"], {("acc_drop_diff", ""): d_acc},
-        ours=f"mean accuracy drop over ε ≥ 1e-3: PDE {cell(est(accd['PDE']))}, Transformer "
-             f"{cell(est(accd['Transformer']))}; difference {cell(d_acc)}",
-        accuracy=accuracy_text(results, MODELS), estimates={"diff": d_acc},
-    ))  # fmt: skip
+    for rule, key, what, per_seed_curves in (
+        ("pert.pde_faster_loss", "rel_increase_diff", "mean relative loss increase", rel),
+        ("pert.pde_faster_acc", "acc_drop_diff", "mean accuracy drop", drop),
+    ):
+        high = {label: [float(np.mean(v[HIGH])) for v in c.values()] for label, c in per_seed_curves.items()}
+        diff = difference_of_means(high["PDE"], high["Transformer"])
+        sec.claims.append(claim_result(
+            BY_ID[rule], {(key, ""): diff},
+            ours=f"{what} over ε ≥ 1e-3: PDE {cell(est(high['PDE']))}, Transformer "
+                 f"{cell(est(high['Transformer']))}; difference {cell(diff)}",
+            accuracy=accuracy_text(results, MODELS), estimates={"diff": diff},
+        ))  # fmt: skip
     groups = [
         np.vstack(list(rel[k].values())) if rel[k] else np.zeros((0, len(EPS_GRID))) for k in ("PDE", "Transformer")
     ]
