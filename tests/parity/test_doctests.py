@@ -6,6 +6,10 @@ import doctest
 import importlib
 
 import pytest
+import torch
+
+from pdelightning import _checks
+from pdelightning.models.pde import laplacian_1d
 
 MODULES = [
     "attention",
@@ -25,3 +29,11 @@ def test_doctests(name: str) -> None:
     module = importlib.import_module(f"pdelightning.analysis.{name}")
     result = doctest.testmod(module, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_check_choice_doctest_and_message() -> None:
+    """The shared argument check returns the value or names it and the valid choices."""
+    result = doctest.testmod(_checks, raise_on_error=False)
+    assert result.attempted > 0 and result.failed == 0
+    with pytest.raises(ValueError, match=r"boundary='dirichlte' is not one of \('dirichlet', 'neumann', 'periodic'\)"):
+        laplacian_1d(torch.zeros(1, 3, 1), boundary="dirichlte")
