@@ -147,8 +147,9 @@ class ProbeCallback(Callback):
         attention: glob of their attention modules.
         embedding: name/glob of the module whose output is the input embedding ``u_0``.
         seed: seed of the probe-set draw.
-        figure_every_n_probes: also draw figures on the first probe and every ``n``-th after it (rendered on a
-            background thread); ``None`` (default): on the last probe of training only.
+        figure_every_n_probes: also draw figures on the first probe and every ``n``-th after it (drawn by the figure
+            worker process, :mod:`pdelightning.probing.figures`); ``None`` (default): on the last probe of training
+            only.
         on_missing: ``"raise"`` (default) or ``"warn"``: what to do at ``setup`` when the model offers nothing this
             callback can analyse (``"warn"``: one warning, then the callback steps aside).
 
@@ -378,7 +379,7 @@ class ProbeCallback(Callback):
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._hub is not None:
-            self._hub.figures.drain()  # the last figures render while Lightning finishes; written before it returns
+            self._hub.figures.drain()  # the worker writes the last figures after fit returns, before the process exits
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -394,11 +395,13 @@ class ProbeCallback(Callback):
         """Write scalars to every logger at ``step`` (default: the current global step), rank zero only."""
         log_scalars(trainer, metrics, step)
 
-    def figure(self, session: ProbeSession, tag: str, draw: Callable[[], Any]) -> None:
-        """Render ``draw()`` (a matplotlib figure) into TensorBoard under ``tag`` on the background worker (rank 0)."""
+    def figure(self, session: ProbeSession, tag: str, draw: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Draw ``draw(*args, **kwargs)`` (a matplotlib figure) into TensorBoard under ``tag`` (rank 0), in the figure
+        worker process when ``draw`` is a module-level function (see :mod:`pdelightning.probing.figures`).
+        """
         writer = tensorboard(session.trainer)
         if writer is not None and self.figures_due:
-            session.figures.submit(writer, tag, session.step, draw)
+            session.figures.submit(writer, tag, session.step, draw, *args, **kwargs)
 
     def add_histogram(self, trainer: L.Trainer, tag: str, values: Tensor) -> None:
         """Write a histogram to TensorBoard (rank zero)."""

@@ -16,8 +16,8 @@ import torch
 from typing_extensions import override
 
 from pdelightning.analysis.rollout import attention_rollout, row_entropy
-from pdelightning.callbacks._figures import few_ticks
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.plots import rollout_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 
@@ -114,28 +114,9 @@ class AttentionRollout(ProbeCallback):
         if self.figures_due and self._sample0 is not None:
             sample, names = self._sample0, list(self._names)
             entropies = [metrics[f"analysis/{self.name}/entropy/{n}"] for n in names]
-            self.figure(session, self.key("rollout"), lambda: rollout_figure(sample, names, entropies))
+            self.figure(session, self.key("rollout"), rollout_figure, sample, names, entropies)
 
     @override
     def layout(self) -> dict[str, list[str]]:
         k = f"analysis/{self.name}"
         return {"rollout entropy per layer": [rf"^{k}/entropy/.*"], "mixing per layer": [rf"^{k}/mixing/.*"]}
-
-
-def rollout_figure(sample: torch.Tensor, layers: list[str], entropies: list[float]) -> Any:
-    """The final rollout of one probe sample (output position x input token) and the entropy per layer."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8.5, 3.6))
-    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.2, wspace=0.35)
-    ax_m, ax_e = fig.subplots(1, 2)
-    image = ax_m.imshow(sample.numpy(), cmap="viridis", vmin=0.0)
-    ax_m.set_xlabel("input token")
-    ax_m.set_ylabel("output position")
-    few_ticks(ax_m, sample.shape)
-    ax_m.set_title(f"rollout through {len(layers)} layers (sample 0)", fontsize=9)
-    fig.colorbar(image, ax=ax_m, shrink=0.8)
-    ax_e.plot(range(len(layers)), entropies, "o-")
-    ax_e.set_xticks(range(len(layers)), layers, rotation=60, fontsize=6)
-    ax_e.set_ylabel("row entropy of the rollout [nats]", fontsize=8)
-    return fig

@@ -52,11 +52,11 @@ from pdelightning.analysis.attention import (  # noqa: F401 (the old import path
     uniform_attention,
     uniform_over_support,
 )
-from pdelightning.callbacks._figures import attention_by_layer_figure, attention_maps_figure
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.callbacks._reference import freeze, load_reference, reinitialised_copy
 from pdelightning.callbacks._targets import module_copy, unwrap
 from pdelightning.models.protocol import AnalysisTargets
+from pdelightning.plots import attention_by_layer_figure, attention_maps_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 from pdelightning.probing.probe_set import partner_rows
@@ -442,8 +442,8 @@ class AttentionSimilarity(ProbeCallback):
             plain = {a: {q: v for q, v in res.items() if isinstance(v, float)} for a, res in results.items()}
             nulls = [n for n in self.nulls if n != "random_init" or self._null_key is not None]
             if maps:
-                self.figure(session, self.key("attention_maps"), lambda: attention_maps_figure(maps, pairs))
-            self.figure(session, self.key("by_layer"), lambda: attention_by_layer_figure(plain, nulls))
+                self.figure(session, self.key("attention_maps"), attention_maps_figure, maps, pairs)
+            self.figure(session, self.key("by_layer"), attention_by_layer_figure, plain, nulls)
 
     def _summarize(self, out: dict[str, Tensor], layer: str, comps: list[str]) -> dict[str, Any]:
         rows = out[f"rows/{layer}"]

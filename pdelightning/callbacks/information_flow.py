@@ -28,10 +28,10 @@ from pdelightning.analysis.representation import (  # noqa: F401 (moved there; t
     layer_correlation,
     pool_tokens,
 )
-from pdelightning.callbacks._figures import few_ticks
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.callbacks._reference import import_lightning_module_class, load_reference_checkpoint
 from pdelightning.models.protocol import AnalysisTargets
+from pdelightning.plots import cka_figure, heatmap_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeHub, ProbeSession
 
@@ -330,10 +330,10 @@ class InformationFlow(ProbeCallback):
             rows = [("model", [reps[n][:k].cpu() for n in names], names)]
             if ref_names:
                 rows.append(("reference", [reps[_REF + r][:k].cpu() for r in ref_names], ref_names))
-            self.figure(session, self.key("heatmaps"), lambda: heatmap_figure(rows, k))
+            self.figure(session, self.key("heatmaps"), heatmap_figure, rows, k)
             if matrix is not None:
                 m, c = matrix.cpu(), cross.cpu() if cross is not None else None
-                self.figure(session, self.key("cka_matrix"), lambda: cka_figure(names, m, ref_names, c))
+                self.figure(session, self.key("cka_matrix"), cka_figure, names, m, ref_names, c)
 
     # ---- output ----------------------------------------------------------------------------------------
     @override
@@ -358,66 +358,3 @@ def _pairs(names: list[str], ref_names: list[str]) -> list[tuple[int, int]]:
     off, ref_off = int(names[:1] == [EMBEDDING]), int(ref_names[:1] == [EMBEDDING])
     n_blocks = min(len(names) - off, len(ref_names) - ref_off)
     return pairs + [(off + i, ref_off + i) for i in range(n_blocks)]
-
-
-def heatmap_figure(rows: list[tuple[str, list[Tensor], list[str]]], n_samples: int = 8) -> Any:
-    """Grid of heatmaps: one row per model, one panel per layer, the first ``n_samples`` samples x features.
-
-    Each row shares one symmetric colour scale (so fading activations with depth are visible) and a colour bar.
-    """
-    from matplotlib.figure import Figure
-
-    n_cols = max(len(reps) for _, reps, _ in rows)
-    fig = Figure(figsize=(2.0 * n_cols + 1.0, 2.0 * len(rows) + 0.4))  # fixed margins: a layout engine costs more
-    fig.subplots_adjust(left=0.07, right=0.88, bottom=0.12, top=0.9, wspace=0.35, hspace=0.5)
-    axes = fig.subplots(len(rows), n_cols, squeeze=False)
-    for r, (label, reps, names) in enumerate(rows):
-        panels = [x[:n_samples].detach().float().cpu() for x in reps]
-        vmax = max(float(p.abs().max()) for p in panels) or 1.0
-        image = None
-        for c, ax in enumerate(axes[r]):
-            if c >= len(panels):
-                ax.axis("off")
-                continue
-            image = ax.imshow(
-                panels[c].numpy(), aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest"
-            )
-            ax.set_title(names[c], fontsize=8)
-            ax.set_xlabel("feature")
-            ax.set_ylabel(f"{label}\nsample" if c == 0 else "")
-            few_ticks(ax, panels[c].shape)
-        if image is not None:
-            box = axes[r][0].get_position()
-            fig.colorbar(image, cax=fig.add_axes((0.9, box.y0, 0.015, box.height)))
-    return fig
-
-
-def cka_figure(
-    names: list[str], matrix: Tensor, ref_names: list[str] | None = None, cross: Tensor | None = None
-) -> Any:
-    """The layer x layer CKA matrix, and beside it this model x reference when ``cross`` is given."""
-    from matplotlib.figure import Figure
-
-    panels = [("CKA between layers", matrix, names, names)]
-    if cross is not None and ref_names:
-        panels.append(("CKA vs reference", cross, names, ref_names))
-    m = len(names)
-    fig = Figure(figsize=(4.2 * len(panels) + 0.6, 0.35 * m + 2.2))  # fixed margins: a layout engine costs more
-    fig.subplots_adjust(left=0.1, right=0.86, bottom=0.2, top=0.9, wspace=0.35)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    image = None
-    for ax, (title, mat, rows, cols) in zip(axes, panels, strict=True):
-        values = mat.detach().float().cpu()
-        image = ax.imshow(values.numpy(), cmap="viridis", vmin=min(0.0, float(values.nan_to_num(0).min())), vmax=1.0)
-        ax.set_title(title, fontsize=9)
-        ax.set_ylabel("layer", fontsize=7)
-        ax.set_xlabel("layer" if cols is rows else "reference layer", fontsize=7)
-        ax.set_yticks(range(len(rows)), rows, fontsize=6)
-        ax.set_xticks(range(len(cols)), cols, fontsize=6, rotation=90)
-        if max(values.shape) <= 12:
-            for i, row in enumerate(values.tolist()):
-                for j, v in enumerate(row):
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="w" if v < 0.5 else "k")
-    if image is not None:
-        fig.colorbar(image, cax=fig.add_axes((0.89, 0.2, 0.015, 0.7)))
-    return fig

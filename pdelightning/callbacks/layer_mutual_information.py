@@ -16,7 +16,6 @@ The math lives in plain functions (:func:`binning_mutual_information`, :func:`kd
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -46,6 +45,7 @@ from pdelightning.analysis.information import (  # noqa: F401 (moved there; the 
 from pdelightning.analysis.linear_probe import crossfit_probe_information
 from pdelightning.analysis.representation import pool_tokens
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.plots import information_plane_figure
 from pdelightning.probing.batch import primary_input
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
@@ -57,57 +57,6 @@ POOLINGS = ("mean", "flatten")
 
 
 # ---- the figure ----------------------------------------------------------------------------------------
-def information_plane_figure(
-    history: Sequence[Mapping[str, Any]], layers: Sequence[str], title: str = "Information plane"
-) -> Any:
-    """The information plane: ``x = I(X;T)``, ``y = I(T;Y)``, one coloured trajectory per layer over training.
-
-    Each history entry is ``{"step", "I_XT": {layer: bits}, "I_TY": {...}, "saturated": {...}, "log2_N", "H_Y"}``.
-    Points grow more opaque with training time, arrows join consecutive probes, the last point is ringed;
-    saturated points are drawn hollow. The ``log2 N`` ceiling (dashed, vertical) and ``H(Y)`` (dotted,
-    horizontal) of the latest probe are drawn as reference lines.
-    """
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 5.0))
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.11, top=0.92)  # fixed margins: a layout engine costs more
-    ax = fig.add_subplot(1, 1, 1)
-    cmap = colormaps["viridis"]
-    n_points = len(history)
-    any_saturated = False
-    for li, layer in enumerate(layers):
-        color = cmap(li / max(1, len(layers) - 1))
-        pts = [(h["I_XT"].get(layer), h["I_TY"].get(layer), bool(h["saturated"].get(layer, False))) for h in history]
-        pts = [p for p in pts if p[0] is not None and p[1] is not None]
-        if not pts:
-            continue
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        ax.plot(xs, ys, "-", color=color, alpha=0.35, lw=1, label=layer)
-        for k in range(1, len(pts)):
-            ax.annotate(
-                "", xy=(xs[k], ys[k]), xytext=(xs[k - 1], ys[k - 1]),
-                arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.6, "lw": 1},
-            )  # fmt: skip
-        for k, (x, y, sat) in enumerate(pts):
-            alpha = 0.3 + 0.7 * (k + 1) / max(1, n_points)
-            any_saturated |= sat
-            ax.scatter(
-                [x], [y], s=36, edgecolors=[color], facecolors="none" if sat else [color], alpha=alpha, linewidths=1.5,
-                zorder=3,
-            )  # fmt: skip
-        ax.scatter([xs[-1]], [ys[-1]], s=120, facecolors="none", edgecolors="black", linewidths=0.8, zorder=4)
-    if history:
-        last = history[-1]
-        ax.axvline(last["log2_N"], color="gray", ls="--", lw=1, label=f"log2 N = {last['log2_N']:.2f} (ceiling)")
-        ax.axhline(last["H_Y"], color="gray", ls=":", lw=1, label=f"H(Y) = {last['H_Y']:.2f}")
-    if any_saturated:
-        ax.scatter([], [], s=36, facecolors="none", edgecolors="gray", label="saturated (at log2 N)")
-    ax.set_xlabel("I(X;T) [bits]")
-    ax.set_ylabel("I(T;Y) [bits]")
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower right")
-    return fig
 
 
 # ---- the callback -------------------------------------------------------------------------------------
@@ -391,7 +340,7 @@ class LayerMutualInformation(ProbeCallback):
         self.log_scalars(trainer, metrics, session.step)
         if self.figures_due:
             history, title = [dict(h) for h in self.history], f"Information plane ({self.estimator})"
-            self.figure(session, self.key("information_plane"), lambda: information_plane_figure(history, names, title))
+            self.figure(session, self.key("information_plane"), information_plane_figure, history, names, title)
 
 
 def input_hash(pb: ProbeBatch) -> Tensor:

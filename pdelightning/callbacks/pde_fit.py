@@ -22,6 +22,7 @@ from pdelightning.analysis.stability import exact_spectral_norm
 from pdelightning.callbacks._probe import ProbeCallback
 from pdelightning.models.pde import BOUNDARY_CONDITIONS
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget
+from pdelightning.plots import pde_fit_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 
@@ -190,7 +191,7 @@ class PDEFit(ProbeCallback):
         if self.figures_due and len(self.history) > 0:
             history = [dict(h) for h in self.history]
             names = [t.name for t in self._targets.layers]
-            self.figure(session, self.key("coefficients"), lambda: pde_fit_figure(history, names))
+            self.figure(session, self.key("coefficients"), pde_fit_figure, history, names)
 
     @override
     def extra_state(self) -> dict[str, Any]:
@@ -203,34 +204,3 @@ class PDEFit(ProbeCallback):
     @override
     def layout(self) -> dict[str, list[str]]:
         return {f"{q} per layer": [rf"^analysis/{self.name}/{q}/.*"] for q in QUANTITIES}
-
-
-def pde_fit_figure(history: list[dict[str, Any]], layers: list[str]) -> Any:
-    """Per-layer fitted ``D``, ``α``, FFN coefficient and R² (full and sub-models) at the last probe, and R² over
-    training (one line per layer).
-    """
-    from matplotlib.figure import Figure
-
-    last = history[-1]
-    names = [n for n in layers if n in last]
-    fig = Figure(figsize=(12, 3.4))
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.22, wspace=0.3)
-    ax_c, ax_r, ax_t = fig.subplots(1, 3)
-    x = range(len(names))
-    for q in ("D", "alpha", "ffn_coef"):
-        ax_c.plot(x, [last[n][q] for n in names], "o-", label=q)
-    ax_c.set_title(f"fitted coefficients (step {last['step']})", fontsize=9)
-    for q in ("r2", "r2_attention", "r2_diffusion"):
-        ax_r.plot(x, [last[n][q] for n in names], "o-", label=q)
-    ax_r.set_ylim(min(-0.05, min(last[n]["r2_diffusion"] for n in names) - 0.05), 1.05)
-    ax_r.set_title("R² of the fit", fontsize=9)
-    for ax in (ax_c, ax_r):
-        ax.set_xticks(list(x), names, rotation=60, fontsize=6)
-        ax.legend(fontsize=7)
-    for n in names:
-        pts = [(h["step"], h[n]["r2"]) for h in history if n in h]
-        ax_t.plot([p[0] for p in pts], [p[1] for p in pts], label=n)
-    ax_t.set_xlabel("step")
-    ax_t.set_title("R² over training", fontsize=9)
-    ax_t.legend(fontsize=6)
-    return fig

@@ -38,9 +38,9 @@ from pdelightning.analysis.perturbation import (  # noqa: F401 (the old import p
     per_sample_rms,
     sample_seed,
 )
-from pdelightning.callbacks._figures import loss_vs_eps_figure
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback, validation_loader
 from pdelightning.models.protocol import AnalysisTargets
+from pdelightning.plots import loss_vs_eps_figure
 from pdelightning.probing.batch import per_sample_loss, primary_input, repeat_batch, with_primary_input
 from pdelightning.probing.capture import Captured, Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
@@ -418,9 +418,8 @@ class PerturbationEval(ProbeCallback):
             eps, clean_l, clean_a = list(self.epsilons), mean["loss_clean"], mean["correct_clean"]
             title = f"{self._mode} noise, step {session.step}"
             self.figure(
-                session, self.key("loss_vs_eps"),
-                lambda: loss_vs_eps_figure(eps, losses, accs, clean_l, clean_a, critical, fgsm_losses or None,
-                                           fgsm_accs or None, title=title),
+                session, self.key("loss_vs_eps"), loss_vs_eps_figure, eps, losses, accs, clean_l, clean_a, critical,
+                fgsm_losses or None, fgsm_accs or None, title=title,
             )  # fmt: skip
 
     @override

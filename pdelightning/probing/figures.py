@@ -1,58 +1,224 @@
-"""Figures off the training thread: a background worker renders matplotlib figures into TensorBoard."""
+"""Figures off the training process: a worker process draws matplotlib figures and writes them into TensorBoard.
+
+A figure thread in the training process would still slow training: drawing is Python that holds the GIL, and every
+small torch op of a training step (or a probe) releases and re-acquires it, waiting behind the drawing thread each
+time. So :class:`FigureWorker` hands figures to another process (:mod:`pdelightning.plots.worker`): the training
+thread converts the data to numpy and pickles it with the drawing function; when the probe is over
+(:meth:`FigureWorker.release`, so the drawing does not compete with the probe for the CPU) the jobs go to the worker,
+started then if it is not running (a feeder thread writes them into its pipe). The worker runs at the lowest CPU
+priority and writes each figure at its step into an event file of its own in the logger's directory; TensorBoard
+shows it with the run's other events.
+
+:meth:`FigureWorker.drain` (at the end of training) closes the queue without waiting, so ``fit`` returns as soon as
+training is done; the figures land moments later, and before the Python process exits (:func:`wait_for_figures`
+runs at exit). A drawing function that cannot be sent by reference (a lambda, a closure, one defined in
+``__main__``), or a worker that cannot start, is drawn on the training thread instead, as before; a failing figure is
+reported once and skipped, never raised into the run.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import importlib
+import os
+import pickle
 import queue
+import subprocess
+import sys
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
+
+from pdelightning.plots.worker import HEADER
+
+_DRAINED: list[tuple[subprocess.Popen[bytes], threading.Thread, threading.Thread]] = []
+_WORKERS: weakref.WeakSet[FigureWorker] = weakref.WeakSet()
+
+
+def to_host(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by a numpy array on the host (floats as float32), through dicts, lists and
+    tuples; everything else as it is.
+    """
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        return (t.float() if t.is_floating_point() else t).cpu().numpy()
+    if isinstance(obj, dict):
+        return {k: to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v) for v in obj) if not hasattr(obj, "_fields") else type(obj)(*map(to_host, obj))
+    return obj
+
+
+def by_reference(fn: Callable[..., Any]) -> bool:
+    """Whether another process can import ``fn`` by its module and name (not a lambda, closure or ``__main__``)."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or "<" in qualname:
+        return False
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except Exception:
+        return False
+    return obj is fn
+
+
+def _log_dir(writer: Any) -> str | None:
+    get = getattr(writer, "get_logdir", None)
+    return str(get()) if callable(get) else None
 
 
 class FigureWorker:
-    """One daemon thread that draws figures and writes them with ``writer.add_figure(tag, fig, step)``.
+    """Draws figures in a worker process and writes them into TensorBoard (see the module docstring).
 
-    The training thread only enqueues a closure that builds a ``matplotlib.figure.Figure`` from data it already holds
-    (copied to the CPU), so a training step never waits for rendering. Each figure carries its step, so the
-    TensorBoard timeline is right whatever order the writes land in. :meth:`drain` waits for the queue (at the end
-    of training); a failing figure is reported once and skipped, never raised into the run.
+    Attributes:
+        submitted: figures sent to a worker process.
+        written: figures written (by a worker, or drawn here as the fallback).
+        errors: messages of figures that failed.
     """
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[tuple[Any, str, int, Callable[[], Any]] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._failed = False
+        self.submitted = 0
         self.written = 0
+        self.errors: list[str] = []
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._jobs: queue.Queue[bytes | None] = queue.Queue()
+        self._held: list[tuple[bytes, tuple[Any, ...]]] = []
+        self._threads: tuple[threading.Thread, threading.Thread] | None = None
+        self._cannot_start = False
+        self._lock = threading.Lock()
+        _WORKERS.add(self)
 
-    def submit(self, writer: Any, tag: str, step: int, draw: Callable[[], Any]) -> None:
-        """Render ``draw()`` and write it to ``writer`` under ``tag`` at ``step``, in the background."""
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="pdelightning-figures", daemon=True)
-            self._thread.start()
-        self._queue.put((writer, tag, step, draw))
-
-    def _run(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        while True:
-            item = self._queue.get()
+    # ---- submitting ------------------------------------------------------------------------------------------------
+    def submit(self, writer: Any, tag: str, step: int, draw: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Draw ``draw(*args, **kwargs)`` and write it to ``writer``'s run under ``tag`` at ``step``, off training
+        (held until :meth:`release`; the data are copied now).
+        """
+        log_dir = _log_dir(writer)
+        if log_dir is not None and not self._cannot_start and by_reference(draw):
             try:
-                if item is None:
-                    return
-                writer, tag, step, draw = item
-                figure = draw()
-                writer.add_figure(tag, figure, global_step=step, close=True)
-                self.written += 1
-            except Exception as err:  # a figure must never break training
-                if not self._failed:
-                    rank_zero_warn(f"pdelightning: a figure ({item[1] if item else '?'}) failed to render: {err!r}")
-                    self._failed = True
-            finally:
-                self._queue.task_done()
+                job = pickle.dumps((log_dir, tag, int(step), draw, to_host(args), to_host(kwargs)), protocol=4)
+            except Exception:
+                job = None
+            if job is not None:
+                self._held.append((job, (writer, tag, step, draw, args, kwargs)))
+                return
+        self._draw_here(writer, tag, step, draw, args, kwargs)
 
-    def drain(self) -> None:
-        """Wait until every submitted figure is written."""
-        if self._thread is not None and self._thread.is_alive():
-            self._queue.join()
+    def release(self) -> None:
+        """Send the held figures to the worker process (started if needed); drawn here if it cannot start."""
+        held, self._held = self._held, []
+        if held and self._start():
+            self.submitted += len(held)
+            for job, _ in held:
+                self._jobs.put(job)
+            return
+        for _, (writer, tag, step, draw, args, kwargs) in held:
+            self._draw_here(writer, tag, step, draw, args, kwargs)
+
+    def _draw_here(
+        self, writer: Any, tag: str, step: int, draw: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg", force=False)
+            writer.add_figure(tag, draw(*args, **kwargs), global_step=step, close=True)
+            self.written += 1
+        except Exception as err:  # a figure must never break training
+            self._failed(f"{tag}\t{err!r}")
+
+    def _failed(self, message: str) -> None:
+        with self._lock:
+            self.errors.append(message)
+            first = len(self.errors) == 1
+        if first:
+            tag, _, err = message.partition("\t")
+            rank_zero_warn(f"pdelightning: a figure ({tag}) failed to render: {err}")
+
+    # ---- the process ---------------------------------------------------------------------------------------------
+    def _start(self) -> bool:
+        if self._proc is not None and self._proc.poll() is None:
+            return True
+        if self._cannot_start:
+            return False
+        paths = [p for p in sys.path if p]  # the worker imports the drawing functions the way this process does
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pdelightning.plots.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                env=env,
+            )  # fmt: skip
+        except Exception as err:
+            self._cannot_start = True
+            rank_zero_warn(f"pdelightning: the figure worker process did not start ({err!r}); drawing figures here")
+            return False
+        self._proc, self._jobs = proc, queue.Queue()
+        feed = threading.Thread(target=self._feed, args=(proc, self._jobs), name="pdelightning-figures", daemon=True)
+        read = threading.Thread(target=self._read, args=(proc,), name="pdelightning-figures-read", daemon=True)
+        feed.start()
+        read.start()
+        self._threads = (feed, read)
+        return True
+
+    def _feed(self, proc: subprocess.Popen[bytes], jobs: queue.Queue[bytes | None]) -> None:
+        stdin = proc.stdin
+        assert stdin is not None
+        try:
+            while (job := jobs.get()) is not None:
+                stdin.write(HEADER.pack(len(job)) + job)
+                stdin.flush()
+        except (OSError, ValueError) as err:  # the worker died: what is left is lost, training goes on
+            self._failed(f"figure worker\tstopped: {err!r}")
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            status, _, rest = raw.decode(errors="replace").rstrip("\n").partition("\t")
+            if status == "ok":
+                with self._lock:
+                    self.written += 1
+            else:
+                self._failed(rest)
+
+    # ---- ending --------------------------------------------------------------------------------------------------
+    def drain(self, wait: bool = False, timeout: float | None = 300.0) -> None:
+        """No more figures for this worker: it finishes the queued ones and exits. With ``wait``, wait for that
+        (otherwise :func:`wait_for_figures` does, at the latest when the Python process exits).
+        """
+        self.release()
+        if self._proc is not None and self._threads is not None:
+            self._jobs.put(None)
+            _DRAINED.append((self._proc, *self._threads))
+            self._proc, self._threads = None, None
+        if wait:
+            wait_for_figures(timeout)
+
+
+def wait_for_figures(timeout: float | None = 300.0) -> None:
+    """Wait until every drained figure worker has written its figures and exited (registered to run at exit)."""
+    while _DRAINED:
+        proc, feed, read = _DRAINED.pop(0)
+        feed.join(timeout)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        read.join(timeout)
+
+
+def _at_exit() -> None:
+    for worker in list(_WORKERS):
+        worker.drain()
+    wait_for_figures()
+
+
+atexit.register(_at_exit)

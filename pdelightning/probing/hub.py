@@ -9,7 +9,8 @@ works the same way, with a hub of one.
 
 The hub also keeps the time budget (:class:`~pdelightning.probing.schedule.BudgetSchedule`) shared by all callbacks
 in budget mode, measures what each probe costs, logs ``analysis/overhead/fraction`` (analysis seconds over training
-seconds so far) and ``analysis/overhead/probe_seconds``, and renders figures on a background thread.
+seconds so far) and ``analysis/overhead/probe_seconds``, and sends figures to the figure worker process when a probe
+is over.
 """
 
 from __future__ import annotations
@@ -365,6 +366,7 @@ class ProbeHub:
                 self._run_group(trainer, pl_module, members, final, step, timings)
         finally:
             pl_module.train(was_training)
+            self.figures.release()  # drawn in the worker process from now on, not competing with the probe
         cost = time.perf_counter() - t0
         self.last_timings = timings | {"total": cost}
         budgeted = any(c.budget is not None for c in due)

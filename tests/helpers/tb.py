@@ -6,9 +6,14 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pdelightning.probing.figures import wait_for_figures
+
 
 def read_events(log_dir: str | Path) -> EventAccumulator:
-    """Load every event file under ``log_dir`` (the newest run directory that has one)."""
+    """Load every event file under ``log_dir`` (the newest run directory that has one), once the figure workers
+    that ``fit`` left writing have finished.
+    """
+    wait_for_figures()
     files = sorted(Path(log_dir).rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise FileNotFoundError(f"no TensorBoard event files under {log_dir}")

@@ -66,8 +66,10 @@ def test_figures_from_the_background_worker_land_at_their_step(tmp_path: Path) -
     ]
     trainer = _fit(callbacks, TensorBoardLogger(str(tmp_path)), max_steps=6)
     # 4 probes (0, 2, 4, 6): loss_vs_eps at each; heatmaps and cka_matrix at every 2nd and the last (0, 4, 6)
-    assert ProbeHub.of(trainer).figures.written == 4 + 2 * 3
-    events = read_events(tmp_path)
+    figures = ProbeHub.of(trainer).figures
+    events = read_events(tmp_path)  # waits for the worker process
+    assert figures.submitted == figures.written == 4 + 2 * 3 and not figures.errors
+    assert list(tmp_path.rglob("*.figures")), "drawn by the worker process, in an event file of its own"
     steps = {tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]}
     assert steps["analysis/perturbation_eval/loss_vs_eps"] == [0, 2, 4, 6]
     assert steps["analysis/information_flow/heatmaps"] == [0, 4, 6]
