@@ -94,6 +94,7 @@ class ClassificationTask(L.LightningModule):
         if self._returns_kl:
             model.set_bottleneck_sampling(beta > 0)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._acc_epoch: int | None = None  # the epoch train_acc's counts belong to
         self.train_acc.persistent(True)  # a run resumed mid-epoch continues the epoch's accuracy
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -120,6 +121,9 @@ class ClassificationTask(L.LightningModule):
         if self.l2 > 0:
             l2 = l2_penalty(self._weights())
             loss = loss + self.l2 * l2
+        if self._acc_epoch != self.current_epoch:  # a new epoch (also after resuming from an epoch's last batch)
+            self.train_acc.reset()
+            self._acc_epoch = self.current_epoch
         self.train_acc.update(logits.detach(), y)
         if should_log(self._trainer):
             if l2 is None:
@@ -130,8 +134,19 @@ class ClassificationTask(L.LightningModule):
             self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the epoch the training accuracy's counts belong to.
+
+        A checkpoint saved on an epoch's last batch holds that epoch's whole count (``on_train_epoch_end``, which
+        logs and resets it, has not run yet); the resumed run starts the next epoch, which must not inherit it.
+        """
+        checkpoint["train_acc_epoch"] = self._acc_epoch
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Accept checkpoints written before the training accuracy's state was saved (it restarts at zero)."""
+        """Restore :meth:`on_save_checkpoint`'s epoch; accept checkpoints written before the training accuracy's
+        state was saved (it restarts at zero).
+        """
+        self._acc_epoch = checkpoint.get("train_acc_epoch", checkpoint.get("epoch"))
         state = checkpoint.get("state_dict")
         if isinstance(state, dict):
             for key, value in self.state_dict().items():

@@ -434,5 +434,6 @@ def test_ddp_two_processes_log_what_one_process_logs(tmp_path: Path) -> None:
 
     one, two = run(1, tmp_path / "one"), run(2, tmp_path / "two")
     assert one.keys() == two.keys() and len(one) > 20
-    for k, v in one.items():
-        assert two[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    for k, v in one.items():  # a skill with too little room above its null is NaN by design: NaN in both
+        assert two[k] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), k
+    assert sum(v == v for v in one.values()) > 20
