@@ -5,7 +5,9 @@ the median over pairs of ``time(with) / time(none)``, timed from the first callb
 of ``trainer.fit`` (so the final probe is inside the timing; set-up and data loading are outside, and reported
 separately as the whole-``fit`` ratio). The figures of the last probe are drawn by the figure worker process after
 ``fit`` returns: the script waits for them after each run, outside the timing (so they do not overlap the next run),
-and reports how long they took as ``figures_after_fit_s``. For each run with callbacks it also reports how many probes
+and reports how long they took as ``figures_after_fit_s``. ``fraction_logged`` is the budget's own account (analysis
+seconds over training seconds, measured inside each run): unlike the ratio it is not moved by the machine's speed
+drifting between runs, but it leaves out indirect costs. For each run with callbacks it also reports how many probes
 the time budget gave and what one probe cost, per callback (the shared forward separately).
 
     python benchmarks/overhead.py                                   # defaults: quickstart and MNIST, the six callbacks
@@ -137,6 +139,8 @@ def paired(config: str, spec: str, args: argparse.Namespace) -> dict[str, Any]:
         "probes": [w.get("probes") for w in withs], "probe_steps": withs[0].get("probe_steps"),
         "probe_cost_s": withs[-1].get("probe_cost"), "first_probe_s": withs[-1].get("first_probe_s"),
         "figures_after_fit_s": statistics.median(w.get("figures_after_fit_s", 0.0) for w in withs),
+        # measured inside each run (analysis seconds over training seconds), so not moved by drift between runs
+        "fraction_logged": statistics.median(w.get("fraction_logged", float("nan")) for w in withs),
         "bare_seconds": statistics.median(r[None]["seconds"] for r in rows),
     }  # fmt: skip
 
