@@ -23,6 +23,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pdelightning.cli import build_cli
+from pdelightning.probing.figures import wait_for_figures
 from pdelightning.resume import event_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +199,9 @@ def _resume_and_compare(
     build_cli(["fit", "-c", str(cfg), f"--trainer.logger.init_args.save_dir={killed}", f"--ckpt_path={last}",
                "--trainer.logger.init_args.version=0"])  # fmt: skip
     assert not any(p.name.startswith(".") and ".tmp-" in p.name for p in version.rglob("*"))
-    assert len(event_files(version)) == 2  # the killed run's file (purged in place) and the resumed run's
+    wait_for_figures()  # the resumed run's last figures: written by the worker process after fit returned
+    logged = [f for f in event_files(version) if f.suffix != ".figures"]
+    assert len(logged) == 2  # the killed run's file (purged in place) and the resumed run's
     # the resumed run's config differs (no KillAtStep): the killed run's config.yaml is kept, the new one beside it
     assert (version / "config.yaml").read_text() == config
     assert "KillAtStep" in config and "KillAtStep" not in (version / "config.1.yaml").read_text()
