@@ -124,10 +124,7 @@ class FigureWorker:
     def _draw_here(
         self, writer: Any, tag: str, step: int, draw: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg", force=False)
+        try:  # a bare Figure draws on its own Agg canvas in add_figure: the user's pyplot backend is left alone
             writer.add_figure(tag, draw(*args, **kwargs), global_step=step, close=True)
             self.written += 1
         except Exception as err:  # a figure must never break training
