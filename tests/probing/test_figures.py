@@ -4,7 +4,6 @@ drawn here; a failing figure is reported, never raised."""
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import struct
 from pathlib import Path
@@ -24,13 +23,10 @@ def _raises(message: str) -> None:
     raise RuntimeError(message)
 
 
-def _pid_figure() -> object:
-    """A figure whose title is the drawing process's id."""
+def _small_figure() -> object:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(2, 2))
-    fig.suptitle(str(os.getpid()))
-    return fig
+    return Figure(figsize=(2, 2))
 
 
 def test_to_host_turns_tensors_into_numpy_through_containers() -> None:
@@ -73,8 +69,8 @@ def test_worker_main_writes_a_png_image_event_at_the_step(tmp_path: Path) -> Non
 def test_figures_are_drawn_in_another_process_and_lambdas_here(tmp_path: Path) -> None:
     writer = SummaryWriter(str(tmp_path))
     worker = FigureWorker()
-    worker.submit(writer, "by_reference", 3, _pid_figure)
-    worker.submit(writer, "lambda", 4, lambda: _pid_figure())
+    worker.submit(writer, "by_reference", 3, _small_figure)
+    worker.submit(writer, "lambda", 4, lambda: _small_figure())
     assert worker.submitted == 0 and worker.written == 1  # the lambda was drawn here, at once; the other is held
     worker.release()
     assert worker.submitted == 1
@@ -90,7 +86,7 @@ def test_a_failing_figure_is_reported_once_and_the_rest_still_land(tmp_path: Pat
     writer = SummaryWriter(str(tmp_path))
     worker = FigureWorker()
     worker.submit(writer, "bad", 1, _raises, "boom")
-    worker.submit(writer, "good", 2, _pid_figure)
+    worker.submit(writer, "good", 2, _small_figure)
     with pytest.warns(UserWarning, match=r"a figure \(bad\) failed to render: RuntimeError\('boom'\)"):
         worker.drain(wait=True)
     writer.close()
@@ -105,10 +101,10 @@ def test_a_worker_that_cannot_start_means_figures_drawn_here(tmp_path: Path, mon
     monkeypatch.setattr("pdelightning.probing.figures.subprocess.Popen", refuse)
     writer = SummaryWriter(str(tmp_path))
     worker = FigureWorker()
-    worker.submit(writer, "a", 1, _pid_figure)
+    worker.submit(writer, "a", 1, _small_figure)
     with pytest.warns(UserWarning, match=r"figure worker process did not start \(OSError\('no processes here'\)\)"):
         worker.release()
-    worker.submit(writer, "b", 2, _pid_figure)  # drawn here at once: no second attempt, no second warning
+    worker.submit(writer, "b", 2, _small_figure)  # drawn here at once: no second attempt, no second warning
     writer.close()
     assert worker.submitted == 0 and worker.written == 2
     assert [e.step for e in read_events(tmp_path).Images("a")] == [1] and not list(tmp_path.glob("*.figures"))
