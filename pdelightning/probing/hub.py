@@ -197,6 +197,9 @@ class ProbeHub:
         self._calibrate_at: int | None = None
         self._started_at: int | None = None
         self._floor_warned = False
+        self._total: tuple[float | None] | None = None  # the run's total steps, read once per fit
+        self.checked: tuple[int, str, bool] | None = None  # the last (step, hook, final) every callback was checked at
+        self._extra: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any]] = weakref.WeakKeyDictionary()
         self.last_timings: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
 
@@ -268,14 +271,15 @@ class ProbeHub:
             self.schedule.add(seconds)
 
     # ---- scheduling ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def total_steps(trainer: L.Trainer) -> float | None:
-        """The run's total optimizer steps, or ``None`` when unknown."""
-        try:
-            total = float(trainer.estimated_stepping_batches)
-        except Exception:
-            return None
-        return total if total > 0 else None
+    def total_steps(self, trainer: L.Trainer) -> float | None:
+        """The run's total optimizer steps, or ``None`` when unknown (read once per fit: it is asked every step)."""
+        if self._total is None:
+            try:
+                total: float | None = float(trainer.estimated_stepping_batches)
+            except Exception:
+                total = None
+            self._total = (total if total is not None and total > 0 else None,)
+        return self._total[0]
 
     def _agree(self, trainer: L.Trainer, value: int | None) -> int | None:
         """The plan every rank follows: the latest (most conservative) of the ranks' plans."""
@@ -335,10 +339,13 @@ class ProbeHub:
             if self._started_at == trainer.global_step:
                 return  # every callback's on_train_start calls this; the start probe runs once
             self._started_at = trainer.global_step
+            self._total = None  # a new fit: max_steps or the data may have changed
         due = [c for c in self.callbacks if c.active and (c.last_probe_step != trainer.global_step or hook == "start")]
         due = [c for c in due if c.is_due(trainer, hook, final)]
         if due:
             self.run(trainer, pl_module, due, final)
+        # every callback calls this from its own hook; all of them were just checked, so the others need not be
+        self.checked = None if hook == "start" else (trainer.global_step, hook, final)
 
     def probe_set(self, trainer: L.Trainer, callback: ProbeCallback) -> ProbeSet:
         """The probe set of ``callback``'s spec (shared by callbacks with the same size, batch size and seed)."""
@@ -389,6 +396,16 @@ class ProbeHub:
                 models[key] = (extra, extra_req if have is None else have[1] | extra_req)
         return models
 
+    def _resolve_extra(self, module: nn.Module, device: torch.device) -> tuple[Any, Any]:
+        """A reference or null model on ``device`` in eval mode, and its targets (resolved once per model)."""
+        if any(t.device != device for t in (*module.parameters(), *module.buffers())):
+            module.to(device)
+            self._extra.pop(module, None)
+        module.eval()
+        if module not in self._extra:
+            self._extra[module] = resolve(module, need=())
+        return self._extra[module]
+
     def _run_group(
         self, trainer: L.Trainer, pl_module: L.LightningModule, members: list[ProbeCallback], final: bool, step: int,
         timings: dict[str, float],
@@ -402,8 +419,7 @@ class ProbeHub:
             if key == MODEL:
                 adapters[key], targets[key] = members[0].resolved(pl_module)
             else:
-                module.to(device).eval()
-                adapters[key], targets[key] = resolve(module, need=())
+                adapters[key], targets[key] = self._resolve_extra(module, device)
         session = ProbeSession(
             trainer, pl_module, step, final, targets, adapters, {k: m for k, (m, _) in models.items()}, probe.size,
             self.figures, timings, probe.partner, probe.rank, probe.figure_position,

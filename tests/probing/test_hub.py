@@ -58,6 +58,17 @@ def test_shared_forward_gives_every_callback_its_values_alone() -> None:
                 assert vt == pytest.approx(va, rel=1e-6, abs=1e-6, nan_ok=True), key
 
 
+def test_callbacks_with_their_own_cadences_probe_at_their_own_steps_together() -> None:
+    # the hub checks every callback once per step and hook (the first callback's hook does it for all): a callback
+    # whose cadence differs from the first one's must still probe at exactly its own steps
+    fixed = {"budget": None, "probe_size": 16, "probe_batch_size": 8}
+    logger = MemoryLogger()
+    _fit([StabilityMonitor(**fixed, every_n_steps=2), InformationFlow(**fixed, every_n_steps=3)], logger, max_steps=7)
+    probed = {k.split("/")[1]: [s for s, _ in logger.series(k)] for k in logger.keys() if k.startswith("analysis/")}  # noqa: SIM118
+    assert sorted(set(probed["stability_monitor"])) == [0, 2, 4, 6]
+    assert sorted(set(probed["information_flow"])) == [0, 3, 6]  # an explicit cadence: no extra probe at the end
+
+
 def test_figures_from_the_background_worker_land_at_their_step(tmp_path: Path) -> None:
     callbacks = [
         StabilityMonitor(**FIXED),
