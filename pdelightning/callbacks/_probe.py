@@ -345,7 +345,7 @@ class ProbeCallback(Callback):
     def _hub_step(self, trainer: L.Trainer, pl_module: L.LightningModule, hook: str, final: bool) -> None:
         if self._hub is None or not self.active:
             return
-        if hook != "start" and self._hub.checked == (trainer.global_step, hook, final):
+        if hook != "start" and self._hub.checked == self._hub.check_key(trainer, hook, final):
             return  # another callback's hook checked every callback at this step and hook already
         for c in self._hub.callbacks:
             c._final = final

@@ -198,7 +198,7 @@ class ProbeHub:
         self._started_at: int | None = None
         self._floor_warned = False
         self._total: tuple[float | None] | None = None  # the run's total steps, read once per fit
-        self.checked: tuple[int, str, bool] | None = None  # the last (step, hook, final) every callback was checked at
+        self.checked: tuple[Any, ...] | None = None  # the last moment (see check_key) every callback was checked at
         self._extra: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any]] = weakref.WeakKeyDictionary()
         self.last_timings: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
@@ -345,7 +345,16 @@ class ProbeHub:
         if due:
             self.run(trainer, pl_module, due, final)
         # every callback calls this from its own hook; all of them were just checked, so the others need not be
-        self.checked = None if hook == "start" else (trainer.global_step, hook, final)
+        self.checked = None if hook == "start" else self.check_key(trainer, hook, final)
+
+    @staticmethod
+    def check_key(trainer: L.Trainer, hook: str, final: bool) -> tuple[Any, ...]:
+        """Everything a callback's due decision reads from the trainer at ``hook``: equal keys, equal decisions.
+
+        The step alone is not enough: with gradient accumulation or manual optimisation several batches share a
+        step, and only the epoch's last of them is due for an ``every_n_epochs`` cadence.
+        """
+        return trainer.global_step, trainer.current_epoch, bool(trainer.is_last_batch), hook, final
 
     def probe_set(self, trainer: L.Trainer, callback: ProbeCallback) -> ProbeSet:
         """The probe set of ``callback``'s spec (shared by callbacks with the same size, batch size and seed)."""
