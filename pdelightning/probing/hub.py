@@ -253,6 +253,7 @@ class ProbeHub:
     # ---- time ------------------------------------------------------------------------------------------------
     def start_clock(self, trainer: L.Trainer) -> None:
         """Start timing training (once per fit), continuing a restored schedule's clock."""
+        self._total = None  # read again at each fit's start: max_steps or the data may have changed
         if self._t0 is None:
             self._t0 = time.perf_counter()
             if self.schedule is not None:
@@ -339,7 +340,6 @@ class ProbeHub:
             if self._started_at == trainer.global_step:
                 return  # every callback's on_train_start calls this; the start probe runs once
             self._started_at = trainer.global_step
-            self._total = None  # a new fit: max_steps or the data may have changed
         due = [c for c in self.callbacks if c.active and (c.last_probe_step != trainer.global_step or hook == "start")]
         due = [c for c in due if c.is_due(trainer, hook, final)]
         if due:
