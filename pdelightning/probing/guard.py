@@ -224,7 +224,7 @@ def _guard_hook(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             return None
         finally:
             self._guard_depth -= 1
-            if name == "setup" and _stage(args, kwargs) == "fit" and trainer.world_size > 1:
+            if name == "setup" and _stage(args, kwargs) == "fit" and trainer is not None and trainer.world_size > 1:
                 agree(trainer, [self])
 
     hook._guarded = True  # type: ignore[attr-defined]
