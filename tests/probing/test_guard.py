@@ -194,6 +194,7 @@ def test_on_error_is_checked_and_the_plugin_sets_warn() -> None:
     with pytest.raises(ValueError, match=r"on_error='skip' is not one of \('raise', 'warn'\)"):
         GradientFlow(on_error="skip")
     assert all(c.on_error == "warn" for c in build_callbacks("all"))
+    assert all(c.on_error == "warn" for c in build_callbacks(str(ROOT / "callbacks/all.yaml")))
     assert PDEFit().on_error == "raise" and GradientFlow().on_error == "raise"
 
 
