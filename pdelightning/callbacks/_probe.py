@@ -284,6 +284,7 @@ class ProbeCallback(GuardedCallback):
             self.check(trainer, pl_module)
         except (TargetNotFoundError, ValueError) as err:
             if self.on_missing == "raise":
+                self.let_through(err)  # on_missing decides, whatever on_error says
                 raise
             self.step_aside(str(err))
             return

@@ -265,6 +265,7 @@ class GradientFlow(GuardedCallback):
             self._layer_modules = self._layers(pl_module)  # fail fast on a bad glob, before training
         except TargetNotFoundError as err:
             if self.on_missing == "raise":
+                self.let_through(err)  # on_missing decides, whatever on_error says
                 raise
             self.disabled = str(err)
             rank_zero_warn(f"GradientFlow is switched off for this run: {err}")

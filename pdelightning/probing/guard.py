@@ -64,6 +64,7 @@ HOOKS = frozenset(
 """The Lightning hooks the guard wraps (checkpoint hooks are left alone: a failed restore must not pass silently)."""
 _CLEANUP = frozenset({"teardown", "on_exception"})  # run (guarded) even after the callback was switched off
 _OWNER = "_pdelightning_guard_owner"  # set on an error re-raised by a callback's guard: other guards let it pass
+_LET_THROUGH = object()
 _MESSAGE_CHARS = 300
 
 
@@ -132,7 +133,7 @@ class GuardedCallback(Callback):
         an error another callback's guard already re-raised). On one process the callback is switched off at once.
         """
         owner = getattr(err, _OWNER, None)
-        if owner is not None and owner is not self:
+        if owner is not None and owner is not self:  # another guard's error, or one let through
             return False
         if self.on_error == "raise":
             with contextlib.suppress(Exception):
@@ -143,6 +144,12 @@ class GuardedCallback(Callback):
         if trainer is None or trainer.world_size <= 1:
             self._switch_off(reporter_rank=0, this_rank=0)
         return True
+
+    @staticmethod
+    def let_through(err: BaseException) -> None:
+        """Mark ``err`` to propagate past every guard (e.g. ``TargetNotFoundError`` under ``on_missing="raise"``)."""
+        with contextlib.suppress(Exception):
+            setattr(err, _OWNER, _LET_THROUGH)
 
     @contextlib.contextmanager
     def guarded(self, where: str, trainer: L.Trainer | None) -> Iterator[None]:

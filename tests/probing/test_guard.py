@@ -198,6 +198,24 @@ def test_on_error_is_checked_and_the_plugin_sets_warn() -> None:
     assert PDEFit().on_error == "raise" and GradientFlow().on_error == "raise"
 
 
+@pytest.mark.parametrize("cls", [PDEFit, GradientFlow])
+def test_on_missing_raise_still_raises_under_on_error_warn(cls: type) -> None:
+    from pdelightning.adapters.registry import TargetNotFoundError
+
+    callback = cls(layers="nope.*", every_n_steps=1, on_error="warn")  # on_missing="raise" (default)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(TargetNotFoundError, match=r"layers='nope\.\*' matched no module"):
+        trainer.fit(our_task("pde", image_size=4), *image_loaders(n=8, image_size=4, batch_size=4))
+
+
 _DDP_SCRIPT = """
 import json, sys, warnings
 import lightning.pytorch as L, torch
