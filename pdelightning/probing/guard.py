@@ -141,7 +141,7 @@ class GuardedCallback(Callback):
             return False
         if self._failure is None and not self._errored:
             self._failure = _describe(err, where)
-        if trainer is None or trainer.world_size <= 1:
+        if _world(trainer) <= 1:
             self._switch_off(reporter_rank=0, this_rank=0)
         return True
 
@@ -231,7 +231,7 @@ def _guard_hook(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             return None
         finally:
             self._guard_depth -= 1
-            if name == "setup" and _stage(args, kwargs) == "fit" and trainer is not None and trainer.world_size > 1:
+            if name == "setup" and _stage(args, kwargs) == "fit" and _world(trainer) > 1:
                 agree(trainer, [self])
 
     hook._guarded = True  # type: ignore[attr-defined]
@@ -240,3 +240,8 @@ def _guard_hook(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _stage(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return kwargs.get("stage", args[1] if len(args) > 1 else None)
+
+
+def _world(trainer: L.Trainer | None) -> int:
+    """The number of processes (1 without a trainer, e.g. a hook called by hand)."""
+    return int(getattr(trainer, "world_size", 1) or 1)
