@@ -16,6 +16,11 @@ the budget may choose.
 callback can use, ``on_missing="raise"`` (default) raises :class:`~pdelightning.adapters.TargetNotFoundError` naming
 what was looked for and what was found; ``on_missing="warn"`` (what the ``PDELIGHTNING_CALLBACKS`` plugin uses) warns
 once and steps aside, and training continues.
+
+**Failing.** An exception raised by the callback itself, in any hook or in its part of a probe, propagates with
+``on_error="raise"`` (default). With ``on_error="warn"`` (what the plugin uses) it is reported once (the callback,
+the model family, the error and its last frame, how to report it) and the callback is switched off for the rest of
+the run, on every rank together, while training goes on (:mod:`pdelightning.probing.guard`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -39,12 +43,14 @@ from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.batch import split_batch as _split
 from pdelightning.probing.capture import Request
+from pdelightning.probing.guard import ON_ERROR, GuardedCallback
 from pdelightning.probing.hub import ProbeBatch, ProbeHub, ProbeSession
 from pdelightning.probing.probe_set import DEFAULT_PROBE_SIZE
 from pdelightning.probing.store import GatherStore
 
 __all__ = [
     "DEFAULT_PROBE_SIZE",
+    "ON_ERROR",
     "GatherStore",
     "ProbeCallback",
     "log_scalars",
@@ -131,7 +137,7 @@ def write_layout(trainer: L.Trainer, name: str, charts: Mapping[str, list[str]])
     writer.add_custom_scalars(merged)
 
 
-class ProbeCallback(Callback):
+class ProbeCallback(GuardedCallback):
     """Base class of the probe callbacks (see the module docstring).
 
     Args:
@@ -152,10 +158,13 @@ class ProbeCallback(Callback):
             only.
         on_missing: ``"raise"`` (default) or ``"warn"``: what to do at ``setup`` when the model offers nothing this
             callback can analyse (``"warn"``: one warning, then the callback steps aside).
+        on_error: ``"raise"`` (default) or ``"warn"``: what to do when the callback itself raises, in a hook or a
+            probe (``"warn"``: one warning naming the error, then the callback is switched off on every rank and
+            training goes on; see :mod:`pdelightning.probing.guard`).
 
     Raises:
-        ValueError: for non-positive cadences or sizes, a budget outside (0, 1), an unknown ``on_missing``, or no
-            cadence at all.
+        ValueError: for non-positive cadences or sizes, a budget outside (0, 1), an unknown ``on_missing`` or
+            ``on_error``, or no cadence at all.
     """
 
     name: ClassVar[str] = "probe"
@@ -175,6 +184,7 @@ class ProbeCallback(Callback):
         seed: int = 0,
         figure_every_n_probes: int | None = None,
         on_missing: str = "raise",
+        on_error: str = "raise",
     ) -> None:
         for arg, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -195,6 +205,7 @@ class ProbeCallback(Callback):
                 f"figure_every_n_probes={figure_every_n_probes} must be positive or None (last probe only)"
             )
         check_choice("on_missing", on_missing, ON_MISSING)
+        self.init_guard(on_error)
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
         self.budget: float | None = None if budget is None else float(budget)
@@ -240,6 +251,13 @@ class ProbeCallback(Callback):
         """The targets this callback analyses."""
         return self.resolved(pl_module)[1]
 
+    @override
+    def guard_context(self) -> str:
+        adapter = self._adapter
+        if adapter is None:
+            return ""
+        return f"model family {adapter.family!r}, model {type(adapter.model).__name__}"
+
     def step_aside(self, why: str) -> None:
         """Warn once and stop taking part (``on_missing="warn"``)."""
         self.disabled = why
@@ -266,6 +284,7 @@ class ProbeCallback(Callback):
             self.check(trainer, pl_module)
         except (TargetNotFoundError, ValueError) as err:
             if self.on_missing == "raise":
+                self.let_through(err)  # on_missing decides, whatever on_error says
                 raise
             self.step_aside(str(err))
             return

@@ -15,7 +15,6 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -30,6 +29,7 @@ from pdelightning.analysis.gradients import (  # noqa: F401 (moved there; the ol
     update_ratio,
 )
 from pdelightning.callbacks._probe import DEFAULT_BUDGET, ON_MISSING, log_scalars, tensorboard, write_layout
+from pdelightning.probing.guard import GuardedCallback, agree
 from pdelightning.probing.hub import ProbeHub
 
 EMBEDDING, HEAD, OTHER = "embedding", "head", "other"
@@ -87,7 +87,7 @@ def group_parameters(pl_module: nn.Module, layers: list[tuple[str, nn.Module]], 
     return _Groups(names, params, [slot[label] for label in labels])
 
 
-class GradientFlow(Callback):
+class GradientFlow(GuardedCallback):
     """Log per-layer gradient magnitudes, update-to-weight ratios and vanishing/exploding-gradient flags.
 
     Gradients are read in ``on_before_optimizer_step``: after gradient accumulation and AMP unscaling,
@@ -132,9 +132,13 @@ class GradientFlow(Callback):
         embedding: name/glob of the input-embedding module (its parameters form the ``embedding`` group).
         on_missing: ``"raise"`` (default) or ``"warn"``: what to do when a ``layers``/``embedding`` glob matches
             nothing (``"warn"``: one warning, then the callback steps aside).
+        on_error: ``"raise"`` (default) or ``"warn"``: what to do when the callback itself raises (``"warn"``: one
+            warning naming the error, then the callback is switched off on every rank and training goes on; see
+            :mod:`pdelightning.probing.guard`).
 
     Raises:
-        ValueError: for a non-positive cadence, or thresholds that are not ``0 <= vanishing < exploding``.
+        ValueError: for a non-positive cadence, thresholds that are not ``0 <= vanishing < exploding``, or an
+            unknown ``on_missing`` or ``on_error``.
         TargetNotFoundError: at ``setup`` when a ``layers``/``embedding`` glob matches nothing.
 
     Example::
@@ -170,6 +174,7 @@ class GradientFlow(Callback):
         attention: str | None = None,
         embedding: str | None = None,
         on_missing: str = "raise",
+        on_error: str = "raise",
     ) -> None:
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
                                           or every_n_steps <= 0):  # fmt: skip
@@ -181,6 +186,7 @@ class GradientFlow(Callback):
         if budget is None and every_n_steps is None:
             raise ValueError("give every_n_steps or a budget: GradientFlow would never read the gradients")
         check_choice("on_missing", on_missing, ON_MISSING)
+        self.init_guard(on_error)
         if histogram_every_n_steps is not None and (
             not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps <= 0
         ):
@@ -208,6 +214,7 @@ class GradientFlow(Callback):
         self._flagged: set[tuple[str, str]] = set()
         self._histogram_window = -1
         self._snapshot: tuple[int, list[nn.Parameter], list[Tensor], Tensor] | None = None
+        self._family = ""
 
     @property
     @override
@@ -232,7 +239,8 @@ class GradientFlow(Callback):
     # ---- grouping --------------------------------------------------------------------------------------
     def _layers(self, pl_module: nn.Module) -> tuple[list[tuple[str, nn.Module]], nn.Module | None]:
         try:
-            targets = resolve(pl_module, need=("layers",), **self.patterns)[1]
+            adapter, targets = resolve(pl_module, need=("layers",), **self.patterns)
+            self._family = "" if adapter is None else f"model family {adapter.family!r}"
         except TargetNotFoundError:
             if self.patterns["layers"] is not None or self.patterns["embedding"] is not None:
                 raise
@@ -257,6 +265,7 @@ class GradientFlow(Callback):
             self._layer_modules = self._layers(pl_module)  # fail fast on a bad glob, before training
         except TargetNotFoundError as err:
             if self.on_missing == "raise":
+                self.let_through(err)  # on_missing decides, whatever on_error says
                 raise
             self.disabled = str(err)
             rank_zero_warn(f"GradientFlow is switched off for this run: {err}")
@@ -274,6 +283,10 @@ class GradientFlow(Callback):
         if self._hub is not None:
             self._hub.start_clock(trainer)
         write_layout(trainer, self.name, self.layout())
+
+    @override
+    def guard_context(self) -> str:
+        return self._family
 
     def layout(self) -> dict[str, list[str]]:
         """Custom-scalars charts: one multiline chart per quantity, all layers on it."""
@@ -294,8 +307,11 @@ class GradientFlow(Callback):
         if not self.due(trainer):
             return
         start = time.perf_counter()
-        if trainer.is_global_zero and self._groups is not None:
-            self._read(trainer, optimizer)
+        with self.guarded("reading the gradients", trainer):  # rank zero's own work: agreed before the collective
+            if trainer.is_global_zero and self._groups is not None:
+                self._read(trainer, optimizer)
+        if trainer.world_size > 1:
+            agree(trainer, [self])  # every rank reads (or skips) the same steps
         if self._hub is not None:
             self._hub.record_read(trainer, time.perf_counter() - start)
 

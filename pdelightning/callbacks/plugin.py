@@ -11,9 +11,11 @@ entry-point group, which every ``Trainer`` consults when it is built. It does no
   ``callbacks/*.yaml`` bundles (``trainer: callbacks+: [...]``) or a plain list of
   ``{class_path: ..., init_args: {...}}``.
 
-Callbacks attached this way never stop the user's run: each is built with ``on_missing="warn"`` (unless the
-YAML says otherwise), so one that finds nothing it can analyse in the model warns once, naming what it looked
-for and what it found, and steps aside.
+Callbacks attached this way never stop the user's run: each is built with ``on_missing="warn"`` and
+``on_error="warn"`` (unless the YAML says otherwise), so one that finds nothing it can analyse in the model warns
+once, naming what it looked for and what it found, and steps aside; and one that raises (in any hook or probe)
+warns once, naming the error and where it happened, and is switched off on every rank while training goes on
+(:mod:`pdelightning.probing.guard`).
 
 Example::
 
@@ -80,8 +82,10 @@ def _entries_from_yaml(path: Path) -> list[Any]:
 
 def _make(cls: type[Callback], kwargs: dict[str, Any] | None = None) -> Callback:
     kwargs = dict(kwargs or {})
-    if "on_missing" in inspect.signature(cls.__init__).parameters or _takes_probe_kwargs(cls):
-        kwargs.setdefault("on_missing", "warn")
+    params = inspect.signature(cls.__init__).parameters
+    for arg in ("on_missing", "on_error"):  # never stop the user's run: warn once and step aside
+        if arg in params or _takes_probe_kwargs(cls):
+            kwargs.setdefault(arg, "warn")
     return cls(**kwargs)
 
 

@@ -37,6 +37,7 @@ from pdelightning.analysis.stability import (  # noqa: F401 (moved there; the ol
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.capture import Request
+from pdelightning.probing.guard import agree
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 
 ACTIONS = ("warn", "stop")
@@ -398,10 +399,15 @@ class StabilityMonitor(ProbeCallback):
 
     def _check_losses(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         n = len(self._slots)
-        device = self._buffer.device if self._buffer is not None else pl_module.device
-        have = torch.tensor([s is not None for s in self._slots], dtype=torch.float32, device=device)
-        values = self._buffer[:n] if self._buffer is not None else torch.zeros(n, device=device)
-        both = torch.stack([torch.where(have > 0, values, torch.zeros_like(values)), have])
+        with self.guarded("the loss check", trainer):  # rank-local; the ranks agree on failures before the reduce
+            device = self._buffer.device if self._buffer is not None else pl_module.device
+            have = torch.tensor([s is not None for s in self._slots], dtype=torch.float32, device=device)
+            values = self._buffer[:n] if self._buffer is not None else torch.zeros(n, device=device)
+            both = torch.stack([torch.where(have > 0, values, torch.zeros_like(values)), have])
+        if trainer.world_size > 1:
+            agree(trainer, [self])
+        if self.failed:
+            return
         both = trainer.strategy.reduce(both, reduce_op="sum")  # all ranks: the global mean loss of each batch
         sums, counts = both.tolist()
         if self._buffer is not None:

@@ -7,6 +7,15 @@ pass over the fixed probe set: per probe batch, one forward of the model with th
 every callback the same :class:`ProbeBatch`. Callbacks then finish (collectives, logging) in turn. A callback alone
 works the same way, with a hub of one.
 
+**Failures.** A probe has a rank-local part (the shared forwards, each callback's ``request``, ``begin`` and
+``consume``: no collectives) and a collective part (each callback's ``finish``: its gathers first, then rank-zero
+logging). A callback that raises in either (``on_error="warn"``) is recorded as failed and skips the rest of the
+probe; between the two parts, and again after the last ``finish``, the ranks agree in one ``all_reduce`` which
+callbacks failed anywhere and switch those off on every rank together
+(:func:`~pdelightning.probing.guard.agree`). A callback that failed in its local part on one rank is thus switched
+off before any collective of the probe, on every rank: no rank waits on a gather another rank skipped. The design,
+and the one case it cannot repair, are in :mod:`pdelightning.probing.guard`.
+
 The hub also keeps the time budget (:class:`~pdelightning.probing.schedule.BudgetSchedule`) shared by all callbacks
 in budget mode, measures what each probe costs, logs ``analysis/overhead/fraction`` (analysis seconds over training
 seconds so far) and ``analysis/overhead/probe_seconds``, and sends figures to the figure worker process when a probe
@@ -17,168 +26,29 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 
 from pdelightning.adapters.base import ModelAdapter
 from pdelightning.adapters.registry import resolve
 from pdelightning.models.protocol import AnalysisTargets
-from pdelightning.probing.batch import (
-    call_model,
-    extract_logits,
-    labels_of,
-    map_tensors,
-    per_sample_loss,
-    take_rows,
-    valid_from_batch,
-)
-from pdelightning.probing.capture import Capture, Captured, EmbeddingEdit, Request, pad_prefix
+from pdelightning.probing.capture import Request
 from pdelightning.probing.figures import FigureWorker
+from pdelightning.probing.guard import agree, fail_all
 from pdelightning.probing.probe_set import ProbeSet
 from pdelightning.probing.schedule import BudgetSchedule
+from pdelightning.probing.session import MODEL, ProbeBatch, ProbeSession, forward_batch
+
+__all__ = ["MODEL", "ProbeBatch", "ProbeHub", "ProbeSession"]
 
 if TYPE_CHECKING:
     from pdelightning.callbacks._probe import ProbeCallback
 
-MODEL = "model"
 _NONE = 2**62  # "no interior probe planned", for reductions (max wins: the most conservative plan)
-
-
-@dataclass
-class ProbeSession:
-    """One probe: the step, the models' targets and what the callbacks share.
-
-    Attributes:
-        trainer, pl_module: the run.
-        step: the global step of the probe.
-        final: whether this is the last probe of training.
-        targets: resolved targets of each model key (``"model"`` and the extra models).
-        adapters: the adapter of each model key (``None`` for glob-only targets).
-        modules: each model key's module.
-        probe_size: number of samples in the whole probe set (all ranks).
-        figures: the background figure worker.
-        partner: ``[probe_size]`` each position's partner for the shuffled null (``-1``: none).
-        rank: ``[probe_size]`` a random rank of each position (a subset of ``k`` samples: those of rank ``< k``).
-        figure_position: the probe position of the sample that figures draw (rank 0; on process 0).
-    """
-
-    trainer: L.Trainer
-    pl_module: L.LightningModule
-    step: int
-    final: bool
-    targets: dict[str, AnalysisTargets]
-    adapters: dict[str, ModelAdapter | None]
-    modules: dict[str, nn.Module]
-    probe_size: int
-    figures: FigureWorker
-    timings: dict[str, float] = field(default_factory=dict)
-    partner: Tensor | None = None
-    rank: Tensor | None = None
-    figure_position: int = 0
-
-    def subset(self, index: Tensor, k: int | None) -> Tensor:
-        """Rows of a batch with probe positions ``index`` that belong to the random subset of ``k`` samples.
-
-        A stand-in batch (empty ``index``) has no row in any subset.
-        """
-        if k is None or self.rank is None:
-            return torch.arange(len(index), device=index.device)
-        return (self.rank.to(index.device)[index] < k).nonzero().flatten()
-
-    @property
-    def device(self) -> torch.device:
-        """The model's device."""
-        return self.pl_module.device
-
-
-@dataclass
-class ProbeBatch:
-    """One probe batch with everything the shared forwards captured.
-
-    Attributes:
-        batch: the collated batch on the model's device.
-        index: ``[B']`` positions of the samples in the probe set (``B' < B`` only for a rank's stand-in batch).
-        labels: the labels, or ``None``.
-        valid: ``[B, T]`` valid-token mask of the model's residual stream (prefix tokens valid), or ``None``.
-        logits: the model's logits.
-        loss: per-sample loss ``[B]`` (see :func:`~pdelightning.probing.batch.per_sample_loss`), or ``None``.
-        captured: what each model key's forward captured.
-        session: the probe session.
-    """
-
-    batch: Any
-    index: Tensor
-    labels: Tensor | None
-    valid: Tensor | None
-    logits: Tensor
-    loss: Tensor | None
-    captured: dict[str, Captured]
-    session: ProbeSession
-
-    def take(self, rows: Tensor) -> ProbeBatch:
-        """The samples ``rows`` of this batch (captures, logits, losses and mask cut alike; layer inputs dropped).
-
-        With no row selected, the first sample is kept as a stand-in with an empty index, so the caller still runs its
-        code and contributes zero rows to its gather.
-        """
-        index = self.index[rows] if len(self.index) else self.index[:0]
-        if len(rows) == 0:
-            rows = torch.zeros(1, dtype=torch.long, device=self.logits.device)
-        n = self.logits.shape[0]
-
-        def cut(t: Tensor | None) -> Tensor | None:
-            return t[rows] if t is not None and t.dim() > 0 and t.shape[0] == n else t
-
-        captured = {
-            key: Captured(
-                hidden={k: cut(v) for k, v in c.hidden.items()}, embedding=cut(c.embedding),
-                attention={k: cut(v) for k, v in c.attention.items()},
-                resid_pre={k: cut(v) for k, v in c.resid_pre.items()},
-                attn_out={k: cut(v) for k, v in c.attn_out.items()}, mlp_out={k: cut(v) for k, v in c.mlp_out.items()},
-                valid=cut(c.valid),
-            )  # type: ignore[arg-type]
-            for key, c in self.captured.items()
-        }  # fmt: skip
-        return ProbeBatch(
-            take_rows(self.batch, rows, n), index, cut(self.labels), cut(self.valid), cut(self.logits),  # type: ignore[arg-type]
-            cut(self.loss), captured, self.session,
-        )  # fmt: skip
-
-    def forward(
-        self,
-        batch: Any = None,
-        request: Request | None = None,
-        rows: slice | None = None,
-        edit: Callable[[Tensor], Tensor] | None = None,
-    ) -> tuple[Tensor, Captured]:
-        """An extra forward of the model (e.g. perturbed): ``(logits, captured)``.
-
-        Args:
-            batch: the inputs (default: this batch).
-            request: what to capture (default: nothing).
-            rows: capture only these rows.
-            edit: rewrite the embedding ``u_0`` with ``edit(u_0)`` during the forward.
-        """
-        s = self.session
-        targets, adapter = s.targets[MODEL], s.adapters[MODEL]
-        with Capture(adapter, targets, request or Request(), rows) as cap:
-            if edit is not None:
-                with EmbeddingEdit(targets) as e:
-                    e.fn = edit
-                    out = call_model(s.pl_module, self.batch if batch is None else batch)
-            else:
-                out = call_model(s.pl_module, self.batch if batch is None else batch)
-            return extract_logits(out), cap.pop()
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
 
 
 class ProbeHub:
@@ -378,8 +248,11 @@ class ProbeHub:
             groups: dict[tuple[int, int, int], list[ProbeCallback]] = {}
             for c in due:
                 groups.setdefault((c.probe_size, c.probe_batch_size, c.seed), []).append(c)
-            for members in groups.values():
-                self._run_group(trainer, pl_module, members, final, step, timings)
+            sessions = [(m, self._run_group(trainer, pl_module, m, final, step, timings)) for m in groups.values()]
+            agree(trainer, due)  # every rank, before any collective of this probe (see probing/guard.py)
+            for members, session in sessions:
+                self._finish(members, session, timings)
+            agree(trainer, due)
         finally:
             pl_module.train(was_training)
             self.figures.release()  # drawn in the worker process from now on, not competing with the probe
@@ -395,12 +268,18 @@ class ProbeHub:
                 self.schedule.tick(self.wall())
         self._log_overhead(trainer, step, cost)
 
-    def _models(self, pl_module: L.LightningModule, due: list[ProbeCallback]) -> dict[str, tuple[nn.Module, Request]]:
+    def _models(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, due: list[ProbeCallback]
+    ) -> dict[str, tuple[nn.Module, Request]]:
         models: dict[str, tuple[nn.Module, Request]] = {MODEL: (pl_module, Request())}
         for c in due:
+            with c.guarded("request", trainer):
+                wants, extras = c.request(), c.extra_models(pl_module)
+            if c.failed:
+                continue
             module, req = models[MODEL]
-            models[MODEL] = (module, req | c.request())
-            for key, (extra, extra_req) in c.extra_models(pl_module).items():
+            models[MODEL] = (module, req | wants)
+            for key, (extra, extra_req) in extras.items():
                 have = models.get(key)
                 models[key] = (extra, extra_req if have is None else have[1] | extra_req)
         return models
@@ -418,61 +297,63 @@ class ProbeHub:
     def _run_group(
         self, trainer: L.Trainer, pl_module: L.LightningModule, members: list[ProbeCallback], final: bool, step: int,
         timings: dict[str, float],
-    ) -> None:  # fmt: skip
-        probe = self.probe_set(trainer, members[0])
-        models = self._models(pl_module, members)
-        device = pl_module.device
-        targets: dict[str, AnalysisTargets] = {}
-        adapters: dict[str, ModelAdapter | None] = {}
-        for key, (module, _) in models.items():
-            if key == MODEL:
-                adapters[key], targets[key] = members[0].resolved(pl_module)
-            else:
-                adapters[key], targets[key] = self._resolve_extra(module, device)
+    ) -> ProbeSession | None:  # fmt: skip
+        """The rank-local part of a probe (no collectives): the shared forwards, ``begin`` and ``consume``.
+
+        A callback that raises is recorded as failed and skipped for the rest of the probe; a failure of the shared
+        forward is charged to every member (see :mod:`pdelightning.probing.guard`).
+        """
+        try:
+            probe = self.probe_set(trainer, members[0])
+            models = self._models(trainer, pl_module, members)
+            device = pl_module.device
+            targets: dict[str, AnalysisTargets] = {}
+            adapters: dict[str, ModelAdapter | None] = {}
+            for key, (module, _) in models.items():
+                if key == MODEL:
+                    adapters[key], targets[key] = members[0].resolved(pl_module)
+                else:
+                    adapters[key], targets[key] = self._resolve_extra(module, device)
+        except Exception as err:
+            fail_all([c for c in members if not c.failed], err, "the probe set up", trainer)
+            return None
         session = ProbeSession(
             trainer, pl_module, step, final, targets, adapters, {k: m for k, (m, _) in models.items()}, probe.size,
             self.figures, timings, probe.partner, probe.rank, probe.figure_position,
         )  # fmt: skip
         for c in members:
-            c.begin(session)
+            if not c.failed:
+                with c.guarded("begin", trainer):
+                    c.begin(session)
         with torch.no_grad():
             for raw, index in probe:
+                ok = [c for c in members if not c.failed]
+                if not ok:
+                    break
                 t = time.perf_counter()
-                batch = _to(raw, device)
-                labels = labels_of(batch)
-                captured: dict[str, Captured] = {}
-                logits: Tensor | None = None
-                for key, (module, req) in models.items():
-                    inputs = batch
-                    if key != MODEL and req.samples is not None:  # only the random subset (a stand-in row if none)
-                        rows = session.subset(index, req.samples)
-                        rows = rows if len(rows) else torch.zeros(1, dtype=torch.long)
-                        inputs = take_rows(batch, rows.to(device))
-                    with Capture(adapters[key], targets[key], req) as cap:
-                        out = call_model(module, inputs)
-                        captured[key] = cap.pop()
-                    if key == MODEL:
-                        logits = extract_logits(out)
-                assert logits is not None
-                main = captured[MODEL]
-                valid = main.valid if main.valid is not None else valid_from_batch(batch)
-                length = next((h.shape[1] for h in main.hidden.values() if h.dim() == 3), None)
-                if length is None and main.embedding is not None and main.embedding.dim() == 3:
-                    length = main.embedding.shape[1]
-                if valid is not None and length is not None:
-                    valid = pad_prefix(valid.to(device), length)
-                loss = per_sample_loss(pl_module, batch, logits, labels)
-                pb = ProbeBatch(batch, index.to(device), labels, valid, logits, loss, captured, session)
+                try:
+                    pb = forward_batch(session, models, raw, index)
+                except Exception as err:
+                    fail_all(ok, err, "the probe forward", trainer)
+                    break
                 timings["forward"] += time.perf_counter() - t
-                for c in members:
+                for c in ok:
                     t = time.perf_counter()
-                    c.consume(pb)
+                    with c.guarded("consume", trainer):
+                        c.consume(pb)
                     timings[c.name] = timings.get(c.name, 0.0) + time.perf_counter() - t
-                del pb, captured
+                del pb
+        return session
+
+    def _finish(self, members: list[ProbeCallback], session: ProbeSession | None, timings: dict[str, float]) -> None:
+        """Each member's ``finish`` (collectives, then rank-zero logging), after the ranks agreed who failed."""
         for c in members:
+            if c.failed or session is None:
+                continue
             t = time.perf_counter()
-            c.finish(session)
-            c.mark_probed(step, final)
+            with c.guarded("finish", session.trainer):
+                c.finish(session)
+            c.mark_probed(session.step, session.final)
             timings[c.name] = timings.get(c.name, 0.0) + time.perf_counter() - t
 
     def _log_overhead(self, trainer: L.Trainer, step: int, cost: float) -> None:
