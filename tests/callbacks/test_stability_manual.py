@@ -46,9 +46,16 @@ def _fit(module: L.LightningModule, monitor: StabilityMonitor) -> tuple[MemoryLo
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         L.Trainer(
-            max_epochs=1, logger=logger, callbacks=[monitor], enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=1, accelerator="cpu",
-        ).fit(module, *image_loaders(n=96, batch_size=16))  # fmt: skip
+            max_epochs=1,
+            logger=logger,
+            callbacks=[monitor],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=1,
+            accelerator="cpu",
+        ).fit(module, *image_loaders(n=96, batch_size=16))
     return logger, [str(w.message) for w in caught if "StabilityMonitor" in str(w.message)]
 
 

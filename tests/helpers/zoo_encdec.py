@@ -47,9 +47,21 @@ def t5_config(**extra: Any) -> Any:
     import transformers as tr
 
     tr.logging.set_verbosity_error()
-    return tr.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
-                       num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0,
-                       decoder_start_token_id=0, eos_token_id=1, **extra)  # fmt: skip
+    return tr.T5Config(
+        vocab_size=VOCAB,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        decoder_start_token_id=0,
+        eos_token_id=1,
+        **extra,
+    )
 
 
 def hf_model(kind: str) -> nn.Module:
@@ -62,17 +74,41 @@ def hf_model(kind: str) -> nn.Module:
     if kind == "t5":
         return tr.T5ForSequenceClassification(t5_config(num_labels=NUM_CLASSES))
     if kind == "bart":
-        cfg = tr.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-                            max_position_embeddings=SEQ + 2, dropout=0.0, attention_dropout=0.0,
-                            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2,
-                            num_labels=NUM_CLASSES)  # fmt: skip
+        cfg = tr.BartConfig(
+            vocab_size=VOCAB,
+            d_model=16,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=SEQ + 2,
+            dropout=0.0,
+            attention_dropout=0.0,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            num_labels=NUM_CLASSES,
+        )
         return tr.BartForSequenceClassification(cfg)
     if kind == "modernbert":
-        cfg = tr.ModernBertConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, max_position_embeddings=SEQ, local_attention=4,
-                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
-                                  num_labels=NUM_CLASSES)  # fmt: skip
+        cfg = tr.ModernBertConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=SEQ,
+            local_attention=4,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+            num_labels=NUM_CLASSES,
+        )
         return tr.ModernBertForSequenceClassification(cfg)
     raise ValueError(kind)
 
@@ -80,8 +116,9 @@ def hf_model(kind: str) -> nn.Module:
 def torchvision_vit() -> nn.Module:
     from torchvision.models import VisionTransformer
 
-    return VisionTransformer(image_size=IMG, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
-                             num_classes=NUM_CLASSES)  # fmt: skip
+    return VisionTransformer(
+        image_size=IMG, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=NUM_CLASSES
+    )
 
 
 def family(name: str, n: int = 24, seed: int = 0) -> tuple[L.LightningModule, DataLoader, DataLoader]:
