@@ -32,7 +32,6 @@ from pdelightning.adapters.base import (
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget
 
 
-# ---- HuggingFace transformers -------------------------------------------------------------------------------------
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList | nn.Sequential]]:
     """Every ``ModuleList``/``Sequential`` of same-class children that each contain attention and own parameters, by
     name, in module order.
@@ -105,7 +104,8 @@ def sublayers(block: nn.Module, attn: nn.Module | None) -> tuple[nn.Module | Non
     if out is not None and child(out, "dense") is not None:  # BERT-style post-LN: dense -> dropout -> LN(x + .)
         ffn_out = child(block, "output")
         return child(out, "dense"), (child(ffn_out, "dense") if ffn_out is not None else None)
-    return top_attn, child(block, *MLP_NAMES) or child(block, *FFN_OUT_NAMES)
+    mlp = child(block, *MLP_NAMES)
+    return top_attn, mlp if mlp is not None else child(block, *FFN_OUT_NAMES)
 
 
 class HuggingFaceAdapter(ModelAdapter):

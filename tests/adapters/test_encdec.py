@@ -15,7 +15,7 @@ from torch import nn
 
 from pdelightning.adapters import huggingface, reader_kind, resolve
 from pdelightning.adapters.readers import hf_attention_weights
-from pdelightning.callbacks import PDEFit
+from pdelightning.callbacks import PDEFit, StabilityMonitor
 from pdelightning.callbacks.plugin import CALLBACK_NAMES
 from pdelightning.probing.batch import call_model
 from pdelightning.probing.capture import Capture, Request
@@ -219,3 +219,53 @@ def test_pde_fit_never_logs_a_coefficient_for_a_term_it_did_not_find() -> None:
     name = targets.layers[0].name
     assert logger.series(f"analysis/pde_fit/alpha/{name}")[-1][1] == pytest.approx(expected, rel=1e-5)
     assert fit.last_results[name].ffn_coef is None
+
+
+class _MergeAttention(CustomAttention):
+    """Attention whose output projection has a name no adapter knows (``merge``)."""
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__(d, heads)
+        self.merge = self.out
+        del self.out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.out = self.merge
+        try:
+            return super().forward(x)
+        finally:
+            del self.out
+
+
+def test_w_o_not_found_is_said_once_and_nothing_is_invented() -> None:
+    torch.manual_seed(0)
+    model = _UnnamedFFNModel()
+    for block in model.trunk:
+        block.mixer = _MergeAttention()
+    module = TupleModule(model)
+    _, targets = resolve(module)
+    assert all(t.out_proj_weight() is None for t in targets.layers)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 50, (16, 8), generator=g), torch.arange(16) % 3
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    callbacks = [StabilityMonitor(probe_size=16, probe_batch_size=8), PDEFit(probe_size=16, probe_batch_size=8)]
+    logger = MemoryLogger()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(
+            max_steps=3,
+            logger=logger,
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            accelerator="cpu",
+        ).fit(module, loader, loader)
+    said = [str(w.message) for w in caught]
+    w_o = [m for m in said if m.startswith("StabilityMonitor: no attention output projection W^O")]
+    assert len(w_o) == 1 and "W_O_spectral" in w_o[0] and "model.trunk.0" in w_o[0], said
+    assert len([m for m in said if m.startswith("PDEFit") and "W^O" in m]) == 1, said
+    keys = logger.keys()
+    assert not [k for k in keys if "W_O_spectral" in k or "W_VO_spectral" in k or "eq21" in k]
+    assert "analysis/stability_monitor/drift/model.trunk.1" in keys  # the rest still measured
