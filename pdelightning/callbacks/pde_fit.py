@@ -122,7 +122,7 @@ class PDEFit(ProbeCallback):
         if out is not None and out.shape == u_in.shape:
             return out
         if module is None:
-            why = f"the {self._targets.family or 'model'} adapter names no {term} sublayer output module"
+            why = f"no module whose output is the {term} sublayer's contribution was found"
         elif out is None:
             why = f"its {term} output module ({type(module).__name__}) produced no output during the probe forward"
         else:

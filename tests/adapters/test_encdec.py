@@ -269,3 +269,22 @@ def test_w_o_not_found_is_said_once_and_nothing_is_invented() -> None:
     keys = logger.keys()
     assert not [k for k in keys if "W_O_spectral" in k or "W_VO_spectral" in k or "eq21" in k]
     assert "analysis/stability_monitor/drift/model.trunk.1" in keys  # the rest still measured
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_a_decoder_glob_reads_the_causal_self_attention_and_finds_the_sublayers(name: str) -> None:
+    """``layers`` on the decoder stack: its causal self-attention is the library's ``decoder_attentions``, and the
+    self-attention and feed-forward outputs are found for PDEFit (the cross-attention is not among them)."""
+    module, _, val = family(name)
+    batch = next(iter(val))
+    stack = "model.transformer.decoder.block.*" if name == "t5" else "model.model.decoder.layers.*"
+    adapter, targets = resolve(module, layers=stack, need=("layers", "attention"))
+    assert all(t.attn_out is not None and t.mlp_out is not None for t in targets.layers)
+    module.eval()
+    with torch.no_grad(), Capture(adapter, targets, Request(attention=True)) as cap:
+        call_model(module, batch)
+        captured = cap.pop()
+    for layer, expected in zip(targets.layers, library_attention(name, module, batch, "decoder"), strict=True):
+        p = captured.attention[layer.name]
+        assert float((p - expected.float()).abs().max()) <= 1e-5
+        assert float(p.triu(1).abs().max()) == 0.0  # causal
