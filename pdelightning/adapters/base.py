@@ -29,13 +29,15 @@ from torch import Tensor, nn
 from pdelightning.models.protocol import AnalysisTargets
 
 #: Names (last path segment) of attention output projections, in order of preference.
-OUT_PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "proj", "dense", "out_lin", "wo", "out", "W_O")
+OUT_PROJ_NAMES = ("o_proj", "out_proj", "c_proj", "proj", "dense", "out_lin", "wo", "Wo", "o", "out", "W_O")
 #: Names of value projections.
 VALUE_NAMES = ("value", "v_proj", "v", "v_lin", "wv")
 #: Names of fused query-key-value projections (the value block is the last third).
 QKV_NAMES = ("qkv", "c_attn", "query_key_value", "Wqkv", "in_proj")
 #: Names of feed-forward sublayers.
 MLP_NAMES = ("mlp", "feed_forward", "ffn", "ff", "feedforward")
+#: Names of the last linear map of a feed-forward sublayer written inline in the block (BART, Whisper, OPT).
+FFN_OUT_NAMES = ("fc2",)
 _ATTN_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
 
 

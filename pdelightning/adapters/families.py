@@ -1,5 +1,7 @@
 """The built-in adapters: our models and the protocol, TransformerLens, PyTorch, HuggingFace, timm, and a fallback.
 
+(HuggingFace's lives in :mod:`pdelightning.adapters.huggingface`.)
+
 Each class documents how it recognises its family and where it finds the layers, the attention and the
 embedding; see :mod:`pdelightning.adapters.base` for the interface.
 """
@@ -8,14 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import Tensor, nn
 
 from pdelightning.adapters.base import (
-    MLP_NAMES,
     ModelAdapter,
     attention_like,
     child,
@@ -26,6 +26,7 @@ from pdelightning.adapters.base import (
     reset_all,
     value_weight_of,
 )
+from pdelightning.adapters.huggingface import HuggingFaceAdapter, sublayers
 from pdelightning.models.attention import MultiHeadSelfAttention
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget
 
@@ -233,119 +234,6 @@ class TorchTransformerAdapter(ModelAdapter):
         return self.model.layers[0], lambda a, k: valid_from_padding_mask(_first_arg(a, k, index, name))
 
 
-# ---- HuggingFace transformers -------------------------------------------------------------------------------------
-def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList | nn.Sequential] | None:
-    """The longest ``ModuleList``/``Sequential`` of same-class children that each contain attention, by name."""
-    best: tuple[str, Any] | None = None
-    for name, m in model.named_modules():
-        if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) < 1:
-            continue
-        kids = list(m.children())
-        if len({type(k) for k in kids}) != 1 or not any(attention_like(x) for x in kids[0].modules()):
-            continue
-        if next(kids[0].parameters(), None) is None:
-            continue
-        if best is None or len(kids) > len(best[1]):
-            best = (name, m)
-    return best
-
-
-def _sublayers(block: nn.Module, attn: nn.Module | None) -> tuple[nn.Module | None, nn.Module | None]:
-    """``(attn_out, mlp_out)``: the modules whose outputs are the two sublayers' contributions to the stream."""
-    top_attn = next((c for c in block.children() if attn is not None and any(m is attn for m in c.modules())), None)
-    out = child(top_attn, "output") if top_attn is not None else None
-    if out is not None and child(out, "dense") is not None:  # BERT-style post-LN: dense -> dropout -> LN(x + .)
-        ffn_out = child(block, "output")
-        return child(out, "dense"), (child(ffn_out, "dense") if ffn_out is not None else None)
-    return top_attn, child(block, *MLP_NAMES)
-
-
-class HuggingFaceAdapter(ModelAdapter):
-    """HuggingFace ``PreTrainedModel`` s: BERT/RoBERTa (``encoder.layer``), ViT (``layers``), GPT-2 (``h``), Llama-style
-    (``model.layers`` with ``self_attn``/``o_proj``), and any other model whose blocks form a list of same-class modules
-    containing attention.
-
-    For every probe forward the model is switched to the ``"eager"`` attention implementation (through
-    ``set_attn_implementation`` or the config), whose attention modules return their probabilities as the second
-    output (causal and padding masks applied by the library itself), and switched back afterwards; every probe
-    thus takes one numerical path, whichever callbacks share it. ``u_0`` is the first
-    block's input (token + position embeddings, the class token of ViT included); ViT's class token is counted as a
-    prefix token. Re-initialisation uses the model's own ``_init_weights``.
-    """
-
-    family = "huggingface"
-    priority = 80
-
-    @classmethod
-    def detect(cls, module: nn.Module) -> bool:
-        transformers = sys.modules.get("transformers")  # a HuggingFace model means transformers is imported already
-        if transformers is None:
-            return False
-        return isinstance(module, transformers.PreTrainedModel) and _block_list(module) is not None
-
-    def targets(self) -> AnalysisTargets:
-        found = _block_list(self.model)
-        assert found is not None
-        list_name, blocks = found
-        layers = []
-        for i, block in enumerate(blocks):
-            attn = find_attention(block)
-            proj = out_proj_of(attn, block) if attn is not None else None
-            attn_out, mlp_out = _sublayers(block, attn)
-            layers.append(
-                LayerTarget(
-                    name=self.name(f"{list_name}.{i}"),
-                    module=block,
-                    attention=attn,
-                    out_proj=proj,
-                    block=block,
-                    attn_out=attn_out,
-                    mlp_out=mlp_out,
-                    w_o=(lambda p: lambda: linear_weight(p))(proj) if proj is not None else None,
-                    w_v=value_weight_of(attn) if attn is not None else None,
-                )
-            )
-        prefix = 1 if type(self.model).__name__.startswith(("ViT", "DeiT", "BeiT", "Dinov2")) else 0
-        first = blocks[0] if len(blocks) else None
-        return AnalysisTargets(
-            layers=layers, embedding=first, embedding_is_input=True, n_prefix_tokens=prefix, family=self.family
-        )
-
-    @contextlib.contextmanager
-    def probe_mode(self, attention: bool = False) -> Iterator[None]:
-        with fastpath_off():
-            config = getattr(self.model, "config", None)
-            was = getattr(config, "_attn_implementation", None)
-            if was in (None, "eager"):
-                yield
-                return
-            setter = getattr(self.model, "set_attn_implementation", None)
-            try:
-                if callable(setter):
-                    setter("eager")
-                else:
-                    config._attn_implementation = "eager"  # type: ignore[union-attr]
-                yield
-            finally:
-                if callable(setter):
-                    setter(was)
-                else:
-                    config._attn_implementation = was  # type: ignore[union-attr]
-
-    def reinitialise(self, model: nn.Module) -> bool:
-        for m in model.modules():
-            if hasattr(m, "_is_hf_initialized"):
-                m._is_hf_initialized = False
-        for p in list(model.parameters()) + list(model.buffers()):
-            if hasattr(p, "_is_hf_initialized"):
-                p._is_hf_initialized = False
-        init = getattr(model, "init_weights", None)
-        if not callable(init):
-            return reset_all(model) > 0
-        init()
-        return True
-
-
 # ---- timm ----------------------------------------------------------------------------------------------------------
 class TimmAdapter(ModelAdapter):
     """timm Vision Transformers (``blocks.{i}`` of ``Block``, ``attn.qkv``/``attn.proj``, ``num_prefix_tokens``).
@@ -455,13 +343,13 @@ class GenericAdapter(ModelAdapter):
         assert found is not None
         list_name, blocks = found
         layers = []
-        for i, block in enumerate(blocks):
+        for key, block in blocks.named_children():  # the real path (torchvision: encoder.layers.encoder_layer_0)
             attn = find_attention(block)
             proj = out_proj_of(attn, block) if attn is not None else None
-            attn_out, mlp_out = _sublayers(block, attn)
+            attn_out, mlp_out = sublayers(block, attn)
             layers.append(
                 LayerTarget(
-                    name=self.name(f"{list_name}.{i}" if list_name else str(i)),
+                    name=self.name(f"{list_name}.{key}" if list_name else key),
                     module=block,
                     attention=attn,
                     out_proj=proj,

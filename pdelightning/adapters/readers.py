@@ -8,8 +8,9 @@ takes the probabilities from where that library itself produces them:
 * ``nn.MultiheadAttention`` (stock PyTorch layers call it with ``need_weights=False``): the call is rewritten to
   ``need_weights=True, average_attn_weights=False`` and the second output is read;
 * HuggingFace attention modules (``config._attn_implementation``): the model is switched to ``"eager"`` for the
-  probe (see :class:`~pdelightning.adapters.huggingface.HuggingFaceAdapter`) and the module's second output, the
-  weights its eager path returns, is read;
+  probe (see :class:`~pdelightning.adapters.families.HuggingFaceAdapter`) and the weights its eager path returns
+  are read: the module's last output (T5's ``(output, position_bias, weights)`` included), checked to be
+  ``[B, H, Q, K]`` for the module's batch and queries (:func:`hf_attention_weights`);
 * timm ``Attention`` (``fused_attn``): the fused path is switched off for the probe and the probabilities are read
   at ``attn_drop``, through which timm's explicit path passes them;
 * anything else: :class:`SoftmaxInterceptor` watches the module's own forward for a 4-D ``softmax`` or a
@@ -214,8 +215,32 @@ class _MultiheadAttentionReader:
         self._stack.close()
 
 
+def hf_attention_weights(output: Any) -> Tensor | None:
+    """The attention probabilities ``[B, H, Q, K]`` in a HuggingFace attention module's output, else ``None``.
+
+    HuggingFace attention modules return ``(attn_output, attn_weights)``, and T5-style ones ``(attn_output,
+    position_bias, attn_weights)``: the weights are the *last* element (the library's own ``output_attentions``
+    recorder reads T5 at index -1). The position bias ``[1, H, Q, K]`` is never taken: a candidate must have the
+    batch size and the query length of ``attn_output`` ``[B, Q, d]``.
+
+    Example::
+
+        >>> out, bias, p = torch.zeros(2, 3, 4), torch.zeros(1, 1, 3, 3), torch.ones(2, 1, 3, 3) / 3
+        >>> hf_attention_weights((out, bias, p)) is p, hf_attention_weights((out, bias, None)) is None
+        (True, True)
+    """
+    if not isinstance(output, (tuple, list)) or len(output) < 2 or not isinstance(output[0], Tensor):
+        return None
+    hidden, weights = output[0], output[-1]
+    if not isinstance(weights, Tensor) or weights.dim() != 4 or hidden.dim() != 3:
+        return None
+    if weights.shape[0] != hidden.shape[0] or weights.shape[2] != hidden.shape[1]:
+        return None
+    return weights
+
+
 class _SecondOutputReader:
-    """HuggingFace attention modules return ``(attn_output, attn_weights)``; the weights exist on the eager path."""
+    """HuggingFace attention modules return the weights last (:func:`hf_attention_weights`) on their eager path."""
 
     def __init__(self, module: nn.Module, sink: Sink) -> None:
         self.module, self.sink = module, sink
@@ -223,11 +248,16 @@ class _SecondOutputReader:
 
     def __enter__(self) -> _SecondOutputReader:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
-            if not isinstance(weights, Tensor) or weights.dim() != 4:
+            weights = hf_attention_weights(output)
+            if weights is None:
+                got = (
+                    [tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__ for o in output]
+                    if isinstance(output, (tuple, list))
+                    else type(output).__name__
+                )
                 raise RuntimeError(
-                    f"{type(module).__name__} returned no attention weights [B, H, Q, K] on its eager path (got "
-                    f"{type(weights).__name__}); set the model's attn_implementation to 'eager' or give the "
+                    f"{type(module).__name__} returned no attention weights [B, H, Q, K] as its last output on its "
+                    f"eager path (got {got}); set the model's attn_implementation to 'eager' or give the "
                     "probabilities through a hook_pattern"
                 )
             self.sink(weights.detach().float())

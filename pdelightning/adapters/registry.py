@@ -10,6 +10,7 @@ from torch import nn
 
 from pdelightning.adapters.base import ModelAdapter, find_attention, linear_weight, out_proj_of, value_weight_of
 from pdelightning.adapters.families import BUILTIN_ADAPTERS
+from pdelightning.adapters.huggingface import sublayers
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget
 
 _COMPILED_PREFIX = "_orig_mod."
@@ -131,6 +132,7 @@ def _glob_targets(root: nn.Module, layers: str, attention: str | None, base: Ana
     for i, (n, m) in enumerate(matched):
         attn = attn_matched[i][1] if attn_matched else find_attention(m)
         proj = out_proj_of(attn, m) if attn is not None else None
+        attn_out, mlp_out = sublayers(m, attn)
         out.append(
             LayerTarget(
                 name=n,
@@ -138,6 +140,8 @@ def _glob_targets(root: nn.Module, layers: str, attention: str | None, base: Ana
                 attention=attn,
                 out_proj=proj,
                 block=m,
+                attn_out=attn_out,
+                mlp_out=mlp_out,
                 w_o=(lambda p: lambda: linear_weight(p))(proj) if proj is not None else None,
                 w_v=value_weight_of(attn) if attn is not None else None,
             )

@@ -36,6 +36,7 @@ so they can be accumulated over batches and summed across processes before solvi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -49,7 +50,7 @@ from pdelightning.models.pde import BOUNDARY_CONDITIONS, laplacian_1d
 
 FitDiffusion = Literal["diagonal", "scalar", "none"]
 FIT_DIFFUSION = ("diagonal", "scalar", "none")
-STAT_KEYS = ("n", "sum_y", "yy", "ll", "la", "lf", "ly", "aa", "af", "ff", "ay", "fy")
+STAT_KEYS = ("n", "n_attn", "n_ffn", "sum_y", "yy", "ll", "la", "lf", "ly", "aa", "af", "ff", "ay", "fy")
 _RTOL = 1e-10  # a column (or direction) with relative energy below this is treated as absent: coefficient 0
 
 
@@ -59,22 +60,25 @@ class PDEFitResult:
 
     Attributes:
         diffusion: fitted ``D`` per feature, ``[d]`` float64 (a scalar fit is broadcast; zeros for ``"none"``).
-        alpha: coefficient ``α`` of the attention output ``A_l``.
-        ffn_coef: coefficient ``c`` of the MLP output ``F_l``.
-        r2: R² of the full fit.
+        alpha: coefficient ``α`` of the attention output ``A_l``; ``None`` when ``A_l`` was not observed (the term
+            was left out of the fit, never fitted as zeros).
+        ffn_coef: coefficient ``c`` of the MLP output ``F_l``; ``None`` when ``F_l`` was not observed.
+        r2: R² of the full fit (of the terms observed).
         r2_diffusion: R² of the diffusion-only model ``D ∘ ∇²u_l`` refitted alone (same ``D`` kind; ``nan`` for
             ``"none"``).
-        r2_attention: R² of the attention-only model ``α A_l`` refitted alone.
+        r2_attention: R² of the attention-only model ``α A_l`` refitted alone (``nan`` when ``A_l`` was not
+            observed).
         residual_rms: root-mean-square residual of the full fit, in units of ``(u_{l+1} - u_l)/Δt``.
         n_positions: number of valid token positions fitted (each contributes ``d`` equations).
         eq21: ``2 max(D) Δt/Δx² + |α| Δt ||W^O||_2`` from the fitted ``D`` and ``α`` (eq. 21), or ``None`` when
-            no ``||W^O||_2`` was given. ``max(D)`` is taken as fitted: where every fitted ``D_j`` is negative
-            (anti-diffusion, ill-posed at any step size) the number understates the danger; read ``D`` itself.
+            no ``||W^O||_2`` was given or ``α`` was not fitted. ``max(D)`` is taken as fitted: where every fitted
+            ``D_j`` is negative (anti-diffusion, ill-posed at any step size) the number understates the danger; read
+            ``D`` itself.
     """
 
     diffusion: Tensor
-    alpha: float
-    ffn_coef: float
+    alpha: float | None
+    ffn_coef: float | None
     r2: float
     r2_diffusion: float
     r2_attention: float
@@ -108,15 +112,17 @@ def pde_fit_statistics(
     Args:
         u_in: residual stream entering the layer ``u_l``, ``[B, T, d]``.
         u_out: residual stream leaving it ``u_{l+1}``, ``[B, T, d]``.
-        attn: attention sublayer output ``A_l`` without ``α``, ``[B, T, d]``; ``None`` for none (coefficient 0).
-        mlp: MLP output ``F_l``, ``[B, T, d]``; ``None`` for none (coefficient 0).
+        attn: attention sublayer output ``A_l`` without ``α``, ``[B, T, d]``; ``None`` when not observed (the term
+            is then left out of the fit: ``n_attn`` counts the positions where it was observed).
+        mlp: MLP output ``F_l``, ``[B, T, d]``; ``None`` when not observed (likewise, ``n_ffn``).
         valid: ``[B, T]`` boolean, ``True`` at real tokens; ``None`` when all are valid.
         dt: the step ``Δt > 0`` (e.g. the PDE model's own, or ``1/L``).
         dx: token spacing ``Δx > 0``.
         boundary: ``"dirichlet"`` (eq. 7), ``"neumann"`` or ``"periodic"``.
 
     Returns:
-        float64 tensors: ``n`` (valid positions, 0-dim), per feature ``[d]``: ``sum_y`` (Σy), ``ll`` (ΣL²),
+        float64 tensors: ``n`` (valid positions, 0-dim), ``n_attn``/``n_ffn`` (valid positions where ``attn``/``mlp``
+        was observed: ``n`` or 0), per feature ``[d]``: ``sum_y`` (Σy), ``ll`` (ΣL²),
         ``la`` (ΣLA), ``lf`` (ΣLF), ``ly`` (ΣLy); and 0-dim sums over features: ``yy``, ``aa``, ``af``, ``ff``,
         ``ay``, ``fy``. Add two such dicts key by key (:func:`add_pde_fit_statistics`, or an all-reduce sum).
 
@@ -154,8 +160,11 @@ def pde_fit_statistics(
     def per_feature(x: Tensor, z: Tensor) -> Tensor:
         return (x * z).sum((0, 1))
 
+    none = keep.new_zeros(())
     return {
         "n": keep.sum(),
+        "n_attn": keep.sum() if attn is not None else none,
+        "n_ffn": keep.sum() if mlp is not None else none,
         "sum_y": y.sum((0, 1)),
         "yy": (y * y).sum(),
         "ll": per_feature(lap, lap),
@@ -216,9 +225,11 @@ def solve_pde_fit(
     ``"diagonal"``: the normal equations of feature ``j`` give ``D_j = (ly_j - α la_j - c lf_j)/ll_j``;
     substituting leaves the 2x2 system ``(G - Σ_j g_j g_jᵀ/ll_j) (α, c) = (ay, fy) - Σ_j g_j ly_j/ll_j`` with
     ``g_j = (la_j, lf_j)``, ``G = [[aa, af], [af, ff]]``. ``"scalar"``: the 3x3 system in ``(D, α, c)``.
-    ``"none"``: the 2x2 system ``G (α, c) = (ay, fy)``. Degenerate columns (a feature whose Laplacian is zero, no
-    attention, no MLP, collinear regressors) get the minimum-norm solution: coefficient 0 where nothing is
-    identifiable. The residual is ``SSE = yy - βᵀXᵀy`` at the optimum.
+    ``"none"``: the 2x2 system ``G (α, c) = (ay, fy)``. A term not observed at every position (``n_attn``/``n_ffn``
+    below ``n``: the sublayer's output was not found) is left out of the system and its coefficient is ``None``.
+    Degenerate columns (a feature whose Laplacian is zero, an all-zero sublayer output, collinear regressors) get
+    the minimum-norm solution: coefficient 0 where nothing is identifiable. The residual is ``SSE = yy - βᵀXᵀy`` at
+    the optimum.
 
     Args:
         stats: statistics from :func:`pde_fit_statistics`, possibly summed over batches and ranks.
@@ -245,19 +256,21 @@ def solve_pde_fit(
     yy = s["yy"]
     sst = yy - (s["sum_y"] ** 2).sum() / n
     ll, la, lf, ly = s["ll"], s["la"], s["lf"], s["ly"]
-    G = torch.stack([torch.stack([s["aa"], s["af"]]), torch.stack([s["af"], s["ff"]])])
-    b = torch.stack([s["ay"], s["fy"]])
+    # the terms observed at every position; a term seen nowhere (or only in some batches) is left out, never zero
+    terms = [i for i, k in enumerate(("n_attn", "n_ffn")) if float(s[k]) == n]
+    G = torch.stack([torch.stack([s["aa"], s["af"]]), torch.stack([s["af"], s["ff"]])])[terms][:, terms]
+    b = torch.stack([s["ay"], s["fy"]])[terms]
     present = ll > _RTOL * ll.max().clamp_min(torch.finfo(ll.dtype).tiny)  # features with a usable Laplacian
     inv_ll = torch.where(present, 1.0 / ll.clamp_min(torch.finfo(ll.dtype).tiny), torch.zeros_like(ll))
 
     if diffusion == "diagonal":
-        g = torch.stack([la, lf], 1)  # [d, 2]
+        g = torch.stack([la, lf], 1)[:, terms]  # [d, k]
         theta = _scaled_pinv_solve(G - (g * inv_ll[:, None]).T @ g, b - (g * (ly * inv_ll)[:, None]).sum(0))
         D = (ly - g @ theta) * inv_ll
         explained = (D * ly).sum() + theta @ b
         sse_diffusion = yy - (ly**2 * inv_ll).sum()
     elif diffusion == "scalar":
-        sl = torch.stack([ll.sum(), la.sum(), lf.sum()])
+        sl = torch.stack([ll.sum(), la.sum(), lf.sum()])[[0] + [t + 1 for t in terms]]
         G3 = torch.cat([sl[None, :], torch.cat([sl[1:, None], G], 1)], 0)
         b3 = torch.cat([ly.sum()[None], b])
         beta = _scaled_pinv_solve(G3, b3)
@@ -270,18 +283,19 @@ def solve_pde_fit(
         explained = theta @ b
         sse_diffusion = None
     sse = (yy - explained).clamp_min(0.0)
-    sse_attention = yy - (s["ay"] ** 2 / s["aa"] if float(s["aa"]) > 0 else 0.0)
-    alpha, ffn_coef = float(theta[0]), float(theta[1])
+    coef = {t: float(theta[i]) for i, t in enumerate(terms)}
+    alpha, ffn_coef = coef.get(0), coef.get(1)
+    r2_attention = _r2(yy - (s["ay"] ** 2 / s["aa"] if float(s["aa"]) > 0 else 0.0), sst) if 0 in terms else math.nan
     return PDEFitResult(
         diffusion=D,
         alpha=alpha,
         ffn_coef=ffn_coef,
         r2=_r2(sse, sst),
         r2_diffusion=float("nan") if sse_diffusion is None else _r2(torch.as_tensor(sse_diffusion), sst),
-        r2_attention=_r2(torch.as_tensor(sse_attention), sst),
+        r2_attention=r2_attention,
         residual_rms=float((sse / (n * d)).sqrt()),
         n_positions=round(n),
-        eq21=None if w_o_norm is None or dt is None else eq21_number(D, alpha, dt, dx, w_o_norm),
+        eq21=None if w_o_norm is None or dt is None or alpha is None else eq21_number(D, alpha, dt, dx, w_o_norm),
     )
 
 

@@ -13,10 +13,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from pdelightning._checks import check_choice
+from pdelightning.adapters.base import OUT_PROJ_NAMES
 from pdelightning.analysis.pde_fit import FIT_DIFFUSION, STAT_KEYS, pde_fit_statistics, solve_pde_fit
 from pdelightning.analysis.stability import exact_spectral_norm
 from pdelightning.callbacks._probe import ProbeCallback
@@ -100,6 +102,7 @@ class PDEFit(ProbeCallback):
         self.diffusion, self.dt, self.dx, self.boundary = diffusion, dt, dx, boundary
         self.history: list[dict[str, Any]] = []
         self.last_results: dict[str, Any] = {}
+        self._said: set[str] = set()
 
     @override
     def request(self) -> Request:
@@ -112,6 +115,39 @@ class PDEFit(ProbeCallback):
     def begin(self, session: ProbeSession) -> None:
         self._targets: AnalysisTargets = session.targets["model"]
         self._stats: dict[str, dict[str, Tensor]] = {}
+        self._why: dict[tuple[str, str], str] = {}  # (layer, term) -> why that sublayer output is missing
+
+    def _term(self, layer: LayerTarget, term: str, module: Any, out: Tensor | None, u_in: Tensor) -> Tensor | None:
+        """A sublayer's contribution when it was captured with the layer input's shape, else ``None`` (and why)."""
+        if out is not None and out.shape == u_in.shape:
+            return out
+        if module is None:
+            why = f"no module whose output is the {term} sublayer's contribution was found"
+        elif out is None:
+            why = f"its {term} output module ({type(module).__name__}) produced no output during the probe forward"
+        else:
+            why = f"its {term} output ({type(module).__name__}) has shape {tuple(out.shape)}, not {tuple(u_in.shape)}"
+        self._why.setdefault((layer.name, term), why)
+        return None
+
+    def _say_missing(self, missing: dict[str, list[str]]) -> None:
+        """Warn once per run and term which layers' fits leave that term out, and why."""
+        for term, layers in missing.items():
+            if not layers or term in self._said:
+                continue
+            self._said.add(term)
+            quantity = {"attention": "alpha and r2_attention", "feed-forward": "ffn_coef", "W^O": "eq21_fitted"}[term]
+            if term == "W^O":
+                why = f"no attention output projection W^O found (looked for children named {list(OUT_PROJ_NAMES)})"
+            else:
+                why = "; ".join(f"{n}: {self._why[(n, term)]}" for n in layers if (n, term) in self._why)
+            if term == "W^O":
+                what = f"{quantity} is not logged for them"
+            else:
+                what = (
+                    f"the term is left out of their fit (never fitted as zeros) and {quantity} is not logged for them"
+                )
+            rank_zero_warn(f"PDEFit: layers {layers} have no {term} ({why}); {what}")
 
     @override
     def consume(self, pb: ProbeBatch) -> None:
@@ -122,15 +158,13 @@ class PDEFit(ProbeCallback):
             u_in, u_out = cap.resid_pre.get(layer.name), cap.hidden.get(layer.name)
             if u_in is None or u_out is None or u_in.shape != u_out.shape or u_out.dim() != 3:
                 continue
-            attn = cap.attn_out.get(layer.name)
-            mlp = cap.mlp_out.get(layer.name)
-            attn = attn if attn is not None and attn.shape == u_in.shape else torch.zeros_like(u_in)
-            mlp = mlp if mlp is not None and mlp.shape == u_in.shape else torch.zeros_like(u_in)
+            attn = self._term(layer, "attention", layer.attn_out, cap.attn_out.get(layer.name), u_in)
+            mlp = self._term(layer, "feed-forward", layer.mlp_out, cap.mlp_out.get(layer.name), u_in)
             valid = pb.valid[:keep] if pb.valid is not None and pb.valid.shape == u_in.shape[:2] else None
             dt, dx = step_of(layer, n_layers, self.dt, self.dx)
             stats = pde_fit_statistics(
-                u_in[:keep].float(), u_out[:keep].float(), attn[:keep].float(), mlp[:keep].float(), valid,
-                dt=dt, dx=dx, boundary=self._boundary(layer),
+                u_in[:keep].float(), u_out[:keep].float(), attn[:keep].float() if attn is not None else None,
+                mlp[:keep].float() if mlp is not None else None, valid, dt=dt, dx=dx, boundary=self._boundary(layer),
             )  # fmt: skip
             have = self._stats.get(layer.name)
             self._stats[layer.name] = stats if have is None else {k: have[k] + stats[k] for k in STAT_KEYS}
@@ -166,6 +200,7 @@ class PDEFit(ProbeCallback):
         n_layers = len(self._targets.layers)
         metrics: dict[str, float] = {}
         entry: dict[str, Any] = {"step": session.step}
+        missing: dict[str, list[str]] = {"attention": [], "feed-forward": [], "W^O": []}
         for layer in self._targets.layers:
             if layer.name not in stats:
                 continue
@@ -175,14 +210,21 @@ class PDEFit(ProbeCallback):
             fit = solve_pde_fit(stats[layer.name], self.diffusion, dt=dt, dx=dx, w_o_norm=w_norm)
             values = {
                 "D": fit.diffusion_mean, "alpha": fit.alpha, "ffn_coef": fit.ffn_coef, "r2": fit.r2,
-                "r2_diffusion": fit.r2_diffusion, "r2_attention": fit.r2_attention,
-                "eq21_fitted": fit.eq21 if fit.eq21 is not None else math.nan,
+                "r2_diffusion": fit.r2_diffusion, "r2_attention": fit.r2_attention, "eq21_fitted": fit.eq21,
             }  # fmt: skip
-            entry[layer.name] = values
+            if fit.alpha is None:
+                missing["attention"].append(layer.name)
+                values["r2_attention"] = None
+            if fit.ffn_coef is None:
+                missing["feed-forward"].append(layer.name)
+            if w_norm is None and fit.alpha is not None:
+                missing["W^O"].append(layer.name)
+            entry[layer.name] = {q: math.nan if v is None else float(v) for q, v in values.items()}  # for the figure
             self.last_results[layer.name] = fit
             for q, v in values.items():
-                if q != "eq21_fitted" or w_norm is not None:
+                if v is not None:  # a term the fit left out has no coefficient: nothing is logged, not a 0
                     metrics[self.key(q, layer.name)] = float(v)
+        self._say_missing(missing)
         if self.history and self.history[-1]["step"] == entry["step"]:
             self.history[-1] = entry  # the probe at a resumed run's first step repeats the checkpoint's last one
         else:

@@ -24,6 +24,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from pdelightning._checks import check_choice
+from pdelightning.adapters.base import OUT_PROJ_NAMES, QKV_NAMES, VALUE_NAMES
 from pdelightning.analysis.cka import cka_matrix
 from pdelightning.analysis.representation import pool_tokens
 from pdelightning.analysis.stability import (  # noqa: F401 (moved there; the old import path keeps working)
@@ -100,7 +101,10 @@ class StabilityMonitor(ProbeCallback):
     mean loss) and scanned by :func:`scan_losses` for non-finite values and spikes (``loss > spike_factor ×
     EMA``). ``check_every_n_steps=1`` reacts on the very batch at the cost of one device sync per batch; the
     default 10 keeps the hot path sync-free at a delay of at most 9 batches. With gradient accumulation the
-    loss is Lightning's (divided by the number of accumulated batches).
+    loss is Lightning's (divided by the number of accumulated batches). Under manual optimisation
+    (``automatic_optimization = False``) a ``training_step`` that returns no loss is checked on the losses it gives
+    to ``manual_backward`` (their mean, when it calls it more than once); with neither, the loss checks log nothing
+    and say so once.
 
     ``action="warn"`` warns (once per layer while a flag stays on; every spike window) naming the layer and
     quantity, e.g. ``StabilityMonitor: blocks.2 eq21_number=1.37 > 1.0``. ``action="stop"`` also sets
@@ -198,6 +202,8 @@ class StabilityMonitor(ProbeCallback):
         self._buffer: Tensor | None = None
         self._slots: list[int | None] = []  # global step of each buffered loss, None where a batch had none
         self._batch_step = 0
+        self._backward: list[Tensor] = []  # losses given to manual_backward in this batch (manual optimisation)
+        self._said: set[str] = set()  # what was reported once: "loss", "W_O", "W_V"
         self._active: set[str] = set()
         self._restored_window: tuple[list[float], list[int | None]] = ([], [])
         self._last_check: tuple[int, dict[str, float]] | None = None
@@ -262,7 +268,28 @@ class StabilityMonitor(ProbeCallback):
             return float("inf")
         return float(exact_spectral_norm(matrix.detach()).sigma)
 
+    def _say_once(self, what: str, message: str) -> None:
+        if what not in self._said:
+            self._said.add(what)
+            rank_zero_warn(message)
+
     def _weights(self, targets: AnalysisTargets, metrics: dict[str, float], events: list[tuple[str, str]]) -> None:
+        no_o = [t.name for t in targets.layers if t.out_proj_weight() is None]
+        no_v = [t.name for t in targets.layers if t.out_proj_weight() is not None and t.value_proj_weight() is None]
+        if no_o:
+            self._say_once(
+                "W_O",
+                f"StabilityMonitor: no attention output projection W^O found for layers {no_o} (looked for children "
+                f"of their attention module named {list(OUT_PROJ_NAMES)}, and BERT's output.dense); W_O_spectral, "
+                "W_VO_spectral and eq21 are not logged for them",
+            )
+        if no_v:
+            self._say_once(
+                "W_V",
+                f"StabilityMonitor: no value projection W_V found for layers {no_v} (looked for children of their "
+                f"attention module named {list(VALUE_NAMES)} or a fused {list(QKV_NAMES)}); W_VO_spectral is not "
+                "logged for them",
+            )
         for layer in targets.layers:
             w_o = layer.out_proj_weight()
             if w_o is None:
@@ -374,6 +401,13 @@ class StabilityMonitor(ProbeCallback):
         self._batch_step = (
             trainer.global_step
         )  # the step this batch's loss belongs to (``self.global_step`` in training_step)
+        self._backward = []
+
+    @override
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        """Under manual optimisation, the losses the step gives to ``manual_backward`` (a device copy, no sync)."""
+        if not pl_module.automatic_optimization and isinstance(loss, Tensor) and loss.numel() == 1:
+            self._backward.append(loss.detach().float().reshape(()))
 
     @override
     def on_train_batch_end(
@@ -381,6 +415,9 @@ class StabilityMonitor(ProbeCallback):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, Tensor) and self._backward:  # manual optimisation, training_step returned no loss
+            loss = torch.stack(self._backward).mean()
+        self._backward = []
         if isinstance(loss, Tensor):
             if self._buffer is None:
                 self._buffer = torch.zeros(self.check_every_n_steps, device=loss.device)
@@ -437,6 +474,15 @@ class StabilityMonitor(ProbeCallback):
                 f"(loss spike, batch of step {kept[i][1]}){more}",
             ))  # fmt: skip
         self._act(trainer, events, scope=("loss:",))
+        if not kept:  # no rank had a loss in this window: nothing was checked, so nothing is logged
+            if self.loss_ema is None:
+                self._say_once(
+                    "loss",
+                    "StabilityMonitor: no training loss to check: training_step returned no loss (outputs has no "
+                    "'loss') and none went through manual_backward; loss_ema, loss_spike and nonfinite are not "
+                    "logged (return the loss from training_step to have it checked)",
+                )
+            return
         metrics = {self.key("loss_spike"): float(bool(scan.spikes)), self.key("nonfinite"): float(bool(scan.nonfinite))}
         if self.loss_ema is not None:
             metrics[self.key("loss_ema")] = self.loss_ema

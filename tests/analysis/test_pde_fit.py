@@ -211,8 +211,46 @@ def test_planted_diffusion_only_update() -> None:
     res = fit_pde_layer(u, u + 0.05 * D * laplacian_1d(u), a, None, dt=0.05)
     torch.testing.assert_close(res.diffusion, D)
     assert res.r2_diffusion == pytest.approx(1.0, abs=1e-12) and res.r2 == pytest.approx(1.0, abs=1e-12)
-    assert res.alpha == pytest.approx(0.0, abs=1e-10) and res.ffn_coef == 0.0
+    assert res.alpha == pytest.approx(0.0, abs=1e-10) and res.ffn_coef is None  # no F given: left out, not 0
     assert res.r2_attention < 0.05
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "scalar", "none"])
+def test_a_term_not_observed_is_left_out_not_fitted_as_zero(kind: str) -> None:
+    """Without F the fit is the least-squares fit of the other terms alone (dense lstsq), and c is None, not 0."""
+    g = torch.Generator().manual_seed(9)
+    u, a, f = (torch.randn(5, 7, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    y_next = u + 0.25 * (0.3 * laplacian_1d(u) + 2.0 * a + f)
+    res = fit_pde_layer(u, y_next, a, None, dt=0.25, diffusion=kind)
+    assert res.ffn_coef is None and res.alpha is not None
+    # the same fit by dense least squares over the columns [∇²u (per feature / scalar / none), A]
+    Y_ = ((y_next - u) / 0.25).numpy().reshape(-1, 3)
+    L_, A_ = laplacian_1d(u).numpy().reshape(-1, 3), a.numpy().reshape(-1, 3)
+    if kind == "diagonal":
+        # one row per (position, feature j): columns D_0..D_2 (∇²u_j in column j only) and α (A_j)
+        X = np.concatenate([L_[:, :, None] * np.eye(3)[None], A_[:, :, None]], 2).reshape(-1, 4)
+    elif kind == "scalar":
+        X = np.stack([L_.ravel(), A_.ravel()], 1)
+    else:
+        X = A_.reshape(-1, 1)
+    beta = np.linalg.lstsq(X, Y_.ravel(), rcond=None)[0]
+    assert res.alpha == pytest.approx(beta[-1], rel=1e-9)
+    sst = ((Y_ - Y_.mean(0)) ** 2).sum()
+    assert res.r2 == pytest.approx(1 - ((Y_.ravel() - X @ beta) ** 2).sum() / sst, abs=1e-9)
+    # neither term observed: only diffusion is fitted; with no attention, no eq. (21) number either
+    res = fit_pde_layer(u, y_next, None, None, dt=0.25, diffusion=kind, w_o_norm=1.0)
+    assert res.alpha is None and res.ffn_coef is None and res.eq21 is None and math.isnan(res.r2_attention)
+
+
+def test_a_term_observed_in_only_some_batches_is_left_out() -> None:
+    g = torch.Generator().manual_seed(10)
+    u, a, f = (torch.randn(4, 6, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    y_next = u + 0.5 * (a + f)
+    s1 = pde_fit_statistics(u[:2], y_next[:2], a[:2], f[:2], dt=0.5)
+    s2 = pde_fit_statistics(u[2:], y_next[2:], a[2:], None, dt=0.5)
+    res = solve_pde_fit(add_pde_fit_statistics(s1, s2), "none")
+    assert res.ffn_coef is None
+    assert res.alpha == pytest.approx(float((a * (y_next - u) / 0.5).sum() / (a * a).sum()), rel=1e-12)
 
 
 def test_degenerate_columns_get_zero_coefficients() -> None:
