@@ -233,20 +233,20 @@ HEADLINES: dict[str, Callable[[Scalars], Headline | None]] = {
 
 # ---- the run's own lines ------------------------------------------------------------------------------------------
 def training(scalars: Scalars) -> Headline | None:
-    """The training loss first → last, and the final (and best) validation metrics."""
+    """The training loss first → last, the last training accuracy, and the final (and best) validation metrics."""
     parts: list[str] = []
     curves: list[Curve] = []
     loss = train_loss(scalars)
     if loss:
         parts.append(f"{loss[0]} {trend(loss[1])}")
         curves.append(_curve(loss[0], loss[1]))
-    for tag in sorted(t for t in scalars if t.startswith(("val/", "val_"))):
+    for tag in sorted(t for t in scalars if t.startswith(("val/", "val_", "train/acc", "train_acc"))):
         point = last(scalars[tag])
         if point is None:
             continue
         values = [v for _, v in scalars[tag] if math.isfinite(v)]
         best = max(values) if "acc" in tag else min(values) if "loss" in tag else None
-        shown = f" (best {fmt(best)})" if best is not None and len(values) > 1 else ""
+        shown = f" (best {fmt(best)})" if best is not None and len(values) > 1 and tag.startswith("val") else ""
         parts.append(f"{tag} {fmt(point[1])}{shown}")
         curves.append(_curve(tag, scalars[tag]))
     return Headline("Training", ", ".join(parts), tuple(curves[:3])) if parts else None

@@ -120,11 +120,16 @@ def gradients_vanish(scalars: Scalars, threshold: float = 1e-7) -> Finding | Non
     if not low:
         return None
     order = [k for k in layers if k not in ("head", "other")]
-    prefix = order[: len(low)] == [k for k in order if k in low] and len(low) < len(order) and order[0] in low
-    where = f"below layer {order[len(low)]}" if prefix and all(k in order for k in low) else f"in {layer_span(low)}"
+    lowest = order[: len(low)] == [k for k in order if k in low] and all(k in order for k in low)
+    if len(low) == len(layers):
+        where = "in every layer"
+    elif lowest and len(low) < len(order):
+        where = f"below layer {order[len(low)]} ({layer_span(low)})"
+    else:
+        where = f"in {layer_span(low)}"
     smallest = min(low, key=lambda k: values[k])  # type: ignore[arg-type,return-value]
     text = (
-        f"gradients vanish {where}: grad_norm < {threshold:g} in {layer_span(low)} at step {final} "
+        f"gradients vanish {where}: grad_norm < {threshold:g} at step {final} "
         f"(smallest {fmt(values[smallest])} in {smallest})"
     )
     return Finding("gradients_vanish", "warning", text, _tags(scalars, "grad_norm", set(low)))

@@ -75,13 +75,15 @@ def test_gradients_vanish_below_a_layer() -> None:
     scalars = _grads({"embedding": 1e-10, "blocks.0": 3e-9, "blocks.1": 2e-8, "blocks.2": 0.3, "head": 0.9})
     found = gradients_vanish(scalars, threshold=1e-7)
     assert found is not None
-    assert found.text.startswith("gradients vanish below layer blocks.2: grad_norm < 1e-07 in embedding, blocks.0–1")
+    assert found.text.startswith("gradients vanish below layer blocks.2 (embedding, blocks.0–1): grad_norm < 1e-07 at")
     assert "smallest 1e-10 in embedding" in found.text and len(found.tags) == 3
 
 
 def test_gradients_vanish_names_layers_that_are_not_the_lowest() -> None:
     found = gradients_vanish(_grads({"blocks.0": 0.2, "blocks.1": 1e-9, "blocks.2": 0.3}))
     assert found is not None and "gradients vanish in blocks.1:" in found.text
+    found = gradients_vanish(_grads({"blocks.0": 1e-9, "head": 1e-9}))
+    assert found is not None and "gradients vanish in every layer:" in found.text
 
 
 def test_gradients_vanish_quiet_on_healthy_or_earlier_only_small_norms() -> None:
