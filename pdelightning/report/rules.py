@@ -79,18 +79,19 @@ def eq21_exceeded(scalars: Scalars, limit: float = 1.0, exact_r2: float = 1e-6) 
     Fitted layers whose full fit is exact (``r2 >= 1 - exact_r2``: a residual Transformer layer is an explicit step
     with ``α = 1/Δt``, so the number is just ``||W^O||_2``) are left out.
     """
-    for name, source, severity in (
+    sources: tuple[tuple[str, str, Severity], ...] = (
         ("eq21_monitor", "StabilityMonitor", "warning"),
         ("eq21_jacobian", "JacobianStability", "warning"),
         ("eq21_fitted", "PDEFit, fitted coefficients", "info"),
-    ):
+    )
+    for name, source, severity in sources:
         layers = {k: v for k, v in per_layer(scalars, name).items() if last(v) is not None}
         if name == "eq21_fitted":  # a residual layer is exactly an explicit step with α = 1/Δt: nothing to read
             exact = {k for k, v in per_layer(scalars, "pde_r2").items() if (p := last(v)) and p[1] >= 1 - exact_r2}
             layers = {k: v for k, v in layers.items() if k not in exact}
         if not layers:
             continue
-        final = max(last(v)[0] for v in layers.values())  # type: ignore[index]
+        final = max(p[0] for v in layers.values() if (p := last(v)) is not None)
         over = {k: v for k, v in layers.items() if (x := at_step(v, final)) is not None and x > limit}
         if not over:
             return None
@@ -101,7 +102,7 @@ def eq21_exceeded(scalars: Scalars, limit: float = 1.0, exact_r2: float = 1e-6) 
             f"(max {fmt(at_step(over[worst], final))} in {worst} at step {final}; {source}): the explicit step's "
             "sufficient stability condition no longer holds there"
         )
-        return Finding("eq21_exceeded", severity, text, _tags(scalars, name, set(over)))  # type: ignore[arg-type]
+        return Finding("eq21_exceeded", severity, text, _tags(scalars, name, set(over)))
     return None
 
 
@@ -115,8 +116,8 @@ def gradients_vanish(scalars: Scalars, threshold: float = 1e-7) -> Finding | Non
     if not layers:
         return None
     final = max(s for v in layers.values() for s, _ in v)
-    values = {k: at_step(v, final) for k, v in layers.items()}
-    low = [k for k, x in values.items() if x is not None and math.isfinite(x) and x < threshold]
+    values = {k: x for k, v in layers.items() if (x := at_step(v, final)) is not None}
+    low = [k for k, x in values.items() if math.isfinite(x) and x < threshold]
     if not low:
         return None
     order = [k for k in layers if k not in ("head", "other")]
@@ -127,7 +128,7 @@ def gradients_vanish(scalars: Scalars, threshold: float = 1e-7) -> Finding | Non
         where = f"below layer {order[len(low)]} ({layer_span(low)})"
     else:
         where = f"in {layer_span(low)}"
-    smallest = min(low, key=lambda k: values[k])  # type: ignore[arg-type,return-value]
+    smallest = min(low, key=values.__getitem__)
     text = (
         f"gradients vanish {where}: grad_norm < {threshold:g} at step {final} "
         f"(smallest {fmt(values[smallest])} in {smallest})"
