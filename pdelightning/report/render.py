@@ -32,7 +32,7 @@ def summary_lines(
         title += f"{'s' * (len(findings) != 1)})"
     else:
         title = "Run summary: no analysis was logged in this run (add e.g. -c callbacks/all.yaml); training only"
-    lines = [title] + ([f"  ({note})"] if note else [])
+    lines = [title] + ([f"  {note}"] if note else [])
     lines += [f"  {MARK[f.severity]} {f.text}" for f in findings]
     if n_callbacks and not findings:
         lines.append("  no findings: no rule's threshold was crossed")
@@ -70,7 +70,7 @@ def sparkline(curves: Sequence[Curve], width: int = 180, height: int = 40) -> st
             coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts)
             line = f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{coords}">'
             parts.append(f"{line}<title>{tip}</title></polyline>")
-        shown = fmt(y0) if fmt(y0) == fmt(y1) else f"{fmt(y0)}–{fmt(y1)}"
+        shown = fmt(y0) if fmt(y0) == fmt(y1) else f"{fmt(y0)} to {fmt(y1)}"
         legend.append(f'<span style="color:{color}">{html.escape(label)}</span> <span class="range">{shown}</span>')
     svg = (
         f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
@@ -90,7 +90,7 @@ table{border-collapse:collapse;width:100%}td{border-bottom:1px solid #eee;paddin
 td.cb{font-weight:600;white-space:nowrap}.legend{font-size:11px;color:#555}.range{color:#999}
 .figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:14px}
 figure{margin:0}figure img{width:100%;border:1px solid #eee}figcaption{font-size:12px;color:#555}
-code{font-size:12px;color:#555}
+code{font-size:12px;color:#555}summary{font-size:12px;color:#777;cursor:pointer}
 """
 
 
@@ -116,10 +116,10 @@ def render_html(
     if findings:
         out.append("<ul class='findings'>")
         for f in findings:
-            tags = ", ".join(f.tags[:6]) + (f", … ({len(f.tags) - 6} more)" if len(f.tags) > 6 else "")
+            tags = f"<details><summary>{len(f.tags)} tags</summary><code>{esc(', '.join(f.tags))}</code></details>"
             out.append(
                 f"<li style='border-color:{COLOR[f.severity]}'><span class='sev' style='color:{COLOR[f.severity]}'>"
-                f"{f.severity}</span>{esc(f.text)}<br><code>{esc(tags)}</code></li>"
+                f"{f.severity}</span>{esc(f.text)}{tags}</li>"
             )
         out.append("</ul>")
     else:

@@ -198,7 +198,8 @@ def attention_near_uniform(
             used += _KEY_SOURCES.get(how, [])
     if not near:
         return None
-    ratio = ", ".join(f"{layer_span([k])} {100 * v:.1f} %" for k, v in near.items())
+    lo, hi = f"{100 * min(near.values()):.1f}", f"{100 * max(near.values()):.1f}"
+    ratio = f"{lo} %" if lo == hi else f"{lo}–{hi} %"
     text = (
         f"attention in layers {layer_span(list(near))} within {100 * within:g} % of uniform at step {final}: "
         f"entropy / ln(keys) = {ratio} (>= {100 * (1 - within):g} %); these layers barely select keys"

@@ -118,7 +118,7 @@ def test_attention_near_uniform_with_the_number_of_keys_given() -> None:
     found = attention_near_uniform(scalars, within=0.02, log_keys=ln8)
     assert found is not None and found.severity == "info"
     assert "attention in layers blocks.3 within 2 % of uniform at step 100" in found.text
-    assert "blocks.3 99.0 %" in found.text
+    assert "entropy / ln(keys) = 99.0 % (>= 98 %)" in found.text
     assert attention_near_uniform(scalars, within=0.005, log_keys=ln8) is None  # 99 % is not within 0.5 %
 
 
