@@ -116,7 +116,8 @@ def render_html(
     if findings:
         out.append("<ul class='findings'>")
         for f in findings:
-            tags = f"<details><summary>{len(f.tags)} tags</summary><code>{esc(', '.join(f.tags))}</code></details>"
+            n = f"{len(f.tags)} tag" + "s" * (len(f.tags) != 1)
+            tags = f"<details><summary>{n}</summary><code>{esc(', '.join(f.tags))}</code></details>"
             out.append(
                 f"<li style='border-color:{COLOR[f.severity]}'><span class='sev' style='color:{COLOR[f.severity]}'>"
                 f"{f.severity}</span>{esc(f.text)}{tags}</li>"

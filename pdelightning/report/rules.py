@@ -286,8 +286,7 @@ def overhead_above_budget(scalars: Scalars, budget: float = 0.03) -> Finding | N
     if point is None or not point[1] > budget:
         return None
     text = (
-        f"analysis took {100 * point[1]:.1f} % of training time at step {point[0]}, above its {100 * budget:g} % "
-        "budget (short runs pay for the fixed first and last probes)"
+        f"analysis took {100 * point[1]:.1f} % of training time at step {point[0]}, above its {100 * budget:g} % budget"
     )
     return Finding("overhead_above_budget", "warning", text, _tags(scalars, "overhead_fraction"))
 
