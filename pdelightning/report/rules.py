@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pdelightning.report.tags import (
     TAGS,
+    VAL_LOSS_TAGS,
     Scalars,
     Series,
     at_step,
@@ -241,16 +242,23 @@ def mi_at_ceiling(scalars: Scalars, tol: float = 0.1) -> Finding | None:
 
 # ---- StabilityMonitor: non-finite values and loss spikes ------------------------------------------------------------
 def nonfinite_values(scalars: Scalars) -> Finding | None:
-    """A non-finite training loss (StabilityMonitor's flag, or the logged loss itself) or non-finite activations."""
+    """A non-finite training loss (StabilityMonitor's flag, or the logged loss itself), validation loss, or
+    non-finite activations (StabilityMonitor's fraction per layer).
+    """
     parts, tags = [], []
     flag = [s for s, v in single(scalars, "loss_nonfinite") if v >= 1]
     loss = train_loss(scalars)
     bad_loss = [s for s, v in loss[1] if not math.isfinite(v)] if loss else []
     if flag or bad_loss:
-        first = min(flag + bad_loss)
-        parts.append(f"the training loss is non-finite from step {first} ({len(set(flag + bad_loss))} checks)")
+        first, n = min(flag + bad_loss), len(set(flag + bad_loss))
+        parts.append(f"the training loss is non-finite from step {first} ({n} check{'s' * (n != 1)})")
         tags += list(_tags(scalars, "loss_nonfinite")) if flag else []
         tags += [loss[0]] if loss and bad_loss else []
+    for tag in VAL_LOSS_TAGS:
+        bad = [s for s, v in scalars.get(tag, []) if not math.isfinite(v)]
+        if bad:
+            parts.append(f"{tag} is non-finite from step {bad[0]}")
+            tags.append(tag)
     act = {k: [(s, v) for s, v in series if v != 0] for k, series in per_layer(scalars, "act_nonfinite").items()}
     act = {k: v for k, v in act.items() if v}
     if act:

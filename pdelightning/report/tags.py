@@ -115,6 +115,8 @@ TAGS: dict[str, tuple[TagPattern, ...]] = {
 
 TRAIN_LOSS_TAGS = ("train/loss", "train_loss", "loss")
 """The training loss, as ``ClassificationTask`` logs it first, then common Lightning names."""
+VAL_LOSS_TAGS = ("val/loss", "val_loss")
+"""The validation loss (read for non-finite values)."""
 FIGURE_TAG = re.compile(r"^analysis/")
 """Images the report embeds (the callbacks' figures)."""
 

@@ -173,13 +173,15 @@ def test_mi_at_ceiling_quiet_below_the_ceiling() -> None:
 def test_nonfinite_values_in_the_loss_and_the_activations() -> None:
     scalars = {
         "train/loss": series(2.0, 1.0, NAN),
+        "val/loss": series(2.0, NAN, NAN),
         "analysis/stability_monitor/nonfinite": series(0.0, 0.0, 1.0),
         "analysis/stability_monitor/nonfinite/blocks.0": series(0.0, 0.0, 0.0),
         "analysis/stability_monitor/nonfinite/blocks.1": series(0.0, 0.0, 0.25),
     }
     found = nonfinite_values(scalars)
     assert found is not None and found.severity == "critical"
-    assert "the training loss is non-finite from step 200" in found.text
+    assert "the training loss is non-finite from step 200 (1 check);" in found.text
+    assert "val/loss is non-finite from step 100" in found.text
     assert "non-finite activations in blocks.1 from step 200 (up to 25 % of values)" in found.text
     assert "train/loss" in found.tags and "analysis/stability_monitor/nonfinite/blocks.1" in found.tags
 
