@@ -85,8 +85,7 @@ def _flush(trainer: Any) -> None:
             hub.figures.drain()  # idempotent: the probe callbacks' teardown drains it again
     wait_for_figures()
     for logger in getattr(trainer, "loggers", []):
-        try:
-            logger.save()
+        try:  # the TensorBoard writer's buffered events (RunReport runs before Lightning finalizes the loggers)
             experiment = getattr(logger, "_experiment", None)
             if experiment is not None and hasattr(experiment, "flush"):
                 experiment.flush()
