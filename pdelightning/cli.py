@@ -282,6 +282,10 @@ class PDELightningCLI(LightningCLI):
         )
         verb = "Stopped (unstable)" if self.stop_reason else "Finished"
         print(f"\n{verb} after {trainer.global_step} steps ({trainer.current_epoch} epochs). {final}")
+        if not any(type(c).__name__ == "RunReport" for c in trainer.callbacks):  # RunReport printed it already
+            from pdelightning.report import report_after_fit
+
+            print("\n".join(report_after_fit(trainer)))
         print(f"Logs and checkpoints: {log_dir}")
         print(f"View them with:       tensorboard --logdir {trainer.logger.save_dir}")
 
@@ -343,12 +347,17 @@ def _fail(message: str) -> NoReturn:
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``pdelightning`` console script and ``python -m pdelightning``.
 
+    ``pdelightning summary <log_dir>`` reports a finished run (:mod:`pdelightning.report`);
     ``pdelightning report ...`` and ``pdelightning reproduce ...`` go to the reproduction tools; everything
     else (``fit``, ``validate``, ``test``, ``predict``) to LightningCLI. Exit status: 0 on success, 2 on bad
     input (one ``error:`` line; set ``PDELIGHTNING_TRACEBACK=1`` for the traceback), 3 when
     ``StabilityMonitor`` stopped training, 1 on any other failure (with its traceback).
     """
     argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+    if argv and argv[0] == "summary":  # the report of a finished run (pdelightning.report)
+        from pdelightning.report import main as summary
+
+        sys.exit(summary(argv[1:]))
     if argv and argv[0] in ("report", "reproduce"):
         if argv[0] == "report":
             from pdelightning.reproduce.report import main as tool
