@@ -37,9 +37,14 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from pdelightning.trust import UntrustedFileError, blocked_global, load_data_file
 from pdelightning.utils import InputError
 
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})$")
+_CLI_TRUST_HINT = (
+    "resume only from checkpoints you wrote; if you trust the file's author, add --weights_only false (or pass "
+    "weights_only=False to Trainer.fit), which runs the file's pickle code"
+)
 _UNREADABLE = (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError, ValueError)
 
 
@@ -142,26 +147,26 @@ def _is_local(path: _PATH) -> bool:
 
 
 def read_checkpoint(path: str | Path, weights_only: bool | None = True) -> dict[str, Any]:
-    """``torch.load`` a checkpoint onto the CPU, memory-mapped when the file allows it (no tensor data is read)."""
-    kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": weights_only}
-    try:
-        return torch.load(path, mmap=True, **kwargs)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-        return torch.load(path, **kwargs)  # a legacy (non-zip) file cannot be memory-mapped
+    """``torch.load`` a checkpoint onto the CPU, memory-mapped when the file allows it (no tensor data is read).
+
+    Loaded as data (:func:`~pdelightning.trust.load_data_file`) unless ``weights_only`` is ``False``.
+
+    Raises:
+        UntrustedFileError: when the file holds a pickle global outside the allow-list.
+    """
+    return load_data_file(path, map_location="cpu", trust=weights_only is False, mmap=True)
 
 
 def _weights_only_refusal(err: BaseException) -> bool:
     """Whether ``err`` is ``torch.load(weights_only=True)`` refusing a readable file (not corruption)."""
-    return isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err)
+    return isinstance(err, UntrustedFileError) or blocked_global(err) is not None
 
 
 def readable(path: str | Path) -> tuple[bool, int | None]:
     """Whether ``path`` loads as a checkpoint, and its ``global_step`` when it does."""
     try:
         ckpt = read_checkpoint(path)
-    except _UNREADABLE as err:
+    except (UntrustedFileError, *_UNREADABLE) as err:
         return _weights_only_refusal(err), None
     except OSError:
         return False, None
@@ -204,10 +209,12 @@ def unreadable_message(path: str | Path, err: BaseException) -> str:
 def load_checkpoint_file(
     path: str | Path, map_location: Any = "cpu", weights_only: bool | None = None, mmap: bool = False
 ) -> dict[str, Any]:
-    """``torch.load`` a checkpoint, raising :class:`CorruptCheckpointError` (with the way out) when it is unreadable.
+    """``torch.load`` a checkpoint as data, raising :class:`CorruptCheckpointError` (with the way out) when it is
+    unreadable. ``weights_only=None`` means ``True``; only an explicit ``False`` runs the file's pickle code.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
+        UntrustedFileError: if it holds a pickle global outside the allow-list (an intact but foreign file).
         CorruptCheckpointError: if it is empty, truncated or otherwise unreadable.
     """
     path = Path(path)
@@ -215,12 +222,12 @@ def load_checkpoint_file(
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     remove_stale_temp_files(path.parent)
     try:
-        if mmap:
-            return read_checkpoint(path, weights_only=weights_only)
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
+        return load_data_file(
+            path, map_location=map_location, trust=weights_only is False, mmap=mmap, hint=_CLI_TRUST_HINT
+        )
+    except UntrustedFileError:  # intact but foreign: not "corrupt"
+        raise
     except _UNREADABLE as err:
-        if _weights_only_refusal(err):
-            raise
         raise CorruptCheckpointError(unreadable_message(path, err)) from err
 
 

@@ -118,11 +118,12 @@ class PDELightningCLI(LightningCLI):
                 f"--ckpt_path {path} does not exist"
                 + (f"; checkpoints in {path.parent}: {', '.join(near)}" if near else "")
             )
+        trusted = self._section().get("weights_only") is False  # --weights_only false: the user trusts the file
         try:
-            checkpoint = load_checkpoint_file(path, weights_only=True, mmap=True)
-        except InputError:
+            checkpoint = load_checkpoint_file(path, weights_only=not trusted, mmap=True)
+        except InputError:  # corrupt, or a foreign pickle global (UntrustedFileError): exit 2 before anything runs
             raise
-        except Exception:  # e.g. a weights-only refusal: leave the checks to the trainer's own load
+        except Exception:  # leave anything else to the trainer's own load
             return
         self._ckpt = (path, checkpoint)
         model = self._section().get("model")
