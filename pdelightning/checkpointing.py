@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import re
@@ -50,6 +51,22 @@ _UNREADABLE = (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFil
 
 class CorruptCheckpointError(InputError):
     """A checkpoint file exists but cannot be read (empty, truncated or corrupt)."""
+
+
+class CheckpointWriteError(InputError):
+    """A checkpoint could not be written because the disk is full (the machine, not the run: exit 2 on the CLI)."""
+
+
+def _no_space(err: BaseException) -> bool:
+    """Whether ``err`` (or a cause) is the disk running full; ``torch.save`` reports it as a ``RuntimeError``."""
+    link: BaseException | None = err
+    seen: list[BaseException] = []
+    while link is not None and link not in seen:
+        seen.append(link)
+        if (isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(link):
+            return True
+        link = link.__cause__ or link.__context__
+    return False
 
 
 class NonFiniteCheckpointWarning(UserWarning):
@@ -276,9 +293,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         target = Path(str(path).removeprefix("file://"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(target.parent)
-        atomic_write(target, lambda f: torch.save(checkpoint, f))
+        kept = target.is_file()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(target.parent)
+            atomic_write(target, lambda f: torch.save(checkpoint, f))
+        except (OSError, RuntimeError) as err:
+            if not _no_space(err):
+                raise
+            previous = f"the previous {target} is kept" if kept else "no partial file is left"
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {target}: No space left on device ({previous}); free space on that disk "
+                "or write checkpoints elsewhere (--trainer.logger.init_args.save_dir DIR)"
+            ) from err
 
     def _refuse(self, path: str, bad: list[str], total: int) -> None:
         self.refused.append((path, len(bad), total))

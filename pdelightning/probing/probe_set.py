@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 #: Default number of probe samples, for every callback (one number; LayerMutualInformation's estimator bias at this
@@ -40,6 +41,8 @@ class ProbeSet:
         self, dataset: Any, collate_fn: Any, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
     ) -> None:
         n = len(dataset)
+        if size > n:  # said once per probe set (callbacks with the same size share one)
+            rank_zero_warn(f"probe_size={size} is more than the {n} validation samples: the probes use all {n}")
         g = torch.Generator().manual_seed(seed)
         self.chosen = torch.randperm(n, generator=g)[: min(size, n)].sort().values
         self.size = len(self.chosen)
