@@ -253,3 +253,12 @@ def test_own_checkpoints_still_load(tmp_path: Path) -> None:
     loaded = load_checkpoint_file(path)
     assert torch.equal(loaded["state_dict"]["w"], state["w"]) and loaded["hyper_parameters"]["dir"] == Path("/data")
     assert loaded["hyper_parameters"]["ns"].a == 1
+
+
+def test_cli_opt_in_is_what_the_message_says(
+    attack: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The way out the refusal names (``--weights_only false``) is real: with it the pickle does run."""
+    path, marker = attack
+    _run_cli(_quick(tmp_path, f"--ckpt_path={path}", "--weights_only=false"), capsys)
+    assert marker.exists()
