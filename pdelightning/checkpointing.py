@@ -38,7 +38,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from pdelightning.trust import UntrustedFileError, blocked_global, load_data_file
+from pdelightning.trust import UntrustedFileError, load_data_file
 from pdelightning.utils import InputError
 
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})$")
@@ -174,17 +174,14 @@ def read_checkpoint(path: str | Path, weights_only: bool | None = True) -> dict[
     return load_data_file(path, map_location="cpu", trust=weights_only is False, mmap=True)
 
 
-def _weights_only_refusal(err: BaseException) -> bool:
-    """Whether ``err`` is ``torch.load(weights_only=True)`` refusing a readable file (not corruption)."""
-    return isinstance(err, UntrustedFileError) or blocked_global(err) is not None
-
-
 def readable(path: str | Path) -> tuple[bool, int | None]:
-    """Whether ``path`` loads as a checkpoint, and its ``global_step`` when it does."""
+    """Whether ``path`` loads as a checkpoint (as data: a file holding a foreign pickle global does not, so it is
+    never offered as the checkpoint to resume from), and its ``global_step`` when it does.
+    """
     try:
         ckpt = read_checkpoint(path)
-    except (UntrustedFileError, *_UNREADABLE) as err:
-        return _weights_only_refusal(err), None
+    except (UntrustedFileError, *_UNREADABLE):
+        return False, None
     except OSError:
         return False, None
     return True, ckpt.get("global_step") if isinstance(ckpt, dict) else None

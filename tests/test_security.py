@@ -92,16 +92,20 @@ def test_checkpoint_loader_refuses_naming_the_global(attack: tuple[Path, Path]) 
             UntrustedFileError, match=r"contains a non-allowed object posix\.system.*weights_only false"
         ):
             load()
-    assert readable(path) == (True, None)  # intact, foreign: not offered as "corrupt", not loaded either
+    assert readable(path) == (False, None)  # never offered as the checkpoint to resume from
     assert not marker.exists()
 
 
-def test_corrupt_is_still_called_corrupt(tmp_path: Path) -> None:
+def test_corrupt_is_still_called_corrupt_and_a_foreign_file_is_not_offered(tmp_path: Path) -> None:
     path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(100)}, "global_step": 5}, tmp_path / "epoch=0-step=5.ckpt")
+    os.utime(tmp_path / "epoch=0-step=5.ckpt", (1, 1))  # older than the foreign file
+    evil_checkpoint(tmp_path / "foreign.ckpt", tmp_path / "MARKER")
     torch.save({"state_dict": {"w": torch.ones(100)}}, path)
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(CorruptCheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CorruptCheckpointError, match=r"truncated or corrupt.*--ckpt_path .*epoch=0-step=5\.ckpt"):
         load_checkpoint_file(path)
+    assert not (tmp_path / "MARKER").exists()
 
 
 def test_cli_ckpt_path_exits_2_and_names_the_global(
