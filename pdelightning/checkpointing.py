@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pickle
 import re
@@ -37,14 +38,35 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from pdelightning.trust import UntrustedFileError, load_data_file
 from pdelightning.utils import InputError
 
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})$")
+_CLI_TRUST_HINT = (
+    "resume only from checkpoints you wrote; if you trust the file's author, add --weights_only false (or pass "
+    "weights_only=False to Trainer.fit), which runs the file's pickle code"
+)
 _UNREADABLE = (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, UnicodeDecodeError, ValueError)
 
 
 class CorruptCheckpointError(InputError):
     """A checkpoint file exists but cannot be read (empty, truncated or corrupt)."""
+
+
+class CheckpointWriteError(InputError):
+    """A checkpoint could not be written because the disk is full (the machine, not the run: exit 2 on the CLI)."""
+
+
+def _no_space(err: BaseException) -> bool:
+    """Whether ``err`` (or a cause) is the disk running full; ``torch.save`` reports it as a ``RuntimeError``."""
+    link: BaseException | None = err
+    seen: list[BaseException] = []
+    while link is not None and link not in seen:
+        seen.append(link)
+        if (isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(link):
+            return True
+        link = link.__cause__ or link.__context__
+    return False
 
 
 class NonFiniteCheckpointWarning(UserWarning):
@@ -142,27 +164,24 @@ def _is_local(path: _PATH) -> bool:
 
 
 def read_checkpoint(path: str | Path, weights_only: bool | None = True) -> dict[str, Any]:
-    """``torch.load`` a checkpoint onto the CPU, memory-mapped when the file allows it (no tensor data is read)."""
-    kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": weights_only}
-    try:
-        return torch.load(path, mmap=True, **kwargs)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-        return torch.load(path, **kwargs)  # a legacy (non-zip) file cannot be memory-mapped
+    """``torch.load`` a checkpoint onto the CPU, memory-mapped when the file allows it (no tensor data is read).
 
+    Loaded as data (:func:`~pdelightning.trust.load_data_file`) unless ``weights_only`` is ``False``.
 
-def _weights_only_refusal(err: BaseException) -> bool:
-    """Whether ``err`` is ``torch.load(weights_only=True)`` refusing a readable file (not corruption)."""
-    return isinstance(err, pickle.UnpicklingError) and "Unsupported global" in str(err)
+    Raises:
+        UntrustedFileError: when the file holds a pickle global outside the allow-list.
+    """
+    return load_data_file(path, map_location="cpu", trust=weights_only is False, mmap=True)
 
 
 def readable(path: str | Path) -> tuple[bool, int | None]:
-    """Whether ``path`` loads as a checkpoint, and its ``global_step`` when it does."""
+    """Whether ``path`` loads as a checkpoint (as data: a file holding a foreign pickle global does not, so it is
+    never offered as the checkpoint to resume from), and its ``global_step`` when it does.
+    """
     try:
         ckpt = read_checkpoint(path)
-    except _UNREADABLE as err:
-        return _weights_only_refusal(err), None
+    except (UntrustedFileError, *_UNREADABLE):
+        return False, None
     except OSError:
         return False, None
     return True, ckpt.get("global_step") if isinstance(ckpt, dict) else None
@@ -204,10 +223,12 @@ def unreadable_message(path: str | Path, err: BaseException) -> str:
 def load_checkpoint_file(
     path: str | Path, map_location: Any = "cpu", weights_only: bool | None = None, mmap: bool = False
 ) -> dict[str, Any]:
-    """``torch.load`` a checkpoint, raising :class:`CorruptCheckpointError` (with the way out) when it is unreadable.
+    """``torch.load`` a checkpoint as data, raising :class:`CorruptCheckpointError` (with the way out) when it is
+    unreadable. ``weights_only=None`` means ``True``; only an explicit ``False`` runs the file's pickle code.
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
+        UntrustedFileError: if it holds a pickle global outside the allow-list (an intact but foreign file).
         CorruptCheckpointError: if it is empty, truncated or otherwise unreadable.
     """
     path = Path(path)
@@ -215,12 +236,12 @@ def load_checkpoint_file(
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     remove_stale_temp_files(path.parent)
     try:
-        if mmap:
-            return read_checkpoint(path, weights_only=weights_only)
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
+        return load_data_file(
+            path, map_location=map_location, trust=weights_only is False, mmap=mmap, hint=_CLI_TRUST_HINT
+        )
+    except UntrustedFileError:  # intact but foreign: not "corrupt"
+        raise
     except _UNREADABLE as err:
-        if _weights_only_refusal(err):
-            raise
         raise CorruptCheckpointError(unreadable_message(path, err)) from err
 
 
@@ -269,9 +290,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path)
             return
         target = Path(str(path).removeprefix("file://"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(target.parent)
-        atomic_write(target, lambda f: torch.save(checkpoint, f))
+        kept = target.is_file()
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(target.parent)
+            atomic_write(target, lambda f: torch.save(checkpoint, f))
+        except (OSError, RuntimeError) as err:
+            if not _no_space(err):
+                raise
+            previous = f"the previous {target} is kept" if kept else "no partial file is left"
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {target}: No space left on device ({previous}); free space on that disk "
+                "or write checkpoints elsewhere (--trainer.logger.init_args.save_dir DIR)"
+            ) from err
 
     def _refuse(self, path: str, bad: list[str], total: int) -> None:
         self.refused.append((path, len(bad), total))

@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -33,8 +34,16 @@ from typing_extensions import override
 import pdelightning.callbacks
 import pdelightning.data
 import pdelightning.models  # noqa: F401
+from pdelightning.adapters.registry import TargetNotFoundError
 from pdelightning.checkpointing import AtomicCheckpointIO, load_checkpoint_file
-from pdelightning.cli_errors import check_config_files, clarify_parse_error, instantiation_message
+from pdelightning.cli_errors import (
+    check_config_files,
+    check_trainer_values,
+    clarify_parse_error,
+    instantiation_message,
+    storage_message,
+    trainer_message,
+)
 from pdelightning.data.base import ClassificationDataModule
 from pdelightning.resume import (
     KeepConfigCallback,
@@ -118,11 +127,12 @@ class PDELightningCLI(LightningCLI):
                 f"--ckpt_path {path} does not exist"
                 + (f"; checkpoints in {path.parent}: {', '.join(near)}" if near else "")
             )
+        trusted = self._section().get("weights_only") is False  # --weights_only false: the user trusts the file
         try:
-            checkpoint = load_checkpoint_file(path, weights_only=True, mmap=True)
-        except InputError:
+            checkpoint = load_checkpoint_file(path, weights_only=not trusted, mmap=True)
+        except InputError:  # corrupt, or a foreign pickle global (UntrustedFileError): exit 2 before anything runs
             raise
-        except Exception:  # e.g. a weights-only refusal: leave the checks to the trainer's own load
+        except Exception:  # leave anything else to the trainer's own load
             return
         self._ckpt = (path, checkpoint)
         model = self._section().get("model")
@@ -192,7 +202,14 @@ class PDELightningCLI(LightningCLI):
         configured = configured if isinstance(configured, list) else [configured]
         if not any(isinstance(c, RNGStateCheckpoint) for c in [*configured, *callbacks]):
             callbacks = [*callbacks, RNGStateCheckpoint()]
-        return super()._instantiate_trainer(config, callbacks)
+        check_trainer_values(config)
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        except MisconfigurationException as err:  # no GPU, bad devices: name the value and the fix
+            message = trainer_message(err, config)
+            if message is None:
+                raise
+            raise InputError(message) from err
 
     # ---- running ---------------------------------------------------------------------------------------
     @override
@@ -231,6 +248,8 @@ class PDELightningCLI(LightningCLI):
     def before_fit(self) -> None:
         """Drop the TensorBoard events logged after the checkpoint; warn when probes run without validation."""
         trainer = self.trainer
+        if self._section().get("ckpt_path") == "last" and trainer.is_global_zero:
+            _warn_if_no_last(trainer)
         if self._ckpt is not None and trainer.is_global_zero:
             path, checkpoint = self._ckpt
             for logger in trainer.loggers:
@@ -306,6 +325,31 @@ class PDELightningCLI(LightningCLI):
         return f"training stopped at step {self.trainer.global_step} as unstable: {self.stop_reason}{note}"
 
 
+def _warn_if_no_last(trainer: Any) -> None:
+    """``--ckpt_path last`` with no last checkpoint in this run's folder starts from scratch: say so, and name the
+    newest ``last.ckpt`` of an earlier version to resume instead.
+    """
+    found: set[str] = set()
+    for callback in trainer.checkpoint_callbacks:
+        if hasattr(callback, "_find_last_checkpoints"):
+            found |= {p for p in callback._find_last_checkpoints(trainer) if p and os.path.isfile(p)}
+    if found:
+        return
+    root = getattr(trainer.logger, "root_dir", None) if trainer.logger is not None else None
+    earlier = sorted(Path(root).glob("version_*/checkpoints/last*.ckpt"), key=os.path.getmtime) if root else []
+    hint = (
+        f"to resume the newest earlier run give its file: --ckpt_path {earlier[-1]}"
+        if earlier
+        else f"no earlier run under {root or trainer.default_root_dir} has a last checkpoint either"
+    )
+    warnings.warn(
+        f"--ckpt_path last: this run's checkpoint folder holds no last checkpoint, so training starts from scratch; "
+        f"{hint}",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def _class_defaults_of(cls_or_path: Any) -> dict[str, Any]:
     from pdelightning.resume import class_defaults
 
@@ -369,14 +413,18 @@ def main(args: ArgsType = None) -> None:
         if argv is not None:
             check_config_files(argv)
         cli = build_cli(argv if argv is not None else args)
-    except (InputError, FileNotFoundError) as err:
+    except (InputError, FileNotFoundError, TargetNotFoundError) as err:
         if debug:
             raise
         _fail(str(err))
     except Exception as err:
-        if debug or not getattr(err, "_pdelightning_instantiating", False):
+        # a read-only folder or a full disk (the machine, not the run), or a class that failed to build
+        message = storage_message(err)
+        if message is None and getattr(err, "_pdelightning_instantiating", False):
+            message = instantiation_message(err)
+        if debug or message is None:
             raise
-        _fail(instantiation_message(err))
+        _fail(message)
     message = cli.unstable_message()
     if message:
         sys.stdout.flush()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import difflib
+import errno
 import inspect
 import re
 import sys
@@ -71,7 +72,12 @@ def check_config_files(argv: Sequence[str]) -> None:
             raise ConfigFileError(f"YAML syntax error in {path}{where}: {detail}") from err
         except UnicodeDecodeError as err:
             raise ConfigFileError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
-        if content is not None and not isinstance(content, dict):
+        if content is None:
+            raise ConfigFileError(
+                f"config file {path} is empty (or only comments); give it keys among "
+                f"{', '.join(TOP_LEVEL_KEYS[:4])}, or leave out -c {name}"
+            )
+        if not isinstance(content, dict):
             raise ConfigFileError(
                 f"config file {path} holds a {type(content).__name__}, not a mapping of sections; "
                 f"its top level should be keys among {', '.join(TOP_LEVEL_KEYS[:4])}"
@@ -339,6 +345,85 @@ def clarify_parse_error(message: str, parser: Any = None) -> str:
     return "\n".join(kept).strip()
 
 
+def trainer_message(err: BaseException, config: Any) -> str | None:
+    """One line for Lightning refusing the trainer's accelerator or devices, naming the value and the fix, or
+    ``None`` when ``err`` is something else.
+
+    Example::
+
+        >>> trainer_message(Exception("No supported gpu backend found!"), {"accelerator": "gpu"})
+        "trainer.accelerator='gpu' needs a GPU, but this machine has none that torch can use; use --trainer.accelerator cpu (or auto: a GPU when there is one)"
+    """  # noqa: E501
+    text = str(err).strip()
+    get = config.get if hasattr(config, "get") else lambda key, default=None: default
+    accelerator, devices = get("accelerator", "auto"), get("devices", "auto")
+    no_device = ("No supported gpu backend found", "can not run on your system since the accelerator is not available")
+    if any(s in text for s in no_device):
+        return (
+            f"trainer.accelerator={accelerator!r} needs a GPU, but this machine has none that torch can use; "
+            "use --trainer.accelerator cpu (or auto: a GPU when there is one)"
+        )
+    if "devices" in text:
+        return (
+            f"trainer.devices={devices!r} is not valid with accelerator {accelerator!r}: give a positive count "
+            "(e.g. --trainer.devices 1), a list of device indices, -1 (all) or auto"
+        )
+    return None
+
+
+def check_trainer_values(config: Any) -> None:
+    """Refuse trainer values Lightning accepts but that fail later or make no sense, before anything is built.
+
+    Raises:
+        InputError: for ``val_check_interval <= 0`` (a division by zero in the loop) and a negative
+            ``gradient_clip_val`` (clipping to a negative norm).
+    """
+    get = config.get if hasattr(config, "get") else lambda key, default=None: default
+    vci = get("val_check_interval", None)
+    if isinstance(vci, (int, float)) and not isinstance(vci, bool) and vci <= 0:
+        raise InputError(
+            f"trainer.val_check_interval={vci!r} must be > 0: a fraction of an epoch in (0, 1] or a number of "
+            "training batches >= 1 (e.g. --trainer.val_check_interval 1.0)"
+        )
+    clip = get("gradient_clip_val", None)
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip < 0:
+        raise InputError(
+            f"trainer.gradient_clip_val={clip!r} must be >= 0 (a gradient norm or value bound); 0 or null turns "
+            "clipping off"
+        )
+
+
+_STORAGE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+_SAVE_DIR = "--trainer.logger.init_args.save_dir DIR"
+
+
+def storage_message(err: BaseException) -> str | None:
+    """One line for a write the machine refused (read-only or not permitted, disk full), naming the place and the
+    fix, or ``None`` when ``err`` (and its causes) is something else.
+
+    Example::
+
+        >>> storage_message(PermissionError(errno.EACCES, "Permission denied", "/logs/run"))
+        'cannot write to /logs/run: Permission denied; choose a writable folder with --trainer.logger.init_args.save_dir DIR'
+    """  # noqa: E501
+    link: BaseException | None = err
+    seen: list[BaseException] = []
+    while link is not None and link not in seen:
+        seen.append(link)
+        if isinstance(link, OSError) and link.errno in _STORAGE_ERRNOS:
+            where = link.filename or "the run's folder"
+            if link.errno in (errno.ENOSPC, errno.EDQUOT):
+                return (
+                    f"cannot write to {where}: {link.strerror or 'No space left on device'}; free space on that disk "
+                    f"or write elsewhere with {_SAVE_DIR}"
+                )
+            return f"cannot write to {where}: {link.strerror}; choose a writable folder with {_SAVE_DIR}"
+        if "No space left on device" in str(link):
+            return f"cannot write the run's files: No space left on device; free space or write elsewhere ({_SAVE_DIR})"
+        link = link.__cause__ or link.__context__
+    return None
+
+
 def instantiation_message(err: BaseException) -> str:
     """One line for an exception raised while building the configured objects: which class, what type, what."""
     chain: list[BaseException] = []
@@ -374,5 +459,6 @@ def _union_error_cause(text: str) -> str:
         return text
     body = text.split("\nErrors:", 1)[1].split("\nGiven value", 1)[0]
     entries = [e.strip() for e in re.split(r"\n\s*- ", "\n" + body) if e.strip()]
-    real = [e for e in entries if not re.fullmatch(r"Expected a <class '[\w.]+'>", e)]
+    noise = tuple(n.removeprefix("- ") for n in _SUBCLASS_NOISE)
+    real = [e for e in entries if not re.fullmatch(r"Expected a <class '[\w.]+'>", e) and not e.startswith(noise)]
     return " ".join(real[0].split()) if len(real) == 1 else text

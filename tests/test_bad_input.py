@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pdelightning.callbacks.plugin import ENV_VAR
 from pdelightning.cli import EXIT_BAD_INPUT, main
 from tests.test_cli import fake_mnist, fake_newsgroups
 
@@ -34,6 +35,8 @@ class Case:
     expect: list[str]
     code: int = EXIT_BAD_INPUT
     own_config: bool = False
+    env: Callable[[Path], dict[str, str]] | None = None
+    skip_if_gpu: bool = False
 
 
 def _yaml(name: str, text: str) -> Callable[[Path], list[str]]:
@@ -65,6 +68,18 @@ def _news(tmp: Path, *extra: str, damage: bool = False) -> list[str]:
 
 
 CB_YAML = "trainer:\n  callbacks+:\n    - class_path: pdelightning.callbacks.{cls}\n{init}"
+
+
+def _cb(cls: str, init: str) -> Callable[[Path], list[str]]:
+    """A ``-c`` bundle adding ``cls`` with ``init_args: {init}``."""
+    return _yaml("cb.yaml", CB_YAML.format(cls=cls, init=f"      init_args: {{{init}}}\n"))
+
+
+def _plugin(text: str) -> Callable[[Path], dict[str, str]]:
+    """``PDELIGHTNING_CALLBACKS`` naming a YAML file with ``text`` (or ``text`` itself when it has no newline)."""
+    return lambda tmp: {ENV_VAR: str(_write(tmp / "plugin.yaml", text)) if "\n" in text else text}
+
+
 CASES: dict[str, Case] = {
     # ---- class names (difflib suggestions) -------------------------------------------------------------------
     "model-class-typo": Case(
@@ -152,7 +167,58 @@ CASES: dict[str, Case] = {
         ["num_classes=5", "DigitsDataModule has num_classes=10", "remove model.model.init_args.num_classes"],
     ),
     "image_size-override": Case(lambda t: ["--model.model.init_args.image_size=12"], ["image_size=12", "image_size=8"]),
+    # ---- callback arguments inside a -c bundle: the callback's own message, not jsonargparse's dump -------------
+    "cb-probe_size-zero": Case(
+        _cb("InformationFlow", "probe_size: 0"), [r"InformationFlow", "probe_size=0 must be positive"]
+    ),
+    "cb-budget-negative": Case(_cb("GradientFlow", "budget: -1"), ["budget=-1.0", r"fraction in \(0, 1\)", "'auto'"]),
+    "cb-budget-two": Case(_cb("GradientFlow", "budget: 2"), ["budget=2.0", r"fraction in \(0, 1\)"]),
+    "cb-every_n_steps-zero": Case(_cb("GradientFlow", "every_n_steps: 0"), ["every_n_steps=0 must be a positive"]),
+    "cb-threshold-zero": Case(_cb("StabilityMonitor", "threshold: 0"), ["threshold=0.0 must be positive"]),
+    "cb-figure_every-zero": Case(
+        _cb("InformationFlow", "figure_every_n_probes: 0"), ["figure_every_n_probes=0 must be positive or None"]
+    ),
+    "cb-lmi-probe_size-one": Case(
+        _cb("LayerMutualInformation", "probe_size: 1"), ["probe_size=1 is too small", "at least 4"]
+    ),
+    "cb-layers-glob-nothing": Case(
+        lambda t: ["--trainer.callbacks+=GradientFlow", "--trainer.callbacks.layers=nothing.*"],
+        [r"layers='nothing\.\*' matched no module", "Modules seen: model"],
+    ),
+    # ---- the plugin (PDELIGHTNING_CALLBACKS): suggestions as on the command line --------------------------------
+    "plugin-name-typo": Case(
+        lambda t: [], ["'gradient_flw'", "did you mean 'GradientFlow'"], env=_plugin("gradient_flw")
+    ),
+    "plugin-class-typo": Case(
+        lambda t: [],
+        ["'pdelightning.callbacks.GradientFlw'", "did you mean pdelightning.callbacks.GradientFlow"],
+        env=_plugin("- class_path: pdelightning.callbacks.GradientFlw\n"),
+    ),
+    "plugin-arg-typo": Case(
+        lambda t: [],
+        ["GradientFlow has no argument 'every_n_step'", "did you mean 'every_n_steps'"],
+        env=_plugin("- class_path: pdelightning.callbacks.GradientFlow\n  init_args: {every_n_step: 3}\n"),
+    ),
+    "plugin-out-of-range": Case(
+        lambda t: [],
+        ["probe_size=0 must be positive"],
+        env=_plugin("- class_path: InformationFlow\n  init_args: {probe_size: 0}\n"),
+    ),
+    # ---- trainer values Lightning refuses raw, or accepts and then fails on ------------------------------------
+    "accelerator-no-gpu": Case(
+        lambda t: ["--trainer.accelerator=gpu"],
+        ["accelerator='gpu' needs a GPU", "--trainer.accelerator cpu"],
+        skip_if_gpu=True,
+    ),
+    "devices-zero": Case(lambda t: ["--trainer.devices=0"], ["devices='0' is not valid", "positive count"]),
+    "val_check_interval-zero": Case(
+        lambda t: ["--trainer.val_check_interval=0"], ["val_check_interval=0 must be > 0", r"\(0, 1\]"]
+    ),
+    "gradient_clip_val-negative": Case(
+        lambda t: ["--trainer.gradient_clip_val=-1"], ["gradient_clip_val=-1", "must be >= 0", "0 or null"]
+    ),
     # ---- config files ------------------------------------------------------------------------------------------
+    "config-empty": Case(_yaml("empty.yaml", "# nothing yet\n"), ["empty.yaml is empty", "trainer, model, data"]),
     "config-missing": Case(lambda t: ["-c", str(t / "nope.yaml")], ["nope.yaml", "does not exist"]),
     "config-yaml-syntax": Case(
         _yaml("bad.yaml", "trainer:\n  max_epochs: 3\n  callbacks: [\n model: {"),
@@ -296,8 +362,14 @@ SLOW = {
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
-def test_bad_input(name: str, tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input(
+    name: str, tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     case = CASES[name]
+    if case.skip_if_gpu and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for key, value in (case.env(tmp_path) if case.env else {}).items():
+        monkeypatch.setenv(key, value)
     logs = tmp_path / "logs"
     base = [] if case.own_config else ["-c", QUICK]
     sub = "fitt" if name == "subcommand-typo" else "fit"
@@ -314,15 +386,17 @@ def test_bad_input(name: str, tmp_path: Path, trained: Path, capsys: pytest.Capt
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name or p.name.endswith(".tmp")]
 
 
-def test_failing_run_removes_the_version_folder_it_created(tmp_path: Path) -> None:
+def test_failing_run_removes_the_version_folder_it_created(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # a probe callback whose layer glob matches nothing fails at setup, after config.yaml was written
     logs = tmp_path / "logs"
     earlier = logs / "quickstart" / "version_0"
     earlier.mkdir(parents=True)
     (earlier / "keep.txt").write_text("earlier run")
-    with pytest.raises(LookupError, match=r"nothing\.\*"):
-        main(["fit", "-c", QUICK, "--trainer.max_steps=1", "--trainer.callbacks+=GradientFlow",
-              "--trainer.callbacks.layers=nothing.*", f"--trainer.logger.init_args.save_dir={logs}"])  # fmt: skip
+    glob = ["--trainer.callbacks+=GradientFlow", "--trainer.callbacks.layers=nothing.*"]
+    code, last = run_main(
+        ["fit", "-c", QUICK, "--trainer.max_steps=1", *glob, f"--trainer.logger.init_args.save_dir={logs}"], capsys
+    )
+    assert code == EXIT_BAD_INPUT and re.search(r"nothing\.\*", last), last
     assert sorted(p.name for p in (logs / "quickstart").iterdir()) == ["version_0"]  # version_1 removed
     assert (earlier / "keep.txt").read_text() == "earlier run"  # earlier content untouched
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,14 @@ from torch import nn
 
 from pdelightning.adapters.registry import find_adapter
 from pdelightning.callbacks._targets import module_copy
+from pdelightning.trust import (
+    SAFE_GLOBALS,
+    UntrustedFileError,
+    blocked_global,
+    import_class,
+    load_data_file,
+    untrusted_message,
+)
 
 LINKED_ARGS = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
 """The model arguments our CLI links from the data module; copied into a ``reference_config`` that lacks them."""
@@ -69,42 +78,41 @@ def _attention_weights(adapter: Any) -> list[torch.Tensor]:
     return out
 
 
-def import_object(path: str, arg: str = "reference_class") -> object:
-    """Import ``package.module.Name``; a bad path raises ``ValueError`` naming ``arg`` and the path.
+def import_model_class(path: str, arg: str = "reference_class") -> type[nn.Module]:
+    """Import the class at dotted ``path``, checked to be an ``nn.Module`` (a ``LightningModule`` is one) before
+    anything of it is called (:func:`~pdelightning.trust.import_class`).
 
     Example::
 
-        >>> import_object("torch.nn.Linear").__name__
+        >>> import_model_class("torch.nn.Linear").__name__
         'Linear'
+
+    Raises:
+        UntrustedClassError: (a ``ValueError``) for a path that does not import or is not an ``nn.Module`` class.
     """
-    module, _, name = path.rpartition(".")
-    if not module:
-        raise ValueError(f"{arg}={path!r} must be a dotted path such as 'pdelightning.task.ClassificationTask'")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"{arg}={path!r} cannot be imported: {err}") from err
+    return import_class(path, (nn.Module,), arg)
 
 
 def import_lightning_module_class(path: str) -> type[L.LightningModule]:
-    """:func:`import_object`, checked to be a ``LightningModule`` subclass (it needs ``load_from_checkpoint``)."""
-    cls = import_object(path)
-    if not (isinstance(cls, type) and issubclass(cls, L.LightningModule)):
-        raise ValueError(f"reference_class={path!r} is not a LightningModule subclass (it needs load_from_checkpoint)")
-    return cls
+    """The ``LightningModule`` subclass at ``path`` (it needs ``load_from_checkpoint``), checked before any call."""
+    return import_class(path, (L.LightningModule,), "reference_class")
 
 
-def load_reference_checkpoint(path: str | Path, cls: type | None, hint: str) -> nn.Module:
+def load_reference_checkpoint(path: str | Path, cls: type | None, hint: str, trust: bool = False) -> nn.Module:
     """Load the reference: ``cls.load_from_checkpoint(path)`` on the CPU (default ``cls``: ClassificationTask).
+
+    The file is loaded as data (``weights_only=True``, :data:`~pdelightning.trust.SAFE_GLOBALS`) unless ``trust``.
 
     Args:
         path: the checkpoint.
         cls: the ``LightningModule`` class that wrote it, or ``None``.
         hint: what to do instead when the checkpoint's hyperparameters cannot rebuild the model (a task built
             in Python rather than from a config), in the caller's argument names.
+        trust: load with ``weights_only=False`` (runs the file's pickle code).
 
     Raises:
         FileNotFoundError: when ``path`` is not a file.
+        UntrustedFileError: when the file holds a pickle global outside the allow-list (nothing of it ran).
         TypeError: when ``load_from_checkpoint`` cannot rebuild the module, with ``hint``.
     """
     if not Path(path).is_file():
@@ -114,7 +122,15 @@ def load_reference_checkpoint(path: str | Path, cls: type | None, hint: str) -> 
 
         cls = ClassificationTask
     try:
-        return cls.load_from_checkpoint(str(path), map_location="cpu")  # type: ignore[attr-defined]
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return cls.load_from_checkpoint(  # type: ignore[attr-defined]
+                str(path), map_location="cpu", weights_only=not trust
+            )
+    except pickle.UnpicklingError as err:
+        name = blocked_global(err)
+        if name is None:
+            raise
+        raise UntrustedFileError(untrusted_message(path, name)) from None
     except TypeError as err:
         raise TypeError(
             f"{cls.__name__}.load_from_checkpoint({str(path)!r}) failed ({err}). If the checkpoint comes from a task "
@@ -149,7 +165,7 @@ def _init_params(class_path: str) -> set[str] | None:
     """Names of the ``__init__`` parameters of ``class_path`` (a short name is looked up in our models)."""
     try:
         cls = (
-            import_object(class_path, "class_path")
+            import_model_class(class_path, "class_path")
             if "." in class_path
             else getattr(importlib.import_module("pdelightning.models"), class_path)
         )
@@ -164,7 +180,12 @@ def build_from_config(path: str, linked: Mapping[str, Any], cls: type | None = N
     ``model:`` holds the :class:`~pdelightning.task.ClassificationTask` arguments (``model: {class_path,
     init_args}``, ``num_classes``, ...), or the ``init_args`` of ``cls``, or is itself ``{class_path, init_args}``.
     Arguments our CLI links from the data module (:data:`LINKED_ARGS`) are filled from ``linked`` where the
-    file does not give them; the file's ``data:`` section is not read.
+    file does not give them; the file's ``data:`` section is not read. Every ``class_path`` is checked to be an
+    ``nn.Module`` subclass before anything is instantiated (nested ones by jsonargparse's typed parsing, as for a
+    ``-c`` config).
+
+    Raises:
+        UntrustedClassError: for a ``class_path`` that does not import or is not an ``nn.Module`` subclass.
     """
     with open(path) as f:
         config = yaml.safe_load(f) or {}
@@ -175,7 +196,7 @@ def build_from_config(path: str, linked: Mapping[str, Any], cls: type | None = N
     from lightning.pytorch.cli import instantiate_module
 
     if "class_path" in section:
-        cls = import_object(section["class_path"], "class_path") if "." in section["class_path"] else cls
+        cls = import_model_class(section["class_path"], "model.class_path") if "." in section["class_path"] else cls
         if cls is None:
             raise ValueError(f"reference_config={path!r}: give `model.class_path` as a dotted path")
         section = dict(section.get("init_args") or {})
@@ -186,6 +207,8 @@ def build_from_config(path: str, linked: Mapping[str, Any], cls: type | None = N
     inner = section.get("model")
     if isinstance(inner, Mapping) and "class_path" in inner:
         inner = section["model"] = dict(inner)
+        if "." in str(inner["class_path"]):
+            import_model_class(inner["class_path"], "model.model.class_path")
         accepted = _init_params(inner["class_path"])
         fill = {k: v for k, v in linked.items() if accepted is None or k in accepted}
         inner["init_args"] = {**fill, **dict(inner.get("init_args") or {})}
@@ -195,20 +218,32 @@ def build_from_config(path: str, linked: Mapping[str, Any], cls: type | None = N
 
 
 def load_reference(
-    pl_module: nn.Module, config: str | None, checkpoint: str | None, class_path: str | None, owner: str
+    pl_module: nn.Module,
+    config: str | None,
+    checkpoint: str | None,
+    class_path: str | None,
+    owner: str,
+    trust: bool = False,
 ) -> nn.Module:
     """A reference model from a YAML ``config`` (with ``checkpoint`` weights, or freshly initialised with a warning)
     or from a Lightning ``checkpoint`` alone (``class_path`` or the class recorded in it).
+
+    Files are data: the checkpoint is loaded with ``weights_only=True`` unless ``trust`` (``trust_checkpoint``),
+    and every class named is type-checked before it is called.
+
+    Raises:
+        UntrustedFileError: when the checkpoint holds a pickle global outside the allow-list.
+        UntrustedClassError: when a class named is not an ``nn.Module`` subclass.
     """
     if config is not None and not Path(config).is_file():
         raise FileNotFoundError(f"reference_config={config!r} does not exist")
-    cls = import_object(class_path) if class_path else None
+    cls = import_model_class(class_path) if class_path else None
     if config is not None:
         module = build_from_config(config, linked_values(pl_module), cls)
         if checkpoint is not None:
             if not Path(checkpoint).is_file():
                 raise FileNotFoundError(f"reference_checkpoint={checkpoint!r} does not exist")
-            ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            ckpt = load_data_file(checkpoint, map_location="cpu", trust=trust)
             module.load_state_dict(ckpt.get("state_dict", ckpt))
         else:
             rank_zero_warn(
@@ -216,5 +251,5 @@ def load_reference(
             )
         return module
     return load_reference_checkpoint(
-        checkpoint, cls, hint="also give reference_config (a YAML describing the architecture)"
+        checkpoint, cls, hint="also give reference_config (a YAML describing the architecture)", trust=trust
     )

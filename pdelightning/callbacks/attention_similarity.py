@@ -152,6 +152,9 @@ class AttentionSimilarity(ProbeCallback):
         skill_min_room: the least room a null must leave (``1 - s_null`` for cosine, ``d_null`` for KL/JS) for a
             skill to be reported; below it the skill is NaN (its denominator would blow up tiny differences, e.g.
             skill -28 against a uniform null at cosine 0.988) and the margin is the number to read.
+        trust_checkpoint: load ``reference_checkpoint`` with ``weights_only=False``, running its pickle code; only
+            for a file whose author you trust (by default it is loaded as data, and a file holding any other
+            pickle global is refused with ``UntrustedFileError``).
         **kwargs: :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (cadence, probe set, globs).
 
     Raises:
@@ -198,6 +201,7 @@ class AttentionSimilarity(ProbeCallback):
         null_seed: int = 0,
         skill_min_room: float = SKILL_MIN_ROOM,
         max_samples: int | None = 64,
+        trust_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -234,6 +238,7 @@ class AttentionSimilarity(ProbeCallback):
         self.reference_checkpoint = reference_checkpoint
         self.reference_config = reference_config
         self.reference_class = reference_class
+        self.trust_checkpoint = bool(trust_checkpoint)
         self.reference_patterns = {"layers": reference_layers, "attention": reference_attention}
         self.layer_map = dict(layer_map) if layer_map is not None else None
         self.match_by = match_by
@@ -266,9 +271,8 @@ class AttentionSimilarity(ProbeCallback):
 
     # ---- reference ---------------------------------------------------------------------------------------------
     def _load_reference(self, pl_module: L.LightningModule) -> nn.Module:
-        return load_reference(
-            pl_module, self.reference_config, self.reference_checkpoint, self.reference_class, "AttentionSimilarity"
-        )
+        files = (self.reference_config, self.reference_checkpoint, self.reference_class)
+        return load_reference(pl_module, *files, "AttentionSimilarity", trust=self.trust_checkpoint)
 
     def _reference_targets(self, reference: nn.Module) -> tuple[ModelAdapter | None, AnalysisTargets]:
         patterns = self.patterns if self.initial else self.reference_patterns

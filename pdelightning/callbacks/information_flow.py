@@ -91,6 +91,9 @@ class InformationFlow(ProbeCallback):
         unbiased: unbiased (default) or biased HSIC in CKA. The unbiased estimator needs 4 probe samples.
         heatmap_samples: probe samples (rows) in each heatmap panel.
         figures: draw the heatmaps and the CKA matrix (TensorBoard only).
+        trust_checkpoint: load ``reference_checkpoint`` with ``weights_only=False``, running its pickle code; only
+            for a file whose author you trust (by default it is loaded as data, and a file holding any other
+            pickle global is refused with ``UntrustedFileError``).
         **kwargs: the :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (``every_n_steps``,
             ``every_n_epochs``, ``probe_at_start``, ``probe_size``, ``probe_batch_size``, ``layers``, ``attention``,
             ``embedding``, ``seed``, ``figure_every_n_probes``).
@@ -147,6 +150,7 @@ class InformationFlow(ProbeCallback):
         unbiased: bool = True,
         heatmap_samples: int = 8,
         figures: bool = True,
+        trust_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -168,6 +172,7 @@ class InformationFlow(ProbeCallback):
             )
         self.reference_checkpoint = reference_checkpoint
         self.reference_class = reference_class
+        self.trust_checkpoint = bool(trust_checkpoint)
         self._reference_cls = import_lightning_module_class(reference_class) if reference_class is not None else None
         self.reference_patterns = {"layers": reference_layers, "embedding": reference_embedding}
         self.pooling = pooling
@@ -188,6 +193,7 @@ class InformationFlow(ProbeCallback):
             self.reference_checkpoint,
             self._reference_cls,
             hint="pass the module itself as reference=",  # type: ignore[arg-type]
+            trust=self.trust_checkpoint,
         )
 
     def reference_targets(self, reference: nn.Module) -> AnalysisTargets:

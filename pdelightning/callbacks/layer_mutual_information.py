@@ -154,6 +154,8 @@ class LayerMutualInformation(ProbeCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if self.probe_size < 4:  # refused at start, as InformationFlow does, not skipped at every probe
+            raise ValueError(f"probe_size={self.probe_size} is too small: LayerMutualInformation needs at least 4")
         check_choice("estimator", estimator, ESTIMATORS)
         check_choice("pooling", pooling, POOLINGS)
         if not noise_variance > 0:

@@ -24,15 +24,18 @@ Example::
 
 from __future__ import annotations
 
-import importlib
+import difflib
 import inspect
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 from lightning.pytorch.callbacks import Callback
+
+from pdelightning.trust import check_kwargs, import_class
 
 ENV_VAR = "PDELIGHTNING_CALLBACKS"
 CALLBACK_NAMES = (
@@ -61,11 +64,15 @@ def _resolve_class(name: str) -> type[Callback]:
     key = name.strip()
     if key.lower() in by_name:
         return getattr(cbs, by_name[key.lower()])
-    if "." in key:
-        module, _, cls = key.rpartition(".")
-        return getattr(importlib.import_module(module), cls)
+    if "." in key:  # checked to be a Callback subclass before anything of it is called
+        return import_class(key, (Callback,), f"{ENV_VAR}: class_path")
+    names = [*known, *(_snake(n) for n in known)]
+    close = difflib.get_close_matches(key, names, n=2, cutoff=0.6) or difflib.get_close_matches(
+        key.lower(), [n.lower() for n in known], n=2, cutoff=0.6
+    )
+    hint = f"did you mean {' or '.join(repr(by_name.get(c.lower(), c)) for c in close)}? " if close else ""
     raise ValueError(
-        f"{ENV_VAR}: unknown callback {name!r}; valid names: {', '.join(repr(g) for g in GROUPS)}, "
+        f"{ENV_VAR}: unknown callback {name!r}; {hint}valid names: {', '.join(repr(g) for g in GROUPS)}, "
         f"{', '.join(_snake(n) for n in CALLBACK_NAMES + LENS_NAMES)} (or their class names), or a YAML file path"
     )
 
@@ -74,9 +81,16 @@ def _entries_from_yaml(path: Path) -> list[Any]:
     content = yaml.safe_load(path.read_text()) or []
     if isinstance(content, dict):
         trainer = content.get("trainer", content)
-        content = trainer.get("callbacks+", trainer.get("callbacks", []))
+        content = trainer.get("callbacks+", trainer.get("callbacks", [])) if isinstance(trainer, dict) else None
     if not isinstance(content, list):
         raise ValueError(f"{ENV_VAR}={path}: expected a list of callbacks or a `trainer: callbacks+:` bundle")
+    for entry in content:
+        if not (isinstance(entry, str) or (isinstance(entry, dict) and isinstance(entry.get("class_path"), str))):
+            raise ValueError(
+                f"{ENV_VAR}={path}: entry {entry!r} is neither a callback name nor a mapping with a class_path"
+            )
+    if not content:
+        warnings.warn(f"{ENV_VAR}={path} lists no callbacks: nothing is attached", UserWarning, stacklevel=3)
     return content
 
 
@@ -98,8 +112,12 @@ def _takes_probe_kwargs(cls: type[Callback]) -> bool:
 def build_callbacks(spec: str) -> list[Callback]:
     """Instantiate the callbacks named by ``spec`` (the value of ``PDELIGHTNING_CALLBACKS``).
 
+    Every class named is checked to be a ``Callback`` subclass, and every argument to be one it takes, before
+    anything is instantiated.
+
     Raises:
-        ValueError: for an unknown name or a malformed YAML file.
+        ValueError: for an unknown name (with the closest valid ones), a malformed YAML file, a class that is not
+            a ``Callback`` (``UntrustedClassError``) or an argument the class does not take.
         FileNotFoundError: for a YAML path that does not exist.
     """
     spec = spec.strip()
@@ -114,7 +132,9 @@ def build_callbacks(spec: str) -> list[Callback]:
             if isinstance(entry, str):
                 out.append(_make(_resolve_class(entry)))
             else:
-                out.append(_make(_resolve_class(entry["class_path"]), entry.get("init_args")))
+                cls, kwargs = _resolve_class(entry["class_path"]), dict(entry.get("init_args") or {})
+                check_kwargs(cls, kwargs, f"{ENV_VAR}={path}")
+                out.append(_make(cls, kwargs))
         return out
     names: list[str] = []
     for n in (n.strip() for n in spec.split(",") if n.strip()):

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 #: Default number of probe samples, for every callback (one number; LayerMutualInformation's estimator bias at this
@@ -30,7 +31,8 @@ class ProbeSet:
     Args:
         dataset: the validation dataset.
         collate_fn: its loader's collate function.
-        size: number of probe samples (fewer if the dataset is smaller).
+        size: number of probe samples (fewer if the dataset is smaller: said with a warning unless ``size`` is
+            :data:`DEFAULT_PROBE_SIZE`, which adapts to a small validation set silently).
         batch_size: probe batch size.
         seed: seed of the draw.
         rank, world_size: this process's share.
@@ -40,6 +42,8 @@ class ProbeSet:
         self, dataset: Any, collate_fn: Any, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
     ) -> None:
         n = len(dataset)
+        if size > n and size != DEFAULT_PROBE_SIZE:  # a chosen size is said (once per probe set); the default adapts
+            rank_zero_warn(f"probe_size={size} is more than the {n} validation samples: the probes use all {n}")
         g = torch.Generator().manual_seed(seed)
         self.chosen = torch.randperm(n, generator=g)[: min(size, n)].sort().values
         self.size = len(self.chosen)

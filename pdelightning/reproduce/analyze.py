@@ -32,7 +32,7 @@ from pdelightning.analysis.representation import layer_correlation
 from pdelightning.reproduce.lens import lens_values
 from pdelightning.reproduce.measures import eq21_per_step, refined
 from pdelightning.reproduce.probe import BATCH, ProbeData, forward_capture, layer_outputs, probe_data
-from pdelightning.reproduce.recorder import CKPT_DIR, FINAL, load_model
+from pdelightning.reproduce.recorder import CKPT_DIR, FINAL, load_model, read_payload
 from pdelightning.reproduce.rules import (
     AMPLIFICATION_EPS,
     CKA_UNBIASED,
@@ -55,7 +55,7 @@ def checkpoints(rdir: Path) -> list[tuple[int, str, Path]]:
     out = []
     final_step = None
     if (d / FINAL).is_file():
-        final_step = int(torch.load(d / FINAL, map_location="cpu", weights_only=False)["step"])
+        final_step = int(read_payload(d / FINAL)["step"])
     for p in sorted(d.glob("step*.pt")):
         step = int(p.stem[4:])
         if step == final_step:

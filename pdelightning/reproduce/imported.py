@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pdelightning.reproduce.recorder import CKPT_DIR, FINAL, save_model, step_name
+from pdelightning.reproduce.recorder import CKPT_DIR, FINAL, read_payload, save_model, step_name
 from pdelightning.reproduce.settings import RunSpec
 
 
@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pdelightning.reproduce.imported``: import every ``<weights>/<setting>/seed<k>/ckpt/final.pt``."""
     import argparse
 
-    import torch
     import yaml
 
     from pdelightning.reproduce.settings import setting
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             record, note = json.loads(rec_path.read_text()), "GPU run: run.json and final weights from the GPU call"
         else:
             line = next(ln for ln in reversed(progress) if f"trained {spec.id}:" in ln)
-            payload = torch.load(final, map_location="cpu", weights_only=False)
+            payload = read_payload(final)
             cfg = yaml.safe_load(s.config_path.read_text())
             device = next((json.loads(r.read_text())["device"] for r in args.units.rglob("run.json")), "cuda")
             record = record_from_progress(line, payload, device, int(cfg["trainer"]["max_epochs"]))

@@ -9,7 +9,6 @@ checkpoints, so every analysis number can be computed afterwards from the saved 
 
 from __future__ import annotations
 
-import importlib
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from torch import Tensor, nn
 from typing_extensions import override
+
+from pdelightning.trust import import_class, load_data_file
 
 CKPT_DIR = "ckpt"
 FINAL = "final.pt"
@@ -41,20 +42,34 @@ def save_model(
     tmp.replace(path)
 
 
+def read_payload(path: Path) -> dict[str, Any]:
+    """The payload :func:`save_model` wrote at ``path``, loaded as data (``weights_only=True``).
+
+    Raises:
+        UntrustedFileError: when the file holds a pickle global outside the allow-list (nothing of it ran).
+    """
+    hint = "the runs folder holds a file this tool did not write; delete it and re-run the step that writes it"
+    return load_data_file(path, map_location="cpu", hint=hint)
+
+
 def load_model(
     path: Path, device: str | torch.device = "cpu", **init_overrides: Any
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model saved by :class:`RunRecorder` at ``path``, in eval mode on ``device``.
 
     ``init_overrides`` replace constructor arguments (e.g. ``n_layers``, ``dt``); the state dict is then loaded
-    non-strictly only if the caller changed the architecture, else strictly.
+    non-strictly only if the caller changed the architecture, else strictly. The file is read as data and its
+    ``model_class`` checked to be an ``nn.Module`` subclass before it is called.
 
     Returns:
         ``(model, payload)`` where ``payload`` holds ``step``, ``epoch``, ``model_class`` and ``init_args``.
+
+    Raises:
+        UntrustedFileError: when the file holds a pickle global outside the allow-list.
+        UntrustedClassError: when its ``model_class`` is not an ``nn.Module`` subclass.
     """
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    module, _, name = payload["model_class"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
+    payload = read_payload(path)
+    cls = import_class(str(payload["model_class"]), (nn.Module,), f"model_class in {path}")
     model = cls(**{**payload["init_args"], **init_overrides})
     if not init_overrides:
         model.load_state_dict(payload["state_dict"])
