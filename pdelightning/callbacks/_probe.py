@@ -36,6 +36,7 @@ from typing_extensions import override
 from pdelightning._checks import check_choice
 from pdelightning.adapters.base import ModelAdapter
 from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
+from pdelightning.callbacks._outputs import figure_outputs, log_histogram, no_logger
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.batch import split_batch as _split
 from pdelightning.probing.capture import Request
@@ -262,6 +263,9 @@ class ProbeCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if getattr(self, "action", None) != "stop" and no_logger(trainer):  # logger=False: nothing to write to
+            self.disabled = "the Trainer has no logger (logger=False)"
+            return
         try:
             self.check(trainer, pl_module)
         except (TargetNotFoundError, ValueError) as err:
@@ -398,18 +402,16 @@ class ProbeCallback(Callback):
         log_scalars(trainer, metrics, step)
 
     def figure(self, session: ProbeSession, tag: str, draw: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Draw ``draw(*args, **kwargs)`` (a matplotlib figure) into TensorBoard under ``tag`` (rank 0), in the figure
-        worker process when ``draw`` is a module-level function (see :mod:`pdelightning.probing.figures`).
+        """Draw ``draw(*args, **kwargs)`` (a matplotlib figure) under ``tag`` for every logger that takes figures
+        (rank 0; see :mod:`pdelightning.callbacks._outputs`), in the figure worker process when ``draw`` is a
+        module-level function (see :mod:`pdelightning.probing.figures`).
         """
-        writer = tensorboard(session.trainer)
-        if writer is not None and self.figures_due:
-            session.figures.submit(writer, tag, session.step, draw, *args, **kwargs)
+        if self.figures_due and (out := figure_outputs(session.trainer)):
+            session.figures.submit(out, tag, session.step, draw, *args, **kwargs)
 
     def add_histogram(self, trainer: L.Trainer, tag: str, values: Tensor) -> None:
-        """Write a histogram to TensorBoard (rank zero)."""
-        writer = tensorboard(trainer)
-        if writer is not None and values.numel():
-            writer.add_histogram(tag, values.detach().float().cpu(), global_step=trainer.global_step)
+        """Write a histogram to every logger that takes histograms (TensorBoard, W&B; rank zero)."""
+        log_histogram(trainer, tag, values)
 
     def layout(self) -> dict[str, list[str]]:
         """Custom-scalars charts: ``{chart title: [tag regex, ...]}``; one multiline chart per quantity."""
