@@ -203,3 +203,62 @@ def test_iterable_training_data_and_no_validation(monkeypatch: pytest.MonkeyPatc
     assert len(first) == perturbation.max_samples < probe.size
     clean = logger.series("analysis/perturbation_eval/loss_clean")
     assert clean[-1][1] == pytest.approx(_own_clean_loss(trainer, first), rel=1e-5)
+
+
+_DDP_SCRIPT = """
+import json, sys
+import lightning.pytorch as L, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+from pdelightning.callbacks import InformationFlow, PerturbationEval, StabilityMonitor
+from pdelightning.probing.hub import ProbeHub
+from tests.helpers.loggers import MemoryLogger
+from tests.helpers.models import StockEncoderModule
+from tests.probing.test_iterable_data import Stream
+
+class RankShard(Stream):
+    # each rank streams its own shard (samples rank, rank + 2, ...): rank 0 has 20 samples, rank 1 only 9
+    def __iter__(self):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        yield from (self.sample(i) for i in range(rank, 2 * (20 if rank == 0 else 9), 2))
+
+kw = dict(budget=None, every_n_steps=2, probe_size=16, probe_batch_size=4)
+torch.manual_seed(0)
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, logger=MemoryLogger(),
+                    callbacks=[InformationFlow(**kw), PerturbationEval(**kw), StabilityMonitor(**kw)],
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=0, limit_val_batches=1)
+trainer.fit(StockEncoderModule(), torch.utils.data.DataLoader(Stream(n=64), batch_size=8),
+            torch.utils.data.DataLoader(RankShard(), batch_size=4))
+probe = ProbeHub.of(trainer).probe_set(trainer, trainer.callbacks[0])
+held = {{int(p): x.tolist() for (x, _), index in probe for p, x in zip(index, x)}}
+with open({out!r} + f"/rank{{trainer.global_rank}}.json", "w") as f:
+    json.dump({{"size": probe.size, "held": held, "steps": trainer.global_step}}, f)
+"""
+
+
+@pytest.mark.ddp
+@pytest.mark.slow  # two processes: ~15-50 s on a busy machine
+def test_ddp_ranks_draw_from_their_own_streams_and_agree_on_the_size(tmp_path: Any) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "run.py"
+    script.write_text(_DDP_SCRIPT.format(root=str(root), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("PDELIGHTNING_CALLBACKS", None)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["steps"] for r in ranks] == [4, 4]
+    assert [r["size"] for r in ranks] == [9, 9]  # the shorter stream (rank 1's) bounds the probe set
+    positions = [sorted(int(p) for p in r["held"]) for r in ranks]
+    assert sorted(positions[0] + positions[1]) == list(range(9))  # every position once
+    for rank, r in enumerate(ranks):
+        for p, x in r["held"].items():  # position p of rank r's share is the p-th sample of rank r's own shard
+            assert x == Stream().sample(rank + 2 * int(p))[0].tolist()
