@@ -7,9 +7,10 @@
   to PNG files ``<log_dir>/figures/<tag>_step<N>.png``, said once with the directory. With no logger that takes
   them, figures are not drawn, and that is said once.
 * **Histograms** go to TensorBoard and W&B (other loggers have no histogram type; the notice above says so).
-* ``logger=False`` (no logger at all): nothing could be written, so the analysis callbacks switch off at setup and
-  no probe runs (:func:`no_logger`, said once); a callback that acts on the run (``StabilityMonitor(action="stop")``)
-  keeps running.
+* ``logger=False`` (no logger at all): nothing measured is written, said once (:func:`no_logger`). Callbacks
+  attached by the ``PDELIGHTNING_CALLBACKS`` plugin (``on_missing="warn"``: they step aside when the run lacks what
+  they need) switch off at setup and run no probe; callbacks attached explicitly still run (their results stay in
+  their attributes, e.g. ``PDEFit.history``, and ``StabilityMonitor(action="stop")`` still acts on the run).
 """
 
 from __future__ import annotations
@@ -110,13 +111,23 @@ def log_histogram(trainer: L.Trainer, tag: str, values: Tensor, step: int | None
 
 
 def no_logger(trainer: L.Trainer) -> bool:
-    """Whether the run has no logger (``logger=False``): then analysis would write nothing. Said once per trainer."""
+    """Whether the run has no logger (``logger=False``), so nothing measured is written. Said once per trainer."""
     if getattr(trainer, "loggers", True):  # a trainer with loggers, or none at all (a hook called by hand)
         return False
     if _once(trainer):
         rank_zero_warn(
-            "pdelightning: the Trainer has no logger (logger=False), so the analysis callbacks would write nothing: "
-            "they are switched off for this run and no probe runs (StabilityMonitor(action='stop') keeps watching: "
-            "it acts on the run). Give the Trainer a logger (e.g. CSVLogger or TensorBoardLogger) to analyse it."
+            "pdelightning: the Trainer has no logger (logger=False), so nothing the analysis callbacks measure is "
+            "written: those attached by PDELIGHTNING_CALLBACKS (on_missing='warn') are switched off and run no probe; "
+            "callbacks attached explicitly still run, their results only in their attributes. Give the Trainer a "
+            "logger (e.g. CSVLogger or TensorBoardLogger) to record them."
         )
     return True
+
+
+def steps_aside_without_logger(callback: Any, trainer: L.Trainer) -> bool:
+    """Whether ``callback`` switches off because the run has no logger: attached by the plugin (``on_missing="warn"``)
+    and not acting on the run (``StabilityMonitor(action="stop")`` does). The run is told once either way.
+    """
+    if not no_logger(trainer):
+        return False
+    return getattr(callback, "on_missing", "raise") == "warn" and getattr(callback, "action", None) != "stop"

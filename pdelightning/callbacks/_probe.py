@@ -36,7 +36,7 @@ from typing_extensions import override
 from pdelightning._checks import check_choice
 from pdelightning.adapters.base import ModelAdapter
 from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
-from pdelightning.callbacks._outputs import figure_outputs, log_histogram, no_logger
+from pdelightning.callbacks._outputs import figure_outputs, log_histogram, steps_aside_without_logger
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.batch import split_batch as _split
 from pdelightning.probing.capture import Request
@@ -263,7 +263,7 @@ class ProbeCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if getattr(self, "action", None) != "stop" and no_logger(trainer):  # logger=False: nothing to write to
+        if steps_aside_without_logger(self, trainer):  # logger=False under the plugin: nothing to write to
             self.disabled = "the Trainer has no logger (logger=False)"
             return
         try:

@@ -29,7 +29,7 @@ from pdelightning.analysis.gradients import (  # noqa: F401 (moved there; the ol
     tensor_norms,
     update_ratio,
 )
-from pdelightning.callbacks._outputs import log_histogram, no_logger, takes_histograms
+from pdelightning.callbacks._outputs import log_histogram, steps_aside_without_logger, takes_histograms
 from pdelightning.callbacks._probe import DEFAULT_BUDGET, ON_MISSING, log_scalars, write_layout
 from pdelightning.probing.hub import ProbeHub
 
@@ -254,7 +254,7 @@ class GradientFlow(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if no_logger(trainer):  # logger=False: nothing to write to
+        if steps_aside_without_logger(self, trainer):  # logger=False under the plugin: nothing to write to
             self.disabled = "the Trainer has no logger (logger=False)"
             return
         try:
