@@ -39,6 +39,7 @@ from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
 from pdelightning.callbacks._outputs import figure_outputs, log_histogram, steps_aside_without_logger
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.batch import split_batch as _split
+from pdelightning.probing.batch import uncallable
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeHub, ProbeSession
 from pdelightning.probing.probe_set import DEFAULT_PROBE_SIZE
@@ -249,6 +250,8 @@ class ProbeCallback(Callback):
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Checks at ``setup``; raise :class:`TargetNotFoundError` (or ``ValueError``) for what cannot work."""
         self.resolved(pl_module)
+        if (why := uncallable(pl_module)) is not None:  # a module without forward() and nothing inside to call
+            raise TargetNotFoundError(why)
         if self.probe_loader(trainer) is None:
             raise TargetNotFoundError(
                 f"{type(self).__name__} needs validation (or training) data for its probe set: give the trainer a "

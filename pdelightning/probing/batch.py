@@ -262,6 +262,25 @@ def wrapped_model(
     return None
 
 
+def uncallable(pl_module: nn.Module) -> str | None:
+    """Why a probe could never call ``pl_module`` (checked at setup), or ``None`` when it can.
+
+    It can when it defines ``probe_forward`` or a ``forward`` of its own, or when :func:`wrapped_model` has a sub-model
+    with a ``forward`` to fall back on (whether that takes the batch is only known with a batch).
+    """
+    if callable(getattr(pl_module, "probe_forward", None)) or forward_implemented(pl_module):
+        return None
+    root = eager(pl_module)
+    if any(forward_implemented(m) for m in _chain(root)):
+        return None
+    children = ", ".join(f"{n} ({type(m).__name__})" for n, m in root.named_children()) or "none"
+    return (
+        f"{type(root).__name__} defines no forward() and no probe_forward(), and has no sub-model a probe could call "
+        "instead (looked for the model its adapter recognised, or a single child module that owns parameters; "
+        f"children: {children}); define forward() or probe_forward(self, batch) -> logits on it"
+    )
+
+
 def eager(module: nn.Module) -> nn.Module:
     """The eager module behind a ``torch.compile``d one."""
     return getattr(module, "_orig_mod", module)

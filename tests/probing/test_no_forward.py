@@ -236,16 +236,55 @@ def test_all_callbacks_through_the_plugin_measure_a_module_without_forward(
 
 
 class BackboneOnly(L.LightningModule):
-    """No ``forward()`` and two children that own parameters: nothing a probe could call on its own."""
+    """No ``forward()`` and two children that own parameters, composed in ``training_step``: nothing to call alone."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed, self.head = nn.Embedding(VOCAB, 4), nn.Linear(4, NUM_CLASSES)
 
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.head(self.embed(x).mean(1)), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _token_loader() -> DataLoader:
+    ids, _, y = _tokens(16, torch.Generator().manual_seed(0))
+    return DataLoader(TupleDataset(ids, y), batch_size=8)
+
 
 def test_a_module_without_forward_and_nothing_to_call_gets_one_clear_error() -> None:
     with pytest.raises(TypeError, match=r"BackboneOnly .*defines no forward\(\).*probe_forward"):
         call_model(BackboneOnly(), (torch.zeros(2, 3, dtype=torch.long), torch.zeros(2)))
+
+
+def _trainer(callbacks: list[L.Callback]) -> L.Trainer:
+    return L.Trainer(
+        max_steps=2, logger=MemoryLogger(), callbacks=callbacks, enable_progress_bar=False, accelerator="cpu",
+        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+
+
+def test_nothing_to_call_is_found_at_setup_explicitly_and_steps_aside_under_the_plugin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pdelightning.adapters import TargetNotFoundError
+    from pdelightning.callbacks import PerturbationEval
+
+    with pytest.raises(
+        TargetNotFoundError, match=r"BackboneOnly defines no forward\(\).*children: embed \(Embedding\)"
+    ):
+        _trainer([PerturbationEval(probe_size=8)]).fit(BackboneOnly(), _token_loader(), _token_loader())
+    monkeypatch.setenv("PDELIGHTNING_CALLBACKS", "all")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _trainer([])
+        trainer.fit(BackboneOnly(), _token_loader(), _token_loader())
+    assert trainer.global_step == 2
+    off = [str(w.message) for w in caught if "switched off" in str(w.message)]
+    assert any(m.startswith("PerturbationEval is switched off") and "defines no forward()" in m for m in off), off
 
 
 def test_probe_forward_stays_the_override() -> None:
