@@ -246,19 +246,31 @@ def _keyword_inputs(model: nn.Module, batch: Any, kwargs: dict[str, Any]) -> dic
 
 
 def wrapped_model(
-    pl_module: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None
+    pl_module: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None, batch: Any = None
 ) -> nn.Module | None:
     """The sub-model a probe calls when ``pl_module`` has no usable ``forward`` (see :func:`call_model`).
 
     Of the modules from ``pl_module``'s attribute (``self.model``) down to the model the adapter recognised (a
     HuggingFace ``PreTrainedModel``, a timm model, an ``nn.TransformerEncoder`` ...), the outermost whose ``forward``
-    is implemented and accepts ``(*args, **kwargs)``: the whole wrapped model (with its head) when
-    ``training_step`` calls ``self.model(...)``. ``None`` when there is none.
+    is implemented and accepts ``(*args, **kwargs)`` (or, given the dict ``batch``, the whole batch, labels included:
+    a wrapper whose ``forward`` requires them): the whole wrapped model (with its head) when ``training_step`` calls
+    ``self.model(...)``. ``None`` when there is none.
     """
-    kwargs = kwargs or {}
+    picked = _pick(pl_module, args, kwargs or {}, batch)
+    return picked[0] if picked is not None else None
+
+
+def _pick(
+    pl_module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], batch: Any
+) -> tuple[nn.Module, dict[str, Any]] | None:
+    """``(sub-model, keyword inputs)`` of :func:`wrapped_model`."""
     for module in _chain(eager(pl_module)):
-        if forward_implemented(module) and _binds(module.forward, args, kwargs):
-            return module
+        if not forward_implemented(module):
+            continue
+        if _binds(module.forward, args, kwargs):
+            return module, _keyword_inputs(module, batch, dict(kwargs))
+        if isinstance(batch, Mapping) and not args and _binds(module.forward, (), batch):
+            return module, dict(batch)
     return None
 
 
@@ -312,9 +324,9 @@ def call_model(pl_module: nn.Module, batch: Any) -> Any:
             except NotImplementedError:
                 if not _only_var(pl_module.forward):
                     raise
-        inner = wrapped_model(pl_module, args, kwargs)
+        picked = _pick(pl_module, args, kwargs, batch)
         cls = type(eager(pl_module))
-        if inner is None:
+        if picked is None:
             what = f"keyword inputs {sorted(kwargs)}" if kwargs else f"{len(args)} positional input(s)"
             why = (
                 "defines no forward()" if not own else f"forward{inspect.signature(pl_module.forward)} does not take it"
@@ -324,6 +336,7 @@ def call_model(pl_module: nn.Module, batch: Any) -> Any:
                 "takes the batch was found (looked for the model its adapter recognised, or a single child module). "
                 "Define forward() or probe_forward(self, batch) -> logits on it"
             )
+        inner, inputs = picked
         if (cls, type(inner).__name__) not in _TOLD:
             _TOLD.add((cls, type(inner).__name__))
             name = next((n for n, m in eager(pl_module).named_modules() if m is inner), "?")
@@ -332,7 +345,7 @@ def call_model(pl_module: nn.Module, batch: Any) -> Any:
                 f"pdelightning: {cls.__name__} {why}; probes call its `{name}` ({type(inner).__name__}) with the "
                 "batch, as training_step does. Define probe_forward(self, batch) -> logits to choose otherwise"
             )
-        return inner(*args, **_keyword_inputs(inner, batch, kwargs))
+        return inner(*args, **inputs)
 
 
 def per_sample_loss(pl_module: nn.Module, batch: Any, logits: Tensor, labels: Tensor | None) -> Tensor | None:

@@ -314,3 +314,49 @@ def test_a_pass_through_forward_that_raises_not_implemented_falls_back_to_the_wr
     with torch.no_grad():
         expected = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         torch.testing.assert_close(call_model(stub, batch).logits, expected)
+
+
+class NeedsLabels(nn.Module):
+    """A user's wrapper whose ``forward`` requires the labels (it returns the HF output, loss included)."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Any:
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def test_a_wrapper_that_requires_the_labels_gets_them_and_is_preferred_to_the_backbone_inside() -> None:
+    module = HFNoForward(NeedsLabels(_hf_model("bert"))).eval()
+    batch = next(iter(_case("bert")[2]))
+    args, kwargs, _ = split_batch(batch)
+    assert wrapped_model(module, args, kwargs) is module.model.hf  # without the labels only the HF model binds
+    assert wrapped_model(module, args, kwargs, batch) is module.model  # with them, the outermost wrapper
+    with torch.no_grad():
+        out = call_model(module, batch)
+        expected = module.model.hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    torch.testing.assert_close(out.logits, expected.logits)
+    assert out.loss is not None  # the wrapper got the labels
+
+
+class Seq2Seq(nn.Linear):  # a parameter owner: the single child a probe may call
+    def __init__(self) -> None:
+        super().__init__(1, 1)
+
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None, decoder_input_ids: Tensor | None = None) -> Any:
+        return {"logits": torch.zeros(1), "labels": labels, "decoder_input_ids": decoder_input_ids}
+
+
+class ClassifierHead(Seq2Seq):
+    def forward(self, input_ids: Tensor, labels: Tensor | None = None) -> Any:  # type: ignore[override]
+        return {"logits": torch.zeros(1), "labels": labels}
+
+
+def test_labels_reach_only_an_encoder_decoder_model_given_no_decoder_inputs() -> None:
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.tensor([[1, 2], [3, 4]])}
+    seq2seq, head = HFNoForward(Seq2Seq()), HFNoForward(ClassifierHead())
+    assert torch.equal(call_model(seq2seq, batch)["labels"], batch["labels"])  # shifted into decoder inputs by HF
+    assert call_model(head, batch)["labels"] is None  # logits do not depend on them: left out
+    given = {**batch, "decoder_input_ids": torch.zeros(2, 2, dtype=torch.long)}
+    assert call_model(seq2seq, given)["labels"] is None
