@@ -40,8 +40,10 @@ from typing_extensions import override
 from pdelightning._checks import check_choice
 from pdelightning.adapters.base import ModelAdapter
 from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
+from pdelightning.callbacks._outputs import figure_outputs, log_histogram, steps_aside_without_logger
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.batch import split_batch as _split
+from pdelightning.probing.batch import uncallable
 from pdelightning.probing.capture import Request
 from pdelightning.probing.guard import ON_ERROR, GuardedCallback
 from pdelightning.probing.hub import ProbeBatch, ProbeHub, ProbeSession
@@ -266,6 +268,8 @@ class ProbeCallback(GuardedCallback):
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Checks at ``setup``; raise :class:`TargetNotFoundError` (or ``ValueError``) for what cannot work."""
         self.resolved(pl_module)
+        if (why := uncallable(pl_module)) is not None:  # a module without forward() and nothing inside to call
+            raise TargetNotFoundError(why)
         if self.probe_loader(trainer) is None:
             raise TargetNotFoundError(
                 f"{type(self).__name__} needs validation (or training) data for its probe set: give the trainer a "
@@ -279,6 +283,9 @@ class ProbeCallback(GuardedCallback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
+            return
+        if steps_aside_without_logger(self, trainer):  # logger=False under the plugin: nothing to write to
+            self.disabled = "the Trainer has no logger (logger=False)"
             return
         try:
             self.check(trainer, pl_module)
@@ -417,18 +424,16 @@ class ProbeCallback(GuardedCallback):
         log_scalars(trainer, metrics, step)
 
     def figure(self, session: ProbeSession, tag: str, draw: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Draw ``draw(*args, **kwargs)`` (a matplotlib figure) into TensorBoard under ``tag`` (rank 0), in the figure
-        worker process when ``draw`` is a module-level function (see :mod:`pdelightning.probing.figures`).
+        """Draw ``draw(*args, **kwargs)`` (a matplotlib figure) under ``tag`` for every logger that takes figures
+        (rank 0; see :mod:`pdelightning.callbacks._outputs`), in the figure worker process when ``draw`` is a
+        module-level function (see :mod:`pdelightning.probing.figures`).
         """
-        writer = tensorboard(session.trainer)
-        if writer is not None and self.figures_due:
-            session.figures.submit(writer, tag, session.step, draw, *args, **kwargs)
+        if self.figures_due and (out := figure_outputs(session.trainer)):
+            session.figures.submit(out, tag, session.step, draw, *args, **kwargs)
 
     def add_histogram(self, trainer: L.Trainer, tag: str, values: Tensor) -> None:
-        """Write a histogram to TensorBoard (rank zero)."""
-        writer = tensorboard(trainer)
-        if writer is not None and values.numel():
-            writer.add_histogram(tag, values.detach().float().cpu(), global_step=trainer.global_step)
+        """Write a histogram to every logger that takes histograms (TensorBoard, W&B; rank zero)."""
+        log_histogram(trainer, tag, values)
 
     def layout(self) -> dict[str, list[str]]:
         """Custom-scalars charts: ``{chart title: [tag regex, ...]}``; one multiline chart per quantity."""

@@ -28,7 +28,8 @@ from pdelightning.analysis.gradients import (  # noqa: F401 (moved there; the ol
     tensor_norms,
     update_ratio,
 )
-from pdelightning.callbacks._probe import DEFAULT_BUDGET, ON_MISSING, log_scalars, tensorboard, write_layout
+from pdelightning.callbacks._outputs import log_histogram, steps_aside_without_logger, takes_histograms
+from pdelightning.callbacks._probe import DEFAULT_BUDGET, ON_MISSING, log_scalars, write_layout
 from pdelightning.probing.guard import GuardedCallback, agree
 from pdelightning.probing.hub import ProbeHub
 
@@ -261,6 +262,9 @@ class GradientFlow(GuardedCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if steps_aside_without_logger(self, trainer):  # logger=False under the plugin: nothing to write to
+            self.disabled = "the Trainer has no logger (logger=False)"
+            return
         try:
             self._layer_modules = self._layers(pl_module)  # fail fast on a bad glob, before training
         except TargetNotFoundError as err:
@@ -375,15 +379,12 @@ class GradientFlow(GuardedCallback):
         log_scalars(trainer, metrics, step)
         if self.histogram_every_n_steps and step // self.histogram_every_n_steps != self._histogram_window:
             self._histogram_window = step // self.histogram_every_n_steps
-            writer = tensorboard(trainer)
-            if writer is not None:
+            if takes_histograms(trainer):  # TensorBoard or W&B
                 for g in present:
                     values_g = [
                         gr.detach().flatten().float() for gr, (_, s) in zip(grads, with_grad, strict=True) if s == g
                     ]
-                    writer.add_histogram(
-                        self._key("grad_hist", groups.names[g]), torch.cat(values_g).cpu(), global_step=step
-                    )
+                    log_histogram(trainer, self._key("grad_hist", groups.names[g]), torch.cat(values_g), step)
         if self.log_update_ratio:
             with torch.no_grad():
                 before = list(torch._foreach_mul([p.detach() for p in params], 1.0))

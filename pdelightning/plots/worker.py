@@ -1,11 +1,15 @@
-"""The figure worker: a separate Python process that draws figures and writes them into TensorBoard event files.
+"""The figure worker: a separate Python process that draws figures and writes them into TensorBoard event files
+and PNG files.
 
 Started by :class:`~pdelightning.probing.figures.FigureWorker` as ``python -m pdelightning.plots.worker``. It reads
-jobs from stdin, each a length-prefixed pickle of ``(log_dir, tag, step, draw, args, kwargs)`` where ``draw`` is a
+jobs from stdin, each a length-prefixed pickle of ``(where, tag, step, draw, args, kwargs)`` where ``draw`` is a
 module-level function (e.g. from :mod:`pdelightning.plots.draw`) and the arguments are plain numbers and numpy
-arrays; it calls ``draw(*args, **kwargs)``, encodes the figure as PNG, and appends it as an image summary at
-``step`` to an event file of its own in ``log_dir`` (TensorBoard merges the files of a run directory). For each job
-it prints ``ok`` or ``error`` with the tag on stdout, and it exits when stdin closes, after the last job.
+arrays; it calls ``draw(*args, **kwargs)`` and encodes the figure as PNG once. ``where`` is a TensorBoard log
+directory, or a dict ``{"tb": [log_dir, ...], "png": [path, ...]}``: the PNG is appended as an image summary at
+``step`` to an event file of its own in each log directory (TensorBoard merges the files of a run directory), and
+written to each path (parent directories created; for loggers without images, and for those the training process
+hands a file to). For each job it prints ``ok`` or ``error`` with the tag on stdout, in job order, and it exits when
+stdin closes, after the last job.
 
 Being another process, it never holds the training process's GIL: training threads are not slowed by drawing.
 It imports only numpy, matplotlib and tensorboard's event writer (no torch).
@@ -46,6 +50,15 @@ def image_event(tag: str, step: int, png: bytes, width: int, height: int) -> Any
     return Event(wall_time=time.time(), step=int(step), summary=Summary(value=[Summary.Value(tag=tag, image=image)]))
 
 
+def write_png(path: str, png: bytes) -> None:
+    """Write ``png`` to ``path`` (parents created), through a temporary file so no reader sees half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.part"
+    with open(tmp, "wb") as f:
+        f.write(png)
+    os.replace(tmp, path)
+
+
 def read_job(stream: IO[bytes]) -> bytes | None:
     """The next job's pickled bytes, or ``None`` at the end of the stream."""
     head = stream.read(HEADER.size)
@@ -73,12 +86,16 @@ def main(stdin: IO[bytes] | None = None, stdout: IO[str] | None = None) -> None:
         while (data := read_job(stdin)) is not None:
             tag = "?"
             try:
-                log_dir, tag, step, draw, args, kwargs = pickle.loads(data)
+                where, tag, step, draw, args, kwargs = pickle.loads(data)
+                where = {"tb": [where], "png": []} if isinstance(where, str) else where
                 png, width, height = png_of(draw(*args, **kwargs))
-                if log_dir not in writers:
-                    writers[log_dir] = EventFileWriter(log_dir, filename_suffix=".figures")
-                writers[log_dir].add_event(image_event(tag, step, png, width, height))
-                writers[log_dir].flush()
+                for path in where.get("png", []):
+                    write_png(path, png)
+                for log_dir in where.get("tb", []):
+                    if log_dir not in writers:
+                        writers[log_dir] = EventFileWriter(log_dir, filename_suffix=".figures")
+                    writers[log_dir].add_event(image_event(tag, step, png, width, height))
+                    writers[log_dir].flush()
                 stdout.write(f"ok\t{tag}\n")
             except Exception as err:  # one bad figure must not stop the others
                 message = repr(err).replace("\n", " ")

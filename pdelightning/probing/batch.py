@@ -6,7 +6,15 @@ A probe batch is whatever the validation ``DataLoader`` yields, collated, for th
   is a positional input, the last is the labels); a bare tensor -> ``model(x)`` without labels;
 * a dict (HuggingFace style: ``input_ids``, ``attention_mask``, ``pixel_values``, ``labels`` ...) -> the
   entries other than the labels (``labels``, ``label``, ``y``, ``target``, ``targets``) are passed as keyword
-  arguments, to the LightningModule when its ``forward`` accepts them, else to the HuggingFace model inside it;
+  arguments;
+* these inputs go to the LightningModule's ``forward`` when it has one of its own that accepts them. A module
+  without ``forward()`` (``training_step`` calls ``self.model(**batch)``: the most common way to wrap a HuggingFace
+  model), or whose ``forward`` does not take the batch, is called through the sub-model its adapter recognised: the
+  outermost module from its attribute (``self.model``) down to that model that takes the inputs (the HuggingFace
+  model with its head, a timm model, the user's module around an ``nn.TransformerEncoder``). Labels are left out
+  (the logits do not depend on them, and the probe computes its own per-sample losses), except for an
+  encoder-decoder model given no ``decoder_input_ids``, which derives its decoder inputs from ``labels`` as in
+  training;
 * anything else, or a model that needs something special: define ``probe_forward(self, batch) -> logits`` on
   the LightningModule (and optionally ``probe_loss(self, batch, logits) -> [B]`` per-sample losses).
 
@@ -23,11 +31,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import sys
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 LABEL_KEYS = ("labels", "label", "y", "target", "targets")
@@ -148,21 +158,139 @@ def extract_logits(output: Any) -> Tensor:
     )
 
 
-def _accepts(fn: Callable[..., Any], names: list[str]) -> bool:
+def _binds(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
+    """Whether ``fn(*args, **kwargs)`` matches ``fn``'s signature (checked without calling it)."""
     try:
-        params = inspect.signature(fn).parameters
+        sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return True
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return True
-    return all(n in params for n in names)
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError:
+        return False
+    return True
 
 
-def _inner_hf_model(module: nn.Module) -> nn.Module | None:
-    transformers = sys.modules.get("transformers")  # a HuggingFace model means transformers is imported already
-    if transformers is None:
+def _only_var(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` takes nothing but ``*args`` / ``**kwargs`` (a pass-through that may not be meant for a batch)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for p in params)
+
+
+def forward_implemented(module: nn.Module) -> bool:
+    """Whether ``module``'s class defines a ``forward`` of its own (not ``nn.Module``'s or ``LightningModule``'s
+    inherited placeholder, which raises for any input).
+
+    Example::
+
+        >>> forward_implemented(nn.Linear(2, 2)), forward_implemented(nn.ModuleList())
+        (True, False)
+    """
+    fwd = getattr(type(eager(module)), "forward", None)
+    if fwd is None or fwd is nn.Module.forward or getattr(fwd, "__name__", "") == "_forward_unimplemented":
+        return False
+    lightning = sys.modules.get("lightning.pytorch")
+    return lightning is None or fwd is not lightning.LightningModule.forward
+
+
+_CHAINS: weakref.WeakKeyDictionary[nn.Module, list[weakref.ref[nn.Module]]] = weakref.WeakKeyDictionary()
+_TOLD: set[tuple[type, str]] = set()
+
+
+def _chain(root: nn.Module) -> list[nn.Module]:
+    """The modules from ``root``'s child down to the model its adapter recognised (outermost first); without an
+    adapter (or when it recognised ``root`` itself), ``root``'s only child that owns parameters, if there is one.
+    """
+    cached = _CHAINS.get(root)
+    if cached is not None:
+        chain = [r() for r in cached]
+        if all(m is not None for m in chain) and (not chain or any(c is chain[0] for c in root.children())):
+            return chain  # type: ignore[return-value]
+    from pdelightning.adapters.registry import find_adapter  # the adapters import nothing from probing
+
+    adapter = find_adapter(root)
+    name = next((n for n, m in root.named_modules() if adapter is not None and m is adapter.model and n), None)
+    chain = []
+    if name is not None:
+        module = root
+        for part in name.split("."):
+            module = getattr(module, part)
+            chain.append(module)
+    else:
+        owners = [c for c in root.children() if next(c.parameters(), None) is not None]
+        chain = owners[:1] if len(owners) == 1 else []
+    _CHAINS[root] = [weakref.ref(m) for m in chain]
+    return chain
+
+
+def _keyword_inputs(model: nn.Module, batch: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword inputs of a wrapped model: the batch without its labels, except for an encoder-decoder model given
+    no decoder inputs, which derives them from the labels (T5, BART: ``labels`` shifted right), as in training.
+    """
+    if not isinstance(batch, Mapping) or "labels" not in batch or "labels" in kwargs:
+        return kwargs
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if (
+        "labels" in params
+        and "decoder_input_ids" in params
+        and not kwargs.keys() & {"decoder_input_ids", "decoder_inputs_embeds"}
+    ):
+        return {**kwargs, "labels": batch["labels"]}
+    return kwargs
+
+
+def wrapped_model(
+    pl_module: nn.Module, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None, batch: Any = None
+) -> nn.Module | None:
+    """The sub-model a probe calls when ``pl_module`` has no usable ``forward`` (see :func:`call_model`).
+
+    Of the modules from ``pl_module``'s attribute (``self.model``) down to the model the adapter recognised (a
+    HuggingFace ``PreTrainedModel``, a timm model, an ``nn.TransformerEncoder`` ...), the outermost whose ``forward``
+    is implemented and accepts ``(*args, **kwargs)`` (or, given the dict ``batch``, the whole batch, labels included:
+    a wrapper whose ``forward`` requires them): the whole wrapped model (with its head) when ``training_step`` calls
+    ``self.model(...)``. ``None`` when there is none.
+    """
+    picked = _pick(pl_module, args, kwargs or {}, batch)
+    return picked[0] if picked is not None else None
+
+
+def _pick(
+    pl_module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], batch: Any
+) -> tuple[nn.Module, dict[str, Any]] | None:
+    """``(sub-model, keyword inputs)`` of :func:`wrapped_model`."""
+    for module in _chain(eager(pl_module)):
+        if not forward_implemented(module):
+            continue
+        if _binds(module.forward, args, kwargs):
+            return module, _keyword_inputs(module, batch, dict(kwargs))
+        if isinstance(batch, Mapping) and not args and _binds(module.forward, (), batch):
+            return module, dict(batch)
+    return None
+
+
+def uncallable(pl_module: nn.Module) -> str | None:
+    """Why a probe could never call ``pl_module`` (checked at setup), or ``None`` when it can.
+
+    It can when it defines ``probe_forward`` or a ``forward`` of its own, or when :func:`wrapped_model` has a sub-model
+    with a ``forward`` to fall back on (whether that takes the batch is only known with a batch).
+    """
+    if callable(getattr(pl_module, "probe_forward", None)) or forward_implemented(pl_module):
         return None
-    return next((m for m in module.modules() if isinstance(m, transformers.PreTrainedModel)), None)
+    root = eager(pl_module)
+    if any(forward_implemented(m) for m in _chain(root)):
+        return None
+    children = ", ".join(f"{n} ({type(m).__name__})" for n, m in root.named_children()) or "none"
+    return (
+        f"{type(root).__name__} defines no forward() and no probe_forward(), and has no sub-model a probe could call "
+        "instead (looked for the model its adapter recognised, or a single child module that owns parameters; "
+        f"children: {children}); define forward() or probe_forward(self, batch) -> logits on it"
+    )
 
 
 def eager(module: nn.Module) -> nn.Module:
@@ -171,7 +299,17 @@ def eager(module: nn.Module) -> nn.Module:
 
 
 def call_model(pl_module: nn.Module, batch: Any) -> Any:
-    """One forward of the user's model on a probe batch, by the contract in the module docstring (eager mode)."""
+    """One forward of the user's model on a probe batch, by the contract in the module docstring (eager mode).
+
+    ``probe_forward(batch)`` when the module defines it; else ``pl_module(*args, **kwargs)`` when its ``forward`` is
+    implemented and accepts the batch's inputs; else (no ``forward()`` of its own, as in a LightningModule whose
+    ``training_step`` calls ``self.model(**batch)``; a ``forward`` whose signature does not take the batch; or a
+    ``*args/**kwargs``-only ``forward`` that raises ``NotImplementedError``) the sub-model of :func:`wrapped_model`
+    with the same inputs, said once per class.
+
+    Raises:
+        TypeError: when there is no usable ``forward`` and no wrapped model that takes the batch.
+    """
     stance = getattr(torch.compiler, "set_stance", None)
     ctx = stance("force_eager") if stance is not None else contextlib.nullcontext()
     with ctx:
@@ -179,17 +317,35 @@ def call_model(pl_module: nn.Module, batch: Any) -> Any:
         if callable(hook):
             return hook(batch)
         args, kwargs, _ = split_batch(batch)
-        if kwargs:
-            if _accepts(pl_module.forward, list(kwargs)):
-                return pl_module(**kwargs)
-            inner = _inner_hf_model(pl_module)
-            if inner is not None:
-                return inner(**kwargs)
-            raise TypeError(
-                f"{type(pl_module).__name__}.forward does not accept the batch's keys {sorted(kwargs)} and there is no "
-                "HuggingFace model inside it to call instead; define probe_forward(batch) -> logits on it"
+        own = forward_implemented(pl_module)
+        if own and _binds(pl_module.forward, args, kwargs):
+            try:
+                return pl_module(*args, **kwargs)
+            except NotImplementedError:
+                if not _only_var(pl_module.forward):
+                    raise
+        picked = _pick(pl_module, args, kwargs, batch)
+        cls = type(eager(pl_module))
+        if picked is None:
+            what = f"keyword inputs {sorted(kwargs)}" if kwargs else f"{len(args)} positional input(s)"
+            why = (
+                "defines no forward()" if not own else f"forward{inspect.signature(pl_module.forward)} does not take it"
             )
-        return pl_module(*args)
+            raise TypeError(
+                f"pdelightning cannot call {cls.__name__} on a probe batch ({what}): it {why}, and no sub-model that "
+                "takes the batch was found (looked for the model its adapter recognised, or a single child module). "
+                "Define forward() or probe_forward(self, batch) -> logits on it"
+            )
+        inner, inputs = picked
+        if (cls, type(inner).__name__) not in _TOLD:
+            _TOLD.add((cls, type(inner).__name__))
+            name = next((n for n, m in eager(pl_module).named_modules() if m is inner), "?")
+            why = "defines no forward()" if not own else "forward() does not take the batch"
+            rank_zero_info(
+                f"pdelightning: {cls.__name__} {why}; probes call its `{name}` ({type(inner).__name__}) with the "
+                "batch, as training_step does. Define probe_forward(self, batch) -> logits to choose otherwise"
+            )
+        return inner(*args, **inputs)
 
 
 def per_sample_loss(pl_module: nn.Module, batch: Any, logits: Tensor, labels: Tensor | None) -> Tensor | None:

@@ -39,7 +39,7 @@ from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.capture import Request
 from pdelightning.probing.figures import FigureWorker
 from pdelightning.probing.guard import agree, fail_all
-from pdelightning.probing.probe_set import ProbeSet
+from pdelightning.probing.probe_set import ProbeSet, probe_set_of
 from pdelightning.probing.schedule import BudgetSchedule
 from pdelightning.probing.session import MODEL, ProbeBatch, ProbeSession, forward_batch
 
@@ -231,10 +231,9 @@ class ProbeHub:
         key = (callback.probe_size, callback.probe_batch_size, callback.seed, trainer.global_rank, trainer.world_size)
         if key not in self._probe_sets:
             loader = callback.probe_loader(trainer)
-            self._probe_sets[key] = ProbeSet(
-                loader.dataset, loader.collate_fn, callback.probe_size, callback.probe_batch_size, callback.seed,
-                trainer.global_rank, trainer.world_size,
-            )  # fmt: skip
+            self._probe_sets[key] = probe_set_of(
+                trainer, loader, callback.probe_size, callback.probe_batch_size, callback.seed
+            )
         return self._probe_sets[key]
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, due: list[ProbeCallback], final: bool) -> None:
