@@ -13,8 +13,10 @@ import math
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 from typing_extensions import override
 
+from pdelightning.adapters.windowed import dense_attention, skip_once, stages
 from pdelightning.analysis.rollout import attention_rollout, row_entropy
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.plots import rollout_figure
@@ -71,14 +73,33 @@ class AttentionRollout(ProbeCallback):
 
     @override
     def begin(self, session: ProbeSession) -> None:
-        self._names = [t.name for t in session.targets["model"].layers]
+        self._layers = session.targets["model"].layers
+        self._names = [t.name for t in self._layers]
         keys = [f"entropy/{n}" for n in self._names] + [f"mixing/{n}" for n in self._names]
         self._store = GatherStore(keys).to(session.device)
         self._sample0: torch.Tensor | None = None
 
     @override
     def consume(self, pb: ProbeBatch) -> None:
-        attentions = [pb.captured["model"].attention[n] for n in self._names]
+        groups = stages(self._layers)
+        if len(groups) > 1:
+            skip_once(
+                self,
+                "rollout across stages",
+                "patch merging between stages changes the tokens; the rollout "
+                "restarts at the first layer of each stage (logged per layer as usual)",
+            )
+        update = {}
+        for group in groups:
+            attentions = [pb.captured["model"].attention[t.name] for t in group]
+            attentions = [
+                a if t.windows is None else dense_attention(a, t.windows)
+                for a, t in zip(attentions, group, strict=True)
+            ]
+            update |= self._consume_stage(pb, [t.name for t in group], attentions)
+        self._store.update(pb.index, **update)
+
+    def _consume_stage(self, pb: ProbeBatch, names: list[str], attentions: list[torch.Tensor]) -> dict[str, Tensor]:
         t = attentions[0].shape[-1]
         valid = pb.valid if pb.valid is not None and pb.valid.shape == (attentions[0].shape[0], t) else None
         rollout = attention_rollout(
@@ -91,15 +112,15 @@ class AttentionRollout(ProbeCallback):
         entropy = rows.sum(-1) / count  # [L, B]
         ceiling = count.log().clamp_min(1e-12)
         update = {}
-        for i, n in enumerate(self._names):
+        for i, n in enumerate(names):
             update[f"entropy/{n}"] = entropy[i].float()
             update[f"mixing/{n}"] = torch.where(count > 1, entropy[i] / ceiling, torch.zeros_like(ceiling)).float()
-        self._store.update(pb.index, **update)
         here = pb.index == pb.session.figure_position
         if bool(here.any()):
             k = int(here.nonzero()[0, 0])
             keep = valid[k]
             self._sample0 = rollout[-1, k][keep][:, keep].float().cpu()
+        return update
 
     @override
     def finish(self, session: ProbeSession) -> None:

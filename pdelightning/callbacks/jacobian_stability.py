@@ -19,11 +19,13 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from pdelightning.adapters.readers import first_tensor
+from pdelightning.adapters.windowed import hierarchical, skip_once
 from pdelightning.analysis.jacobian import compose, jacobian_spectral_norm_block
 from pdelightning.analysis.perturbation import gaussian_noise
 from pdelightning.analysis.stability import eq21_number, exact_spectral_norm
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.callbacks.pde_fit import step_of
+from pdelightning.models.protocol import LayerTarget
 from pdelightning.probing.batch import map_tensors
 from pdelightning.probing.capture import Request, first_input, replace_first_input
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
@@ -60,6 +62,16 @@ def layer_map(
         return first_tensor(block(*a, **k))
 
     return f
+
+
+def token_map(f: Callable[[Tensor], Tensor], layer: LayerTarget, shape: torch.Size) -> Callable[[Tensor], Tensor]:
+    """``f`` on the layer's token view ``[B, T, d]`` (:attr:`LayerTarget.tokens`), for a model whose own layout
+    (``shape`` per sample, e.g. a channels-last ``[h, w, d]`` map) differs; ``f`` itself when there is none.
+    """
+    view = layer.tokens
+    if view is None:
+        return f
+    return lambda u: view(f(u.reshape(u.shape[0], *shape)))
 
 
 class JacobianStability(ProbeCallback):
@@ -157,7 +169,8 @@ class JacobianStability(ProbeCallback):
                 f = layer_map(layer.block or layer.module, args, kwargs, rows)
                 u = first_input(args, kwargs)
                 assert u is not None
-                u = u[keep].detach()
+                f = token_map(f, layer, u.shape[1:])
+                u = u[keep].detach() if layer.tokens is None else layer.tokens(u[keep].detach())
                 u0 = u if u0 is None else u0
                 dt, _ = step_of(layer, n_layers, self.dt, 1.0)
                 vmask = valid if valid is not None and valid.shape == u.shape[:2] else None
@@ -172,7 +185,15 @@ class JacobianStability(ProbeCallback):
                 self._warm[key], self._warm[(*key, "-I")] = res.vector.detach(), rate.vector.detach()
                 out[f"sigma/{layer.name}"], out[f"rate/{layer.name}"] = res.sigma, rate.sigma / dt
                 maps.append(f)
-            if self.lyapunov and maps and u0 is not None:
+            across = self.lyapunov and hierarchical(pb.session.targets["model"])
+            if across:
+                skip_once(
+                    self,
+                    "lyapunov",
+                    "the layers span stages joined by patch merging (T and d change), "
+                    "which the composed layer maps leave out; per-layer spectral_norm and rate are logged",
+                )
+            if self.lyapunov and maps and u0 is not None and not across:
                 vmask = valid if valid is not None and valid.shape == u0.shape[:2] else None
                 start = gaussian_noise(pb.index[keep], (k, *u0.shape[1:]), self.seed + 1).to(u0)
                 sigma = jacobian_spectral_norm_block(
@@ -202,7 +223,7 @@ class JacobianStability(ProbeCallback):
                     metrics[self.key("eq21", layer.name)] = eq21_number(p.diffusion, p.alpha, p.dt, p.dx, w)
         lyap = out["lyapunov"].double()
         lyap = lyap[torch.isfinite(lyap)]
-        if self.lyapunov:
+        if self.lyapunov and lyap.numel():
             metrics[self.key("lyapunov")] = float(lyap.mean()) if lyap.numel() else math.nan
         self.last_metrics = metrics
         self.log_scalars(session.trainer, metrics, session.step)
