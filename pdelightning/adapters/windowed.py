@@ -161,6 +161,12 @@ def stages(layers: Sequence[LayerTarget]) -> list[list[LayerTarget]]:
     return groups
 
 
+def stage_name(group: Sequence[LayerTarget]) -> str:
+    """A stage's name in logged keys: its blocks' common module path (``layers.1`` of ``layers.1.blocks.0``)."""
+    first = group[0].name
+    return first.rsplit(".blocks.", 1)[0] if ".blocks." in first else first
+
+
 def hierarchical(targets: AnalysisTargets) -> bool:
     """Whether ``targets`` span more than one stage (token count and width change between them)."""
     return len(stages(targets.layers)) > 1
@@ -286,6 +292,7 @@ __all__ = [
     "flatten_grid",
     "hierarchical",
     "skip_once",
+    "stage_name",
     "stages",
     "window_allowed",
     "window_keys",

@@ -4,6 +4,7 @@ per window exactly as the library computes it, and every callback either logging
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -23,6 +24,8 @@ from pdelightning.adapters.windowed import (
     window_rows,
     window_tokens,
 )
+from pdelightning.analysis.attention import attention_entropy
+from pdelightning.analysis.rollout import attention_rollout, row_entropy
 from pdelightning.callbacks.plugin import build_callbacks
 from pdelightning.models.protocol import WindowLayout
 from pdelightning.probing.batch import call_model
@@ -275,7 +278,7 @@ def _unwindow(per_window: Tensor, layout: WindowLayout, b: int) -> Tensor:
 
 # ---- training with every callback ----------------------------------------------------------------------------------
 SKIPPED = {
-    "JacobianStability": "lyapunov skipped",
+    "JacobianStability": "lyapunov over all layers skipped",
     "AttentionRollout": "rollout across stages skipped",
     "InformationFlow": "consecutive_corr of ",
     "StabilityMonitor": "drift skipped",
@@ -322,7 +325,15 @@ def test_all_callbacks_through_the_plugin_analyse_every_stage(kind: str) -> None
     assert f"analysis/information_flow/consecutive_corr/{stage0[1]}" in keys
     assert f"analysis/information_flow/consecutive_corr/{stage1[0]}" not in keys
     assert f"analysis/information_flow/consecutive_corr/{stage1[1]}" in keys
-    assert "analysis/jacobian_stability/lyapunov" not in keys
+    assert "analysis/jacobian_stability/lyapunov" not in keys  # one exponent per stage instead
+    stage_keys = (
+        {"model.layers.0", "model.layers.1"}
+        if kind == "timm"
+        else {"model.swin.encoder.layers.0", "model.swin.encoder.layers.1"}
+    )
+    for stage in stage_keys:
+        series = logger.series(f"analysis/jacobian_stability/lyapunov/{stage}")
+        assert series and all(math.isfinite(v) for _, v in series), stage
     for name, what in SKIPPED.items():
         said = [m for m in messages if m.startswith(f"{name}: {what}")]
         assert len(said) == 1, (name, [m for m in messages if m.startswith(name)])
@@ -341,6 +352,26 @@ def test_all_callbacks_through_the_plugin_analyse_every_stage(kind: str) -> None
             loss = module.model(**raw).loss if kind == "hf" else F.cross_entropy(module(raw[0]), raw[1])
             total, count = total + float(loss) * len(index), count + len(index)
     assert logger.series("analysis/perturbation_eval/loss_clean")[-1][1] == pytest.approx(total / count, rel=1e-5)
+    # the last probe's attention entropy and per-stage rollout, recomputed from the library's own attention
+    entropy = dict.fromkeys(layers, 0.0)
+    rollout = dict.fromkeys(layers, 0.0)
+    for raw, _ in hub.probe_set(trainer, perturbation):
+        rows = [
+            window_rows(p.float(), t.windows)
+            for p, t in zip(library_windows(kind, module, raw), targets.layers, strict=True)
+        ]
+        for i, layer in enumerate(layers):
+            entropy[layer] += float(attention_entropy(rows[i]).mean(1).sum())  # per row, heads averaged
+        for stage in ((0, 1), (2, 3)):  # the rollout restarts at each stage
+            dense = [dense_attention(rows[i], targets.layers[i].windows) for i in stage]
+            per_sample = row_entropy(attention_rollout(dense), reduction="none").mean(-1)  # [L, B]
+            for j, i in enumerate(stage):
+                rollout[layers[i]] += float(per_sample[j].sum())
+    for layer in layers:
+        logged = logger.series(f"analysis/attention_similarity/entropy/{layer}")[-1][1]
+        assert logged == pytest.approx(entropy[layer] / (count * (64 if layer in stage0 else 16)), rel=1e-4)
+        logged = logger.series(f"analysis/attention_rollout/entropy/{layer}")[-1][1]
+        assert logged == pytest.approx(rollout[layer] / count, rel=1e-4)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -368,3 +399,12 @@ def test_windows_that_do_not_tile_the_grid_raise_naming_the_layers(kind: str) ->
                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")  # fmt: skip
     with pytest.raises(TargetNotFoundError, match="no attention module found"):
         trainer.fit(module, *loaders(kind, img=24))
+
+
+def test_doctests_of_the_window_geometry() -> None:
+    import doctest
+
+    from pdelightning.adapters import windowed
+
+    result = doctest.testmod(windowed, raise_on_error=False)
+    assert result.attempted >= 3 and result.failed == 0
