@@ -338,6 +338,10 @@ def test_all_callbacks_through_the_plugin_analyse_every_stage(kind: str) -> None
         said = [m for m in messages if m.startswith(f"{name}: {what}")]
         assert len(said) == 1, (name, [m for m in messages if m.startswith(name)])
     assert stage1[0] in next(m for m in messages if m.startswith("InformationFlow: consecutive_corr"))
+    # a pre-norm residual block is exactly u + attention + MLP: with Δt = 1/L the fit gives α = c = L and R² = 1
+    for layer in layers:
+        for q, expected in (("alpha", 4.0), ("ffn_coef", 4.0), ("r2", 1.0)):
+            assert logger.series(f"analysis/pde_fit/{q}/{layer}")[-1][1] == pytest.approx(expected, abs=1e-4), q
     # values: at the start the reference is the model itself, so its attention matches itself exactly
     for layer in layers:
         first = logger.series(f"analysis/attention_similarity/cosine/{layer}")[0]
