@@ -27,6 +27,7 @@ import contextlib
 import functools
 import re
 import sys
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -39,7 +40,7 @@ from pdelightning.adapters.families import HuggingFaceAdapter
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget, WindowLayout
 
 _BLOCK = re.compile(r"^(?:.*\.)?layers\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)$")
-_WARNED: set[tuple[int, str]] = set()
+_WARNED: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictionary()
 
 
 # ---- the window geometry (pure functions) ------------------------------------------------------------------------
@@ -174,9 +175,9 @@ def hierarchical(targets: AnalysisTargets) -> bool:
 
 def skip_once(callback: object, what: str, why: str) -> None:
     """Warn once per callback object and ``what`` that ``what`` is skipped, and why."""
-    key = (id(callback), what)
-    if key not in _WARNED:
-        _WARNED.add(key)
+    said = _WARNED.setdefault(callback, set())
+    if what not in said:
+        said.add(what)
         rank_zero_warn(f"{type(callback).__name__}: {what} skipped: {why}")
 
 
