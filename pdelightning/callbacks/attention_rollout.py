@@ -17,11 +17,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from pdelightning.adapters.windowed import dense_attention, skip_once, stages
-from pdelightning.analysis.rollout import attention_rollout, row_entropy
+from pdelightning.analysis.rollout import attention_rollout, fuse_heads, row_entropy
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.plots import rollout_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+
+_CHUNK_ELEMENTS = 2**24  # windowed models: samples whose [T, T] rollouts fit this many entries go through at once
 
 
 class AttentionRollout(ProbeCallback):
@@ -89,19 +91,33 @@ class AttentionRollout(ProbeCallback):
                 "patch merging between stages changes the tokens; the rollout "
                 "restarts at the first layer of each stage (logged per layer as usual)",
             )
-        update = {}
+        parts: dict[str, list[Tensor]] = {}
         for group in groups:
             attentions = [pb.captured["model"].attention[t.name] for t in group]
+            # windowed rows [B, H, T, N]: heads fused first (exact: every head is zero outside the window), then the
+            # [T, T] operator is formed for a few samples at a time
+            windowed = [t.windows is not None for t in group]
             attentions = [
-                a if t.windows is None else dense_attention(a, t.windows)
-                for a, t in zip(attentions, group, strict=True)
+                fuse_heads(a, self.head_fusion)[:, None] if w else a for a, w in zip(attentions, windowed, strict=True)
             ]
-            update |= self._consume_stage(pb, [t.name for t in group], attentions)
-        self._store.update(pb.index, **update)
+            n, t = attentions[0].shape[0], attentions[0].shape[-2]
+            valid = pb.valid if pb.valid is not None and pb.valid.shape == (n, t) else None
+            chunk = max(1, _CHUNK_ELEMENTS // (t * t)) if any(windowed) else n
+            for start in range(0, n, chunk):
+                rows = slice(start, start + chunk)
+                mats = [
+                    dense_attention(a[rows], layer.windows) if layer.windows is not None else a[rows]
+                    for a, layer in zip(attentions, group, strict=True)
+                ]
+                cut = valid[rows] if valid is not None else None
+                for key, value in self._consume_stage(pb, [t.name for t in group], mats, cut, rows).items():
+                    parts.setdefault(key, []).append(value)
+        self._store.update(pb.index, **{key: torch.cat(values) for key, values in parts.items()})
 
-    def _consume_stage(self, pb: ProbeBatch, names: list[str], attentions: list[torch.Tensor]) -> dict[str, Tensor]:
-        t = attentions[0].shape[-1]
-        valid = pb.valid if pb.valid is not None and pb.valid.shape == (attentions[0].shape[0], t) else None
+    def _consume_stage(
+        self, pb: ProbeBatch, names: list[str], attentions: list[Tensor], valid: Tensor | None, samples: slice
+    ) -> dict[str, Tensor]:
+        """The rollout of one stage's layers for the batch rows ``samples`` (``valid``: their ``[b, T]`` mask)."""
         rollout = attention_rollout(
             attentions, valid, residual_weight=self.residual_weight, head_fusion=self.head_fusion
         )  # [L, B, T, T]
@@ -115,7 +131,7 @@ class AttentionRollout(ProbeCallback):
         for i, n in enumerate(names):
             update[f"entropy/{n}"] = entropy[i].float()
             update[f"mixing/{n}"] = torch.where(count > 1, entropy[i] / ceiling, torch.zeros_like(ceiling)).float()
-        here = pb.index == pb.session.figure_position
+        here = pb.index[samples] == pb.session.figure_position
         if bool(here.any()):
             k = int(here.nonzero()[0, 0])
             keep = valid[k]

@@ -306,7 +306,10 @@ def _fit(kind: str, callbacks: list[Any]) -> tuple[L.LightningModule, MemoryLogg
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_all_callbacks_through_the_plugin_analyse_every_stage(kind: str) -> None:
+def test_all_callbacks_through_the_plugin_analyse_every_stage(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdelightning.callbacks import attention_rollout as rollout_module
+
+    monkeypatch.setattr(rollout_module, "_CHUNK_ELEMENTS", 3 * 64 * 64)  # stage 0 rolled out 3 samples at a time
     module, logger, messages, trainer = _fit(kind, build_callbacks("all"))
     assert trainer.global_step == 2
     assert not [m for m in messages if "switched off" in m], messages
