@@ -423,10 +423,10 @@ class AttentionSimilarity(ProbeCallback):
             if self.log_figures and bool(here.any()):
                 k = int(here.nonzero()[0, 0])
                 keep = valid[k]
-                pk, rk = p[k : k + 1], r[k : k + 1]
+                pk, rk = p[k : k + 1].mean(1, keepdim=True), r[k : k + 1].mean(1, keepdim=True)  # heads averaged
                 if self._windows.get(a) is not None:  # the full token-by-token map of one sample, for the figure
                     pk, rk = dense_attention(pk, self._windows[a]), dense_attention(rk, self._windows[a])
-                self._maps[a] = (pk[0].mean(0)[keep][:, keep].cpu(), rk[0].mean(0)[keep][:, keep].cpu())
+                self._maps[a] = (pk[0, 0][keep][:, keep].cpu(), rk[0, 0][keep][:, keep].cpu())
         self._store.update(pb.index, **update)
 
     @override

@@ -374,6 +374,13 @@ def test_all_callbacks_through_the_plugin_analyse_every_stage(kind: str, monkeyp
             per_sample = row_entropy(attention_rollout(dense), reduction="none").mean(-1)  # [L, B]
             for j, i in enumerate(stage):
                 rollout[layers[i]] += float(per_sample[j].sum())
+    similarity = next(c for c in trainer.callbacks if type(c).__name__ == "AttentionSimilarity")
+    for layer in layers:  # the figure's map: the full [T, T] operator of one sample, each row within its window
+        model_map, _ = similarity._maps[layer]
+        t = 64 if layer in stage0 else 16
+        assert model_map.shape == (t, t)
+        torch.testing.assert_close(model_map.sum(-1), torch.ones(t), atol=1e-5, rtol=0)
+        assert int((model_map > 0).sum(-1).max()) <= 16
     for layer in layers:
         logged = logger.series(f"analysis/attention_similarity/entropy/{layer}")[-1][1]
         assert logged == pytest.approx(entropy[layer] / (count * (64 if layer in stage0 else 16)), rel=1e-4)
