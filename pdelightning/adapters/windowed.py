@@ -182,8 +182,14 @@ def skip_once(callback: object, what: str, why: str) -> None:
 
 
 # ---- the adapter ---------------------------------------------------------------------------------------------------
+_TIMM_SWINS = {
+    ("timm.models.swin_transformer", "SwinTransformer"),
+    ("timm.models.swin_transformer_v2", "SwinTransformerV2"),  # cosine attention, read at its softmax
+}
+
+
 def _is_timm_swin(module: nn.Module) -> bool:
-    return type(module).__module__ == "timm.models.swin_transformer" and type(module).__name__ == "SwinTransformer"
+    return (type(module).__module__, type(module).__name__) in _TIMM_SWINS
 
 
 def _is_hf_swin(module: nn.Module) -> bool:
@@ -198,15 +204,16 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 class SwinAdapter(ModelAdapter):
-    """Swin Transformers: timm's ``SwinTransformer`` and HuggingFace's Swin models (``model_type == "swin"``).
+    """Swin Transformers: timm's ``SwinTransformer`` and ``SwinTransformerV2`` and HuggingFace's Swin models
+    (``model_type == "swin"``).
 
-    Layers are the blocks of every stage (``layers.{i}.blocks.{j}``); the attention is the block's ``attn``
-    (timm ``WindowAttention``, read on its explicit path) or ``attention`` (HuggingFace ``SwinAttention``, read from
-    its eager weights), each with its :class:`~pdelightning.models.protocol.WindowLayout`; the sublayer
-    contributions are the outputs of the stochastic-depth modules (``drop_path1``/``drop_path2`` in timm,
-    ``drop_path``/``mlp`` in HuggingFace); ``u_0`` is the first block's input (the patch embedding); re-initialisation
-    uses the library's initialiser. A grid that the windows do not tile (the library pads it) gets no attention
-    target for that layer.
+    Layers are the blocks of every stage (``layers.{i}.blocks.{j}``); the attention is the block's ``attn`` (timm
+    ``WindowAttention``, read on its explicit path; V2's at its softmax) or ``attention`` (HuggingFace
+    ``SwinAttention``, read from its eager weights), each with its :class:`~pdelightning.models.protocol.WindowLayout`;
+    the sublayer contributions are the outputs of the stochastic-depth modules (``drop_path1``/``drop_path2`` in timm,
+    ``drop_path``/``mlp`` in HuggingFace); ``u_0`` is the first block's input (the patch embedding);
+    re-initialisation uses the library's initialiser. A grid that the windows do not tile (the library pads it) gets
+    no attention target for that layer.
     """
 
     family = "swin"

@@ -34,7 +34,7 @@ from pdelightning.probing.hub import ProbeHub
 from tests.helpers.loggers import MemoryLogger
 from tests.helpers.zoo import DictDataset, HFModule, TupleDataset, TupleModule
 
-KINDS = ("timm", "hf")
+KINDS = ("timm", "timm_v2", "hf")
 IMG, CLASSES = 32, 3
 
 
@@ -49,11 +49,13 @@ def _one_thread() -> Any:
 def swin(kind: str, img: int = IMG) -> L.LightningModule:
     """A tiny two-stage Swin (8x8 then 4x4 tokens, widths 16 and 32, windows of 4x4, shifted in every 2nd block)."""
     torch.manual_seed(0)
-    if kind == "timm":
+    if kind.startswith("timm"):
         from timm.models.swin_transformer import SwinTransformer
+        from timm.models.swin_transformer_v2 import SwinTransformerV2
 
-        model = SwinTransformer(img_size=img, patch_size=4, in_chans=1, num_classes=CLASSES, window_size=4,
-                                embed_dim=16, depths=(2, 2), num_heads=(2, 4))  # fmt: skip
+        cls = SwinTransformer if kind == "timm" else SwinTransformerV2
+        model = cls(img_size=img, patch_size=4, in_chans=1, num_classes=CLASSES, window_size=4, embed_dim=16,
+                    depths=(2, 2), num_heads=(2, 4))  # fmt: skip
         return TupleModule(model)
     import transformers as tr
 
@@ -67,14 +69,14 @@ def loaders(kind: str, n: int = 16, img: int = IMG) -> tuple[DataLoader, DataLoa
     g = torch.Generator().manual_seed(1)
     y = torch.arange(n) % CLASSES
     x = torch.randn(n, 1, img, img, generator=g) + y.float()[:, None, None, None]
-    data = TupleDataset(x, y) if kind == "timm" else DictDataset(pixel_values=x, labels=y)
+    data = TupleDataset(x, y) if kind != "hf" else DictDataset(pixel_values=x, labels=y)
     return DataLoader(data, batch_size=8, shuffle=True), DataLoader(data, batch_size=8)
 
 
 def batch_of(kind: str, n: int = 3) -> Any:
     x = torch.randn(n, 1, IMG, IMG, generator=torch.Generator().manual_seed(2))
     y = torch.zeros(n, dtype=torch.long)
-    return (x, y) if kind == "timm" else {"pixel_values": x, "labels": y}
+    return (x, y) if kind != "hf" else {"pixel_values": x, "labels": y}
 
 
 def library_windows(kind: str, module: L.LightningModule, batch: Any) -> list[Tensor]:
@@ -93,6 +95,18 @@ def library_windows(kind: str, module: L.LightningModule, batch: Any) -> list[Te
 
             handles = [
                 blk.register_forward_pre_hook(lambda m, a: out.append(_timm_by_hand(m, a[0], window_partition)))
+                for stage in model.layers
+                for blk in stage.blocks
+            ]
+            try:
+                model(batch[0])
+            finally:
+                for h in handles:
+                    h.remove()
+            return out
+        if kind == "timm_v2":  # cosine attention: the probabilities its explicit softmax module gives
+            handles = [
+                blk.attn.softmax.register_forward_hook(lambda m, a, o: out.append(o))
                 for stage in model.layers
                 for blk in stage.blocks
             ]
@@ -170,7 +184,7 @@ def test_the_shift_mask_is_the_librarys_own(kind: str) -> None:
     shifted = [t for t in targets.layers if t.windows is not None and any(t.windows.shift)]
     assert len(shifted) == 1  # stage 0's second block; stage 1 (4x4 tokens) fits one window and is not shifted
     layer = shifted[0]
-    if kind == "timm":
+    if kind != "hf":
         mask = layer.block.attn_mask
     else:
         h, w = layer.windows.grid
@@ -193,7 +207,7 @@ def test_every_stage_is_a_layer_and_outputs_are_tokens(kind: str) -> None:
         T, d = widths[t.windows.stage]
         for bucket in (cap.hidden, cap.resid_pre, cap.attn_out, cap.mlp_out):
             assert bucket[t.name].shape == (3, T, d)
-        # a pre-norm residual block: output = input + attention contribution + MLP contribution
+        # a residual block: output = input + attention contribution + MLP contribution
         torch.testing.assert_close(
             cap.hidden[t.name], cap.resid_pre[t.name] + cap.attn_out[t.name] + cap.mlp_out[t.name]
         )
@@ -201,7 +215,7 @@ def test_every_stage_is_a_layer_and_outputs_are_tokens(kind: str) -> None:
     # the tokens are the library's own maps in raster order: the last block's output is what the head pools
     model = module.model
     with torch.no_grad():
-        if kind == "timm":
+        if kind != "hf":
             own = flatten_grid(model.layers(model.patch_embed(batch[0])))
         else:
             own = model.swin.encoder.layers[1].blocks[1](
@@ -230,7 +244,7 @@ def test_attention_is_the_librarys_own_per_window(kind: str) -> None:
     # the switches are undone
     if kind == "timm":
         assert [m.fused_attn for m in module.model.modules() if hasattr(m, "fused_attn")] == fused
-    else:
+    elif kind == "hf":
         assert module.model.config._attn_implementation != "eager"
 
 
@@ -245,7 +259,7 @@ def test_the_token_operator_reproduces_the_librarys_attention_output(kind: str) 
     for layer in targets.layers:
         u = cap.resid_pre[layer.name]  # [B, T, d]
         block, attn = layer.block, layer.attention
-        proj = attn.proj if kind == "timm" else attn.o_proj
+        proj = attn.o_proj if kind == "hf" else attn.proj
         seen: list[Tensor] = []
         handle = proj.register_forward_hook(lambda m, a, o, seen=seen: seen.append(a[0]))
         with torch.no_grad():
@@ -254,6 +268,12 @@ def test_the_token_operator_reproduces_the_librarys_attention_output(kind: str) 
                 z = block.norm1(x).flatten(1, 2)
                 block._attn(block.norm1(x))
                 v = attn.qkv(z)[..., 2 * u.shape[-1] :]
+            elif kind == "timm_v2":  # post-norm, and the qkv bias kept apart
+                x = u.view(u.shape[0], *layer.windows.grid, u.shape[-1])
+                z = u
+                block._attn(x)
+                bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+                v = F.linear(z, attn.qkv.weight, bias)[..., 2 * u.shape[-1] :]
             else:
                 z = block.layernorm_before(u)
                 block(u, layer.windows.grid)
@@ -331,7 +351,7 @@ def test_all_callbacks_through_the_plugin_analyse_every_stage(kind: str, monkeyp
     assert "analysis/jacobian_stability/lyapunov" not in keys  # one exponent per stage instead
     stage_keys = (
         {"model.layers.0", "model.layers.1"}
-        if kind == "timm"
+        if kind != "hf"
         else {"model.swin.encoder.layers.0", "model.swin.encoder.layers.1"}
     )
     for stage in stage_keys:
@@ -341,7 +361,8 @@ def test_all_callbacks_through_the_plugin_analyse_every_stage(kind: str, monkeyp
         said = [m for m in messages if m.startswith(f"{name}: {what}")]
         assert len(said) == 1, (name, [m for m in messages if m.startswith(name)])
     assert stage1[0] in next(m for m in messages if m.startswith("InformationFlow: consecutive_corr"))
-    # a pre-norm residual block is exactly u + attention + MLP: with Δt = 1/L the fit gives α = c = L and R² = 1
+    # a residual block is exactly u + attention + MLP (pre-norm; post-norm in V2): with Δt = 1/L the fit gives
+    # α = c = L and R² = 1
     for layer in layers:
         for q, expected in (("alpha", 4.0), ("ffn_coef", 4.0), ("r2", 1.0)):
             assert logger.series(f"analysis/pde_fit/{q}/{layer}")[-1][1] == pytest.approx(expected, abs=1e-4), q
