@@ -29,7 +29,7 @@ from pdelightning.analysis.rollout import attention_rollout, row_entropy
 from pdelightning.callbacks.plugin import build_callbacks
 from pdelightning.models.protocol import WindowLayout
 from pdelightning.probing.batch import call_model
-from pdelightning.probing.capture import Capture, Request
+from pdelightning.probing.capture import Capture, EmbeddingEdit, Request
 from pdelightning.probing.hub import ProbeHub
 from tests.helpers.loggers import MemoryLogger
 from tests.helpers.zoo import DictDataset, HFModule, TupleDataset, TupleModule
@@ -443,3 +443,25 @@ def test_doctests_of_the_window_geometry() -> None:
 
     result = doctest.testmod(windowed, raise_on_error=False)
     assert result.attempted >= 3 and result.failed == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_embedding_edits_see_tokens_and_go_back_to_the_models_layout(kind: str) -> None:
+    """PerturbationEval's edits of ``u_0`` get ``[B, T, d]`` tokens; the model receives them in its own layout."""
+    module = swin(kind)
+    batch = batch_of(kind)
+    adapter, targets = resolve(module)
+    delta = torch.randn(3, 64, 16, generator=torch.Generator().manual_seed(3))
+    first = targets.layers[0]
+    module.eval()
+    with torch.no_grad():
+        with Capture(adapter, targets, Request(hidden=True, sublayers=True)) as cap, EmbeddingEdit(targets) as edit:
+            edit.fn = lambda u: u + delta
+            call_model(module, batch)
+            got = cap.pop()
+        clean = got.resid_pre[first.name]  # seen before the edit (hooks run in the order they were added)
+        if kind == "hf":
+            expected = first.block(clean + delta, first.windows.grid)[0]
+        else:
+            expected = flatten_grid(first.block((clean + delta).view(3, 8, 8, 16)))
+    torch.testing.assert_close(got.hidden[first.name], expected)
