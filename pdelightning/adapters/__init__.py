@@ -2,7 +2,8 @@
 
 One adapter per family, each recognised from the model's module types or structure (see
 :mod:`pdelightning.adapters.families`): our models and any model implementing ``analysis_targets()``,
-TransformerLens, HuggingFace transformers, timm Vision Transformers, PyTorch's ``nn.TransformerEncoder`` /
+TransformerLens, HuggingFace transformers, timm Vision Transformers, Swin Transformers (timm and HuggingFace:
+windowed attention in stages, :mod:`pdelightning.adapters.windowed`), PyTorch's ``nn.TransformerEncoder`` /
 ``nn.TransformerDecoder``, and a generic fallback that finds the repeated block list of a custom Transformer.
 Every analysis callback goes through this layer; register your own family with :func:`register_adapter`.
 """
@@ -24,12 +25,14 @@ from pdelightning.adapters.registry import (
     registered_adapters,
     resolve,
 )
+from pdelightning.adapters.windowed import SwinAdapter
 
 __all__ = [
     "GenericAdapter",
     "HuggingFaceAdapter",
     "ModelAdapter",
     "ProtocolAdapter",
+    "SwinAdapter",
     "TargetNotFoundError",
     "TimmAdapter",
     "TorchTransformerAdapter",

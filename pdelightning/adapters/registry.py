@@ -11,10 +11,11 @@ from torch import nn
 from pdelightning.adapters.base import ModelAdapter, find_attention, linear_weight, out_proj_of, value_weight_of
 from pdelightning.adapters.families import BUILTIN_ADAPTERS
 from pdelightning.adapters.huggingface import sublayers
+from pdelightning.adapters.windowed import SwinAdapter
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget
 
 _COMPILED_PREFIX = "_orig_mod."
-_REGISTRY: list[type[ModelAdapter]] = list(BUILTIN_ADAPTERS)
+_REGISTRY: list[type[ModelAdapter]] = [*BUILTIN_ADAPTERS, SwinAdapter]
 
 
 class TargetNotFoundError(LookupError):
@@ -24,7 +25,7 @@ class TargetNotFoundError(LookupError):
 def register_adapter(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
     """Register an adapter for your own architecture (usable as a class decorator).
 
-    Adapters are tried in descending ``priority`` (built-ins: protocol 100, TransformerLens 90, HuggingFace 80,
+    Adapters are tried in descending ``priority`` (built-ins: protocol 100, TransformerLens 90, Swin 85, HuggingFace 80,
     timm 70, PyTorch 60, generic 10); give yours a priority above the family it specialises.
 
     Example::

@@ -13,13 +13,17 @@ import math
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 from typing_extensions import override
 
-from pdelightning.analysis.rollout import attention_rollout, row_entropy
+from pdelightning.adapters.windowed import dense_attention, skip_once, stages
+from pdelightning.analysis.rollout import attention_rollout, fuse_heads, row_entropy
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.plots import rollout_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+
+_CHUNK_ELEMENTS = 2**24  # windowed models: samples whose [T, T] rollouts fit this many entries go through at once
 
 
 class AttentionRollout(ProbeCallback):
@@ -71,16 +75,49 @@ class AttentionRollout(ProbeCallback):
 
     @override
     def begin(self, session: ProbeSession) -> None:
-        self._names = [t.name for t in session.targets["model"].layers]
+        self._layers = session.targets["model"].layers
+        self._names = [t.name for t in self._layers]
         keys = [f"entropy/{n}" for n in self._names] + [f"mixing/{n}" for n in self._names]
         self._store = GatherStore(keys).to(session.device)
         self._sample0: torch.Tensor | None = None
 
     @override
     def consume(self, pb: ProbeBatch) -> None:
-        attentions = [pb.captured["model"].attention[n] for n in self._names]
-        t = attentions[0].shape[-1]
-        valid = pb.valid if pb.valid is not None and pb.valid.shape == (attentions[0].shape[0], t) else None
+        groups = stages(self._layers)
+        if len(groups) > 1:
+            skip_once(
+                self,
+                "rollout across stages",
+                "patch merging between stages changes the tokens; the rollout "
+                "restarts at the first layer of each stage (logged per layer as usual)",
+            )
+        parts: dict[str, list[Tensor]] = {}
+        for group in groups:
+            attentions = [pb.captured["model"].attention[t.name] for t in group]
+            # windowed rows [B, H, T, N]: heads fused first (exact: every head is zero outside the window), then the
+            # [T, T] operator is formed for a few samples at a time
+            windowed = [t.windows is not None for t in group]
+            attentions = [
+                fuse_heads(a, self.head_fusion)[:, None] if w else a for a, w in zip(attentions, windowed, strict=True)
+            ]
+            n, t = attentions[0].shape[0], attentions[0].shape[-2]
+            valid = pb.valid if pb.valid is not None and pb.valid.shape == (n, t) else None
+            chunk = max(1, _CHUNK_ELEMENTS // (t * t)) if any(windowed) else n
+            for start in range(0, n, chunk):
+                rows = slice(start, start + chunk)
+                mats = [
+                    dense_attention(a[rows], layer.windows) if layer.windows is not None else a[rows]
+                    for a, layer in zip(attentions, group, strict=True)
+                ]
+                cut = valid[rows] if valid is not None else None
+                for key, value in self._consume_stage(pb, [t.name for t in group], mats, cut, rows).items():
+                    parts.setdefault(key, []).append(value)
+        self._store.update(pb.index, **{key: torch.cat(values) for key, values in parts.items()})
+
+    def _consume_stage(
+        self, pb: ProbeBatch, names: list[str], attentions: list[Tensor], valid: Tensor | None, samples: slice
+    ) -> dict[str, Tensor]:
+        """The rollout of one stage's layers for the batch rows ``samples`` (``valid``: their ``[b, T]`` mask)."""
         rollout = attention_rollout(
             attentions, valid, residual_weight=self.residual_weight, head_fusion=self.head_fusion
         )  # [L, B, T, T]
@@ -91,15 +128,15 @@ class AttentionRollout(ProbeCallback):
         entropy = rows.sum(-1) / count  # [L, B]
         ceiling = count.log().clamp_min(1e-12)
         update = {}
-        for i, n in enumerate(self._names):
+        for i, n in enumerate(names):
             update[f"entropy/{n}"] = entropy[i].float()
             update[f"mixing/{n}"] = torch.where(count > 1, entropy[i] / ceiling, torch.zeros_like(ceiling)).float()
-        self._store.update(pb.index, **update)
-        here = pb.index == pb.session.figure_position
+        here = pb.index[samples] == pb.session.figure_position
         if bool(here.any()):
             k = int(here.nonzero()[0, 0])
             keep = valid[k]
             self._sample0 = rollout[-1, k][keep][:, keep].float().cpu()
+        return update
 
     @override
     def finish(self, session: ProbeSession) -> None:

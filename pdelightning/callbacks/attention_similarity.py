@@ -35,6 +35,7 @@ from typing_extensions import override
 from pdelightning._checks import check_choice
 from pdelightning.adapters.base import ModelAdapter
 from pdelightning.adapters.registry import resolve
+from pdelightning.adapters.windowed import dense_attention
 from pdelightning.analysis.attention import (  # noqa: F401 (the old import path keeps working)
     MATCH_BY,
     METRICS,
@@ -373,6 +374,7 @@ class AttentionSimilarity(ProbeCallback):
             (targets.layers[i].name, ref_targets.layers[j].name)
             for i, j in self._layer_pairs(len(targets.layers), len(ref_targets.layers))
         ]
+        self._windows = {t.name: t.windows for t in targets.layers}
         comps = ["main", "shuffled"] if "shuffled" in self.nulls else ["main"]
         comps += ["random_init"] if self._null_key is not None else []
         self._comps = comps
@@ -399,7 +401,7 @@ class AttentionSimilarity(ProbeCallback):
                     f"model layer {a} attends over T={p.shape[-1]} tokens but reference layer {b} over "
                     f"T={r.shape[-1]}: both models must tokenize the probe inputs the same way"
                 )
-            n, t = p.shape[0], p.shape[-1]
+            n, t = p.shape[0], p.shape[-2]  # query rows (windowed attention: [B, H, T, N], one row per token)
             valid = pb.valid if pb.valid is not None and pb.valid.shape == (n, t) else _all_valid(n, t, p.device)
             update[f"rows/{a}"] = valid.sum(-1)
             for m, v in pairwise_head_sums(p, r, valid, self.eps).items():
@@ -425,7 +427,10 @@ class AttentionSimilarity(ProbeCallback):
             if self.log_figures and bool(here.any()):
                 k = int(here.nonzero()[0, 0])
                 keep = valid[k]
-                self._maps[a] = (p[k].mean(0)[keep][:, keep].cpu(), r[k].mean(0)[keep][:, keep].cpu())
+                pk, rk = p[k : k + 1].mean(1, keepdim=True), r[k : k + 1].mean(1, keepdim=True)  # heads averaged
+                if self._windows.get(a) is not None:  # the full token-by-token map of one sample, for the figure
+                    pk, rk = dense_attention(pk, self._windows[a]), dense_attention(rk, self._windows[a])
+                self._maps[a] = (pk[0, 0][keep][:, keep].cpu(), rk[0, 0][keep][:, keep].cpu())
         self._store.update(pb.index, **update)
 
     @override

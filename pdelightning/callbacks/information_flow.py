@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from pdelightning._checks import check_choice
 from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
+from pdelightning.adapters.windowed import skip_once
 from pdelightning.analysis.cka import cka_matrix
 from pdelightning.analysis.representation import (  # noqa: F401 (moved there; the old import path keeps working)
     CORRELATION_MODES,
@@ -293,6 +294,13 @@ class InformationFlow(ProbeCallback):
         for later, c in zip(names[1:], consecutive_correlations(xs, self.correlation), strict=True):
             if c is not None:
                 out[self.key("consecutive_corr", later)] = c
+            else:
+                skip_once(
+                    self,
+                    f"consecutive_corr of {later}",
+                    "it and the layer before differ in width (patch "
+                    "merging between stages); cka_consecutive, which compares any widths, is logged",
+                )
         matrix = cka_matrix(xs, unbiased=self.unbiased) if cka_ok else None
         if matrix is not None:
             for i in range(1, len(names)):

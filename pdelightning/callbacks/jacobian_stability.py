@@ -19,11 +19,13 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from pdelightning.adapters.readers import first_tensor
+from pdelightning.adapters.windowed import skip_once, stage_name, stages
 from pdelightning.analysis.jacobian import compose, jacobian_spectral_norm_block
 from pdelightning.analysis.perturbation import gaussian_noise
 from pdelightning.analysis.stability import eq21_number, exact_spectral_norm
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.callbacks.pde_fit import step_of
+from pdelightning.models.protocol import LayerTarget
 from pdelightning.probing.batch import map_tensors
 from pdelightning.probing.capture import Request, first_input, replace_first_input
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
@@ -60,6 +62,16 @@ def layer_map(
         return first_tensor(block(*a, **k))
 
     return f
+
+
+def token_map(f: Callable[[Tensor], Tensor], layer: LayerTarget, shape: torch.Size) -> Callable[[Tensor], Tensor]:
+    """``f`` on the layer's token view ``[B, T, d]`` (:attr:`LayerTarget.tokens`), for a model whose own layout
+    (``shape`` per sample, e.g. a channels-last ``[h, w, d]`` map) differs; ``f`` itself when there is none.
+    """
+    view = layer.tokens
+    if view is None:
+        return f
+    return lambda u: view(f(u.reshape(u.shape[0], *shape)))
 
 
 class JacobianStability(ProbeCallback):
@@ -100,7 +112,8 @@ class JacobianStability(ProbeCallback):
         ValueError: for non-positive ``max_samples``/``n_iter``/``dt``.
 
     Logged metrics (``analysis/jacobian_stability/<quantity>/<layer>``): ``spectral_norm``, ``rate`` (``||J - I||/Δt``),
-    ``eq21`` (PDE steps only); ``analysis/jacobian_stability/lyapunov`` (per layer of depth, nats).
+    ``eq21`` (PDE steps only); ``analysis/jacobian_stability/lyapunov`` (per layer of depth, nats); for a model in
+    stages joined by patch merging (Swin) one exponent per stage instead, ``lyapunov/<stage>``.
 
     Example::
 
@@ -135,7 +148,14 @@ class JacobianStability(ProbeCallback):
     @override
     def begin(self, session: ProbeSession) -> None:
         self._layers = session.targets["model"].layers
+        groups = stages(self._layers)
+        self._spans: list[tuple[str, int, int]] = []  # (key, first layer, end): one per stage (hierarchical models)
+        at = 0
+        for group in groups if len(groups) > 1 and self.lyapunov else []:
+            self._spans.append((f"lyapunov/{stage_name(group)}", at, at + len(group)))
+            at += len(group)
         keys = [f"sigma/{t.name}" for t in self._layers] + [f"rate/{t.name}" for t in self._layers] + ["lyapunov"]
+        keys += [key for key, _, _ in self._spans]
         self._store = GatherStore(keys).to(session.device)
 
     @override
@@ -148,8 +168,7 @@ class JacobianStability(ProbeCallback):
         n_layers, k = len(self._layers), self.block
         rows = keep.repeat_interleave(k)  # each sample once per direction of the block iteration
         valid = pb.valid[keep] if pb.valid is not None else None
-        maps, out = [], {}
-        u0: Tensor | None = None
+        maps, inputs, out = [], [], {}
         adapter = pb.session.adapters["model"]
         with torch.enable_grad(), adapter.probe_mode() if adapter is not None else contextlib.nullcontext():
             for layer in self._layers:
@@ -157,8 +176,9 @@ class JacobianStability(ProbeCallback):
                 f = layer_map(layer.block or layer.module, args, kwargs, rows)
                 u = first_input(args, kwargs)
                 assert u is not None
-                u = u[keep].detach()
-                u0 = u if u0 is None else u0
+                f = token_map(f, layer, u.shape[1:])
+                u = u[keep].detach() if layer.tokens is None else layer.tokens(u[keep].detach())
+                inputs.append(u)
                 dt, _ = step_of(layer, n_layers, self.dt, 1.0)
                 vmask = valid if valid is not None and valid.shape == u.shape[:2] else None
                 # per-sample starting directions: a sample's estimate does not depend on its batch or rank
@@ -172,16 +192,29 @@ class JacobianStability(ProbeCallback):
                 self._warm[key], self._warm[(*key, "-I")] = res.vector.detach(), rate.vector.detach()
                 out[f"sigma/{layer.name}"], out[f"rate/{layer.name}"] = res.sigma, rate.sigma / dt
                 maps.append(f)
-            if self.lyapunov and maps and u0 is not None:
-                vmask = valid if valid is not None and valid.shape == u0.shape[:2] else None
-                start = gaussian_noise(pb.index[keep], (k, *u0.shape[1:]), self.seed + 1).to(u0)
-                sigma = jacobian_spectral_norm_block(
-                    compose(maps), u0, vmask, block=k, n_iter=self.n_iter, tol=0.0, start=start
+            out["lyapunov"] = torch.full((len(keep),), math.nan)
+            if self._spans and self.lyapunov:
+                skip_once(
+                    self,
+                    "lyapunov over all layers",
+                    "patch merging joins the stages (T and d change) and is no layer map; the exponent is logged "
+                    "per stage instead (lyapunov/<stage>)",
                 )
-                out["lyapunov"] = sigma.sigma.clamp_min(torch.finfo(sigma.sigma.dtype).tiny).log() / len(maps)
-            else:
-                out["lyapunov"] = torch.full((len(keep),), math.nan)
+            spans = self._spans or [("lyapunov", 0, len(maps))]
+            for key, first, end in spans if self.lyapunov and maps else []:
+                out[key] = self._lyapunov(pb, keep, maps[first:end], inputs[first], valid)
         self._store.update(pb.index[keep], **{name: v.detach().float() for name, v in out.items()})
+
+    def _lyapunov(
+        self, pb: ProbeBatch, keep: Tensor, maps: list[Callable[[Tensor], Tensor]], u0: Tensor, valid: Tensor | None
+    ) -> Tensor:
+        """``(1/L) log ||∂u_L/∂u_0||_2`` per sample of the composed ``maps`` starting at ``u0``."""
+        vmask = valid if valid is not None and valid.shape == u0.shape[:2] else None
+        start = gaussian_noise(pb.index[keep], (self.block, *u0.shape[1:]), self.seed + 1).to(u0)
+        sigma = jacobian_spectral_norm_block(
+            compose(maps), u0, vmask, block=self.block, n_iter=self.n_iter, tol=0.0, start=start
+        )
+        return sigma.sigma.clamp_min(torch.finfo(sigma.sigma.dtype).tiny).log() / len(maps)
 
     @override
     def finish(self, session: ProbeSession) -> None:
@@ -200,10 +233,11 @@ class JacobianStability(ProbeCallback):
                     p = layer.pde
                     w = float(exact_spectral_norm(w_o.detach()).sigma)
                     metrics[self.key("eq21", layer.name)] = eq21_number(p.diffusion, p.alpha, p.dt, p.dx, w)
-        lyap = out["lyapunov"].double()
-        lyap = lyap[torch.isfinite(lyap)]
-        if self.lyapunov:
-            metrics[self.key("lyapunov")] = float(lyap.mean()) if lyap.numel() else math.nan
+        for key in [k for k, _, _ in self._spans] or ["lyapunov"]:
+            lyap = out[key].double()
+            lyap = lyap[torch.isfinite(lyap)]
+            if self.lyapunov:
+                metrics[self.key(key)] = float(lyap.mean()) if lyap.numel() else math.nan
         self.last_metrics = metrics
         self.log_scalars(session.trainer, metrics, session.step)
 
@@ -214,5 +248,5 @@ class JacobianStability(ProbeCallback):
             "||du_{l+1}/du_l|| per layer": [rf"^{k}/spectral_norm/.*"],
             "||J - I|| / dt per layer": [rf"^{k}/rate/.*"],
             "eq. (21) per PDE layer": [rf"^{k}/eq21/.*"],
-            "Lyapunov exponent": [rf"^{k}/lyapunov$"],
+            "Lyapunov exponent": [rf"^{k}/lyapunov(/.*)?$"],
         }

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from pdelightning._checks import check_choice
 from pdelightning.adapters.base import OUT_PROJ_NAMES
+from pdelightning.adapters.windowed import skip_once
 from pdelightning.analysis.pde_fit import FIT_DIFFUSION, STAT_KEYS, pde_fit_statistics, solve_pde_fit
 from pdelightning.analysis.stability import exact_spectral_norm
 from pdelightning.callbacks._probe import ProbeCallback
@@ -207,11 +208,22 @@ class PDEFit(ProbeCallback):
             dt, dx = step_of(layer, n_layers, self.dt, self.dx)
             w_o = layer.out_proj_weight()
             w_norm = float(exact_spectral_norm(w_o.detach()).sigma) if w_o is not None else None
-            fit = solve_pde_fit(stats[layer.name], self.diffusion, dt=dt, dx=dx, w_o_norm=w_norm)
+            windowed = layer.windows is not None  # a 2-D token grid: the 1-D Laplacian along tokens is no diffusion
+            if windowed:
+                skip_once(
+                    self,
+                    "the diffusion term (D, r2_diffusion)",
+                    "windowed-attention layers sit on a 2-D token "
+                    "grid, where the Laplacian along the token axis is not defined; fitted without it",
+                )
+            diffusion = "none" if windowed else self.diffusion
+            fit = solve_pde_fit(stats[layer.name], diffusion, dt=dt, dx=dx, w_o_norm=w_norm)
             values = {
                 "D": fit.diffusion_mean, "alpha": fit.alpha, "ffn_coef": fit.ffn_coef, "r2": fit.r2,
                 "r2_diffusion": fit.r2_diffusion, "r2_attention": fit.r2_attention, "eq21_fitted": fit.eq21,
             }  # fmt: skip
+            if windowed:  # fitted without diffusion: D and r2_diffusion are not logged
+                values["D"] = values["r2_diffusion"] = None
             if fit.alpha is None:
                 missing["attention"].append(layer.name)
                 values["r2_attention"] = None

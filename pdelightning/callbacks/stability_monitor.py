@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from pdelightning._checks import check_choice
 from pdelightning.adapters.base import OUT_PROJ_NAMES, QKV_NAMES, VALUE_NAMES
+from pdelightning.adapters.windowed import skip_once
 from pdelightning.analysis.cka import cka_matrix
 from pdelightning.analysis.representation import pool_tokens
 from pdelightning.analysis.stability import (  # noqa: F401 (moved there; the old import path keeps working)
@@ -357,6 +358,7 @@ class StabilityMonitor(ProbeCallback):
             if n_samples >= 4
             else None
         )
+        no_drift: list[str] = []
         for i, n in enumerate(names):
             count = float(out[f"cnt/{n}"].sum())
             bad = float(out[f"bad/{n}"].sum())
@@ -371,12 +373,21 @@ class StabilityMonitor(ProbeCallback):
             metrics[self.key("rms", n)] = rms
             metrics[self.key("rms_growth", n)] = rms / rms0 if rms0 > 0 else float("nan")
             diff = out[f"diff/{n}"]
-            if not bool((diff < 0).any()):
+            if bool((diff < 0).any()):
+                no_drift.append(n)
+            else:
                 metrics[self.key("drift", n)] = math.sqrt(float(diff.sum())) / max(
                     math.sqrt(float(out[f"sq/{_EMBEDDING}"].sum())), 1e-30
                 )
             if cka is not None:
                 metrics[self.key("cka_to_embedding", n)] = float(cka[i - 1])
+        if no_drift:
+            skip_once(
+                self,
+                "drift",
+                f"the outputs of {no_drift} differ in shape from the embedding u_0 (stages after "
+                "patch merging have other tokens and width); their rms_growth and cka_to_embedding are logged",
+            )
         self._act(trainer, events, scope=("eq21:", "act:"))
         self.log_scalars(trainer, metrics, session.step)
 

@@ -46,6 +46,28 @@ class PDEStepParams:
     dx: float
 
 
+@dataclass(frozen=True)
+class WindowLayout:
+    """How a windowed-attention layer (Swin) splits its token grid into attention windows.
+
+    The attention of such a layer is ``[B·nW, H, N, N]`` per window; the capture hands it over as per-window rows
+    ``[B, H, T, N]`` (see :func:`pdelightning.adapters.windowed.window_rows`): row ``t`` is token ``t`` of the
+    ``grid`` (raster order) and its ``N`` entries are the keys of its window.
+
+    Attributes:
+        grid: the token grid ``(h, w)`` of the layer (``T = h·w``).
+        window: the window ``(wh, ww)`` (``N = wh·ww``).
+        shift: the cyclic shift ``(sh, sw)`` of the windows (shifted-window attention; pairs across the wrapped
+            edge are masked).
+        stage: the stage (resolution level) of the layer, ``0`` first; stages are separated by patch merging.
+    """
+
+    grid: tuple[int, int]
+    window: tuple[int, int]
+    shift: tuple[int, int] = (0, 0)
+    stage: int = 0
+
+
 @dataclass
 class LayerTarget:
     """One layer the callbacks analyse.
@@ -64,6 +86,10 @@ class LayerTarget:
         mlp_out: likewise for the feed-forward sublayer, or ``None``.
         w_o: ``W^O`` read at call time, nn.Linear convention ``[d_model, H d_head]``; default from ``out_proj``.
         w_v: ``W_V`` read at call time, ``[H d_head, d_model]``; default ``value_weight``.
+        tokens: a reshape of this layer's captured tensors (output, input, sublayer outputs) to ``[B, T, d]`` tokens,
+            e.g. flattening a channels-last ``[B, h, w, d]`` map; undone by reshaping back. ``None``: already tokens.
+        windows: the attention windows of a windowed-attention layer (its attention is captured per window), or
+            ``None`` (attention over all tokens).
     """
 
     name: str
@@ -77,6 +103,8 @@ class LayerTarget:
     mlp_out: nn.Module | None = None
     w_o: Callable[[], Tensor] | None = None
     w_v: Callable[[], Tensor] | None = None
+    tokens: Callable[[Tensor], Tensor] | None = None
+    windows: WindowLayout | None = None
 
     def out_proj_weight(self) -> Tensor | None:
         """``W^O`` as ``[d_model, H d_head]`` (from ``w_o``, else ``out_proj.weight``), or ``None``."""

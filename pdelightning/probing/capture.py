@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from pdelightning.adapters.base import ModelAdapter, fastpath_off
 from pdelightning.adapters.readers import attention_reader, first_tensor
-from pdelightning.models.protocol import AnalysisTargets
+from pdelightning.adapters.windowed import window_rows
+from pdelightning.models.protocol import AnalysisTargets, LayerTarget, WindowLayout
 
 _HIDDEN_KWARGS = ("hidden_states", "x", "src", "tgt", "input", "u")
 
@@ -71,6 +72,14 @@ class Captured:
     valid: Tensor | None = None
 
 
+def embedding_view(targets: AnalysisTargets) -> Callable[[Tensor], Tensor] | None:
+    """The first layer's token view (:attr:`LayerTarget.tokens`) when ``u_0`` is that layer's input, else ``None``."""
+    if not targets.layers or not targets.embedding_is_input:
+        return None
+    first = targets.layers[0]
+    return first.tokens if targets.embedding is (first.block or first.module) else None
+
+
 def first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
     """The residual-stream input of a layer call: the first positional tensor, else a known keyword."""
     if args and isinstance(args[0], Tensor):
@@ -110,19 +119,19 @@ class Capture:
         self.data = Captured()
         self._stack = ExitStack()
 
-    def _keep(self, t: Tensor) -> Tensor:
-        t = t.detach()
+    def _keep(self, t: Tensor, view: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        t = t.detach() if view is None else view(t.detach())
         return t[self.rows] if self.rows is not None else t
 
-    def _out_hook(self, bucket: dict[str, Tensor], name: str) -> Callable[..., None]:
+    def _out_hook(self, bucket: dict[str, Tensor], layer: LayerTarget) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            bucket[name] = self._keep(first_tensor(output))
+            bucket[layer.name] = self._keep(first_tensor(output), layer.tokens)
 
         return hook
 
-    def _attention_sink(self, name: str) -> Callable[[Tensor], None]:
+    def _attention_sink(self, name: str, windows: WindowLayout | None = None) -> Callable[[Tensor], None]:
         def sink(p: Tensor) -> None:
-            self.data.attention[name] = self._keep(p)
+            self.data.attention[name] = self._keep(p if windows is None else window_rows(p, windows))
 
         return sink
 
@@ -132,36 +141,38 @@ class Capture:
         stack.enter_context(mode)
         for layer in t.layers:
             if r.hidden:
-                stack.callback(layer.module.register_forward_hook(self._out_hook(self.data.hidden, layer.name)).remove)
+                stack.callback(layer.module.register_forward_hook(self._out_hook(self.data.hidden, layer)).remove)
             if r.attention and layer.attention is not None:
-                stack.enter_context(attention_reader(layer.attention, self._attention_sink(layer.name)))
+                sink = self._attention_sink(layer.name, layer.windows)
+                stack.enter_context(attention_reader(layer.attention, sink))
             block = layer.block or layer.module
             if r.sublayers or r.block_inputs:
 
                 def pre(
-                    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = layer.name
+                    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], layer: LayerTarget = layer
                 ) -> None:
                     if r.block_inputs:
-                        self.data.block_inputs[name] = (args, kwargs)
+                        self.data.block_inputs[layer.name] = (args, kwargs)
                     u = first_input(args, kwargs)
                     if r.sublayers and u is not None:
-                        self.data.resid_pre[name] = self._keep(u)
+                        self.data.resid_pre[layer.name] = self._keep(u, layer.tokens)
 
                 stack.callback(block.register_forward_pre_hook(pre, with_kwargs=True).remove)
             if r.sublayers:
                 if layer.attn_out is not None:
-                    hook = self._out_hook(self.data.attn_out, layer.name)
+                    hook = self._out_hook(self.data.attn_out, layer)
                     stack.callback(layer.attn_out.register_forward_hook(hook).remove)
                 if layer.mlp_out is not None:
-                    hook = self._out_hook(self.data.mlp_out, layer.name)
+                    hook = self._out_hook(self.data.mlp_out, layer)
                     stack.callback(layer.mlp_out.register_forward_hook(hook).remove)
         if r.embedding and t.embedding is not None:
             if t.embedding_is_input:
+                view = embedding_view(t)
 
                 def embed_pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                     u = first_input(args, kwargs)
                     if u is not None:
-                        self.data.embedding = self._keep(u)
+                        self.data.embedding = self._keep(u, view)
 
                 stack.callback(t.embedding.register_forward_pre_hook(embed_pre, with_kwargs=True).remove)
             else:
@@ -194,7 +205,9 @@ class Capture:
 class EmbeddingEdit:
     """Rewrites ``u_0`` with ``fn(u_0)`` during the forwards inside it (while ``fn`` is set).
 
-    ``u_0`` is the output of ``targets.embedding``, or its first input when ``targets.embedding_is_input``.
+    ``u_0`` is the output of ``targets.embedding``, or its first input when ``targets.embedding_is_input``; ``fn`` sees
+    it as the capture hands it over (the first layer's token view, e.g. ``[B, T, d]`` of a channels-last map) and its
+    result is reshaped back to the model's own layout.
     """
 
     def __init__(self, targets: AnalysisTargets) -> None:
@@ -208,12 +221,14 @@ class EmbeddingEdit:
         module = self.targets.embedding
         assert module is not None
         if self.targets.embedding_is_input:
+            view = embedding_view(self.targets)
 
             def pre(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                 u = first_input(args, kwargs)
                 if self.fn is None or u is None:
                     return None
-                return replace_first_input(args, kwargs, self.fn(u))
+                edited = self.fn(u) if view is None else self.fn(view(u)).reshape(u.shape)
+                return replace_first_input(args, kwargs, edited)
 
             self._handle = module.register_forward_pre_hook(pre, with_kwargs=True)
         else:
