@@ -37,7 +37,8 @@ task = SlowRankOne(base.model, num_classes=4, optimizer=lambda p: torch.optim.Ad
 kw = dict(probe_size=probe_size, probe_batch_size=4)
 # LayerMutualInformation refuses fewer than 4 samples at construction (a clear error, tested in test_bad_input)
 callbacks = [AttentionSimilarity(**kw), InformationFlow(unbiased=probe_size >= 4, **kw),
-             *([LayerMutualInformation(**kw)] if probe_size >= 4 else []), PerturbationEval(**kw), StabilityMonitor(**kw), GradientFlow(), PDEFit(**kw),
+             *([LayerMutualInformation(**kw)] if probe_size >= 4 else []), PerturbationEval(**kw),
+             StabilityMonitor(**kw), GradientFlow(), PDEFit(**kw),
              JacobianStability(max_samples=3, n_iter=6, **kw), AttentionRollout(**kw)]
 logger = MemoryLogger()
 trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=12,
