@@ -298,6 +298,7 @@ _USER_SCRIPT = textwrap.dedent(
     """
     import sys
     import lightning.pytorch as L
+    from lightning.pytorch.loggers import CSVLogger
     sys.path.insert(0, {root!r})
     from pdelightning.callbacks import AttentionRollout
     from tests.helpers.models import our_task, image_loaders
@@ -306,7 +307,7 @@ _USER_SCRIPT = textwrap.dedent(
         raise IndexError("planted: index 3 is out of bounds for dimension 0 with size 3")
 
     AttentionRollout.consume = broken
-    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=3, logger=CSVLogger("logs"), enable_progress_bar=False, enable_checkpointing=False,
                         enable_model_summary=False, accelerator="cpu", limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(our_task("pde", image_size=4, bottleneck_dim=None), *image_loaders(n=16, image_size=4, batch_size=4))
     print("STEPS", trainer.global_step)
@@ -318,7 +319,10 @@ def test_the_plugin_keeps_a_users_run_alive(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(_USER_SCRIPT.format(root=str(ROOT)))
     env = {**os.environ, ENV_VAR: "all", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    # a logger: with logger=False the plugin's callbacks step aside before they could fail
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "STEPS 3" in proc.stdout
     assert proc.stderr.count("AttentionRollout failed in consume") == 1
