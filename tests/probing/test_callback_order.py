@@ -18,9 +18,16 @@ def _fit(callbacks: list[L.Callback]) -> MemoryLogger:
     torch.manual_seed(0)
     task = our_task("pde", n_layers=2)
     trainer = L.Trainer(
-        max_steps=4, logger=logger, callbacks=callbacks, enable_progress_bar=False, accelerator="cpu",
-        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=2,
-    )  # fmt: skip
+        max_steps=4,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+    )
     torch.manual_seed(1)
     trainer.fit(task, *image_loaders(n=48))
     return logger
