@@ -223,13 +223,15 @@ class ProbeHub:
 
         The start probe runs at the first probe callback's ``on_train_start``, before the later callbacks' own
         ``on_train_start``: what a callback needs from the start of training (AttentionSimilarity's copy of the
-        model) is taken here, for all of them, whatever their order in the trainer's list. Rank-local; the ranks
-        then agree who failed, before the probe's first collective.
+        model) is taken here, for all of them, whatever their order in the trainer's list. Rank-local (its time is
+        analysis time); the ranks then agree who failed, before the probe's first collective.
         """
+        t0 = time.perf_counter()
         ready = [c for c in self.callbacks if c.active]
         for c in ready:
             with c.guarded("prepare", trainer):
                 c.prepare(trainer, pl_module)
+        self.add_analysis_time(time.perf_counter() - t0)
         agree(trainer, ready)
 
     @staticmethod
