@@ -204,12 +204,15 @@ class PDELightningCLI(LightningCLI):
             callbacks = [*callbacks, RNGStateCheckpoint()]
         check_trainer_values(config)
         try:
-            return super()._instantiate_trainer(config, callbacks)
+            trainer = super()._instantiate_trainer(config, callbacks)
         except MisconfigurationException as err:  # no GPU, bad devices: name the value and the fix
             message = trainer_message(err, config)
             if message is None:
                 raise
             raise InputError(message) from err
+        # the PDELIGHTNING_CALLBACKS plugin's RunReport is for plain scripts: this command prints the summary itself
+        trainer.callbacks = [c for c in trainer.callbacks if not getattr(c, "from_plugin", False)]
+        return trainer
 
     # ---- running ---------------------------------------------------------------------------------------
     @override

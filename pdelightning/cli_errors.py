@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from pdelightning.trust import init_arguments
 from pdelightning.utils import InputError
 
 TOP_LEVEL_KEYS = ("seed_everything", "trainer", "model", "data", "ckpt_path", "optimizer", "lr_scheduler", "config")
@@ -183,6 +184,9 @@ def _init_args(class_path: str) -> list[str]:
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(__import__(module, fromlist=[name]), name)
+        followed = init_arguments(cls) if isinstance(cls, type) else None  # with the base's, via **kwargs
+        if followed is not None:
+            return followed
         return [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
     except (ImportError, AttributeError, ValueError, TypeError):
         return []

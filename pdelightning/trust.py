@@ -180,21 +180,47 @@ def import_class(path: str, bases: tuple[type, ...], arg: str) -> type:
     return obj
 
 
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def init_arguments(cls: type) -> list[str] | None:
+    """The keyword arguments ``cls(...)`` takes: those of its ``__init__`` and, while an ``__init__`` takes
+    ``**kwargs``, those of the next ``__init__`` up the MRO (where ``super().__init__(**kwargs)`` sends them, as
+    jsonargparse assumes too): a callback's own arguments, then ``ProbeCallback``'s.
+
+    Returns:
+        The names in that order, or ``None`` when any keyword may be valid: ``**kwargs`` that reach no ``__init__``
+        without ``**kwargs`` (a class that keeps them itself), or a signature that cannot be read.
+    """
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        if klass is object:
+            return None
+        try:
+            params = list(inspect.signature(init).parameters.values())[1:]  # without self
+        except (TypeError, ValueError):
+            return None
+        names += [p.name for p in params if p.kind in _NAMED and p.name not in names]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
 def check_kwargs(cls: type, kwargs: dict[str, Any], where: str) -> None:
-    """Refuse keyword arguments ``cls.__init__`` does not take, suggesting the closest ones (as the CLI does).
+    """Refuse keyword arguments ``cls`` does not take (:func:`init_arguments`), suggesting the closest ones (as the
+    CLI does).
 
     Raises:
         InputError: naming the unknown argument, the closest valid ones and the full list.
     """
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
+    names = init_arguments(cls)
+    if names is None:
         return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    names = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
     for key in kwargs:
-        if key not in params:
+        if key not in names:
             close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
             hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
             raise InputError(

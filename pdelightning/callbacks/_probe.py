@@ -319,6 +319,13 @@ class ProbeCallback(GuardedCallback):
         """Other models to run on the same probe batches: ``{key: (module, request)}`` (same key: one forward)."""
         return {}
 
+    def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """At the start of training, before the start probe (every rank; no collectives): e.g. copy the model.
+
+        Called by the hub for every callback of the trainer, once per fit, from whichever probe callback's
+        ``on_train_start`` comes first, so it does not depend on the order of the trainer's callbacks.
+        """
+
     def begin(self, session: ProbeSession) -> None:
         """Start of a probe (every rank): e.g. create the stores."""
 

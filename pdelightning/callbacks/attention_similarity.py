@@ -309,8 +309,9 @@ class AttentionSimilarity(ProbeCallback):
         self._layer_pairs(len(self.targets(pl_module).layers), len(ref_targets.layers))
 
     @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.active and self.initial and self._reference is None:
+    def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the hub calls this before the start probe, also when another probe callback's on_train_start runs it
+        if self.initial and self._reference is None:
             snapshot = module_copy(self._template if self._template is not None else pl_module)
             if self._pending_initial is not None:
                 snapshot.load_state_dict(self._pending_initial)
@@ -321,7 +322,6 @@ class AttentionSimilarity(ProbeCallback):
                     "AttentionSimilarity: no reference given; comparing with the model at the start of training"
                 )
             self._reference = freeze(snapshot)
-        super().on_train_start(trainer, pl_module)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -17,6 +17,10 @@ once, naming what it looked for and what it found, and steps aside; and one that
 warns once, naming the error and where it happened, and is switched off on every rank while training goes on
 (:mod:`pdelightning.probing.guard`).
 
+With any analysis callback the plugin also attaches :class:`~pdelightning.report.RunReport`: the script ends with the
+analysis summary and writes ``report.html`` beside the TensorBoard events (once, also beside the script's own
+``RunReport``).
+
 Example::
 
     PDELIGHTNING_CALLBACKS=all python my_train.py   # my_train.py builds a plain lightning Trainer
@@ -142,6 +146,26 @@ def build_callbacks(spec: str) -> list[Callback]:
     return [_make(_resolve_class(n)) for n in names]
 
 
+def with_report(callbacks: list[Callback]) -> list[Callback]:
+    """``callbacks`` and, when one of them is an analysis callback, a :class:`~pdelightning.report.RunReport` (the
+    summary and ``report.html`` at the end of ``fit``), unless they hold one already.
+
+    A ``RunReport`` the user's script attaches as well does not print a second summary: only the first ``RunReport``
+    of a trainer reports (the factory cannot see the user's list); ``pdelightning fit`` drops this one and prints
+    the summary itself.
+    """
+    from pdelightning.probing.guard import GuardedCallback
+    from pdelightning.report import RunReport
+
+    if not any(isinstance(c, GuardedCallback) for c in callbacks) or any(isinstance(c, RunReport) for c in callbacks):
+        return callbacks
+    report = RunReport()
+    report.from_plugin = True
+    return [*callbacks, report]
+
+
 def callbacks_factory() -> list[Callback]:
-    """Entry point for ``lightning.pytorch.callbacks_factory``: callbacks from ``PDELIGHTNING_CALLBACKS``, or none."""
-    return build_callbacks(os.environ.get(ENV_VAR, ""))
+    """Entry point for ``lightning.pytorch.callbacks_factory``: callbacks from ``PDELIGHTNING_CALLBACKS`` (with a
+    :class:`~pdelightning.report.RunReport`, see :func:`with_report`), or none.
+    """
+    return with_report(build_callbacks(os.environ.get(ENV_VAR, "")))

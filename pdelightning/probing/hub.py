@@ -210,12 +210,29 @@ class ProbeHub:
             if self._started_at == trainer.global_step:
                 return  # every callback's on_train_start calls this; the start probe runs once
             self._started_at = trainer.global_step
+            self.prepare(trainer, pl_module)
         due = [c for c in self.callbacks if c.active and (c.last_probe_step != trainer.global_step or hook == "start")]
         due = [c for c in due if c.is_due(trainer, hook, final)]
         if due:
             self.run(trainer, pl_module, due, final)
         # every callback calls this from its own hook; all of them were just checked, so the others need not be
         self.checked = None if hook == "start" else self.check_key(trainer, hook, final)
+
+    def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Every callback's :meth:`~pdelightning.callbacks._probe.ProbeCallback.prepare`, before the start probe.
+
+        The start probe runs at the first probe callback's ``on_train_start``, before the later callbacks' own
+        ``on_train_start``: what a callback needs from the start of training (AttentionSimilarity's copy of the
+        model) is taken here, for all of them, whatever their order in the trainer's list. Rank-local (its time is
+        analysis time); the ranks then agree who failed, before the probe's first collective.
+        """
+        t0 = time.perf_counter()
+        ready = [c for c in self.callbacks if c.active]
+        for c in ready:
+            with c.guarded("prepare", trainer):
+                c.prepare(trainer, pl_module)
+        self.add_analysis_time(time.perf_counter() - t0)
+        agree(trainer, ready)
 
     @staticmethod
     def check_key(trainer: L.Trainer, hook: str, final: bool) -> tuple[Any, ...]:

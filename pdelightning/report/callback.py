@@ -18,10 +18,15 @@ class RunReport(Callback):
 
     Runs at ``on_fit_end``, after the last probe: it waits for the figure worker to write the last figures and
     flushes the loggers, then reads the run back from the TensorBoard event files (see :mod:`pdelightning.report`).
-    No collectives; other ranks do nothing. A report that cannot be made prints one line saying why.
+    No collectives; other ranks do nothing. A report that cannot be made prints one line saying why. Of several
+    ``RunReport`` of one trainer (the script's own and the ``PDELIGHTNING_CALLBACKS`` plugin's) only the first in
+    ``trainer.callbacks`` reports.
 
     Attributes:
-        lines: the summary printed (empty before the end of ``fit`` and off rank zero).
+        lines: the summary printed (empty before the end of ``fit``, off rank zero, and for a ``RunReport`` that
+            another one of the same trainer comes before).
+        from_plugin: attached by the ``PDELIGHTNING_CALLBACKS`` plugin (``pdelightning fit`` drops it: the command
+            prints the summary itself).
 
     Example::
 
@@ -31,11 +36,14 @@ class RunReport(Callback):
 
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self.from_plugin = False
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        if next(c for c in trainer.callbacks if isinstance(c, RunReport)) is not self:
+            return  # another RunReport of this trainer reports (e.g. the script's own beside the plugin's)
         self.lines = report_after_fit(trainer)
         if self.lines:
             print("\n" + "\n".join(self.lines))
