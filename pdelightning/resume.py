@@ -7,6 +7,8 @@
   the events the killed run logged at the steps the resumed run will log again are removed from the files
   (TensorBoard's ``purge_step`` rule, applied to the files so that every reader sees it), so no step
   appears twice. The step is :func:`resume_step`, the one Lightning continues logging from.
+- :func:`hparams_logged`: a version whose events hold the hyperparameters already gets no second copy (nor a
+  second ``hp_metric`` point at step 0) when a run resumes into it.
 - :class:`RNGStateCheckpoint`: saves the global random states in checkpoints and restores them when
   training restarts, so a resumed run draws the same data order and dropout masks as an uninterrupted one.
 - :class:`KeepConfigCallback`: never overwrites a ``config.yaml`` that differs from the new one.
@@ -263,6 +265,20 @@ def purge_events(log_dir: str | Path, step: int, files: list[Path] | None = None
             atomic_write(path, write)
         removed += dropped
     return removed
+
+
+def hparams_logged(log_dir: str | Path) -> bool:
+    """Whether the TensorBoard events under ``log_dir`` already hold the run's hyperparameters (``_hparams_/*``) or
+    Lightning's ``hp_metric`` placeholder: a run resumed into that version must not write them again.
+    """
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    for path in event_files(log_dir):
+        for record in _records(path):
+            event = Event.FromString(record)
+            if any(v.tag == "hp_metric" or v.tag.startswith("_hparams_/") for v in event.summary.value):
+                return True
+    return False
 
 
 # ---- random states -------------------------------------------------------------------------------------
