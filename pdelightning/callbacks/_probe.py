@@ -36,6 +36,7 @@ from typing_extensions import override
 from pdelightning._checks import check_choice
 from pdelightning.adapters.base import ModelAdapter
 from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
+from pdelightning.callbacks._strategy import warn_unverified_strategy
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.batch import split_batch as _split
 from pdelightning.probing.capture import Request
@@ -262,6 +263,7 @@ class ProbeCallback(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        warn_unverified_strategy(trainer)
         try:
             self.check(trainer, pl_module)
         except (TargetNotFoundError, ValueError) as err:

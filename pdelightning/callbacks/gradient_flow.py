@@ -30,6 +30,7 @@ from pdelightning.analysis.gradients import (  # noqa: F401 (moved there; the ol
     update_ratio,
 )
 from pdelightning.callbacks._probe import DEFAULT_BUDGET, ON_MISSING, log_scalars, tensorboard, write_layout
+from pdelightning.callbacks._strategy import warn_unverified_strategy
 from pdelightning.probing.hub import ProbeHub
 
 EMBEDDING, HEAD, OTHER = "embedding", "head", "other"
@@ -253,6 +254,7 @@ class GradientFlow(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        warn_unverified_strategy(trainer)
         try:
             self._layer_modules = self._layers(pl_module)  # fail fast on a bad glob, before training
         except TargetNotFoundError as err:
