@@ -83,8 +83,12 @@ class CrashAtStep(L.Callback):
             raise RuntimeError(f"planted crash at step {self.step}")
 
 
-def write_config(tmp_path: Path, callback: str | None, init_args: dict[str, Any], ckpt_every: int = CKPT_EVERY) -> Path:
-    """A 12-step run of a tiny Transformer with ``callback`` alone (or none) and a checkpoint every ``ckpt_every``."""
+def write_config(
+    tmp_path: Path, callback: str | None, init_args: dict[str, Any], ckpt_every: int = CKPT_EVERY, num_train: int = 320
+) -> Path:
+    """A 12-step run of a tiny Transformer with ``callback`` alone (or none) and a checkpoint every ``ckpt_every``
+    steps (``0``: at every epoch's end, after its validation)."""
+    when = {"every_n_train_steps": ckpt_every} if ckpt_every else {"every_n_epochs": 1}
     cfg = {
         "seed_everything": 3,
         "trainer": {
@@ -102,7 +106,7 @@ def write_config(tmp_path: Path, callback: str | None, init_args: dict[str, Any]
             "callbacks": [
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"every_n_train_steps": ckpt_every, "save_top_k": -1, "filename": "{step}"},
+                    "init_args": {**when, "save_top_k": -1, "filename": "{step}"},
                 },
                 *([{"class_path": f"pdelightning.callbacks.{callback}", "init_args": init_args}] if callback else []),
             ],
@@ -117,7 +121,7 @@ def write_config(tmp_path: Path, callback: str | None, init_args: dict[str, Any]
         # 320 training images in batches of 32: epoch 0 ends at step 10 (a validation), steps 11-12 are in epoch 1
         "data": {
             "class_path": "SyntheticImageDataModule",
-            "init_args": {"num_train": 320, "num_val": 64, "num_test": 8, "batch_size": 32},
+            "init_args": {"num_train": num_train, "num_val": 64, "num_test": 8, "batch_size": 32},
         },
     }
     path = tmp_path / "config.yaml"
@@ -152,9 +156,10 @@ def run_three(
     crash_at: int = CRASH_AT,
     resume_from: int = CKPT_EVERY,
     reference: bool = True,
+    num_train: int = 320,
 ) -> tuple[Path, Path]:
     """The reference and the crashed-then-resumed version directories."""
-    cfg = write_config(tmp_path, callback, init_args, ckpt_every)
+    cfg = write_config(tmp_path, callback, init_args, ckpt_every, num_train)
     if reference:
         build_cli(["fit", "-c", str(cfg), f"--trainer.logger.init_args.save_dir={tmp_path / 'reference'}"])
     crashed = tmp_path / "crashed"
@@ -221,6 +226,40 @@ def test_jacobian_warm_start_resumes_between_probes(tmp_path: Path) -> None:
         tmp_path, "JacobianStability", CALLBACKS["JacobianStability"], ckpt_every=4, crash_at=7, resume_from=4
     )
     assert_same_analysis(reference, resumed, "jacobian_stability")
+    # what the checkpoint holds: one top vector per (layer, J or J - I, sample) of the probe at step 3, [T, d] = [8, 16]
+    # (rows of 8 pixels, d_model 16), and loadable as data (weights_only)
+    states = torch.load(resumed / "checkpoints" / "step=4.ckpt", weights_only=True)["callbacks"]
+    (state,) = [v for k, v in states.items() if k.startswith("JacobianStability")]
+    assert state["last_probe_step"] == 3
+    keys = sorted((layer, variant) for layer, variant, _, _ in state["warm"])
+    assert keys == sorted([(f"blocks.{i}", v) for i in (0, 1) for v in ("", "-I")] * 4)  # max_samples=4
+    assert {tuple(v.shape) for *_, v in state["warm"]} == {(8, 16)}
+    assert set(state["last_metrics"]) >= {"analysis/jacobian_stability/lyapunov"}
+
+
+@pytest.mark.parametrize("ckpt_every", [5, 0], ids=["last_batch", "epoch_end"])
+@pytest.mark.parametrize("callback", ["StabilityMonitor", "JacobianStability"])
+def test_epoch_cadence_resumed_at_an_epochs_end(tmp_path: Path, callback: str, ckpt_every: int) -> None:
+    """Epochs of 5 steps, probes at every epoch's end; crashed at 7 and resumed from the checkpoint at step 5, written
+    on the epoch's last batch (before its validation and epoch-end probe) or at its end (after them)."""
+    args = {**CALLBACKS[callback], "every_n_steps": None, "every_n_epochs": 1}
+    reference, resumed = run_three(tmp_path, callback, args, ckpt_every, crash_at=7, resume_from=5, num_train=160)
+    name = NAMES[callback]
+    assert_same_analysis(reference, resumed, name)
+    steps = {s for tag, pts in read_analysis(reference).items() if tag.startswith(f"analysis/{name}/") for s, _ in pts}
+    assert {0, 5, 10} <= steps
+
+
+def test_epoch_end_checkpoint_resumes_the_training_history(tmp_path: Path) -> None:
+    """No analysis callback: the train/val history after a resume from an epoch-end checkpoint (step 5 of 5-step
+    epochs; ``ModelCheckpoint(every_n_epochs=1)`` saves in ``on_train_epoch_end``, as one monitoring a validation
+    metric does) equals the uninterrupted run's. Lightning repeats that epoch's end on restart after iterating the
+    train loader once: without :class:`~pdelightning.resume.RNGStateCheckpoint`'s handling the next epoch's order
+    differed, every later step was logged one step late, and ``train/acc`` got a second, empty point."""
+    from tests.test_resume import assert_same_history
+
+    reference, resumed = run_three(tmp_path, None, {}, ckpt_every=0, crash_at=7, resume_from=5, num_train=160)
+    assert_same_history(reference, resumed, ("train/", "val/"))
 
 
 def _hparams_events(log_dir: Path) -> Counter[str]:

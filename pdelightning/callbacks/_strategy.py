@@ -52,7 +52,7 @@ def unverified_strategy_message(strategy: Any, callbacks: list[str]) -> str | No
 
 def warn_unverified_strategy(trainer: Any) -> None:
     """Warn once per trainer (rank zero) when its strategy is not one the analysis callbacks are verified on."""
-    if trainer in _warned:
+    if getattr(trainer, "strategy", None) is None or trainer in _warned:
         return
     _warned.add(trainer)
     ours = [c for c in trainer.callbacks if type(c).__module__.startswith("pdelightning.callbacks.")]
