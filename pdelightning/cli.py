@@ -73,8 +73,8 @@ class RunCounts(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        trainer.callback_metrics[_COUNTS + "steps"] = torch.tensor(float(trainer.global_step))
-        trainer.callback_metrics[_COUNTS + "epochs"] = torch.tensor(float(trainer.current_epoch))
+        trainer.callback_metrics[_COUNTS + "steps"] = torch.tensor(trainer.global_step, dtype=torch.int64)
+        trainer.callback_metrics[_COUNTS + "epochs"] = torch.tensor(trainer.current_epoch, dtype=torch.int64)
 
 
 class _ArgumentParser(LightningArgumentParser):
