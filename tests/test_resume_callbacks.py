@@ -26,6 +26,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import pdelightning.callbacks
 from pdelightning.cli import build_cli
 from pdelightning.probing.figures import wait_for_figures
 from pdelightning.resume import _records, event_files
@@ -46,20 +47,10 @@ CALLBACKS: dict[str, dict[str, Any]] = {
 }
 """Each callback's arguments: fixed cadence, tiny probe sets."""
 
-SLOW = {"InformationFlow", "LayerMutualInformation", "PerturbationEval", "PDEFit", "AttentionRollout"}
-"""Run with ``-m slow`` (they pass too); the default run keeps the cases with the most state."""
 
-NAMES = {
-    "AttentionSimilarity": "attention_similarity",
-    "InformationFlow": "information_flow",
-    "LayerMutualInformation": "layer_mutual_information",
-    "GradientFlow": "gradient_flow",
-    "PerturbationEval": "perturbation_eval",
-    "StabilityMonitor": "stability_monitor",
-    "PDEFit": "pde_fit",
-    "JacobianStability": "jacobian_stability",
-    "AttentionRollout": "attention_rollout",
-}
+def tag_name(callback: str) -> str:
+    """The callback's segment of its tags, ``analysis/<name>/...``."""
+    return getattr(pdelightning.callbacks, callback).name
 
 
 @pytest.fixture(autouse=True)
@@ -209,11 +200,11 @@ def assert_same_analysis(reference: Path, resumed: Path, name: str) -> int:
     return points
 
 
-@pytest.mark.parametrize("callback", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in CALLBACKS])
+@pytest.mark.parametrize("callback", list(CALLBACKS))
 def test_crash_and_resume_gives_the_uninterrupted_values(tmp_path: Path, callback: str) -> None:
     """Resumed from the checkpoint at step 6 (a probe step: the resumed run repeats that probe) after a crash at 8."""
     reference, resumed = run_three(tmp_path, callback, CALLBACKS[callback])
-    name = NAMES[callback]
+    name = tag_name(callback)
     points = assert_same_analysis(reference, resumed, name)
     steps = {s for tag, pts in read_analysis(reference).items() if tag.startswith(f"analysis/{name}/") for s, _ in pts}
     assert steps & {9, 12}, f"no {name} values after the resume point: {sorted(steps)}"  # compared past the resume
@@ -244,7 +235,7 @@ def test_epoch_cadence_resumed_at_an_epochs_end(tmp_path: Path, callback: str, c
     on the epoch's last batch (before its validation and epoch-end probe) or at its end (after them)."""
     args = {**CALLBACKS[callback], "every_n_steps": None, "every_n_epochs": 1}
     reference, resumed = run_three(tmp_path, callback, args, ckpt_every, crash_at=7, resume_from=5, num_train=160)
-    name = NAMES[callback]
+    name = tag_name(callback)
     assert_same_analysis(reference, resumed, name)
     steps = {s for tag, pts in read_analysis(reference).items() if tag.startswith(f"analysis/{name}/") for s, _ in pts}
     assert {0, 5, 10} <= steps
