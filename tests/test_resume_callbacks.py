@@ -286,3 +286,52 @@ def test_hparams_and_hp_metric_are_written_once_per_version(tmp_path: Path) -> N
         ["fit", "-c", str(cfg), f"--trainer.logger.init_args.save_dir={tmp_path / 'crashed'}", "--trainer.max_steps=2"]
     )
     assert _hparams_events(tmp_path / "crashed" / "run" / "version_1") == once
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_jacobian_resume_under_ddp(tmp_path: Path) -> None:
+    """2 CPU processes (gloo): each rank measures its own probe samples, a checkpoint holds rank 0's state only, so
+    the warm vectors are shared after each probe; the resumed run's values equal the uninterrupted run's."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    # 320 samples over 2 ranks in batches of 32: epochs of 5 steps. The checkpoint at step 5 ends epoch 0, so the
+    # resumed run's DistributedSampler (not resumable mid-epoch) gives epoch 1 the uninterrupted order.
+    cfg = write_config(tmp_path, "JacobianStability", CALLBACKS["JacobianStability"], ckpt_every=5)
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp", "--model.model.init_args.bottleneck_dim=null"]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    env.pop("PDELIGHTNING_CALLBACKS", None)
+
+    def fit(save_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pdelightning",
+            "fit",
+            "-c",
+            str(cfg),
+            *ddp,
+            f"--trainer.logger.init_args.save_dir={save_dir}",
+            *extra,
+        ]
+        return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=400)
+
+    assert fit(tmp_path / "reference").returncode == 0
+    crashed = tmp_path / "crashed"
+    proc = fit(crashed, "--trainer.callbacks+=tests.test_resume_callbacks.CrashAtStep", "--trainer.callbacks.step=7")
+    assert proc.returncode != 0 and "planted crash" in proc.stderr
+    version = crashed / "run" / "version_0"
+    proc = fit(
+        crashed, f"--ckpt_path={version / 'checkpoints' / 'step=5.ckpt'}", "--trainer.logger.init_args.version=0"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = tmp_path / "reference" / "run" / "version_0"
+    assert_same_analysis(reference, version, "jacobian_stability")
+    assert [s for s, _ in read_analysis(reference)["analysis/jacobian_stability/lyapunov"]] == [0, 3, 6, 9, 12]

@@ -130,6 +130,7 @@ class JacobianStability(ProbeCallback):
         self.last_metrics: dict[str, float] = {}
         # the last probe's top vector of each (layer, "" or "-I", probe position): the next probe starts there
         self._warm: dict[tuple[str, str, int], Tensor] = {}
+        self._measured: set[tuple[str, str, int]] = set()  # the entries this rank computes (its probe samples)
         self._replay: tuple[int, dict[str, float]] | None = None  # a resumed run's repeat of its checkpoint's probe
         self._replaying = False
 
@@ -164,12 +165,11 @@ class JacobianStability(ProbeCallback):
         dist = torch.distributed
         if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
             return
-        mine = {k: v.detach().cpu() for k, v in self._warm.items()}
+        mine = {k: self._warm[k].detach().cpu() for k in self._measured}
         everyone: list[Any] = [None] * trainer.world_size
         dist.all_gather_object(everyone, mine)  # every rank, at every probe: a collective
-        for theirs in everyone:
-            for k, v in (theirs or {}).items():
-                self._warm.setdefault(k, v)
+        for theirs in everyone:  # the other ranks' samples (disjoint from ours): their latest vectors
+            self._warm.update({k: v for k, v in (theirs or {}).items() if k not in self._measured})
 
     # ---- probing -----------------------------------------------------------------------------------------------
     @override
@@ -218,6 +218,7 @@ class JacobianStability(ProbeCallback):
                 for i, p in enumerate(positions):
                     self._warm[(layer.name, "", p)] = res.vector[i].detach()
                     self._warm[(layer.name, "-I", p)] = rate.vector[i].detach()
+                    self._measured |= {(layer.name, "", p), (layer.name, "-I", p)}
                 out[f"sigma/{layer.name}"], out[f"rate/{layer.name}"] = res.sigma, rate.sigma / dt
                 maps.append(f)
             if self.lyapunov and maps and u0 is not None:
