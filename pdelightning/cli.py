@@ -23,8 +23,9 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -51,6 +52,7 @@ from pdelightning.resume import (
     check_model_matches,
     check_state_dict_matches,
     event_files,
+    hparams_logged,
     plain_config,
     purge_events,
     resume_step,
@@ -68,6 +70,20 @@ _DEFAULT_LOGGER = {
 }
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 _LINKED = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
+_COUNTS = "pdelightning/run/"  # RunCounts' keys in callback_metrics (removed again before the summary line)
+
+
+class RunCounts(Callback):
+    """Put the run's step and epoch counts in ``trainer.callback_metrics`` at the end of fit (rank 0 reads them).
+
+    Under ``ddp_spawn`` training runs in spawned processes and the main process's trainer never steps; Lightning
+    sends back the rank-0 ``callback_metrics`` (not the loops' counters), so the CLI's summary line reads them there.
+    """
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.callback_metrics[_COUNTS + "steps"] = torch.tensor(trainer.global_step, dtype=torch.int64)
+        trainer.callback_metrics[_COUNTS + "epochs"] = torch.tensor(trainer.current_epoch, dtype=torch.int64)
 
 
 class _ArgumentParser(LightningArgumentParser):
@@ -202,6 +218,7 @@ class PDELightningCLI(LightningCLI):
         configured = configured if isinstance(configured, list) else [configured]
         if not any(isinstance(c, RNGStateCheckpoint) for c in [*configured, *callbacks]):
             callbacks = [*callbacks, RNGStateCheckpoint()]
+        callbacks = [*callbacks, RunCounts()]
         check_trainer_values(config)
         try:
             trainer = super()._instantiate_trainer(config, callbacks)
@@ -249,15 +266,18 @@ class PDELightningCLI(LightningCLI):
                 shutil.rmtree(d, ignore_errors=True)
 
     def before_fit(self) -> None:
-        """Drop the TensorBoard events logged after the checkpoint; warn when probes run without validation."""
+        """Drop the events logged after the checkpoint, log hyperparameters once per version, warn on probes without
+        validation.
+        """
         trainer = self.trainer
         if self._section().get("ckpt_path") == "last" and trainer.is_global_zero:
             _warn_if_no_last(trainer)
-        if self._ckpt is not None and trainer.is_global_zero:
-            path, checkpoint = self._ckpt
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger) and logger.log_dir and Path(logger.log_dir).is_dir():
-                    self._purge(logger, path, checkpoint)
+        for logger in trainer.loggers if trainer.is_global_zero else []:
+            if isinstance(logger, TensorBoardLogger) and logger.log_dir and Path(logger.log_dir).is_dir():
+                if self._ckpt is not None:
+                    self._purge(logger, *self._ckpt)
+                if hparams_logged(logger.log_dir):  # once per version: a resume adds no second hp_metric point
+                    logger._default_hp_metric = False
         if trainer.limit_val_batches == 0:
             probes = [type(c).__name__ for c in trainer.callbacks if _is_probe(c)]
             if probes:
@@ -294,6 +314,9 @@ class PDELightningCLI(LightningCLI):
         trainer = self.trainer
         reasons = [c.stop_reason for c in trainer.callbacks if _is_stability_monitor(c) and c.stop_reason]
         self.stop_reason = reasons[0] if reasons else None
+        metrics = trainer.callback_metrics  # under ddp_spawn, what the spawned rank 0 sent back (see RunCounts)
+        steps = int(metrics.pop(_COUNTS + "steps", trainer.global_step))
+        epochs = int(metrics.pop(_COUNTS + "epochs", trainer.current_epoch))
         if not trainer.is_global_zero or trainer.logger is None:
             return
         log_dir = trainer.logger.log_dir or trainer.default_root_dir
@@ -303,7 +326,7 @@ class PDELightningCLI(LightningCLI):
             if k.startswith(("val/", "train/acc"))
         )
         verb = "Stopped (unstable)" if self.stop_reason else "Finished"
-        print(f"\n{verb} after {trainer.global_step} steps ({trainer.current_epoch} epochs). {final}")
+        print(f"\n{verb} after {steps} steps ({epochs} epochs). {final}")
         if not any(type(c).__name__ == "RunReport" for c in trainer.callbacks):  # RunReport printed it already
             from pdelightning.report import report_after_fit
 

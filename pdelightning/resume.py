@@ -7,6 +7,8 @@
   the events the killed run logged at the steps the resumed run will log again are removed from the files
   (TensorBoard's ``purge_step`` rule, applied to the files so that every reader sees it), so no step
   appears twice. The step is :func:`resume_step`, the one Lightning continues logging from.
+- :func:`hparams_logged`: a version whose events hold the hyperparameters already gets no second copy (nor a
+  second ``hp_metric`` point at step 0) when a run resumes into it.
 - :class:`RNGStateCheckpoint`: saves the global random states in checkpoints and restores them when
   training restarts, so a resumed run draws the same data order and dropout masks as an uninterrupted one.
 - :class:`KeepConfigCallback`: never overwrites a ``config.yaml`` that differs from the new one.
@@ -265,6 +267,20 @@ def purge_events(log_dir: str | Path, step: int, files: list[Path] | None = None
     return removed
 
 
+def hparams_logged(log_dir: str | Path) -> bool:
+    """Whether the TensorBoard events under ``log_dir`` already hold the run's hyperparameters (``_hparams_/*``) or
+    Lightning's ``hp_metric`` placeholder: a run resumed into that version must not write them again.
+    """
+    from tensorboard.compat.proto.event_pb2 import Event
+
+    for path in event_files(log_dir):
+        for record in _records(path):
+            event = Event.FromString(record)
+            if any(v.tag == "hp_metric" or v.tag.startswith("_hparams_/") for v in event.summary.value):
+                return True
+    return False
+
+
 # ---- random states -------------------------------------------------------------------------------------
 def rng_states() -> dict[str, Any]:
     """The global random states of torch (CPU and CUDA), numpy and Python, as plain checkpointable values."""
@@ -299,18 +315,70 @@ class RNGStateCheckpoint(L.Callback):
     iterated (Lightning's sanity check runs with the random state isolated). Under DDP the states of rank 0
     are saved and every rank restores them.
 
+    A checkpoint written at an epoch's end (``ModelCheckpoint`` with ``every_n_epochs``, or monitoring a validation
+    metric with validation every epoch: saved in ``on_train_epoch_end``) makes Lightning iterate the train loader
+    once more and repeat that epoch's end before the next epoch. The states are applied again as the next epoch
+    starts (what that repetition drew is discarded), a checkpoint written during it holds the restored states, and
+    Lightning's logging step, advanced by one on that restart, is set back (:func:`saved_at_epoch_end`).
+
     Example::
 
         >>> trainer = L.Trainer(callbacks=[RNGStateCheckpoint()])  # doctest: +SKIP
     """
 
+    def __init__(self) -> None:
+        self._restored: dict[str, Any] | None = None
+        self._epoch_end: tuple[int, int] | None = None  # (epoch, logging step) of an epoch-end checkpoint
+
     @override
     def state_dict(self) -> dict[str, Any]:
+        if self._epoch_end is not None and self._restored is not None:
+            return self._restored  # the repeated epoch end: the uninterrupted run had these states here
         return rng_states()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_rng_states(state_dict)
+        self._restored = dict(state_dict)
+
+    @override
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._epoch_end = saved_at_epoch_end(checkpoint)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._epoch_end is not None and trainer.current_epoch == self._epoch_end[0]:
+            trainer.fit_loop.epoch_loop._batches_that_stepped = self._epoch_end[1]
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._epoch_end is not None and self._restored is not None:
+            set_rng_states(self._restored)
+        self._epoch_end, self._restored = None, None
+
+
+def saved_at_epoch_end(checkpoint: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(epoch, logging step)`` of a checkpoint written in ``on_train_epoch_end``, else ``None``.
+
+    That is Lightning's ``RESTARTED_ON_EPOCH_END`` (``FitLoop.update_restart_stage``, Lightning 2.6): the epoch is
+    processed but not completed.
+
+    Example::
+
+        >>> total = {"ready": 1, "started": 1, "processed": 1, "completed": 0}
+        >>> steps = {"_batches_that_stepped": 5}
+        >>> loops = {"fit_loop": {"epoch_progress": {"total": total}, "epoch_loop.state_dict": steps}}
+        >>> saved_at_epoch_end({"loops": loops, "epoch": 0})
+        (0, 5)
+    """
+    try:
+        loop = checkpoint["loops"]["fit_loop"]
+        total = loop["epoch_progress"]["total"]
+        step = int(loop["epoch_loop.state_dict"]["_batches_that_stepped"])
+    except (KeyError, TypeError):
+        return None
+    at_end = total["started"] == total["ready"] == total["processed"] == total["completed"] + 1
+    return (int(checkpoint.get("epoch", 0)), step) if at_end else None
 
 
 # ---- config.yaml ---------------------------------------------------------------------------------------

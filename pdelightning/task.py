@@ -154,7 +154,15 @@ class ClassificationTask(L.LightningModule):
                     state[key] = value
 
     def on_train_epoch_end(self) -> None:
-        """Log the epoch's training accuracy (accumulated every step, logged once)."""
+        """Log the epoch's training accuracy (accumulated every step, logged once).
+
+        Nothing when the count is empty: a run resumed from a checkpoint written in ``on_train_epoch_end`` (after
+        this hook logged and reset the count) repeats the epoch's end, whose accuracy is already logged.
+        """
+        # every rank decides alike (compute() is a collective): in an epoch every rank has batches, and a restore gives
+        # every rank rank 0's (empty) counts
+        if int(self.train_acc.tp.sum() + self.train_acc.fn.sum()) == 0:
+            return
         self.log("train/acc", self.train_acc.compute(), sync_dist=False)
         self.train_acc.reset()
 

@@ -41,6 +41,7 @@ from pdelightning._checks import check_choice
 from pdelightning.adapters.base import ModelAdapter
 from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
 from pdelightning.callbacks._outputs import figure_outputs, log_histogram, steps_aside_without_logger
+from pdelightning.callbacks._strategy import warn_unverified_strategy
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.batch import split_batch as _split
 from pdelightning.probing.batch import uncallable
@@ -287,6 +288,7 @@ class ProbeCallback(GuardedCallback):
         if steps_aside_without_logger(self, trainer):  # logger=False under the plugin: nothing to write to
             self.disabled = "the Trainer has no logger (logger=False)"
             return
+        warn_unverified_strategy(trainer)
         try:
             self.check(trainer, pl_module)
         except (TargetNotFoundError, ValueError) as err:

@@ -30,6 +30,7 @@ from pdelightning.analysis.gradients import (  # noqa: F401 (moved there; the ol
 )
 from pdelightning.callbacks._outputs import log_histogram, steps_aside_without_logger, takes_histograms
 from pdelightning.callbacks._probe import DEFAULT_BUDGET, ON_MISSING, log_scalars, write_layout
+from pdelightning.callbacks._strategy import warn_unverified_strategy
 from pdelightning.probing.guard import GuardedCallback, agree
 from pdelightning.probing.hub import ProbeHub
 
@@ -265,6 +266,7 @@ class GradientFlow(GuardedCallback):
         if steps_aside_without_logger(self, trainer):  # logger=False under the plugin: nothing to write to
             self.disabled = "the Trainer has no logger (logger=False)"
             return
+        warn_unverified_strategy(trainer)
         try:
             self._layer_modules = self._layers(pl_module)  # fail fast on a bad glob, before training
         except TargetNotFoundError as err:

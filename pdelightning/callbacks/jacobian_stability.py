@@ -98,7 +98,9 @@ class JacobianStability(ProbeCallback):
     ``block x max_samples`` rows per layer, twice (``J`` and ``J - I``), and as many through the stack. Each
     probe starts from the previous probe's top vectors (the same samples), so the estimates tighten over training;
     at a first probe the defaults read a residual PDE layer's norm to within about 0.5 % (tests/callbacks).
-    Per-sample values go through a gather (DDP gives the one-process numbers).
+    Per-sample values go through a gather (DDP gives the one-process numbers). The warm-start vectors
+    (``2 x layers x max_samples`` tensors of one sample's ``T x d``, shared by every rank after each probe) and the
+    last probe's values are in the checkpoint, so a resumed run logs what an uninterrupted one does.
 
     Args:
         max_samples: how many probe samples to linearise at.
@@ -139,14 +141,57 @@ class JacobianStability(ProbeCallback):
             raise ValueError(f"dt={dt} must be positive (or None for 1/L)")
         self.max_samples, self.n_iter, self.block, self.dt, self.lyapunov = max_samples, n_iter, block, dt, lyapunov
         self.last_metrics: dict[str, float] = {}
-        self._warm: dict[tuple[Any, ...], Tensor] = {}  # last probe's top vectors: the next probe starts there
+        # the last probe's top vector of each (layer, "" or "-I", probe position): the next probe starts there
+        self._warm: dict[tuple[str, str, int], Tensor] = {}
+        self._measured: set[tuple[str, str, int]] = set()  # the entries this rank computes (its probe samples)
+        self._replay: tuple[int, dict[str, float]] | None = None  # a resumed run's repeat of its checkpoint's probe
+        self._replaying = False
 
     @override
     def request(self) -> Request:
         return Request(block_inputs=True)
 
+    # ---- state -----------------------------------------------------------------------------------------------------
+    @override
+    def extra_state(self) -> dict[str, Any]:
+        """The warm-start vectors (``max_samples x T x d`` floats per layer, twice) and the last probe's values."""
+        warm = [[layer, variant, pos, v.detach().cpu()] for (layer, variant, pos), v in self._warm.items()]
+        return {"warm": warm, "last_metrics": dict(self.last_metrics)}
+
+    @override
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._warm = {(str(layer), str(variant), int(pos)): v for layer, variant, pos, v in state.get("warm", [])}
+        self.last_metrics = {str(k): float(v) for k, v in state.get("last_metrics", {}).items()}
+        # The checkpoint was written after the probe at last_probe_step; a run resumed there repeats that probe (its
+        # events were purged), but the vectors it started from are gone: it logs the values that probe logged.
+        self._replay = (self.last_probe_step, dict(self.last_metrics)) if self.last_metrics else None
+
+    def _warm_start(self, layer: str, variant: str, positions: list[int], like: Tensor) -> Tensor | None:
+        """The stacked warm vectors of ``positions`` (``None`` unless every one has a vector of ``like``'s shape)."""
+        found = [self._warm.get((layer, variant, p)) for p in positions]
+        if not found or any(v is None or v.shape != like.shape[1:] for v in found):
+            return None
+        return torch.stack(found).to(like)  # type: ignore[arg-type]
+
+    def _share_warm(self, trainer: Any) -> None:
+        """Under DDP, give every rank every rank's warm vectors (a checkpoint holds rank 0's state only)."""
+        dist = torch.distributed
+        if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+            return
+        mine = {k: self._warm[k].detach().cpu() for k in self._measured}
+        everyone: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(everyone, mine)  # every rank, at every probe: a collective
+        for theirs in everyone:  # the other ranks' samples (disjoint from ours): their latest vectors
+            self._warm.update({k: v for k, v in (theirs or {}).items() if k not in self._measured})
+
+    # ---- probing -----------------------------------------------------------------------------------------------
     @override
     def begin(self, session: ProbeSession) -> None:
+        replay, self._replay = self._replay, None
+        self._replaying = replay is not None and replay[0] == session.step
+        if self._replaying:
+            self.last_metrics = replay[1]  # type: ignore[index]
+            return
         self._layers = session.targets["model"].layers
         groups = stages(self._layers)
         self._spans: list[tuple[str, int, int]] = []  # (key, first layer, end): one per stage (hierarchical models)
@@ -160,6 +205,8 @@ class JacobianStability(ProbeCallback):
 
     @override
     def consume(self, pb: ProbeBatch) -> None:
+        if self._replaying:
+            return
         keep = pb.session.subset(pb.index, self.max_samples)
         if len(keep) == 0:  # nothing to measure here, but the rank still takes part in the gather
             self._store.update(pb.index[:0], **{k: torch.zeros(0, device=pb.index.device) for k in self._store.keys})
@@ -184,12 +231,14 @@ class JacobianStability(ProbeCallback):
                 # per-sample starting directions: a sample's estimate does not depend on its batch or rank
                 start = gaussian_noise(pb.index[keep], (k, *u.shape[1:]), self.seed).to(u)
                 kw: dict[str, Any] = {"block": k, "n_iter": self.n_iter, "tol": 0.0, "start": start}
-                key = (layer.name, tuple(pb.index[keep].tolist()))
-                res = jacobian_spectral_norm_block(f, u, vmask, v0=self._warm.get(key), **kw)
-                rate = jacobian_spectral_norm_block(
-                    f, u, vmask, minus_identity=True, v0=self._warm.get((*key, "-I")), **kw
-                )
-                self._warm[key], self._warm[(*key, "-I")] = res.vector.detach(), rate.vector.detach()
+                positions = pb.index[keep].tolist()
+                res = jacobian_spectral_norm_block(f, u, vmask, v0=self._warm_start(layer.name, "", positions, u), **kw)
+                v0 = self._warm_start(layer.name, "-I", positions, u)
+                rate = jacobian_spectral_norm_block(f, u, vmask, minus_identity=True, v0=v0, **kw)
+                for i, p in enumerate(positions):
+                    self._warm[(layer.name, "", p)] = res.vector[i].detach()
+                    self._warm[(layer.name, "-I", p)] = rate.vector[i].detach()
+                    self._measured |= {(layer.name, "", p), (layer.name, "-I", p)}
                 out[f"sigma/{layer.name}"], out[f"rate/{layer.name}"] = res.sigma, rate.sigma / dt
                 maps.append(f)
             out["lyapunov"] = torch.full((len(keep),), math.nan)
@@ -218,7 +267,12 @@ class JacobianStability(ProbeCallback):
 
     @override
     def finish(self, session: ProbeSession) -> None:
+        if self._replaying:
+            self._replaying = False
+            self.log_scalars(session.trainer, self.last_metrics, session.step)
+            return
         out = self._store.gather()
+        self._share_warm(session.trainer)
         self._store = None  # type: ignore[assignment]
         metrics: dict[str, float] = {}
         for layer in self._layers:
