@@ -21,7 +21,7 @@ once and steps aside, and training continues.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as L
@@ -36,6 +36,7 @@ from typing_extensions import override
 from pdelightning._checks import check_choice
 from pdelightning.adapters.base import ModelAdapter
 from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
+from pdelightning.callbacks._layout import DETAIL, build_layout, finite_only, is_detail
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.batch import split_batch as _split
 from pdelightning.probing.capture import Request
@@ -99,7 +100,7 @@ def validation_loader(trainer: L.Trainer) -> DataLoader | None:
     return None
 
 
-_LAYOUTS: dict[int, dict[str, dict[str, list[Any]]]] = {}
+_LAYOUTS: dict[int, dict[str, Any]] = {}  # per SummaryWriter: proposed charts, tags logged, layout written
 
 
 def tensorboard(trainer: L.Trainer) -> Any | None:
@@ -121,14 +122,23 @@ def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float | Tensor], step:
         logger.log_metrics(values, step=trainer.global_step if step is None else step)
 
 
-def write_layout(trainer: L.Trainer, name: str, charts: Mapping[str, list[str]]) -> None:
-    """Merge ``{chart title: [tag regex, ...]}`` of callback ``name`` into the run's custom-scalars layout (rank 0)."""
+def write_layout(trainer: L.Trainer, name: str, charts: Mapping[str, list[str]], logged: Iterable[str] = ()) -> None:
+    """Propose callback ``name``'s charts ``{title: [tag regex, ...]}``, note the tags ``logged`` just now, and
+    (re)write the run's Custom Scalars layout when it changed (rank 0).
+
+    The layout holds only charts that match logged tags (:func:`~pdelightning.callbacks._layout.build_layout`): it
+    is written again as new tags appear, and TensorBoard shows the last one written.
+    """
     writer = tensorboard(trainer)
-    if writer is None or not charts:
+    if writer is None:
         return
-    merged = _LAYOUTS.setdefault(id(writer), {})
-    merged[f"analysis/{name}"] = {title: ["Multiline", list(regexes)] for title, regexes in charts.items()}
-    writer.add_custom_scalars(merged)
+    state = _LAYOUTS.setdefault(id(writer), {"proposed": {}, "tags": set(), "written": None})
+    state["proposed"][name] = dict(charts)
+    state["tags"].update(t for t in logged if t.startswith(f"analysis/{name}/"))
+    layout = build_layout(state["proposed"], state["tags"])
+    if layout and layout != state["written"]:
+        state["written"] = layout
+        writer.add_custom_scalars(layout)
 
 
 class ProbeCallback(Callback):
@@ -160,6 +170,10 @@ class ProbeCallback(Callback):
 
     name: ClassVar[str] = "probe"
     needs: ClassVar[tuple[str, ...]] = ("layers",)
+    #: regexes of the secondary quantities, logged as ``analysis/<name>/detail/<quantity>[/<layer>]``
+    detail: ClassVar[tuple[str, ...]] = ()
+    #: ``{quantity: why it can be undefined}``: an undefined value is not logged (and said once), never NaN
+    undefined: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -213,6 +227,7 @@ class ProbeCallback(Callback):
         self._plain = False
         self._hub: ProbeHub | None = None
         self._pending_hub_state: dict[str, Any] | None = None
+        self._said_undefined: set[str] = set()
 
     @property
     @override
@@ -390,12 +405,21 @@ class ProbeCallback(Callback):
 
     # ---- output ----------------------------------------------------------------------------------------------------
     def key(self, quantity: str, layer: str | None = None) -> str:
-        """``analysis/<callback>/<quantity>[/<layer>]``."""
-        return f"analysis/{self.name}/{quantity}" + (f"/{layer}" if layer else "")
+        """``analysis/<callback>/<quantity>[/<layer>]``, or ``analysis/<callback>/detail/...`` for a quantity that
+        matches :attr:`detail`.
+        """
+        group = f"{DETAIL}/" if is_detail(quantity, self.detail) else ""
+        return f"analysis/{self.name}/{group}{quantity}" + (f"/{layer}" if layer else "")
 
     def log_scalars(self, trainer: L.Trainer, metrics: Mapping[str, float | Tensor], step: int | None = None) -> None:
-        """Write scalars to every logger at ``step`` (default: the current global step), rank zero only."""
-        log_scalars(trainer, metrics, step)
+        """Write the finite scalars to every logger at ``step`` (default: the current global step), rank zero only;
+        an undefined value is left out and said once (:func:`finite_only`). The layout follows the tags logged.
+        """
+        if not trainer.is_global_zero:
+            return
+        kept = finite_only(metrics, self._said_undefined, type(self).__name__, self.undefined)
+        log_scalars(trainer, kept, step)
+        write_layout(trainer, self.name, self.layout(), kept)
 
     def figure(self, session: ProbeSession, tag: str, draw: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Draw ``draw(*args, **kwargs)`` (a matplotlib figure) into TensorBoard under ``tag`` (rank 0), in the figure
