@@ -297,6 +297,10 @@ class ProbeHub:
         total = self.total_steps(trainer)
         sched.next_step = self._agree(trainer, sched.plan(trainer.global_step, total))
         floor = sched.floor_fraction(trainer.global_step, total)
+        few = None if self._floor_warned else sched.few_probes_message(trainer.global_step, total)
+        if few is not None and not (floor is not None and floor > sched.budget):
+            self._floor_warned = True  # one message about too few probes per run (this one or the one below)
+            rank_zero_warn(few)
         if not self._floor_warned and floor is not None and floor > sched.budget:
             self._floor_warned = True
             rank_zero_warn(
