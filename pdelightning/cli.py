@@ -33,6 +33,7 @@ from typing_extensions import override
 import pdelightning.callbacks
 import pdelightning.data
 import pdelightning.models  # noqa: F401
+from pdelightning._hparams import log_final_hparams
 from pdelightning.checkpointing import AtomicCheckpointIO, load_checkpoint_file
 from pdelightning.cli_errors import check_config_files, clarify_parse_error, instantiation_message
 from pdelightning.data.base import ClassificationDataModule
@@ -55,7 +56,7 @@ EXIT_UNSTABLE = 3
 """Exit status of a run that ``StabilityMonitor(action="stop")`` stopped."""
 _DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-    "init_args": {"save_dir": "logs", "name": "pdelightning"},
+    "init_args": {"save_dir": "logs", "name": "pdelightning", "default_hp_metric": False},
 }
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 _LINKED = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
@@ -280,6 +281,7 @@ class PDELightningCLI(LightningCLI):
             for k, v in sorted(trainer.callback_metrics.items())
             if k.startswith(("val/", "train/acc"))
         )
+        log_final_hparams(trainer)  # hp_metric and the HParams tab: the final val metrics, not Lightning's -1
         verb = "Stopped (unstable)" if self.stop_reason else "Finished"
         print(f"\n{verb} after {trainer.global_step} steps ({trainer.current_epoch} epochs). {final}")
         print(f"Logs and checkpoints: {log_dir}")
