@@ -314,6 +314,13 @@ class AttentionSimilarity(ProbeCallback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_initial(pl_module)
+        super().on_train_start(trainer, pl_module)
+
+    def _take_initial(self, pl_module: L.LightningModule) -> None:
+        """The initial-copy reference (at train start, or at the start probe when another callback's train start
+        ran it first, e.g. a second AttentionSimilarity of a composed config).
+        """
         if self.active and self.initial and self._reference is None:
             snapshot = module_copy(self._template if self._template is not None else pl_module)
             if self._pending_initial is not None:
@@ -325,7 +332,6 @@ class AttentionSimilarity(ProbeCallback):
                     "AttentionSimilarity: no reference given; comparing with the model at the start of training"
                 )
             self._reference = freeze(snapshot)
-        super().on_train_start(trainer, pl_module)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -352,6 +358,7 @@ class AttentionSimilarity(ProbeCallback):
 
     @override
     def extra_models(self, pl_module: nn.Module) -> dict[str, tuple[nn.Module, Request]]:
+        self._take_initial(pl_module)  # type: ignore[arg-type]
         assert self._reference is not None
         request = Request(attention=True, samples=self.max_samples)
         models = {f"reference:{id(self._reference)}": (self._reference, request)}

@@ -213,7 +213,7 @@ def test_end_to_end_tensorboard(kind: str, tmp_path: Any) -> None:
     events = read_events(log_dir)
     tags = set(events.Tags()["scalars"])
     for layer in [*layers, "embedding", "head"]:
-        for q in ("grad_norm", "grad_abs_mean", "update_ratio", "vanishing", "exploding"):
+        for q in ("grad_norm", "grad_abs_mean", "update_ratio", "detail/vanishing", "detail/exploding"):
             values = [(e.step, e.value) for e in events.Scalars(f"{KEY}/{q}/{layer}")]
             assert [s for s, _ in values] == [0, 2, 4], (q, layer)
             assert all(math.isfinite(v) for _, v in values)
