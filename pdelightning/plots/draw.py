@@ -61,7 +61,9 @@ def attention_maps_figure(maps: Mapping[str, tuple[ArrayLike, ArrayLike]], pairs
 
 
 def attention_by_layer_figure(results: Mapping[str, Mapping[str, Any]], nulls: Sequence[str]) -> Any:
-    """Left: per-layer matched cosine beside its nulls (y axis zoomed to the data). Right: skill per layer."""
+    """Left: per-layer matched cosine beside its nulls (y axis zoomed to the data). Right: skill per layer (the raw
+    margin where no skill is defined).
+    """
     from matplotlib.figure import Figure
 
     layers = list(results)
@@ -80,11 +82,13 @@ def attention_by_layer_figure(results: Mapping[str, Mapping[str, Any]], nulls: S
     ax.set_xticks(range(len(layers)), layers, fontsize=7)
     ax.set_ylabel("cosine similarity (per row)")
     ax.legend(fontsize=6)
-    for q in ("cosine_skill", "js_skill"):
+    defined = any(math.isfinite(results[a].get(q, math.nan)) for a in layers for q in ("cosine_skill", "js_skill"))
+    kind = "skill" if defined else "margin"  # a skill is undefined where the null leaves no room: read the margin
+    for q in (f"cosine_{kind}", f"js_{kind}"):
         ax_skill.plot(range(len(layers)), [results[a].get(q, float("nan")) for a in layers], marker="o", label=q)
     ax_skill.axhline(0.0, color="grey", lw=0.8, ls="--")
     ax_skill.set_xticks(range(len(layers)), layers, fontsize=7)
-    ax_skill.set_ylabel("skill vs strongest null")
+    ax_skill.set_ylabel(f"{kind} vs strongest null")
     ax_skill.legend(fontsize=6)
     fig.subplots_adjust(bottom=0.18, wspace=0.3)
     return plain_ticks(fig)

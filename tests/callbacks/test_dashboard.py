@@ -169,3 +169,22 @@ def test_quickstart_gives_every_analysis_curve_at_least_15_points() -> None:
         assert points >= 15, (type(c).__name__, points)
     g = reads[0]
     assert g.budget is None and len(range(0, total, g.every_n_steps)) >= 15  # reads at steps 0, n, 2n, ... < total
+
+
+def test_figure_axes_have_no_offset_notation() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from pdelightning.plots.draw import plain_ticks
+
+    def offset_text(plain: bool) -> str:
+        fig = Figure()
+        ax = fig.subplots()
+        ax.plot([0, 1, 2], [1 - 3e-12, 1 - 1e-12, 1.0])  # R² of an exact fit: 1 up to rounding
+        if plain:
+            plain_ticks(fig)
+        FigureCanvasAgg(fig).draw()
+        return ax.yaxis.get_offset_text().get_text()
+
+    assert offset_text(plain=False) != ""  # matplotlib's default: "+1" / "1e-12+1" above the axis
+    assert offset_text(plain=True) == ""
