@@ -127,26 +127,30 @@ class BudgetSchedule:
         k = min(k, max(0, remaining - 1) // (self.min_spacing or 1))
         return self.probes + k + 1
 
-    def few_probes_message(
-        self, step: int, total_steps: float | None, fewer_than: int = 10, want: int = 12
-    ) -> str | None:
-        """What to tell the user when the budget alone gives fewer than ``fewer_than`` probes (curves of a few points):
-        the ``every_n_steps`` that gives about ``want`` and what it would cost; ``None`` when there are enough or the
-        numbers are not known yet.
-        """
-        n = self.expected_probes(step, total_steps)
-        if n is None or n >= fewer_than or total_steps is None:
+    def cadence_advice(self, step: int, total_steps: float | None, want: int = 12) -> str | None:
+        """The fixed cadence that gives about ``want`` probes, and what it would cost (``None`` while unknown)."""
+        s, c = self.step_time(step), self.last_cost
+        if s is None or c is None or total_steps is None or not math.isfinite(total_steps):
             return None
-        total, c = int(total_steps), float(self.last_cost or 0.0)
+        total = int(total_steps)
         spacing = max(1, total // (want - 1))  # a fixed cadence probes at step 0 and every spacing steps
         probes = 1 + total // spacing
-        s = self.step_time(step) or 0.0
-        frac = probes * c / (total * s) if s > 0 else float("nan")
         return (
-            f"analysis budget {self.budget:.0%}: this run of {total} steps gets about {n} probes ({c:.2f} s each), so "
-            f"every analysis curve will have about {n} points. For about {probes} points set every_n_steps={spacing} "
-            f"on the analysis callbacks (about {probes * c:.0f} s of analysis, {frac:.0%} of this run's training "
-            "time), or raise their budget."
+            f"For about {probes} points set every_n_steps={spacing} on the analysis callbacks (about {probes * c:.0f} "
+            f"s of analysis, {probes * c / (total * s):.0%} of this run's training time), or raise their budget."
+        )
+
+    def few_probes_message(self, step: int, total_steps: float | None, fewer_than: int = 10) -> str | None:
+        """What to tell the user when the budget alone gives fewer than ``fewer_than`` probes (curves of a few points),
+        with :meth:`cadence_advice`; ``None`` when there are enough or the numbers are not known yet.
+        """
+        n = self.expected_probes(step, total_steps)
+        advice = self.cadence_advice(step, total_steps)
+        if n is None or n >= fewer_than or advice is None:
+            return None
+        return (
+            f"analysis budget {self.budget:.0%}: this run of {int(total_steps)} steps gets about {n} probes "  # type: ignore[arg-type]
+            f"({self.last_cost:.2f} s each), so every analysis curve will have about {n} points. {advice}"
         )
 
     def due(self, step: int) -> bool:
