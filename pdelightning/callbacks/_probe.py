@@ -100,7 +100,7 @@ def validation_loader(trainer: L.Trainer) -> DataLoader | None:
     return None
 
 
-_LAYOUTS: dict[int, dict[str, Any]] = {}  # per SummaryWriter: proposed charts, tags logged, layout written
+_LAYOUT_STATE = "_pdelightning_layout"  # SummaryWriter attribute: proposed charts, tags logged, layout written
 
 
 def tensorboard(trainer: L.Trainer) -> Any | None:
@@ -132,7 +132,10 @@ def write_layout(trainer: L.Trainer, name: str, charts: Mapping[str, list[str]],
     writer = tensorboard(trainer)
     if writer is None:
         return
-    state = _LAYOUTS.setdefault(id(writer), {"proposed": {}, "tags": set(), "written": None})
+    state = getattr(writer, _LAYOUT_STATE, None)  # on the writer itself: a later run's writer starts afresh
+    if state is None:
+        state = {"proposed": {}, "tags": set(), "written": None}
+        setattr(writer, _LAYOUT_STATE, state)
     state["proposed"][name] = dict(charts)
     state["tags"].update(t for t in logged if t.startswith(f"analysis/{name}/"))
     layout = build_layout(state["proposed"], state["tags"])

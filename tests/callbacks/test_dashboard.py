@@ -188,3 +188,24 @@ def test_figure_axes_have_no_offset_notation() -> None:
 
     assert offset_text(plain=False) != ""  # matplotlib's default: "+1" / "1e-12+1" above the axis
     assert offset_text(plain=True) == ""
+
+
+def test_a_later_run_in_the_same_process_gets_only_its_own_charts(tmp_path: Path) -> None:
+    from pdelightning.callbacks._probe import write_layout
+
+    def run(directory: Path, name: str) -> list[str]:
+        logger = TensorBoardLogger(str(directory))
+
+        class Stub:
+            is_global_zero, loggers = True, [logger]
+
+        write_layout(Stub(), name, {"q": [rf"^analysis/{name}/q/[^/]+$"]}, [f"analysis/{name}/q/blocks.0"])
+        logger.experiment.flush()
+        layout = layout_pb2.Layout()
+        layout.ParseFromString(
+            read_events(directory).Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0]
+        )
+        return [c.title for c in layout.category]
+
+    assert run(tmp_path / "one", "a") == ["analysis/a"]
+    assert run(tmp_path / "two", "b") == ["analysis/b"]  # nothing of the first run's writer carried over
