@@ -185,11 +185,7 @@ class AttentionSimilarity(ProbeCallback):
     name = "attention_similarity"
     needs = ("layers", "attention")
     detail = (r"(cosine|kl|js)_null_[a-z_]+", r"(cosine|kl|js)_margin", "cosine_unmatched", "entropy_reference")
-    undefined: ClassVar[dict[str, str]] = {
-        f"{m}_skill": "the strongest null leaves less room than skill_min_room (e.g. a near-uniform reference), where "
-        f"the skill's denominator would blow up noise; read detail/{m}_margin instead"
-        for m in METRICS
-    }
+    undefined: ClassVar[dict[str, str]] = {f"{m}_skill": f"null leaves no room; see detail/{m}_margin" for m in METRICS}
 
     def __init__(
         self,
@@ -318,9 +314,7 @@ class AttentionSimilarity(ProbeCallback):
         super().on_train_start(trainer, pl_module)
 
     def _take_initial(self, pl_module: L.LightningModule) -> None:
-        """The initial-copy reference (at train start, or at the start probe when another callback's train start
-        ran it first, e.g. a second AttentionSimilarity of a composed config).
-        """
+        """The initial-copy reference (at train start, or at a start probe that another callback's hook ran first)."""
         if self.active and self.initial and self._reference is None:
             snapshot = module_copy(self._template if self._template is not None else pl_module)
             if self._pending_initial is not None:
@@ -501,8 +495,6 @@ class AttentionSimilarity(ProbeCallback):
         charts = {f"{m} per layer": [rf"^{base}/{m}/[^/]+$"] for m in (*METRICS, "entropy")}
         charts |= {f"{m} skill per layer": [rf"^{base}/{m}_skill/[^/]+$"] for m in METRICS}
         for m in METRICS:
-            charts[f"{m} vs nulls (mean over layers)"] = [
-                rf"^{base}/{m}/mean$",
-                rf"^{base}/{DETAIL}/{m}_null_[a-z_]+/mean$",
-            ]
+            means = [rf"^{base}/{m}/mean$", rf"^{base}/{DETAIL}/{m}_null_[a-z_]+/mean$"]
+            charts[f"{m} vs nulls (mean over layers)"] = means
         return charts

@@ -239,10 +239,13 @@ class StabilityMonitor(ProbeCallback):
     def layout(self) -> dict[str, list[str]]:
         """Custom-scalars charts: one per per-layer quantity, and one for the loss checks (only those logged show)."""
         titles = {
-            "eq21": "eq. (21) per PDE layer (stable <= 1)", "W_O_spectral": "||W^O||_2 per layer",
-            "W_VO_spectral": "||W^O W^V||_2 per layer", "drift": "relative drift from u_0 per layer",
-            "cka_to_embedding": "CKA to u_0 per layer", "rms_growth": "rms growth rms_l / rms_0 per layer",
-        }  # fmt: skip
+            "eq21": "eq. (21) per PDE layer (stable <= 1)",
+            "W_O_spectral": "||W^O||_2 per layer",
+            "W_VO_spectral": "||W^O W^V||_2 per layer",
+            "drift": "relative drift from u_0 per layer",
+            "cka_to_embedding": "CKA to u_0 per layer",
+            "rms_growth": "rms growth rms_l / rms_0 per layer",
+        }
         charts = {title: [rf"^{self.key(q)}/[^/]+$"] for q, title in titles.items()}
         charts["loss checks"] = [rf"^{self.key(q)}$" for q in ("loss_ema", "loss_spike", "nonfinite")]
         return charts

@@ -66,8 +66,10 @@ def test_undefined_values_are_left_out_and_said_once(caplog: pytest.LogCaptureFi
         assert finite_only(metrics, said, "A", {"skill": "the null leaves no room"}) == {"analysis/a/cos/blocks.0": 0.5}
         finite_only(metrics, said, "A", {})
     lines = [r.getMessage() for r in caplog.records if "undefined" in r.getMessage()]
-    assert lines == ["A: skill is undefined (2 tag(s), e.g. analysis/a/skill/blocks.0) and not logged while it is: "
-                     "the null leaves no room"]  # fmt: skip
+    assert lines == [
+        "A: skill is undefined (2 tag(s), e.g. analysis/a/skill/blocks.0) and not logged while it is: "
+        "the null leaves no room"
+    ]
 
 
 def test_eps_tags_sort_as_numbers() -> None:
@@ -97,19 +99,31 @@ def test_hp_metric_is_the_final_val_accuracy(tmp_path: Path) -> None:
 # ---- a run of all nine -----------------------------------------------------------------------------------------
 def _nine() -> list[L.Callback]:
     return [
-        AttentionSimilarity(**SMALL, max_samples=8), InformationFlow(**SMALL), LayerMutualInformation(**SMALL),
-        GradientFlow(every_n_steps=2), PerturbationEval(**SMALL, max_samples=8), StabilityMonitor(**SMALL),
-        PDEFit(**SMALL), JacobianStability(**SMALL, n_iter=2), AttentionRollout(**SMALL),
-    ]  # fmt: skip
+        AttentionSimilarity(**SMALL, max_samples=8),
+        InformationFlow(**SMALL),
+        LayerMutualInformation(**SMALL),
+        GradientFlow(every_n_steps=2),
+        PerturbationEval(**SMALL, max_samples=8),
+        StabilityMonitor(**SMALL),
+        PDEFit(**SMALL),
+        JacobianStability(**SMALL, n_iter=2),
+        AttentionRollout(**SMALL),
+    ]
 
 
 @pytest.fixture(scope="module")
 def nine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     log_dir = tmp_path_factory.mktemp("nine")
     trainer = L.Trainer(
-        max_steps=4, logger=TensorBoardLogger(str(log_dir)), callbacks=_nine(), enable_progress_bar=False,
-        enable_checkpointing=False, enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
-    )  # fmt: skip
+        max_steps=4,
+        logger=TensorBoardLogger(str(log_dir)),
+        callbacks=_nine(),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+    )
     trainer.fit(our_task("transformer"), *image_loaders(n=32))
     return log_dir
 
