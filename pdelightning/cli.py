@@ -35,6 +35,7 @@ from typing_extensions import override
 import pdelightning.callbacks
 import pdelightning.data
 import pdelightning.models  # noqa: F401
+from pdelightning._hparams import log_final_hparams
 from pdelightning.adapters.registry import TargetNotFoundError
 from pdelightning.checkpointing import AtomicCheckpointIO, load_checkpoint_file
 from pdelightning.cli_errors import (
@@ -66,7 +67,7 @@ EXIT_UNSTABLE = 3
 """Exit status of a run that ``StabilityMonitor(action="stop")`` stopped."""
 _DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-    "init_args": {"save_dir": "logs", "name": "pdelightning"},
+    "init_args": {"save_dir": "logs", "name": "pdelightning", "default_hp_metric": False},
 }
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
 _LINKED = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
@@ -325,6 +326,7 @@ class PDELightningCLI(LightningCLI):
             for k, v in sorted(trainer.callback_metrics.items())
             if k.startswith(("val/", "train/acc"))
         )
+        log_final_hparams(trainer)  # hp_metric and the HParams tab: the final val metrics, not Lightning's -1
         verb = "Stopped (unstable)" if self.stop_reason else "Finished"
         print(f"\n{verb} after {steps} steps ({epochs} epochs). {final}")
         if not any(type(c).__name__ == "RunReport" for c in trainer.callbacks):  # RunReport printed it already

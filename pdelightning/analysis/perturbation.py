@@ -15,6 +15,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 
 import torch
 from torch import Tensor
@@ -33,6 +34,25 @@ def format_eps(eps: float) -> str:
         if math.isclose(float(label), eps, rel_tol=1e-9, abs_tol=0.0):
             return label
     return f"{eps:.2e}"
+
+
+def eps_tags(epsilons: Sequence[float]) -> list[str]:
+    """Metric-key labels of a grid of ε whose text order is their numeric order: ``eps_<fixed point>``.
+
+    Each ε is written in fixed point with the shortest digits of :func:`format_eps` (at most 3 significant), and the
+    integer parts are zero-padded to the grid's widest, so any sort of the tags (TensorBoard's, ``sorted``) lists
+    them by size; ``1e-03``-style labels sort as text by their exponent's digits instead (``1e+01`` before
+    ``1e-01``).
+
+    Example::
+
+        >>> eps_tags([1e-4, 10**-3.5, 0.5, 3.16, 10.0])
+        ['eps_00.0001', 'eps_00.000316', 'eps_00.5', 'eps_03.16', 'eps_10']
+    """
+    fixed = [format(Decimal(format_eps(float(e))), "f") for e in epsilons]
+    fixed = [f.rstrip("0").rstrip(".") if "." in f else f for f in fixed]
+    width = max(len(f.split(".")[0]) for f in fixed)
+    return [f"eps_{f.split('.')[0].zfill(width)}" + (f".{f.split('.')[1]}" if "." in f else "") for f in fixed]
 
 
 def sample_seed(seed: int, index: int) -> int:

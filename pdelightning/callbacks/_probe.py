@@ -26,7 +26,7 @@ the run, on every rank together, while training goes on (:mod:`pdelightning.prob
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as L
@@ -40,6 +40,7 @@ from typing_extensions import override
 from pdelightning._checks import check_choice
 from pdelightning.adapters.base import ModelAdapter
 from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
+from pdelightning.callbacks._layout import DETAIL, build_layout, finite_only, is_detail
 from pdelightning.callbacks._outputs import figure_outputs, log_histogram, steps_aside_without_logger
 from pdelightning.callbacks._strategy import warn_unverified_strategy
 from pdelightning.models.protocol import AnalysisTargets
@@ -108,7 +109,7 @@ def validation_loader(trainer: L.Trainer) -> DataLoader | None:
     return None
 
 
-_LAYOUTS: dict[int, dict[str, dict[str, list[Any]]]] = {}
+_LAYOUT_STATE = "_pdelightning_layout"  # SummaryWriter attribute: proposed charts, tags logged, layout written
 
 
 def tensorboard(trainer: L.Trainer) -> Any | None:
@@ -130,14 +131,26 @@ def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float | Tensor], step:
         logger.log_metrics(values, step=trainer.global_step if step is None else step)
 
 
-def write_layout(trainer: L.Trainer, name: str, charts: Mapping[str, list[str]]) -> None:
-    """Merge ``{chart title: [tag regex, ...]}`` of callback ``name`` into the run's custom-scalars layout (rank 0)."""
+def write_layout(trainer: L.Trainer, name: str, charts: Mapping[str, list[str]], logged: Iterable[str] = ()) -> None:
+    """Propose callback ``name``'s charts ``{title: [tag regex, ...]}``, note the tags ``logged`` just now, and
+    (re)write the run's Custom Scalars layout when it changed (rank 0).
+
+    The layout holds only charts that match logged tags (:func:`~pdelightning.callbacks._layout.build_layout`): it
+    is written again as new tags appear, and TensorBoard shows the last one written.
+    """
     writer = tensorboard(trainer)
-    if writer is None or not charts:
+    if writer is None:
         return
-    merged = _LAYOUTS.setdefault(id(writer), {})
-    merged[f"analysis/{name}"] = {title: ["Multiline", list(regexes)] for title, regexes in charts.items()}
-    writer.add_custom_scalars(merged)
+    state = getattr(writer, _LAYOUT_STATE, None)  # on the writer itself: a later run's writer starts afresh
+    if state is None:
+        state = {"proposed": {}, "tags": set(), "written": None}
+        setattr(writer, _LAYOUT_STATE, state)
+    state["proposed"][name] = dict(charts)
+    state["tags"].update(t for t in logged if t.startswith(f"analysis/{name}/"))
+    layout = build_layout(state["proposed"], state["tags"])
+    if layout and layout != state["written"]:
+        state["written"] = layout
+        writer.add_custom_scalars(layout)
 
 
 class ProbeCallback(GuardedCallback):
@@ -172,6 +185,10 @@ class ProbeCallback(GuardedCallback):
 
     name: ClassVar[str] = "probe"
     needs: ClassVar[tuple[str, ...]] = ("layers",)
+    #: regexes of the secondary quantities, logged as ``analysis/<name>/detail/<quantity>[/<layer>]``
+    detail: ClassVar[tuple[str, ...]] = ()
+    #: ``{quantity: why it can be undefined}``: an undefined value is not logged (and said once), never NaN
+    undefined: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -227,6 +244,7 @@ class ProbeCallback(GuardedCallback):
         self._plain = False
         self._hub: ProbeHub | None = None
         self._pending_hub_state: dict[str, Any] | None = None
+        self._said_undefined: set[str] = set()
 
     @property
     @override
@@ -425,12 +443,21 @@ class ProbeCallback(GuardedCallback):
 
     # ---- output ----------------------------------------------------------------------------------------------------
     def key(self, quantity: str, layer: str | None = None) -> str:
-        """``analysis/<callback>/<quantity>[/<layer>]``."""
-        return f"analysis/{self.name}/{quantity}" + (f"/{layer}" if layer else "")
+        """``analysis/<callback>/<quantity>[/<layer>]``, or ``analysis/<callback>/detail/...`` for a quantity that
+        matches :attr:`detail`.
+        """
+        group = f"{DETAIL}/" if is_detail(quantity, self.detail) else ""
+        return f"analysis/{self.name}/{group}{quantity}" + (f"/{layer}" if layer else "")
 
     def log_scalars(self, trainer: L.Trainer, metrics: Mapping[str, float | Tensor], step: int | None = None) -> None:
-        """Write scalars to every logger at ``step`` (default: the current global step), rank zero only."""
-        log_scalars(trainer, metrics, step)
+        """Write the finite scalars to every logger at ``step`` (default: the current global step), rank zero only;
+        an undefined value is left out and said once (:func:`finite_only`). The layout follows the tags logged.
+        """
+        if not trainer.is_global_zero:
+            return
+        kept = finite_only(metrics, self._said_undefined, type(self).__name__, self.undefined)
+        log_scalars(trainer, kept, step)
+        write_layout(trainer, self.name, self.layout(), kept)
 
     def figure(self, session: ProbeSession, tag: str, draw: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Draw ``draw(*args, **kwargs)`` (a matplotlib figure) under ``tag`` for every logger that takes figures

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as L
 import numpy as np
@@ -53,6 +53,7 @@ from pdelightning.analysis.attention import (  # noqa: F401 (the old import path
     uniform_attention,
     uniform_over_support,
 )
+from pdelightning.callbacks._layout import DETAIL
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.callbacks._reference import freeze, load_reference, reinitialised_copy
 from pdelightning.callbacks._targets import module_copy, unwrap
@@ -166,13 +167,15 @@ class AttentionSimilarity(ProbeCallback):
 
     Logged metrics (``analysis/attention_similarity/<quantity>/<layer>`` and ``.../<quantity>/mean`` over
     layers, ``<layer>`` the model's layer name, e.g. ``blocks.0``):
-        ``cosine``, ``kl``, ``js`` (matched heads); ``cosine_unmatched``;
+        ``cosine``, ``kl``, ``js`` (matched heads); ``entropy`` (nats);
+        ``cosine_skill``, ``kl_skill``, ``js_skill`` (vs the strongest enabled null). A skill is undefined, and
+        then not logged (said once in the log), where the strongest null leaves less than ``skill_min_room``.
+        Secondary, under ``analysis/attention_similarity/detail/<quantity>/<layer>``:
         ``cosine_null_uniform``, ``kl_null_uniform``, ``js_null_uniform``,
         ``cosine_null_shuffled``, ``kl_null_shuffled``, ``js_null_shuffled``,
         ``cosine_null_random_init``, ``kl_null_random_init``, ``js_null_random_init`` (enabled nulls only);
-        ``cosine_skill``, ``kl_skill``, ``js_skill`` (vs the strongest enabled null; NaN when it leaves no room);
         ``cosine_margin``, ``kl_margin``, ``js_margin`` (raw improvement over the strongest enabled null);
-        ``entropy``, ``entropy_reference`` (nats).
+        ``cosine_unmatched`` (head ``i`` with head ``i``); ``entropy_reference`` (nats).
         Figures: ``analysis/attention_similarity/attention_maps`` (head-averaged attention of probe sample 0,
         model above reference, per layer) and ``analysis/attention_similarity/by_layer`` (cosine per layer
         beside its nulls, and the cosine/JS skills per layer).
@@ -185,6 +188,8 @@ class AttentionSimilarity(ProbeCallback):
 
     name = "attention_similarity"
     needs = ("layers", "attention")
+    detail = (r"(cosine|kl|js)_null_[a-z_]+", r"(cosine|kl|js)_margin", "cosine_unmatched", "entropy_reference")
+    undefined: ClassVar[dict[str, str]] = {f"{m}_skill": f"null leaves no room; see detail/{m}_margin" for m in METRICS}
 
     def __init__(
         self,
@@ -444,7 +449,7 @@ class AttentionSimilarity(ProbeCallback):
             metrics.update({self.key(q, a): v for q, v in res.items() if isinstance(v, float)})
         for q in sorted({q for res in results.values() for q, v in res.items() if isinstance(v, float)}):
             values = [res[q] for res in results.values() if q in res and math.isfinite(res[q])]
-            metrics[self.key(q, "mean")] = float(np.mean(values)) if values else float("nan")
+            metrics[self.key(q, "mean")] = float(np.mean(values)) if values else float("nan")  # nan: not logged
         self.log_scalars(session.trainer, metrics, session.step)
         if self.log_figures:
             maps, pairs = dict(self._maps), list(self._pairs)
@@ -491,10 +496,9 @@ class AttentionSimilarity(ProbeCallback):
     @override
     def layout(self) -> dict[str, list[str]]:
         base = f"analysis/{self.name}"
-        quantities = ["cosine", "kl", "js", "cosine_unmatched", "entropy", "entropy_reference"]
-        quantities += [f"{m}_null_{n}" for n in self.nulls for m in METRICS]
-        quantities += [f"{m}_{k}" for k in ("skill", "margin") for m in METRICS] if self.nulls else []
-        charts = {f"{q} per layer": [rf"^{base}/{q}/.*"] for q in quantities}
+        charts = {f"{m} per layer": [rf"^{base}/{m}/[^/]+$"] for m in (*METRICS, "entropy")}
+        charts |= {f"{m} skill per layer": [rf"^{base}/{m}_skill/[^/]+$"] for m in METRICS}
         for m in METRICS:
-            charts[f"{m} vs nulls (mean over layers)"] = [rf"^{base}/{m}(_null_[a-z_]+)?/mean$"]
+            means = [rf"^{base}/{m}/mean$", rf"^{base}/{DETAIL}/{m}_null_[a-z_]+/mean$"]
+            charts[f"{m} vs nulls (mean over layers)"] = means
         return charts

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as L
 import torch
@@ -28,6 +28,7 @@ from pdelightning.analysis.gradients import (  # noqa: F401 (moved there; the ol
     tensor_norms,
     update_ratio,
 )
+from pdelightning.callbacks._layout import DETAIL, finite_only, is_detail
 from pdelightning.callbacks._outputs import log_histogram, steps_aside_without_logger, takes_histograms
 from pdelightning.callbacks._probe import DEFAULT_BUDGET, ON_MISSING, log_scalars, write_layout
 from pdelightning.callbacks._strategy import warn_unverified_strategy
@@ -153,16 +154,24 @@ class GradientFlow(GuardedCallback):
 
         * ``analysis/gradient_flow/grad_norm/<layer>``: L2 norm of the layer's gradient.
         * ``analysis/gradient_flow/grad_abs_mean/<layer>``: mean absolute gradient per parameter entry.
-        * ``analysis/gradient_flow/param_group_norm/<i>``: L2 gradient norm of optimizer parameter group ``i``
-          (``<j>.<i>`` for optimizer ``j`` when there are several).
         * ``analysis/gradient_flow/update_ratio/<layer>``: ``||Δθ|| / ||θ||`` of this optimizer step.
-        * ``analysis/gradient_flow/vanishing/<layer>``, ``analysis/gradient_flow/exploding/<layer>``: 0/1 flags.
+        * ``analysis/gradient_flow/detail/param_group_norm/<i>``: L2 gradient norm of optimizer parameter group ``i``
+          (``<j>.<i>`` for optimizer ``j`` when there are several).
+        * ``analysis/gradient_flow/detail/vanishing/<layer>``, ``analysis/gradient_flow/detail/exploding/<layer>``:
+          0/1 flags.
         * ``analysis/gradient_flow/grad_hist/<layer>``: TensorBoard histogram, on histogram steps.
 
         ``<layer>`` is a layer name (``blocks.0``, ``encoder.layers.1``) or ``embedding``, ``head``, ``other``.
+        A non-finite norm or ratio is not logged (said once in the log); its ``exploding`` flag is.
     """
 
     name = "gradient_flow"
+    detail = ("vanishing", "exploding", "param_group_norm")
+    undefined: ClassVar[dict[str, str]] = {
+        "grad_norm": "the gradient is not finite (its detail/exploding flag is 1)",
+        "grad_abs_mean": "the gradient is not finite (its detail/exploding flag is 1)",
+        "update_ratio": "the parameters are not finite after the step",
+    }
 
     def __init__(
         self,
@@ -217,6 +226,7 @@ class GradientFlow(GuardedCallback):
         self._histogram_window = -1
         self._snapshot: tuple[int, list[nn.Parameter], list[Tensor], Tensor] | None = None
         self._family = ""
+        self._said_undefined: set[str] = set()
 
     @property
     @override
@@ -295,9 +305,8 @@ class GradientFlow(GuardedCallback):
         return self._family
 
     def layout(self) -> dict[str, list[str]]:
-        """Custom-scalars charts: one multiline chart per quantity, all layers on it."""
-        quantities = ("grad_norm", "grad_abs_mean", "param_group_norm", "update_ratio", "vanishing", "exploding")
-        return {q: [rf"analysis/{self.name}/{q}/.*"] for q in quantities}
+        """Custom-scalars charts: one multiline chart per quantity, all layers on it (only those logged are shown)."""
+        return {q: [rf"^{self._key(q, '')}[^/]+$"] for q in ("grad_norm", "grad_abs_mean", "update_ratio")}
 
     # ---- hooks -----------------------------------------------------------------------------------------
     def due(self, trainer: L.Trainer) -> bool:
@@ -334,11 +343,20 @@ class GradientFlow(GuardedCallback):
             ratio = update_ratio(before, [p.detach() for p in params], groups, len(self._groups.names))
         present = sorted(set(groups.tolist()))
         values = ratio.tolist()
-        log_scalars(trainer, {self._key("update_ratio", self._groups.names[g]): values[g] for g in present}, step)
+        self._log(trainer, {self._key("update_ratio", self._groups.names[g]): values[g] for g in present}, step)
 
     # ---- measurement -----------------------------------------------------------------------------------
     def _key(self, quantity: str, layer: str) -> str:
-        return f"analysis/{self.name}/{quantity}/{layer}"
+        group = f"{DETAIL}/" if is_detail(quantity, self.detail) else ""
+        return f"analysis/{self.name}/{group}{quantity}/{layer}"
+
+    def _log(self, trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+        """Log the finite values (a non-finite norm is not logged; its ``exploding`` flag is) and follow the layout."""
+        if not trainer.is_global_zero:
+            return
+        kept = finite_only(metrics, self._said_undefined, type(self).__name__, self.undefined)
+        log_scalars(trainer, kept, step)
+        write_layout(trainer, self.name, self.layout(), kept)
 
     def _read(self, trainer: L.Trainer, optimizer: Optimizer) -> None:
         groups = self._groups
@@ -378,7 +396,7 @@ class GradientFlow(GuardedCallback):
             metrics[self._key("exploding", layer)] = float(exploding)
             self._flag("vanishing", layer, vanishing, f"grad_norm={norm:.3g} < {self.vanishing_threshold:g}", step)
             self._flag("exploding", layer, exploding, f"grad_norm={norm:.3g} > {self.exploding_threshold:g}", step)
-        log_scalars(trainer, metrics, step)
+        self._log(trainer, metrics, step)
         if self.histogram_every_n_steps and step // self.histogram_every_n_steps != self._histogram_window:
             self._histogram_window = step // self.histogram_every_n_steps
             if takes_histograms(trainer):  # TensorBoard or W&B

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -124,6 +124,10 @@ class JacobianStability(ProbeCallback):
 
     name = "jacobian_stability"
     needs = ("layers",)
+    undefined: ClassVar[dict[str, str]] = {
+        q: "no probe sample gave a finite estimate (the layer map is not finite there)"
+        for q in ("spectral_norm", "rate", "lyapunov")
+    }
 
     def __init__(
         self,

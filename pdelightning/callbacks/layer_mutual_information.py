@@ -126,18 +126,17 @@ class LayerMutualInformation(ProbeCallback):
 
     * ``analysis/layer_mutual_information/I_XT/<layer>``: ``I(X;T_l)`` estimate [bits].
     * ``analysis/layer_mutual_information/I_TY/<layer>``: ``I(T_l;Y)`` estimate [bits].
-    * ``analysis/layer_mutual_information/saturated/<layer>``: ``1`` if the estimate is at the ceiling, else ``0``.
-    * ``analysis/layer_mutual_information/H_Y``: label entropy, the ceiling of ``I(T;Y)`` [bits].
-    * ``analysis/layer_mutual_information/log2_N``: ``log2 N`` of the samples used.
-    * ``analysis/layer_mutual_information/I_XT_ceiling``: the entropy of the distinct probe inputs (<= log2 N).
-    * ``analysis/layer_mutual_information/N``: the number of probe samples the estimates used.
-    * ``analysis/layer_mutual_information/known_bias``, ``bias_large``: the ``I(T;Y)`` estimator's measured bias
-      at this N and width [bits], and whether it exceeds 0.25 bits.
+    * secondary, under ``analysis/layer_mutual_information/detail/``: ``saturated/<layer>`` (``1`` if the estimate
+      is at the ceiling, else ``0``); ``H_Y`` (label entropy, the ceiling of ``I(T;Y)`` [bits]); ``log2_N``
+      (``log2 N`` of the samples used); ``I_XT_ceiling`` (the entropy of the distinct probe inputs, <= log2 N);
+      ``N`` (the number of probe samples the estimates used); ``known_bias``, ``bias_large`` (the ``I(T;Y)``
+      estimator's measured bias at this N and width [bits], and whether it exceeds 0.25 bits).
     * ``analysis/layer_mutual_information/information_plane``: the figure (TensorBoard image).
     """
 
     name = "layer_mutual_information"
     needs = ("layers",)
+    detail = ("saturated", "H_Y", "log2_N", "I_XT_ceiling", "N", "known_bias", "bias_large")
 
     def __init__(
         self,
@@ -210,8 +209,8 @@ class LayerMutualInformation(ProbeCallback):
     @override
     def layout(self) -> dict[str, list[str]]:
         return {
-            "I(X;T) per layer [bits]": [self.key("I_XT") + "/.*", self.key("log2_N")],
-            "I(T;Y) per layer [bits]": [self.key("I_TY") + "/.*", self.key("H_Y")],
+            "I(X;T) per layer and its ceiling [bits]": [self.key("I_XT") + "/.*", self.key("I_XT_ceiling") + "$"],
+            "I(T;Y) per layer and H(Y) [bits]": [self.key("I_TY") + "/.*", self.key("H_Y") + "$"],
             "saturated estimate per layer": [self.key("saturated") + "/.*"],
         }
 

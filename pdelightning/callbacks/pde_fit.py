@@ -22,6 +22,7 @@ from pdelightning.adapters.base import OUT_PROJ_NAMES
 from pdelightning.adapters.windowed import skip_once
 from pdelightning.analysis.pde_fit import FIT_DIFFUSION, STAT_KEYS, pde_fit_statistics, solve_pde_fit
 from pdelightning.analysis.stability import exact_spectral_norm
+from pdelightning.callbacks._layout import DETAIL
 from pdelightning.callbacks._probe import ProbeCallback
 from pdelightning.models.pde import BOUNDARY_CONDITIONS
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget
@@ -29,7 +30,10 @@ from pdelightning.plots import pde_fit_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 
-QUANTITIES = ("D", "alpha", "ffn_coef", "r2", "r2_diffusion", "r2_attention", "eq21_fitted")
+QUANTITIES = ("r2_diffusion", "r2_attention", "D", "alpha", "ffn_coef", "r2", "eq21_fitted")
+# on a layer that is not a PDE step these are exact by construction (a residual block is an Euler step with
+# alpha = ffn_coef = 1/dt, D ~ 0, R^2 = 1): secondary there, logged under analysis/pde_fit/detail/
+TRIVIAL_OFF_PDE = ("D", "alpha", "ffn_coef", "r2", "eq21_fitted")
 
 
 def step_of(layer: LayerTarget, n_layers: int, dt: float | None, dx: float) -> tuple[float, float]:
@@ -73,8 +77,11 @@ class PDEFit(ProbeCallback):
         ValueError: for an unknown ``diffusion`` or ``boundary``, or a non-positive ``dt``/``dx``.
         TargetNotFoundError: at setup, when the model has no layers.
 
-    Logged metrics (``analysis/pde_fit/<quantity>/<layer>``): ``D`` (mean over features), ``alpha``,
-    ``ffn_coef``, ``r2``, ``r2_diffusion``, ``r2_attention``, ``eq21_fitted`` (layers with a readable ``W^O``).
+    Logged metrics (``analysis/pde_fit/<quantity>/<layer>``): ``r2_diffusion``, ``r2_attention`` (the sub-models'
+    R², the informative numbers on any model), and on PDE layers (``LayerTarget.pde`` set) ``D`` (mean over
+    features), ``alpha``, ``ffn_coef``, ``r2``, ``eq21_fitted`` (layers with a readable ``W^O``). On other layers
+    those five are exact by construction (α = c = 1/Δt, D ≈ 0, R² = 1 for a residual block) and are logged under
+    ``analysis/pde_fit/detail/<quantity>/<layer>``.
     Figure ``analysis/pde_fit/coefficients``: the per-layer coefficients and R² over training.
 
     Example::
@@ -235,7 +242,8 @@ class PDEFit(ProbeCallback):
             self.last_results[layer.name] = fit
             for q, v in values.items():
                 if v is not None:  # a term the fit left out has no coefficient: nothing is logged, not a 0
-                    metrics[self.key(q, layer.name)] = float(v)
+                    group = f"{DETAIL}/" if layer.pde is None and q in TRIVIAL_OFF_PDE else ""
+                    metrics[self.key(group + q, layer.name)] = float(v)
         self._say_missing(missing)
         if self.history and self.history[-1]["step"] == entry["step"]:
             self.history[-1] = entry  # the probe at a resumed run's first step repeats the checkpoint's last one
@@ -257,4 +265,4 @@ class PDEFit(ProbeCallback):
 
     @override
     def layout(self) -> dict[str, list[str]]:
-        return {f"{q} per layer": [rf"^analysis/{self.name}/{q}/.*"] for q in QUANTITIES}
+        return {f"{q} per layer": [rf"^analysis/{self.name}/{q}/[^/]+$"] for q in QUANTITIES}

@@ -10,14 +10,14 @@ perturbation grows: the per-layer amplification ``||δh_l|| / ||δh_0||``, the d
 cumulative perturbation effect the paper suspects in the PDE model's continuous dynamics (eq. 20 iterated).
 
 The math lives in module-level functions (:func:`gaussian_noise`, :func:`per_sample_rms`,
-:func:`critical_epsilon`, :func:`amplification`, :func:`format_eps`); the callback is a thin adapter.
+:func:`critical_epsilon`, :func:`amplification`, :func:`eps_tags`); the callback is a thin adapter.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as L
 import numpy as np
@@ -30,6 +30,7 @@ from pdelightning._checks import check_choice
 from pdelightning.analysis.perturbation import (  # noqa: F401 (the old import path keeps working)
     amplification,
     critical_epsilon,
+    eps_tags,
     format_eps,
     gaussian_noise,
     loss_departure,
@@ -156,13 +157,16 @@ class PerturbationEval(ProbeCallback):
 
     Logged metrics:
         - ``analysis/perturbation_eval/loss_clean``, ``analysis/perturbation_eval/acc_clean``
-        - ``analysis/perturbation_eval/loss/eps=<ε>``, ``analysis/perturbation_eval/acc/eps=<ε>`` for each ε
-          (labels from :func:`format_eps`, e.g. ``eps=1e-03``)
-        - ``analysis/perturbation_eval/critical_eps`` (``nan`` when no ε departs),
-          ``analysis/perturbation_eval/departure_ratio``, ``analysis/perturbation_eval/threshold_fraction``
+        - ``analysis/perturbation_eval/loss/eps_<ε>``, ``analysis/perturbation_eval/acc/eps_<ε>`` for each ε
+          (labels from :func:`~pdelightning.analysis.perturbation.eps_tags`, fixed point with a zero-padded
+          integer part so that they sort by size: ``eps_00.0001`` ... ``eps_03.16``, ``eps_10``)
+        - ``analysis/perturbation_eval/critical_eps`` (not logged while no ε departs: it is undefined then)
         - ``analysis/perturbation_eval/amplification/<layer>`` for each layer (models with layers)
-        - ``analysis/perturbation_eval/fgsm_loss/eps=<ε>``, ``analysis/perturbation_eval/fgsm_acc/eps=<ε>``
+        - ``analysis/perturbation_eval/fgsm_loss/eps_<ε>``, ``analysis/perturbation_eval/fgsm_acc/eps_<ε>``
           (``fgsm=True``)
+        - secondary: ``analysis/perturbation_eval/detail/departure_ratio`` (largest loss on the grid over the clean
+          loss), ``analysis/perturbation_eval/detail/threshold_fraction`` (how much of the way from the clean loss
+          to the departure threshold the curve got; ``>= 1``: crossed)
         - figure ``analysis/perturbation_eval/loss_vs_eps``: loss and accuracy against ε (log axis), clean values
           as horizontal lines, critical ε marked (TensorBoard).
 
@@ -174,6 +178,12 @@ class PerturbationEval(ProbeCallback):
     """
 
     name = "perturbation_eval"
+    detail = ("departure_ratio", "threshold_fraction")
+    undefined: ClassVar[dict[str, str]] = {
+        "critical_eps": "no ε of the grid raises the loss above critical_factor × the clean loss (yet); "
+        "detail/threshold_fraction says how far along the way the curve got",
+        "amplification": "no probe sample gave a finite amplification",
+    }
     needs = ()
 
     def __init__(
@@ -195,7 +205,7 @@ class PerturbationEval(ProbeCallback):
         if bad:
             raise ValueError(f"epsilons must be positive and finite (the ε axis is logarithmic); got {bad}")
         eps = sorted(eps)
-        labels = [format_eps(e) for e in eps]
+        labels = eps_tags(eps)
         if len(set(labels)) != len(labels):
             raise ValueError(f"epsilons {eps} give repeated metric keys {labels}: use distinct values")
         check_choice("mode", mode, MODES)
@@ -394,8 +404,8 @@ class PerturbationEval(ProbeCallback):
         losses = [mean[f"loss/{i}"] for i in range(len(self.epsilons))]
         accs = [mean[f"correct/{i}"] for i in range(len(self.epsilons))]
         for label, loss, acc in zip(self.labels, losses, accs, strict=True):
-            metrics[self.key("loss", f"eps={label}")] = loss
-            metrics[self.key("acc", f"eps={label}")] = acc
+            metrics[self.key("loss", label)] = loss
+            metrics[self.key("acc", label)] = acc
         departure = loss_departure(self.epsilons, losses, mean["loss_clean"], self.critical_factor)
         critical = departure.critical_eps
         metrics[self.key("critical_eps")] = critical
@@ -406,8 +416,8 @@ class PerturbationEval(ProbeCallback):
             fgsm_losses = [mean[f"fgsm_loss/{i}"] for i in range(len(self.epsilons))]
             fgsm_accs = [mean[f"fgsm_correct/{i}"] for i in range(len(self.epsilons))]
             for label, loss, acc in zip(self.labels, fgsm_losses, fgsm_accs, strict=True):
-                metrics[self.key("fgsm_loss", f"eps={label}")] = loss
-                metrics[self.key("fgsm_acc", f"eps={label}")] = acc
+                metrics[self.key("fgsm_loss", label)] = loss
+                metrics[self.key("fgsm_acc", label)] = acc
         for n in self._layers:
             v = out[f"amp/{n}"].double()
             v = v[torch.isfinite(v)]
@@ -426,12 +436,12 @@ class PerturbationEval(ProbeCallback):
     def layout(self) -> dict[str, list[str]]:
         k = f"analysis/{self.name}"
         charts = {
-            f"{k}/loss": [rf"^{k}/loss/eps=.*", rf"^{k}/loss_clean$"],
-            f"{k}/acc": [rf"^{k}/acc/eps=.*", rf"^{k}/acc_clean$"],
-            f"{k}/critical_eps": [rf"^{k}/critical_eps$"],
-            f"{k}/amplification": [rf"^{k}/amplification/.*"],
+            "loss vs ε (clean loss beside)": [rf"^{k}/loss/eps_[^/]+$", rf"^{k}/loss_clean$"],
+            "accuracy vs ε (clean accuracy beside)": [rf"^{k}/acc/eps_[^/]+$", rf"^{k}/acc_clean$"],
+            "critical ε": [rf"^{k}/critical_eps$"],
+            "amplification per layer": [rf"^{k}/amplification/[^/]+$"],
         }
         if self.fgsm:
-            charts[f"{k}/fgsm_loss"] = [rf"^{k}/fgsm_loss/eps=.*", rf"^{k}/loss_clean$"]
-            charts[f"{k}/fgsm_acc"] = [rf"^{k}/fgsm_acc/eps=.*", rf"^{k}/acc_clean$"]
+            charts["FGSM loss vs ε"] = [rf"^{k}/fgsm_loss/eps_[^/]+$", rf"^{k}/loss_clean$"]
+            charts["FGSM accuracy vs ε"] = [rf"^{k}/fgsm_acc/eps_[^/]+$", rf"^{k}/acc_clean$"]
         return charts

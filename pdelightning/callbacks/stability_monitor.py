@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as L
 import torch
@@ -142,25 +142,36 @@ class StabilityMonitor(ProbeCallback):
     Logged metrics:
         At probes (rank zero, at ``global_step``):
 
-        * ``analysis/stability_monitor/eq21/<layer>``, ``analysis/stability_monitor/eq21_exceeded/<layer>`` (0/1):
-          PDE layers only.
+        * ``analysis/stability_monitor/eq21/<layer>``: PDE layers only.
         * ``analysis/stability_monitor/W_O_spectral/<layer>``, ``analysis/stability_monitor/W_VO_spectral/<layer>``:
           layers with attention.
-        * ``analysis/stability_monitor/drift/<layer>``, ``analysis/stability_monitor/cka_to_embedding/<layer>``.
-        * ``analysis/stability_monitor/rms/<layer>`` (and ``rms/embedding`` for ``u_0``),
+        * ``analysis/stability_monitor/drift/<layer>``, ``analysis/stability_monitor/cka_to_embedding/<layer>``,
           ``analysis/stability_monitor/rms_growth/<layer>``.
-        * ``analysis/stability_monitor/nonfinite/<layer>`` (and ``nonfinite/embedding``): fraction of non-finite
-          values in the layer's output over the probe set.
+        * secondary, under ``analysis/stability_monitor/detail/``: ``eq21_exceeded/<layer>`` (0/1, PDE layers
+          only); ``rms/<layer>`` (and ``rms/embedding`` for ``u_0``); ``nonfinite/<layer>`` (and
+          ``nonfinite/embedding``): fraction of non-finite values in the layer's output over the probe set.
 
-        At loss checks (every ``check_every_n_steps`` batches and at epoch end):
+        At loss checks (every ``check_every_n_steps`` batches and at epoch end), under
+        ``analysis/stability_monitor/detail/``:
 
-        * ``analysis/stability_monitor/loss_ema``: the running average of the training loss.
-        * ``analysis/stability_monitor/loss_spike``: 1 if a loss since the last check was a spike, else 0.
-        * ``analysis/stability_monitor/nonfinite``: 1 if a loss since the last check was non-finite, else 0.
+        * ``loss_ema``: the running average of the training loss.
+        * ``loss_spike``: 1 if a loss since the last check was a spike, else 0.
+        * ``nonfinite``: 1 if a loss since the last check was non-finite, else 0.
+
+        A value that is undefined (e.g. drift of a layer whose output is not finite) is not logged (said once in
+        the log); the ``nonfinite`` fractions say why.
     """
 
     name = "stability_monitor"
     needs = ("layers",)
+    detail = ("eq21_exceeded", "rms", "nonfinite", "loss_ema", "loss_spike")
+    undefined: ClassVar[dict[str, str]] = {
+        "rms_growth": "the embedding u_0 has RMS 0 (or a non-finite one)",
+        "drift": "the layer's output or u_0 holds non-finite values (see detail/nonfinite)",
+        "cka_to_embedding": "the layer's output or u_0 holds non-finite values, or has no variance",
+        "rms": "the layer's output holds non-finite values (see detail/nonfinite)",
+        "loss_ema": "the training loss was non-finite",
+    }
 
     def __init__(
         self,
@@ -234,11 +245,17 @@ class StabilityMonitor(ProbeCallback):
         self._last_check = (int(last[0]), dict(last[1])) if last else None
 
     def layout(self) -> dict[str, list[str]]:
-        """Custom-scalars charts: one per per-layer quantity, and one for the loss checks."""
-        per_layer = ("eq21", "eq21_exceeded", "W_O_spectral", "W_VO_spectral", "drift", "cka_to_embedding", "rms",
-                     "rms_growth", "nonfinite")  # fmt: skip
-        charts = {q: [rf"analysis/{self.name}/{q}/.*"] for q in per_layer}
-        charts["loss"] = [rf"analysis/{self.name}/(loss_ema|loss_spike|nonfinite)$"]
+        """Custom-scalars charts: one per per-layer quantity, and one for the loss checks (only those logged show)."""
+        titles = {
+            "eq21": "eq. (21) per PDE layer (stable <= 1)",
+            "W_O_spectral": "||W^O||_2 per layer",
+            "W_VO_spectral": "||W^O W^V||_2 per layer",
+            "drift": "relative drift from u_0 per layer",
+            "cka_to_embedding": "CKA to u_0 per layer",
+            "rms_growth": "rms growth rms_l / rms_0 per layer",
+        }
+        charts = {title: [rf"^{self.key(q)}/[^/]+$"] for q, title in titles.items()}
+        charts["loss checks"] = [rf"^{self.key(q)}$" for q in ("loss_ema", "loss_spike", "nonfinite")]
         return charts
 
     # ---- events ----------------------------------------------------------------------------------------

@@ -16,6 +16,18 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 
+def plain_ticks(fig: Any) -> Any:
+    """Turn off the offset notation of every linear axis of ``fig`` (no "1e-12+1" above an axis of values near 1)."""
+    from matplotlib.ticker import ScalarFormatter
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            formatter = axis.get_major_formatter()
+            if isinstance(formatter, ScalarFormatter):
+                formatter.set_useOffset(False)
+    return fig
+
+
 def few_ticks(ax: Any, shape: Sequence[int]) -> None:
     """No ticks on an image; its size goes in the axis labels (tick artists are most of what a figure costs)."""
     ax.set_xticks([])
@@ -45,11 +57,13 @@ def attention_maps_figure(maps: Mapping[str, tuple[ArrayLike, ArrayLike]], pairs
     fig.subplots_adjust(left=0.08, right=0.86, wspace=0.45, hspace=0.45)
     if im is not None:
         fig.colorbar(im, cax=fig.add_axes((0.89, 0.15, 0.02, 0.7)), label="attention (head mean)")
-    return fig
+    return plain_ticks(fig)
 
 
 def attention_by_layer_figure(results: Mapping[str, Mapping[str, Any]], nulls: Sequence[str]) -> Any:
-    """Left: per-layer matched cosine beside its nulls (y axis zoomed to the data). Right: skill per layer."""
+    """Left: per-layer matched cosine beside its nulls (y axis zoomed to the data). Right: skill per layer (the raw
+    margin where no skill is defined).
+    """
     from matplotlib.figure import Figure
 
     layers = list(results)
@@ -68,14 +82,16 @@ def attention_by_layer_figure(results: Mapping[str, Mapping[str, Any]], nulls: S
     ax.set_xticks(range(len(layers)), layers, fontsize=7)
     ax.set_ylabel("cosine similarity (per row)")
     ax.legend(fontsize=6)
-    for q in ("cosine_skill", "js_skill"):
+    defined = any(math.isfinite(results[a].get(q, math.nan)) for a in layers for q in ("cosine_skill", "js_skill"))
+    kind = "skill" if defined else "margin"  # a skill is undefined where the null leaves no room: read the margin
+    for q in (f"cosine_{kind}", f"js_{kind}"):
         ax_skill.plot(range(len(layers)), [results[a].get(q, float("nan")) for a in layers], marker="o", label=q)
     ax_skill.axhline(0.0, color="grey", lw=0.8, ls="--")
     ax_skill.set_xticks(range(len(layers)), layers, fontsize=7)
-    ax_skill.set_ylabel("skill vs strongest null")
+    ax_skill.set_ylabel(f"{kind} vs strongest null")
     ax_skill.legend(fontsize=6)
     fig.subplots_adjust(bottom=0.18, wspace=0.3)
-    return fig
+    return plain_ticks(fig)
 
 
 def loss_vs_eps_figure(
@@ -114,7 +130,7 @@ def loss_vs_eps_figure(
     ax_loss.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    return fig
+    return plain_ticks(fig)
 
 
 def heatmap_figure(rows: list[tuple[str, list[ArrayLike], list[str]]], n_samples: int = 8) -> Any:
@@ -144,7 +160,7 @@ def heatmap_figure(rows: list[tuple[str, list[ArrayLike], list[str]]], n_samples
         if image is not None:
             box = axes[r][0].get_position()
             fig.colorbar(image, cax=fig.add_axes((0.9, box.y0, 0.015, box.height)))
-    return fig
+    return plain_ticks(fig)
 
 
 def cka_figure(
@@ -175,7 +191,7 @@ def cka_figure(
                     ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=5, color="w" if v < 0.5 else "k")
     if image is not None:
         fig.colorbar(image, cax=fig.add_axes((0.89, 0.2, 0.015, 0.7)))
-    return fig
+    return plain_ticks(fig)
 
 
 def information_plane_figure(
@@ -228,7 +244,7 @@ def information_plane_figure(
     ax.set_ylabel("I(T;Y) [bits]")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
-    return fig
+    return plain_ticks(fig)
 
 
 def pde_fit_figure(history: list[dict[str, Any]], layers: list[str]) -> Any:
@@ -253,13 +269,14 @@ def pde_fit_figure(history: list[dict[str, Any]], layers: list[str]) -> Any:
     for ax in (ax_c, ax_r):
         ax.set_xticks(list(x), names, rotation=60, fontsize=6)
         ax.legend(fontsize=7)
-    for n in names:
-        pts = [(h["step"], h[n]["r2"]) for h in history if n in h]
+    for n in names:  # the attention-only sub-model: the full fit of a residual block is exact (R² = 1) by construction
+        pts = [(h["step"], h[n]["r2_attention"]) for h in history if n in h]
         ax_t.plot([p[0] for p in pts], [p[1] for p in pts], label=n)
+    ax_t.set_ylim(min(-0.05, *(h[n]["r2_attention"] - 0.05 for h in history for n in names if n in h)), 1.05)
     ax_t.set_xlabel("step")
-    ax_t.set_title("R² over training", fontsize=9)
+    ax_t.set_title("R² of the attention-only fit over training", fontsize=9)
     ax_t.legend(fontsize=6)
-    return fig
+    return plain_ticks(fig)
 
 
 def rollout_figure(sample: ArrayLike, layers: list[str], entropies: list[float]) -> Any:
@@ -278,4 +295,4 @@ def rollout_figure(sample: ArrayLike, layers: list[str], entropies: list[float])
     ax_e.plot(range(len(layers)), entropies, "o-")
     ax_e.set_xticks(range(len(layers)), layers, rotation=60, fontsize=6)
     ax_e.set_ylabel("row entropy of the rollout [nats]", fontsize=8)
-    return fig
+    return plain_ticks(fig)

@@ -167,13 +167,18 @@ class ProbeHub:
         total = self.total_steps(trainer)
         sched.next_step = self._agree(trainer, sched.plan(trainer.global_step, total))
         floor = sched.floor_fraction(trainer.global_step, total)
+        few = None if self._floor_warned else sched.few_probes_message(trainer.global_step, total)
         if not self._floor_warned and floor is not None and floor > sched.budget:
             self._floor_warned = True
             rank_zero_warn(
                 f"analysis budget {sched.budget:.0%}: the probes at the start and the end of training alone will cost "
                 f"about {floor:.0%} of this run ({sched.last_cost:.2f} s per probe); the run gets only those two. "
-                "Attach fewer callbacks, lower their max_samples, or train longer to keep within the budget."
+                "Attach fewer callbacks, lower their max_samples, or train longer to keep within the budget. "
+                + (sched.cadence_advice(trainer.global_step, total) or "")
             )
+        elif few is not None:
+            self._floor_warned = True  # one message per run about too few probes
+            rank_zero_warn(few)
 
     def _calibrate(self, trainer: L.Trainer) -> None:
         sched = self.schedule

@@ -113,6 +113,46 @@ class BudgetSchedule:
         projected = self.train_seconds + max(0, int(total_steps) - step) * s
         return 2 * c / projected if projected > 0 else None
 
+    def expected_probes(self, step: int, total_steps: float | None) -> int | None:
+        """How many probes the whole run gets under this budget, as planned now (``None`` while unknown).
+
+        The probes done, the interior ones still affordable (as :meth:`plan` counts them) and the final one.
+        """
+        s, c = self.step_time(step), self.last_cost
+        if s is None or c is None or c <= 0 or total_steps is None or not math.isfinite(total_steps):
+            return None
+        remaining = max(0, int(total_steps) - step)
+        allowance = self.budget * (self.train_seconds + remaining * s) - self.spent - c
+        k = math.floor(allowance / c) if allowance > 0 and remaining > 1 else 0
+        k = min(k, max(0, remaining - 1) // (self.min_spacing or 1))
+        return self.probes + k + 1
+
+    def cadence_advice(self, step: int, total_steps: float | None, want: int = 12) -> str | None:
+        """The fixed cadence that gives about ``want`` probes, and what it would cost (``None`` while unknown)."""
+        s, c = self.step_time(step), self.last_cost
+        if s is None or c is None or total_steps is None or not math.isfinite(total_steps):
+            return None
+        total = int(total_steps)
+        spacing = max(1, total // (want - 1))  # a fixed cadence probes at step 0 and every spacing steps
+        probes = 1 + total // spacing
+        return (
+            f"For about {probes} points set every_n_steps={spacing} on the analysis callbacks (about {probes * c:.0f} "
+            f"s of analysis, {probes * c / (total * s):.0%} of this run's training time), or raise their budget."
+        )
+
+    def few_probes_message(self, step: int, total_steps: float | None, fewer_than: int = 10) -> str | None:
+        """What to tell the user when the budget alone gives fewer than ``fewer_than`` probes (curves of a few points),
+        with :meth:`cadence_advice`; ``None`` when there are enough or the numbers are not known yet.
+        """
+        n = self.expected_probes(step, total_steps)
+        advice = self.cadence_advice(step, total_steps)
+        if n is None or n >= fewer_than or advice is None:
+            return None
+        return (
+            f"analysis budget {self.budget:.0%}: this run of {int(total_steps)} steps gets about {n} probes "  # type: ignore[arg-type]
+            f"({self.last_cost:.2f} s each), so every analysis curve will have about {n} points. {advice}"
+        )
+
     def due(self, step: int) -> bool:
         """Whether an interior probe is scheduled at ``step`` (or was missed before it)."""
         return self.next_step is not None and step >= self.next_step

@@ -87,7 +87,7 @@ def test_all_callbacks_with_no_arguments_through_the_plugin(name: str, monkeypat
     for layer in layers:
         for key in ("attention_similarity/cosine", "layer_mutual_information/I_TY", "gradient_flow/grad_norm",
                     "stability_monitor/W_O_spectral", "stability_monitor/drift", "information_flow/consecutive_corr",
-                    "perturbation_eval/amplification", "pde_fit/r2", "jacobian_stability/spectral_norm",
+                    "perturbation_eval/amplification", "pde_fit/r2_attention", "jacobian_stability/spectral_norm",
                     "attention_rollout/entropy"):  # fmt: skip
             assert f"analysis/{key}/{layer}" in keys, (key, layer)
     for key in ("perturbation_eval/loss_clean", "overhead/fraction", "jacobian_stability/lyapunov"):

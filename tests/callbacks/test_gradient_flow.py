@@ -144,7 +144,7 @@ def test_known_gradients_update_ratio_and_cadence() -> None:
             v == pytest.approx(float(c.abs().mean()), rel=1e-6)
             for _, v in logger.series(f"{KEY}/grad_abs_mean/{layer}")
         )
-        assert [v for _, v in logger.series(f"{KEY}/vanishing/{layer}")] == [0.0, 0.0]
+        assert [v for _, v in logger.series(f"{KEY}/detail/vanishing/{layer}")] == [0.0, 0.0]
         # SGD: Δθ = -lr c exactly, and θ before step k is θ0 - k lr c
         t0 = torch.cat([t.flatten() for n, t in theta0.items() if n.startswith(prefix + ".")])
         expected = [(k, 0.1 * float(c.norm()) / float((t0 - k * 0.1 * c).norm())) for k in (0, 2)]
@@ -153,8 +153,8 @@ def test_known_gradients_update_ratio_and_cadence() -> None:
         assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-5)
     pg0 = float(module.coef_of("embed").norm())
     pg1 = float(torch.cat([module.coef_of("blocks"), module.coef_of("head")]).norm())
-    assert logger.series(f"{KEY}/param_group_norm/0")[0][1] == pytest.approx(pg0, rel=1e-6)
-    assert logger.series(f"{KEY}/param_group_norm/1")[0][1] == pytest.approx(pg1, rel=1e-6)
+    assert logger.series(f"{KEY}/detail/param_group_norm/0")[0][1] == pytest.approx(pg0, rel=1e-6)
+    assert logger.series(f"{KEY}/detail/param_group_norm/1")[0][1] == pytest.approx(pg1, rel=1e-6)
 
 
 def test_reads_once_per_optimizer_step_after_accumulation() -> None:
@@ -178,9 +178,14 @@ def test_vanishing_and_exploding_flagged_by_name() -> None:
     assert any("vanishing gradient in blocks.0" in m for m in messages), messages
     assert any("exploding gradient in blocks.1" in m for m in messages), messages
     assert len([m for m in messages if "vanishing gradient in blocks.0" in m]) == 1  # warned when it turns on only
-    assert [v for _, v in logger.series(f"{KEY}/vanishing/blocks.0")] == [1.0, 1.0]
-    assert [v for _, v in logger.series(f"{KEY}/exploding/blocks.1")] == [1.0, 1.0]
-    for key in ("vanishing/blocks.1", "exploding/blocks.0", "vanishing/head", "exploding/embedding"):
+    assert [v for _, v in logger.series(f"{KEY}/detail/vanishing/blocks.0")] == [1.0, 1.0]
+    assert [v for _, v in logger.series(f"{KEY}/detail/exploding/blocks.1")] == [1.0, 1.0]
+    for key in (
+        "detail/vanishing/blocks.1",
+        "detail/exploding/blocks.0",
+        "detail/vanishing/head",
+        "detail/exploding/embedding",
+    ):
         assert {v for _, v in logger.series(f"{KEY}/{key}")} == {0.0}, key
 
 
@@ -208,15 +213,15 @@ def test_end_to_end_tensorboard(kind: str, tmp_path: Any) -> None:
     events = read_events(log_dir)
     tags = set(events.Tags()["scalars"])
     for layer in [*layers, "embedding", "head"]:
-        for q in ("grad_norm", "grad_abs_mean", "update_ratio", "vanishing", "exploding"):
+        for q in ("grad_norm", "grad_abs_mean", "update_ratio", "detail/vanishing", "detail/exploding"):
             values = [(e.step, e.value) for e in events.Scalars(f"{KEY}/{q}/{layer}")]
             assert [s for s, _ in values] == [0, 2, 4], (q, layer)
             assert all(math.isfinite(v) for _, v in values)
         # histograms on the first read step of each 3-step window: 0 (window 0) and 4 (window 1), not 2
         assert [e.step for e in events.Histograms(f"{KEY}/grad_hist/{layer}")] == [0, 4]
-    assert f"{KEY}/param_group_norm/0" in tags
+    assert f"{KEY}/detail/param_group_norm/0" in tags
     assert "custom_scalars__config__" in events.Tags()["tensors"]
-    vanishing = {layer: events.Scalars(f"{KEY}/vanishing/{layer}")[-1].value for layer in layers}
+    vanishing = {layer: events.Scalars(f"{KEY}/detail/vanishing/{layer}")[-1].value for layer in layers}
     planted = [str(w.message) for w in record if "vanishing gradient" in str(w.message)]
     if kind == "transformer":
         assert vanishing == {"blocks.0": 1.0, "blocks.1": 0.0}

@@ -182,8 +182,8 @@ def test_bad_arguments(kwargs, match) -> None:
 # ---- end to end --------------------------------------------------------------------------------------------
 def _assert_logged(log_dir, layers: list[str]) -> None:
     tags = scalar_tags(log_dir)
-    expected = {f"{KEY}/H_Y", f"{KEY}/log2_N"} | {
-        f"{KEY}/{q}/{layer}" for q in ("I_XT", "I_TY", "saturated") for layer in layers
+    expected = {f"{KEY}/detail/H_Y", f"{KEY}/detail/log2_N"} | {
+        f"{KEY}/{q}/{layer}" for q in ("I_XT", "I_TY", "detail/saturated") for layer in layers
     }
     assert expected <= tags, sorted(tags)
     for tag in expected:
@@ -191,7 +191,7 @@ def _assert_logged(log_dir, layers: list[str]) -> None:
         assert len(values) == 2 and all(math.isfinite(v) for v in values), (tag, values)  # start + epoch end
     for layer in layers:
         assert all(v >= 0 for _, v in scalars(log_dir, f"{KEY}/I_TY/{layer}"))
-        assert all(v in (0.0, 1.0) for _, v in scalars(log_dir, f"{KEY}/saturated/{layer}"))
+        assert all(v in (0.0, 1.0) for _, v in scalars(log_dir, f"{KEY}/detail/saturated/{layer}"))
     assert f"{KEY}/information_plane" in read_events(log_dir).Tags()["images"]
 
 
@@ -203,7 +203,7 @@ def test_end_to_end_on_our_models(tmp_path, kind, estimator) -> None:
     _assert_logged(tmp_path, ["blocks.0", "blocks.1"])
     assert [h["step"] for h in cb.history] == [0, 4]
     expected_log2_n = math.log2(48 if estimator == "binning" else 40)  # the KDE uses kde_max_samples of them
-    assert scalars(tmp_path, f"{KEY}/log2_N")[0][1] == pytest.approx(expected_log2_n)
+    assert scalars(tmp_path, f"{KEY}/detail/log2_N")[0][1] == pytest.approx(expected_log2_n)
 
 
 def test_stock_encoder_via_globs(tmp_path) -> None:
@@ -234,7 +234,7 @@ def test_saturated_estimates_are_flagged_and_warned(tmp_path) -> None:
     with pytest.warns(UserWarning, match="ceiling"):
         _trainer(tmp_path, [cb]).fit(our_task("transformer"), train, val)
     for layer in ("blocks.0", "blocks.1"):
-        assert [v for _, v in scalars(tmp_path, f"{KEY}/saturated/{layer}")] == [1.0, 1.0]
+        assert [v for _, v in scalars(tmp_path, f"{KEY}/detail/saturated/{layer}")] == [1.0, 1.0]
         assert [v for _, v in scalars(tmp_path, f"{KEY}/I_XT/{layer}")] == pytest.approx([math.log2(48)] * 2)
 
 

@@ -32,6 +32,11 @@ from tests.helpers.tb import read_events
 KEY = "analysis/stability_monitor"
 
 
+def SUB(q: str) -> str:
+    """``detail/`` for a secondary quantity."""
+    return "detail/" if q in StabilityMonitor.detail else ""
+
+
 def _trainer(logger: Logger | bool, callbacks: list, **kw: Any) -> L.Trainer:
     kw = {"max_epochs": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0, "enable_checkpointing": False, **kw}
     return L.Trainer(logger=logger, callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, **kw)
@@ -141,7 +146,7 @@ def test_eq21_against_hand_computation() -> None:
         _trainer(logger, [cb], max_steps=1).fit(task, train, val)
     for layer, number in expected.items():
         assert logger.series(f"{KEY}/eq21/{layer}") == [(0, pytest.approx(number, rel=1e-5))]
-        assert logger.series(f"{KEY}/eq21_exceeded/{layer}") == [(0, float(number > 1))]
+        assert logger.series(f"{KEY}/detail/eq21_exceeded/{layer}") == [(0, float(number > 1))]
     assert logger.series(f"{KEY}/W_O_spectral/blocks.0") == [(0, pytest.approx(2.0, rel=1e-5))]
     assert logger.series(f"{KEY}/W_VO_spectral/blocks.0") == [(0, pytest.approx(6.0, rel=1e-5))]
     assert logger.series(f"{KEY}/W_VO_spectral/blocks.1") == [(0, pytest.approx(0.5, rel=1e-5))]
@@ -176,7 +181,7 @@ def test_planted_nan_activation_stops_and_names_the_layer(tmp_path: Path) -> Non
     assert trainer.global_step == 2  # of 12
     assert cb.stop_reason is not None and cb.stop_reason.startswith("StabilityMonitor: blocks.1 nonfinite_activations=")
     nonfinite = {
-        layer: logger.series(f"{KEY}/nonfinite/{layer}")[-1][1]
+        layer: logger.series(f"{KEY}/detail/nonfinite/{layer}")[-1][1]
         for layer in ("embedding", "blocks.0", "blocks.1", "blocks.2")
     }
     assert (
@@ -207,8 +212,8 @@ def test_nonfinite_loss_stops_on_that_step() -> None:
         trainer.fit(_Scripted(at=3, factor=float("nan")), *image_loaders(n=96))
     assert trainer.global_step == 4  # the step that produced the NaN completed, nothing after it
     assert cb.stop_reason is not None and "loss=nan" in cb.stop_reason
-    assert [v for _, v in logger.series(f"{KEY}/nonfinite")] == [0.0, 0.0, 0.0, 1.0]
-    assert all(math.isfinite(v) for _, v in logger.series(f"{KEY}/loss_ema"))  # NaN never enters the EMA
+    assert [v for _, v in logger.series(f"{KEY}/detail/nonfinite")] == [0.0, 0.0, 0.0, 1.0]
+    assert all(math.isfinite(v) for _, v in logger.series(f"{KEY}/detail/loss_ema"))  # NaN never enters the EMA
 
 
 def test_planted_loss_spike_is_detected() -> None:
@@ -217,9 +222,9 @@ def test_planted_loss_spike_is_detected() -> None:
     spike = r"StabilityMonitor: loss=.* > spike_factor=3 x loss_ema=.* \(loss spike, batch of step 4\)"
     with pytest.warns(UserWarning, match=spike):
         _trainer(logger, [cb], max_epochs=1).fit(_Scripted(at=4, factor=50.0), *image_loaders(n=96))  # 6 steps
-    assert logger.series(f"{KEY}/loss_spike") == [(3, 0.0), (6, 1.0)]
+    assert logger.series(f"{KEY}/detail/loss_spike") == [(3, 0.0), (6, 1.0)]
     assert cb.last_spike_step == 4 and cb.stop_reason is None
-    emas = [v for _, v in logger.series(f"{KEY}/loss_ema")]
+    emas = [v for _, v in logger.series(f"{KEY}/detail/loss_ema")]
     assert emas[-1] < 1.1 * emas[-2]  # the spike entered the EMA clipped, not at 50x
 
 
@@ -233,7 +238,7 @@ def test_transformer_matches_a_manual_probe_through_tensorboard(tmp_path: Path) 
     last = {tag: events.Scalars(tag)[-1] for tag in events.Tags()["scalars"] if tag.startswith(KEY)}
     layers = ["blocks.0", "blocks.1"]
     per_layer = ("W_O_spectral", "W_VO_spectral", "drift", "cka_to_embedding", "rms", "rms_growth", "nonfinite")
-    assert {f"{KEY}/{q}/{layer}" for q in per_layer for layer in layers} <= set(last)
+    assert {f"{KEY}/{SUB(q)}{q}/{layer}" for q in per_layer for layer in layers} <= set(last)
     assert not [t for t in last if "/eq21" in t]  # not a PDE model
     assert all(math.isfinite(e.value) for e in last.values())
     assert {e.step for t, e in last.items() if "/drift/" in t} == {trainer.global_step}
@@ -258,14 +263,14 @@ def test_transformer_matches_a_manual_probe_through_tensorboard(tmp_path: Path) 
         h = torch.cat(hidden[layer])
         rms = float(h.pow(2).mean().sqrt())
         assert last[f"{KEY}/drift/{layer}"].value == pytest.approx(relative_drift(h, u0), rel=1e-4)
-        assert last[f"{KEY}/rms/{layer}"].value == pytest.approx(rms, rel=1e-4)
+        assert last[f"{KEY}/detail/rms/{layer}"].value == pytest.approx(rms, rel=1e-4)
         assert last[f"{KEY}/rms_growth/{layer}"].value == pytest.approx(rms / rms0, rel=1e-4)
         assert last[f"{KEY}/cka_to_embedding/{layer}"].value == pytest.approx(
             float(linear_cka(u0.mean(1), h.mean(1))), abs=1e-4
         )
         true = float(torch.linalg.matrix_norm(model.blocks[i].attn.out_proj.weight.detach(), ord=2))
         assert last[f"{KEY}/W_O_spectral/{layer}"].value == pytest.approx(true, rel=1e-5)  # exact, not a lower bound
-    assert last[f"{KEY}/rms/embedding"].value == pytest.approx(rms0, rel=1e-4)
+    assert last[f"{KEY}/detail/rms/embedding"].value == pytest.approx(rms0, rel=1e-4)
 
 
 def test_stock_encoder_has_attention_keys_but_no_eq21() -> None:
@@ -275,8 +280,8 @@ def test_stock_encoder_has_attention_keys_but_no_eq21() -> None:
     keys = logger.keys()
     for layer in ("encoder.layers.0", "encoder.layers.1"):
         for q in ("W_O_spectral", "W_VO_spectral", "drift", "cka_to_embedding", "rms", "rms_growth"):
-            assert f"{KEY}/{q}/{layer}" in keys, (q, layer)
-            assert all(math.isfinite(v) for _, v in logger.series(f"{KEY}/{q}/{layer}"))
+            assert f"{KEY}/{SUB(q)}{q}/{layer}" in keys, (q, layer)
+            assert all(math.isfinite(v) for _, v in logger.series(f"{KEY}/{SUB(q)}{q}/{layer}"))
     assert not [k for k in keys if "/eq21" in k]
 
 
@@ -288,7 +293,7 @@ def test_mlp_needs_a_layers_glob_and_then_skips_attention() -> None:
         MLPModule(), *image_loaders(n=32)
     )
     keys = logger.keys()
-    assert {f"{KEY}/rms/net.{i}" for i in range(4)} | {f"{KEY}/cka_to_embedding/net.3"} <= keys
+    assert {f"{KEY}/detail/rms/net.{i}" for i in range(4)} | {f"{KEY}/cka_to_embedding/net.3"} <= keys
     # no attention, no PDE step, and no layer output has the input's [B, 8, 8] shape: no drift
     assert not [k for k in keys if any(q in k for q in ("W_O", "W_VO", "eq21", "/drift/"))]
 

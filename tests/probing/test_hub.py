@@ -133,3 +133,14 @@ def test_the_forward_contract() -> None:
     loss = per_sample_loss(torch.nn.Identity(), None, lm, tokens)
     torch.testing.assert_close(loss[1], F.cross_entropy(lm[1, :1], tokens[1, :1]))
     torch.testing.assert_close(loss[0], F.cross_entropy(lm[0, :2], tokens[0, :2]))
+
+
+def test_too_few_probes_under_the_budget_are_said_once_with_a_cadence() -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit([StabilityMonitor(probe_size=16, budget=0.001)], MemoryLogger(), max_steps=20)
+    said = [str(w.message) for w in caught if "analysis budget" in str(w.message)]
+    assert len(said) == 1, said  # once per run
+    assert "every_n_steps=" in said[0] and "points" in said[0], said[0]  # the cadence that gives a curve, its cost

@@ -117,3 +117,28 @@ def test_probe_set_doctests() -> None:
     from pdelightning.probing import probe_set
 
     assert doctest.testmod(probe_set, raise_on_error=False).failed == 0
+
+
+def test_expected_probes_is_what_the_schedule_then_runs() -> None:
+    steps, _ = simulate(0.03, total=1000, step_time=0.1, probe_cost=0.2)
+    sched = BudgetSchedule(0.03)
+    sched.record_probe(0, 0.2)
+    sched.tick(0.2 + 5 * 0.1)
+    assert sched.expected_probes(5, 1000) == pytest.approx(len(steps), abs=1)
+    assert sched.few_probes_message(5, 1000) is None  # about 15 probes: enough for a curve
+    assert BudgetSchedule(0.03).expected_probes(5, 1000) is None  # no probe cost measured yet
+
+
+def test_too_few_probes_are_said_with_the_cadence_that_gives_a_curve() -> None:
+    # the quickstart at the default budget: 315 steps of 0.2 s (63 s) and 2 s probes; 3 % is 1.9 s: start and end only
+    steps, _ = simulate(0.03, total=315, step_time=0.2, probe_cost=2.0)
+    assert steps == [0, 315]
+    sched = BudgetSchedule(0.03)
+    sched.record_probe(0, 2.0)
+    sched.tick(2.0 + 5 * 0.2)
+    assert sched.expected_probes(5, 315) == 2
+    message = sched.few_probes_message(5, 315)
+    assert message is not None
+    # every 315 // 11 = 28 steps: probes at 0, 28, ..., 308: 12 probes of 2 s = 24 s, 24 s / 63 s of training = 38 %
+    assert "about 2 probes" in message and "every_n_steps=28" in message and "For about 12 points" in message
+    assert "about 24 s of analysis, 38 % of this run's training time" in message.replace("38%", "38 %")
