@@ -2,7 +2,8 @@
 
 Lightning's ``TensorBoardLogger`` writes the hyperparameters at the start of training with the placeholder
 ``hp_metric = -1`` (``default_hp_metric=True``). Our configs set ``default_hp_metric: false`` and the CLI calls
-:func:`log_final_hparams` after ``fit``: ``hp_metric`` becomes the final ``val/acc`` (``val/loss`` when there is no
+:func:`log_final_hparams` at the end of ``fit`` (``on_fit_end``, before Lightning closes the loggers, so no second
+event file is opened): ``hp_metric`` becomes the final ``val/acc`` (``val/loss`` when there is no
 accuracy), and TensorBoard's HParams tab lists the hyperparameters beside ``hp_metric``, ``val/acc`` and ``val/loss``
 (the last logged values of those tags).
 """

@@ -75,7 +75,8 @@ _COUNTS = "pdelightning/run/"  # RunCounts' keys in callback_metrics (removed ag
 
 
 class RunCounts(Callback):
-    """Put the run's step and epoch counts in ``trainer.callback_metrics`` at the end of fit (rank 0 reads them).
+    """At the end of fit: write the final ``hp_metric`` and hparams (:func:`log_final_hparams`, before Lightning
+    closes the loggers), and put the run's step and epoch counts in ``trainer.callback_metrics`` (rank 0 reads them).
 
     Under ``ddp_spawn`` training runs in spawned processes and the main process's trainer never steps; Lightning
     sends back the rank-0 ``callback_metrics`` (not the loops' counters), so the CLI's summary line reads them there.
@@ -83,6 +84,7 @@ class RunCounts(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_final_hparams(trainer)  # hp_metric and the HParams tab: the final val metrics, not Lightning's -1
         trainer.callback_metrics[_COUNTS + "steps"] = torch.tensor(trainer.global_step, dtype=torch.int64)
         trainer.callback_metrics[_COUNTS + "epochs"] = torch.tensor(trainer.current_epoch, dtype=torch.int64)
 
@@ -326,7 +328,6 @@ class PDELightningCLI(LightningCLI):
             for k, v in sorted(trainer.callback_metrics.items())
             if k.startswith(("val/", "train/acc"))
         )
-        log_final_hparams(trainer)  # hp_metric and the HParams tab: the final val metrics, not Lightning's -1
         verb = "Stopped (unstable)" if self.stop_reason else "Finished"
         print(f"\n{verb} after {steps} steps ({epochs} epochs). {final}")
         if not any(type(c).__name__ == "RunReport" for c in trainer.callbacks):  # RunReport printed it already

@@ -47,10 +47,10 @@ PER_LAYER_KEYS = (
     "stability_monitor/drift",
     "information_flow/consecutive_corr",
     "perturbation_eval/amplification",
-    "pde_fit/r2",
-    "pde_fit/alpha",
-    "pde_fit/ffn_coef",
-    "pde_fit/eq21_fitted",
+    "pde_fit/detail/r2",  # the full fit of a non-PDE layer is a detail
+    "pde_fit/detail/alpha",
+    "pde_fit/detail/ffn_coef",
+    "pde_fit/detail/eq21_fitted",
     "jacobian_stability/spectral_norm",
     "attention_rollout/entropy",
 )
@@ -143,9 +143,9 @@ def test_all_nine_through_the_plugin(name: str, monkeypatch: pytest.MonkeyPatch)
         w_o = modules[w_o_name.format(i=i)].weight.detach()
         logged = logger.series(f"analysis/stability_monitor/W_O_spectral/{layer}")[-1][1]
         assert logged == pytest.approx(float(torch.linalg.matrix_norm(w_o, 2)), rel=1e-5)
-        alpha = logger.series(f"analysis/pde_fit/alpha/{layer}")[-1][1]
-        ffn = logger.series(f"analysis/pde_fit/ffn_coef/{layer}")[-1][1]
-        r2 = logger.series(f"analysis/pde_fit/r2/{layer}")[-1][1]
+        alpha = logger.series(f"analysis/pde_fit/detail/alpha/{layer}")[-1][1]
+        ffn = logger.series(f"analysis/pde_fit/detail/ffn_coef/{layer}")[-1][1]
+        r2 = logger.series(f"analysis/pde_fit/detail/r2/{layer}")[-1][1]
         if name in PRE_NORM:  # an Euler step of size Δt = 1/L = 1/2 whose strengths are 1/Δt (float32 captures)
             assert alpha == pytest.approx(2.0, abs=1e-4) and ffn == pytest.approx(2.0, abs=1e-4)
             assert r2 == pytest.approx(1.0, abs=1e-6)
@@ -217,7 +217,7 @@ def test_pde_fit_never_logs_a_coefficient_for_a_term_it_did_not_find() -> None:
         a = block.mixer(block.norm1(h))
         expected = float((a * (block(h) - h) / 0.5).sum() / (a * a).sum())
     name = targets.layers[0].name
-    assert logger.series(f"analysis/pde_fit/alpha/{name}")[-1][1] == pytest.approx(expected, rel=1e-5)
+    assert logger.series(f"analysis/pde_fit/detail/alpha/{name}")[-1][1] == pytest.approx(expected, rel=1e-5)
     assert fit.last_results[name].ffn_coef is None
 
 

@@ -308,7 +308,7 @@ PER_LAYER = (
     "attention_similarity/cosine", "attention_similarity/entropy", "layer_mutual_information/I_TY",
     "gradient_flow/grad_norm", "stability_monitor/W_O_spectral", "stability_monitor/rms_growth",
     "stability_monitor/cka_to_embedding", "information_flow/cka_consecutive", "perturbation_eval/amplification",
-    "pde_fit/r2", "pde_fit/alpha", "jacobian_stability/spectral_norm", "attention_rollout/entropy",
+    "pde_fit/detail/r2", "pde_fit/detail/alpha", "jacobian_stability/spectral_norm", "attention_rollout/entropy",
 )  # fmt: skip
 
 
@@ -363,9 +363,9 @@ def test_all_callbacks_through_the_plugin_analyse_every_stage(kind: str, monkeyp
     assert stage1[0] in next(m for m in messages if m.startswith("InformationFlow: consecutive_corr"))
     # a residual block is exactly u + attention + MLP (pre-norm; post-norm in V2): with Δt = 1/L the fit gives
     # α = c = L and R² = 1
-    for layer in layers:
+    for layer in layers:  # the full fit of a non-PDE layer is under detail/
         for q, expected in (("alpha", 4.0), ("ffn_coef", 4.0), ("r2", 1.0)):
-            assert logger.series(f"analysis/pde_fit/{q}/{layer}")[-1][1] == pytest.approx(expected, abs=1e-4), q
+            assert logger.series(f"analysis/pde_fit/detail/{q}/{layer}")[-1][1] == pytest.approx(expected, abs=1e-4), q
     # values: at the start the reference is the model itself, so its attention matches itself exactly
     for layer in layers:
         first = logger.series(f"analysis/attention_similarity/cosine/{layer}")[0]

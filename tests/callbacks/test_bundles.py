@@ -10,6 +10,7 @@ import yaml
 import pdelightning.callbacks
 from pdelightning.callbacks.plugin import CALLBACK_NAMES, GROUPS, LENS_NAMES
 from pdelightning.cli import build_cli
+from tests.helpers.configs import bare_quickstart
 from tests.test_cli import fake_mnist, fake_newsgroups
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +23,7 @@ def test_bundle_appends_and_runs(bundle: Path, tmp_path: Path) -> None:
     content = yaml.safe_load(bundle.read_text())
     assert list(content["trainer"]) == ["callbacks+"], "bundles must append (callbacks+), never replace"
     cli = build_cli([
-        "fit", "-c", str(ROOT / "configs/quickstart.yaml"), "-c", str(bundle), "--trainer.fast_dev_run=2",
+        "fit", "-c", str(bare_quickstart(tmp_path)), "-c", str(bundle), "--trainer.fast_dev_run=2",
         "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
         "--model.model.init_args.n_layers=2",
     ])  # fmt: skip

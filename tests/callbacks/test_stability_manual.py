@@ -66,8 +66,8 @@ def test_manual_optimisation_loss_is_checked(how: str) -> None:
     module = ManualModule(how)
     monitor = StabilityMonitor(check_every_n_steps=2, ema_decay=0.5, probe_size=16, probe_batch_size=8)
     logger, said = _fit(module, monitor)
-    ema = logger.series(f"{KEY}/loss_ema")
-    spikes = logger.series(f"{KEY}/loss_spike")
+    ema = logger.series(f"{KEY}/detail/loss_ema")
+    spikes = logger.series(f"{KEY}/detail/loss_spike")
     assert len(module.losses) == 6 and len(ema) == 3 and len(spikes) == 3  # a check every 2 of 6 batches
     expected = scan_losses(module.losses, None, 0, decay=0.5).ema
     assert ema[-1][1] == pytest.approx(expected, rel=1e-6)
@@ -80,7 +80,7 @@ def test_manual_optimisation_without_a_visible_loss_logs_neither_and_says_so_onc
     logger, said = _fit(ManualModule("plain_backward"), StabilityMonitor(check_every_n_steps=2, probe_size=16))
     keys = logger.keys()
     for q in ("loss_ema", "loss_spike", "nonfinite"):
-        assert f"{KEY}/{q}" not in keys, q
+        assert f"{KEY}/detail/{q}" not in keys and f"{KEY}/{q}" not in keys, q
     told = [m for m in said if "no training loss" in m]
     assert len(told) == 1 and "manual_backward" in told[0]
     assert any(k.startswith(f"{KEY}/W_O_spectral/") for k in keys)  # the probes still run
@@ -101,4 +101,4 @@ def test_automatic_optimisation_is_unchanged(monkeypatch: Any) -> None:
     monkeypatch.setattr(module, "training_step", recording)
     monitor = StabilityMonitor(check_every_n_steps=3, ema_decay=0.5, probe_size=16)
     logger, _ = _fit(module, monitor)
-    assert logger.series(f"{KEY}/loss_ema")[-1][1] == pytest.approx(scan_losses(seen, None, 0, decay=0.5).ema)
+    assert logger.series(f"{KEY}/detail/loss_ema")[-1][1] == pytest.approx(scan_losses(seen, None, 0, decay=0.5).ema)

@@ -17,6 +17,7 @@ from pdelightning.__main__ import main
 from pdelightning.callbacks import GradientFlow
 from pdelightning.callbacks.plugin import ENV_VAR, callbacks_factory
 from pdelightning.report import RunReport
+from tests.helpers.configs import bare_quickstart
 
 pytestmark = pytest.mark.filterwarnings("ignore:GradientFlow. vanishing gradient")
 
@@ -79,7 +80,7 @@ def test_cli_under_the_plugin_prints_the_summary_once_before_the_log_path(
     args = [
         "fit",
         "-c",
-        str(ROOT / "configs/quickstart.yaml"),
+        str(bare_quickstart(tmp_path)),
         "--trainer.max_steps=3",
         "--trainer.accelerator=cpu",
         "--trainer.limit_val_batches=1",

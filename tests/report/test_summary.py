@@ -18,13 +18,13 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from pdelightning.callbacks import AttentionSimilarity, StabilityMonitor
 from pdelightning.cli import main
 from pdelightning.report import RunReport, read_run, summarize
+from tests.helpers.configs import bare_quickstart
 from tests.helpers.models import image_loaders, our_task
 from tests.helpers.tb import read_events
 
 pytestmark = pytest.mark.filterwarnings("ignore:GradientFlow. vanishing gradient")
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICK = str(ROOT / "configs/quickstart.yaml")
 # GradientFlow with a vanishing threshold above every gradient norm: a planted finding whose threshold comes from the
 # run's config.yaml (the default 1e-7 would find nothing)
 BUNDLE = """
@@ -56,7 +56,7 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         [
             "fit",
             "-c",
-            QUICK,
+            str(bare_quickstart(tmp)),
             "-c",
             str(tmp / "bundle.yaml"),
             "--trainer.max_steps=4",
