@@ -60,6 +60,7 @@ from pdelightning.plots import attention_by_layer_figure, attention_maps_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 from pdelightning.probing.probe_set import partner_rows
+from pdelightning.probing.sharding import full, is_sharded, shard_copies, shard_like
 
 NULLS = ("uniform", "shuffled", "random_init")
 """The null baselines: uniform attention, the reference on another probe sample, a re-initialised model copy."""
@@ -305,17 +306,23 @@ class AttentionSimilarity(ProbeCallback):
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = unwrap(pl_module)
+        sharded = self.active and is_sharded(model)  # FSDP2: the copies are sharded like the model, never whole
         if self.active and self.initial and self._reference is None:
             snapshot = module_copy(self._template if self._template is not None else pl_module)
             if self._pending_initial is not None:
                 snapshot.load_state_dict(self._pending_initial)
                 self._pending_initial = None
-            else:
-                snapshot.load_state_dict(unwrap(pl_module).state_dict())  # after DDP's broadcast: same on every rank
+            else:  # sharded: each rank copies its own shards of the model's weights
+                snapshot = shard_like(snapshot, model) if sharded else snapshot
+                snapshot.load_state_dict(model.state_dict())  # after DDP's broadcast: same on every rank
                 rank_zero_info(
                     "AttentionSimilarity: no reference given; comparing with the model at the start of training"
                 )
             self._reference = freeze(snapshot)
+        if sharded:  # a given reference is another model and stays whole; the copies of this one are sharded
+            self._template = None
+            shard_copies(model, pl_module.device, self._reference if self.initial else None, self._null_model)
         super().on_train_start(trainer, pl_module)
 
     @override
@@ -327,7 +334,8 @@ class AttentionSimilarity(ProbeCallback):
     @override
     def extra_state(self) -> dict[str, Any]:
         if self.initial and self._reference is not None:
-            return {"initial_reference": {k: v.detach().cpu() for k, v in self._reference.state_dict().items()}}
+            state = self._reference.state_dict()  # sharded: gathered whole (every rank saves the callback's state)
+            return {"initial_reference": {k: full(v).detach().cpu() for k, v in state.items()}}
         return {}
 
     @override

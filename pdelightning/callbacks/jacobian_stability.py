@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -27,6 +28,7 @@ from pdelightning.callbacks.pde_fit import step_of
 from pdelightning.probing.batch import map_tensors
 from pdelightning.probing.capture import Request, first_input, replace_first_input
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+from pdelightning.probing.sharding import is_sharded
 
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_position")
 
@@ -86,7 +88,10 @@ class JacobianStability(ProbeCallback):
     ``block x max_samples`` rows per layer, twice (``J`` and ``J - I``), and as many through the stack. Each
     probe starts from the previous probe's top vectors (the same samples), so the estimates tighten over training;
     at a first probe the defaults read a residual PDE layer's norm to within about 0.5 % (tests/callbacks).
-    Per-sample values go through a gather (DDP gives the one-process numbers).
+    Per-sample values go through a gather (DDP gives the one-process numbers). Under sharded parameters (FSDP2,
+    ``DTensor``) the layer maps cannot be linearised one by one: each call of a sharded block gathers its weights,
+    a collective that ranks with different sample counts would call a different number of times; the Jacobian
+    norms and the exponent are then skipped (said once), and eq. (21) is still logged from gathered weights.
 
     Args:
         max_samples: how many probe samples to linearise at.
@@ -127,6 +132,7 @@ class JacobianStability(ProbeCallback):
         self.max_samples, self.n_iter, self.block, self.dt, self.lyapunov = max_samples, n_iter, block, dt, lyapunov
         self.last_metrics: dict[str, float] = {}
         self._warm: dict[tuple[Any, ...], Tensor] = {}  # last probe's top vectors: the next probe starts there
+        self._sharded: bool | None = None
 
     @override
     def request(self) -> Request:
@@ -135,13 +141,19 @@ class JacobianStability(ProbeCallback):
     @override
     def begin(self, session: ProbeSession) -> None:
         self._layers = session.targets["model"].layers
+        if self._sharded is None and is_sharded(session.pl_module):
+            rank_zero_warn(
+                "JacobianStability: the model's parameters are sharded (DTensor); the per-layer Jacobian norms and "
+                "the Lyapunov exponent cannot be computed under sharding and are skipped (eq. (21) is still logged)"
+            )
+        self._sharded = is_sharded(session.pl_module)
         keys = [f"sigma/{t.name}" for t in self._layers] + [f"rate/{t.name}" for t in self._layers] + ["lyapunov"]
         self._store = GatherStore(keys).to(session.device)
 
     @override
     def consume(self, pb: ProbeBatch) -> None:
         keep = pb.session.subset(pb.index, self.max_samples)
-        if len(keep) == 0:  # nothing to measure here, but the rank still takes part in the gather
+        if len(keep) == 0 or self._sharded:  # nothing to measure here, but the rank still takes part in the gather
             self._store.update(pb.index[:0], **{k: torch.zeros(0, device=pb.index.device) for k in self._store.keys})
             return
         cap = pb.captured["model"]
@@ -188,21 +200,22 @@ class JacobianStability(ProbeCallback):
         out = self._store.gather()
         self._store = None  # type: ignore[assignment]
         metrics: dict[str, float] = {}
+        weights = session.full_weights() if any(t.pde is not None for t in self._layers) else {}
         for layer in self._layers:
-            for q in ("sigma", "rate"):
+            for q in () if self._sharded else ("sigma", "rate"):
                 v = out[f"{q}/{layer.name}"].double()
                 v = v[torch.isfinite(v)]
                 key = "spectral_norm" if q == "sigma" else "rate"
                 metrics[self.key(key, layer.name)] = float(v.mean()) if v.numel() else math.nan
             if layer.pde is not None:
-                w_o = layer.out_proj_weight()
+                w_o = weights[layer.name][0] if layer.name in weights else layer.out_proj_weight()
                 if w_o is not None:
                     p = layer.pde
                     w = float(exact_spectral_norm(w_o.detach()).sigma)
                     metrics[self.key("eq21", layer.name)] = eq21_number(p.diffusion, p.alpha, p.dt, p.dx, w)
         lyap = out["lyapunov"].double()
         lyap = lyap[torch.isfinite(lyap)]
-        if self.lyapunov:
+        if self.lyapunov and not self._sharded:
             metrics[self.key("lyapunov")] = float(lyap.mean()) if lyap.numel() else math.nan
         self.last_metrics = metrics
         self.log_scalars(session.trainer, metrics, session.step)

@@ -166,11 +166,12 @@ class PDEFit(ProbeCallback):
         n_layers = len(self._targets.layers)
         metrics: dict[str, float] = {}
         entry: dict[str, Any] = {"step": session.step}
+        weights = session.full_weights()  # whole even under FSDP: gathered once per probe, shared, on every rank
         for layer in self._targets.layers:
             if layer.name not in stats:
                 continue
             dt, dx = step_of(layer, n_layers, self.dt, self.dx)
-            w_o = layer.out_proj_weight()
+            w_o = weights[layer.name][0] if layer.name in weights else layer.out_proj_weight()
             w_norm = float(exact_spectral_norm(w_o.detach()).sigma) if w_o is not None else None
             fit = solve_pde_fit(stats[layer.name], self.diffusion, dt=dt, dx=dx, w_o_norm=w_norm)
             values = {

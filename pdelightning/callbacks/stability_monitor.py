@@ -35,7 +35,6 @@ from pdelightning.analysis.stability import (  # noqa: F401 (moved there; the ol
     spectral_norm_power,
 )
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
-from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.capture import Request
 from pdelightning.probing.guard import agree
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
@@ -262,15 +261,15 @@ class StabilityMonitor(ProbeCallback):
             return float("inf")
         return float(exact_spectral_norm(matrix.detach()).sigma)
 
-    def _weights(self, targets: AnalysisTargets, metrics: dict[str, float], events: list[tuple[str, str]]) -> None:
-        for layer in targets.layers:
-            w_o = layer.out_proj_weight()
+    def _weights(self, session: ProbeSession, metrics: dict[str, float], events: list[tuple[str, str]]) -> None:
+        weights = session.full_weights()  # whole even under FSDP: gathered once per probe, shared
+        for layer in session.targets["model"].layers:
+            w_o, w_v = weights[layer.name]
             if w_o is None:
                 continue
             with torch.no_grad():
                 s_o = self._norm(w_o.detach().float())
                 metrics[self.key("W_O_spectral", layer.name)] = s_o
-                w_v = layer.value_proj_weight()
                 if w_v is not None and w_v.shape[0] == w_o.shape[1]:
                     w_vo = w_o.detach().float() @ w_v.detach().float()
                     metrics[self.key("W_VO_spectral", layer.name)] = self._norm(w_vo)
@@ -319,7 +318,7 @@ class StabilityMonitor(ProbeCallback):
         trainer, names = session.trainer, self._names
         metrics: dict[str, float] = {}
         events: list[tuple[str, str]] = []
-        self._weights(session.targets["model"], metrics, events)
+        self._weights(session, metrics, events)
         out = self._store.gather()  # collective: every rank, same values
         self._store = None  # type: ignore[assignment]
         rms0 = math.sqrt(float(out[f"sq/{_EMBEDDING}"].sum() / out[f"cnt/{_EMBEDDING}"].sum().clamp_min(1)))
