@@ -406,22 +406,23 @@ class AttentionSimilarity(ProbeCallback):
             n, t = p.shape[0], p.shape[-1]
             valid = pb.valid if pb.valid is not None and pb.valid.shape == (n, t) else _all_valid(n, t, p.device)
             update[f"rows/{a}"] = valid.sum(-1)
-            for m, v in pairwise_head_sums(p, r, valid, self.eps).items():
+            h_p, h_r = attention_entropy(p), attention_entropy(r)  # once per layer: every comparison reuses them
+            for m, v in pairwise_head_sums(p, r, valid, self.eps, p_log_p=-h_p, q_log_q=-h_r).items():
                 update[f"main/{m}/{a}"] = v
-            for m, v in pairwise_head_sums(uniform_over_support(r), r, valid, self.eps).items():
+            for m, v in pairwise_head_sums(uniform_over_support(r), r, valid, self.eps, q_log_q=-h_r).items():
                 update[f"uniform/{m}/{a}"] = v[:, 0]
             w = valid.float()[:, None, :]
-            update[f"entropy/{a}"] = (attention_entropy(p) * w).sum((-1, -2)) / p.shape[1]
-            update[f"entropy_reference/{a}"] = (attention_entropy(r) * w).sum((-1, -2)) / r.shape[1]
+            update[f"entropy/{a}"] = (h_p * w).sum((-1, -2)) / p.shape[1]
+            update[f"entropy_reference/{a}"] = (h_r * w).sum((-1, -2)) / r.shape[1]
             if self._null_key is not None:
-                for m, v in pairwise_head_sums(n_all[a].float(), r, valid, self.eps).items():
+                for m, v in pairwise_head_sums(n_all[a].float(), r, valid, self.eps, q_log_q=-h_r).items():
                     update[f"random_init/{m}/{a}"] = v
             if partner is not None:
                 have = partner >= 0
                 j = partner.clamp_min(0)
                 both = valid & valid[j] & have[:, None]
                 update[f"rows_shuffled/{a}"] = both.sum(-1)
-                for m, v in pairwise_head_sums(p, r[j], both, self.eps).items():
+                for m, v in pairwise_head_sums(p, r[j], both, self.eps, p_log_p=-h_p, q_log_q=-h_r[j]).items():
                     update[f"shuffled/{m}/{a}"] = v
             else:
                 update[f"rows_shuffled/{a}"] = torch.zeros_like(valid.sum(-1))
