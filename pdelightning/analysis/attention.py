@@ -121,7 +121,15 @@ def uniform_over_support(r: Tensor) -> Tensor:
     return support / support.sum(-1, keepdim=True).clamp_min(1.0)
 
 
-def pairwise_head_sums(p: Tensor, q: Tensor, row_mask: Tensor, eps: float = 1e-8) -> dict[str, Tensor]:
+def pairwise_head_sums(
+    p: Tensor,
+    q: Tensor,
+    row_mask: Tensor,
+    eps: float = 1e-8,
+    *,
+    p_log_p: Tensor | None = None,
+    q_log_q: Tensor | None = None,
+) -> dict[str, Tensor]:
     """Per-sample sums over valid query rows of cosine, KL(p||q) and JS for every pair of heads.
 
     The same per-row quantities as :func:`attention_cosine`, :func:`attention_kl` and :func:`attention_js`, computed
@@ -133,6 +141,9 @@ def pairwise_head_sums(p: Tensor, q: Tensor, row_mask: Tensor, eps: float = 1e-8
         q: attention probabilities of the reference, ``[B, Hq, T, T]``.
         row_mask: ``[B, T]``, ``True`` for the query rows to count.
         eps: the KL guard of :func:`attention_kl`.
+        p_log_p: ``Σ_k p log p`` per row, ``[B, Hp, T]`` (``-attention_entropy(p)``), when the caller has it already
+            (a model compared with several references pays it once); computed when ``None``.
+        q_log_q: likewise for ``q``, ``[B, Hq, T]``.
 
     Returns:
         ``{"cosine", "kl", "js": [B, Hp, Hq]}``; divide by ``row_mask.sum()`` (over the samples you pool)
@@ -142,8 +153,8 @@ def pairwise_head_sums(p: Tensor, q: Tensor, row_mask: Tensor, eps: float = 1e-8
     dot = torch.einsum("bhtk,bgtk->bhgt", p, q)  # (B, Hp, Hq, T)
     norms = p.norm(dim=-1)[:, :, None] * q.norm(dim=-1)[:, None]
     cosine = dot / norms.clamp_min(1e-12)
-    p_log_p = torch.xlogy(p, p).sum(-1)  # (B, Hp, T)
-    q_log_q = torch.xlogy(q, q).sum(-1)  # (B, Hq, T)
+    p_log_p = torch.xlogy(p, p).sum(-1) if p_log_p is None else p_log_p  # (B, Hp, T)
+    q_log_q = torch.xlogy(q, q).sum(-1) if q_log_q is None else q_log_q  # (B, Hq, T)
     kl = p_log_p[:, :, None] - torch.einsum("bhtk,bgtk->bhgt", p, q.clamp_min(eps).log())
     m_log_m = torch.stack(
         [torch.xlogy(m, m).sum(-1) for m in (0.5 * (p[:, h : h + 1] + q) for h in range(p.shape[1]))], dim=1

@@ -62,6 +62,7 @@ from pdelightning.plots import attention_by_layer_figure, attention_maps_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 from pdelightning.probing.probe_set import partner_rows
+from pdelightning.probing.sharding import full, is_sharded, shard_copies, shard_like
 
 NULLS = ("uniform", "shuffled", "random_init")
 """The null baselines: uniform attention, the reference on another probe sample, a re-initialised model copy."""
@@ -316,17 +317,23 @@ class AttentionSimilarity(ProbeCallback):
     @override
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # the hub calls this before the start probe, also when another probe callback's on_train_start runs it
+        model = unwrap(pl_module)
+        sharded = is_sharded(model)  # FSDP2: the copies are sharded like the model, never whole
         if self.initial and self._reference is None:
             snapshot = module_copy(self._template if self._template is not None else pl_module)
             if self._pending_initial is not None:
                 snapshot.load_state_dict(self._pending_initial)
                 self._pending_initial = None
-            else:
-                snapshot.load_state_dict(unwrap(pl_module).state_dict())  # after DDP's broadcast: same on every rank
+            else:  # sharded: each rank copies its own shards of the model's weights
+                snapshot = shard_like(snapshot, model) if sharded else snapshot
+                snapshot.load_state_dict(model.state_dict())  # after DDP's broadcast: same on every rank
                 rank_zero_info(
                     "AttentionSimilarity: no reference given; comparing with the model at the start of training"
                 )
             self._reference = freeze(snapshot)
+        if sharded:  # a given reference is another model and stays whole; the copies of this one are sharded
+            self._template = None
+            shard_copies(model, pl_module.device, self._reference if self.initial else None, self._null_model)
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -337,7 +344,8 @@ class AttentionSimilarity(ProbeCallback):
     @override
     def extra_state(self) -> dict[str, Any]:
         if self.initial and self._reference is not None:
-            return {"initial_reference": {k: v.detach().cpu() for k, v in self._reference.state_dict().items()}}
+            state = self._reference.state_dict()  # sharded: gathered whole (every rank saves the callback's state)
+            return {"initial_reference": {k: full(v).detach().cpu() for k, v in state.items()}}
         return {}
 
     @override
@@ -409,22 +417,23 @@ class AttentionSimilarity(ProbeCallback):
             n, t = p.shape[0], p.shape[-2]  # query rows (windowed attention: [B, H, T, N], one row per token)
             valid = pb.valid if pb.valid is not None and pb.valid.shape == (n, t) else _all_valid(n, t, p.device)
             update[f"rows/{a}"] = valid.sum(-1)
-            for m, v in pairwise_head_sums(p, r, valid, self.eps).items():
+            h_p, h_r = attention_entropy(p), attention_entropy(r)  # once per layer: every comparison reuses them
+            for m, v in pairwise_head_sums(p, r, valid, self.eps, p_log_p=-h_p, q_log_q=-h_r).items():
                 update[f"main/{m}/{a}"] = v
-            for m, v in pairwise_head_sums(uniform_over_support(r), r, valid, self.eps).items():
+            for m, v in pairwise_head_sums(uniform_over_support(r), r, valid, self.eps, q_log_q=-h_r).items():
                 update[f"uniform/{m}/{a}"] = v[:, 0]
             w = valid.float()[:, None, :]
-            update[f"entropy/{a}"] = (attention_entropy(p) * w).sum((-1, -2)) / p.shape[1]
-            update[f"entropy_reference/{a}"] = (attention_entropy(r) * w).sum((-1, -2)) / r.shape[1]
+            update[f"entropy/{a}"] = (h_p * w).sum((-1, -2)) / p.shape[1]
+            update[f"entropy_reference/{a}"] = (h_r * w).sum((-1, -2)) / r.shape[1]
             if self._null_key is not None:
-                for m, v in pairwise_head_sums(n_all[a].float(), r, valid, self.eps).items():
+                for m, v in pairwise_head_sums(n_all[a].float(), r, valid, self.eps, q_log_q=-h_r).items():
                     update[f"random_init/{m}/{a}"] = v
             if partner is not None:
                 have = partner >= 0
                 j = partner.clamp_min(0)
                 both = valid & valid[j] & have[:, None]
                 update[f"rows_shuffled/{a}"] = both.sum(-1)
-                for m, v in pairwise_head_sums(p, r[j], both, self.eps).items():
+                for m, v in pairwise_head_sums(p, r[j], both, self.eps, p_log_p=-h_p, q_log_q=-h_r[j]).items():
                     update[f"shuffled/{m}/{a}"] = v
             else:
                 update[f"rows_shuffled/{a}"] = torch.zeros_like(valid.sum(-1))

@@ -34,6 +34,7 @@ from pdelightning.callbacks._probe import DEFAULT_BUDGET, ON_MISSING, log_scalar
 from pdelightning.callbacks._strategy import warn_unverified_strategy
 from pdelightning.probing.guard import GuardedCallback, agree
 from pdelightning.probing.hub import ProbeHub
+from pdelightning.probing.sharding import is_sharded, sharded_sums
 
 EMBEDDING, HEAD, OTHER = "embedding", "head", "other"
 
@@ -227,6 +228,7 @@ class GradientFlow(GuardedCallback):
         self._snapshot: tuple[int, list[nn.Parameter], list[Tensor], Tensor] | None = None
         self._family = ""
         self._said_undefined: set[str] = set()
+        self._sharded = False  # FSDP2 / DTensor parameters: every rank reduces its shards' norms
 
     @property
     @override
@@ -296,6 +298,12 @@ class GradientFlow(GuardedCallback):
             return
         layers, embedding = self._layer_modules or self._layers(pl_module)
         self._groups = group_parameters(pl_module, layers, embedding)
+        self._sharded = is_sharded(pl_module)
+        if self._sharded and self.histogram_every_n_steps:
+            rank_zero_warn(
+                "GradientFlow: the parameters are sharded (DTensor); gradient histograms need whole gradients and "
+                "are not written (norms, update ratios and flags are reduced from the shards)"
+            )
         if self._hub is not None:
             self._hub.start_clock(trainer)
         write_layout(trainer, self.name, self.layout())
@@ -323,8 +331,8 @@ class GradientFlow(GuardedCallback):
             return
         start = time.perf_counter()
         with self.guarded("reading the gradients", trainer):  # rank zero's own work: agreed before the collective
-            if trainer.is_global_zero and self._groups is not None:
-                self._read(trainer, optimizer)
+            if (trainer.is_global_zero or self._sharded) and self._groups is not None:
+                self._read(trainer, optimizer)  # sharded: every rank, for the one all_reduce of the shards' norms
         if trainer.world_size > 1:
             agree(trainer, [self])  # every rank reads (or skips) the same steps
         if self._hub is not None:
@@ -339,8 +347,14 @@ class GradientFlow(GuardedCallback):
         step, params, before, groups = self._snapshot
         self._snapshot = None
         assert self._groups is not None
+        n = len(self._groups.names)
         with torch.no_grad():
-            ratio = update_ratio(before, [p.detach() for p in params], groups, len(self._groups.names))
+            if self._sharded:  # every rank: ||Δθ||² and ||θ||² summed over the shards, one all_reduce
+                delta = [p.detach() - b for p, b in zip(params, before, strict=True)]
+                sums = sharded_sums(delta + before, torch.cat([groups, groups + n]), 2 * n, pl_module.device)[0]
+                ratio = sums[:n].sqrt() / sums[n:].sqrt().clamp_min(1e-30)
+            else:
+                ratio = update_ratio(before, [p.detach() for p in params], groups, n)
         present = sorted(set(groups.tolist()))
         values = ratio.tolist()
         self._log(trainer, {self._key("update_ratio", self._groups.names[g]): values[g] for g in present}, step)
@@ -371,11 +385,18 @@ class GradientFlow(GuardedCallback):
         n = len(groups.names)
         pg_names, pg_members, pg_index = self._param_groups(trainer, optimizer, params)
         with torch.no_grad():
-            l2_each = tensor_norms(grads)  # ONE fused norm call serves the layers and the param groups
-            l2 = segment_norms(l2_each, seg, n)
-            l1 = segment_norms(tensor_norms(grads, ord=1), seg, n, ord=1)
-            pg = segment_norms(l2_each[pg_members.to(l2_each.device)], pg_index, len(pg_names))
-            values = torch.cat([l2, l1, pg]).tolist()  # one device sync
+            if self._sharded:  # sums of squares / absolute values over every rank's shards, then the square root
+                pg_grads = [grads[i] for i in pg_members.tolist()]
+                sums = sharded_sums(
+                    grads + pg_grads, torch.cat([seg, pg_index + n]), n + len(pg_names), trainer.strategy.root_device
+                )
+                l2, l1, pg = sums[0, :n].sqrt(), sums[1, :n], sums[0, n:].sqrt()
+            else:
+                l2_each = tensor_norms(grads)  # ONE fused norm call serves the layers and the param groups
+                l2 = segment_norms(l2_each, seg, n)
+                l1 = segment_norms(tensor_norms(grads, ord=1), seg, n, ord=1)
+                pg = segment_norms(l2_each[pg_members.to(l2_each.device)], pg_index, len(pg_names))
+            values = torch.cat([l2.float(), l1.float(), pg.float()]).tolist()  # one device sync
         l2_, l1_, pg_ = values[:n], values[n : 2 * n], values[2 * n :]
         numel = [0.0] * n
         for p, g in with_grad:
@@ -397,7 +418,11 @@ class GradientFlow(GuardedCallback):
             self._flag("vanishing", layer, vanishing, f"grad_norm={norm:.3g} < {self.vanishing_threshold:g}", step)
             self._flag("exploding", layer, exploding, f"grad_norm={norm:.3g} > {self.exploding_threshold:g}", step)
         self._log(trainer, metrics, step)
-        if self.histogram_every_n_steps and step // self.histogram_every_n_steps != self._histogram_window:
+        if (
+            self.histogram_every_n_steps
+            and not self._sharded
+            and step // self.histogram_every_n_steps != self._histogram_window
+        ):
             self._histogram_window = step // self.histogram_every_n_steps
             if takes_histograms(trainer):  # TensorBoard or W&B
                 for g in present:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -29,6 +30,7 @@ from pdelightning.models.protocol import LayerTarget
 from pdelightning.probing.batch import map_tensors
 from pdelightning.probing.capture import Request, first_input, replace_first_input
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+from pdelightning.probing.sharding import is_sharded
 
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_position")
 
@@ -101,6 +103,10 @@ class JacobianStability(ProbeCallback):
     Per-sample values go through a gather (DDP gives the one-process numbers). The warm-start vectors
     (``2 x layers x max_samples`` tensors of one sample's ``T x d``, shared by every rank after each probe) and the
     last probe's values are in the checkpoint, so a resumed run logs what an uninterrupted one does.
+    Under sharded parameters (FSDP2,
+    ``DTensor``) the layer maps cannot be linearised one by one: each call of a sharded block gathers its weights,
+    a collective that ranks with different sample counts would call a different number of times; the Jacobian
+    norms and the exponent are then skipped (said once), and eq. (21) is still logged from gathered weights.
 
     Args:
         max_samples: how many probe samples to linearise at.
@@ -150,6 +156,7 @@ class JacobianStability(ProbeCallback):
         self._measured: set[tuple[str, str, int]] = set()  # the entries this rank computes (its probe samples)
         self._replay: tuple[int, dict[str, float]] | None = None  # a resumed run's repeat of its checkpoint's probe
         self._replaying = False
+        self._sharded: bool | None = None
 
     @override
     def request(self) -> Request:
@@ -203,6 +210,12 @@ class JacobianStability(ProbeCallback):
         for group in groups if len(groups) > 1 and self.lyapunov else []:
             self._spans.append((f"lyapunov/{stage_name(group)}", at, at + len(group)))
             at += len(group)
+        if self._sharded is None and is_sharded(session.pl_module):
+            rank_zero_warn(
+                "JacobianStability: the model's parameters are sharded (DTensor); the per-layer Jacobian norms and "
+                "the Lyapunov exponent cannot be computed under sharding and are skipped (eq. (21) is still logged)"
+            )
+        self._sharded = is_sharded(session.pl_module)
         keys = [f"sigma/{t.name}" for t in self._layers] + [f"rate/{t.name}" for t in self._layers] + ["lyapunov"]
         keys += [key for key, _, _ in self._spans]
         self._store = GatherStore(keys).to(session.device)
@@ -212,7 +225,7 @@ class JacobianStability(ProbeCallback):
         if self._replaying:
             return
         keep = pb.session.subset(pb.index, self.max_samples)
-        if len(keep) == 0:  # nothing to measure here, but the rank still takes part in the gather
+        if len(keep) == 0 or self._sharded:  # nothing to measure here, but the rank still takes part in the gather
             self._store.update(pb.index[:0], **{k: torch.zeros(0, device=pb.index.device) for k in self._store.keys})
             return
         cap = pb.captured["model"]
@@ -279,14 +292,15 @@ class JacobianStability(ProbeCallback):
         self._share_warm(session.trainer)
         self._store = None  # type: ignore[assignment]
         metrics: dict[str, float] = {}
+        weights = session.full_weights() if any(t.pde is not None for t in self._layers) else {}
         for layer in self._layers:
-            for q in ("sigma", "rate"):
+            for q in () if self._sharded else ("sigma", "rate"):
                 v = out[f"{q}/{layer.name}"].double()
                 v = v[torch.isfinite(v)]
                 key = "spectral_norm" if q == "sigma" else "rate"
                 metrics[self.key(key, layer.name)] = float(v.mean()) if v.numel() else math.nan
             if layer.pde is not None:
-                w_o = layer.out_proj_weight()
+                w_o = weights[layer.name][0] if layer.name in weights else layer.out_proj_weight()
                 if w_o is not None:
                     p = layer.pde
                     w = float(exact_spectral_norm(w_o.detach()).sigma)
@@ -294,7 +308,7 @@ class JacobianStability(ProbeCallback):
         for key in [k for k, _, _ in self._spans] or ["lyapunov"]:
             lyap = out[key].double()
             lyap = lyap[torch.isfinite(lyap)]
-            if self.lyapunov:
+            if self.lyapunov and not self._sharded:
                 metrics[self.key(key)] = float(lyap.mean()) if lyap.numel() else math.nan
         self.last_metrics = metrics
         self.log_scalars(session.trainer, metrics, session.step)

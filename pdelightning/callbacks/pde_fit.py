@@ -209,11 +209,12 @@ class PDEFit(ProbeCallback):
         metrics: dict[str, float] = {}
         entry: dict[str, Any] = {"step": session.step}
         missing: dict[str, list[str]] = {"attention": [], "feed-forward": [], "W^O": []}
+        weights = session.full_weights()  # whole even under FSDP: gathered once per probe, shared, on every rank
         for layer in self._targets.layers:
             if layer.name not in stats:
                 continue
             dt, dx = step_of(layer, n_layers, self.dt, self.dx)
-            w_o = layer.out_proj_weight()
+            w_o = weights[layer.name][0] if layer.name in weights else layer.out_proj_weight()
             w_norm = float(exact_spectral_norm(w_o.detach()).sigma) if w_o is not None else None
             windowed = layer.windows is not None  # a 2-D token grid: the 1-D Laplacian along tokens is no diffusion
             if windowed:

@@ -37,7 +37,6 @@ from pdelightning.analysis.stability import (  # noqa: F401 (moved there; the ol
     spectral_norm_power,
 )
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
-from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.capture import Request
 from pdelightning.probing.guard import agree
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
@@ -291,7 +290,8 @@ class StabilityMonitor(ProbeCallback):
             self._said.add(what)
             rank_zero_warn(message)
 
-    def _weights(self, targets: AnalysisTargets, metrics: dict[str, float], events: list[tuple[str, str]]) -> None:
+    def _weights(self, session: ProbeSession, metrics: dict[str, float], events: list[tuple[str, str]]) -> None:
+        targets = session.targets["model"]
         no_o = [t.name for t in targets.layers if t.out_proj_weight() is None]
         no_v = [t.name for t in targets.layers if t.out_proj_weight() is not None and t.value_proj_weight() is None]
         if no_o:
@@ -308,14 +308,14 @@ class StabilityMonitor(ProbeCallback):
                 f"attention module named {list(VALUE_NAMES)} or a fused {list(QKV_NAMES)}); W_VO_spectral is not "
                 "logged for them",
             )
+        weights = session.full_weights()  # whole even under FSDP: gathered once per probe, shared
         for layer in targets.layers:
-            w_o = layer.out_proj_weight()
+            w_o, w_v = weights[layer.name]
             if w_o is None:
                 continue
             with torch.no_grad():
                 s_o = self._norm(w_o.detach().float())
                 metrics[self.key("W_O_spectral", layer.name)] = s_o
-                w_v = layer.value_proj_weight()
                 if w_v is not None and w_v.shape[0] == w_o.shape[1]:
                     w_vo = w_o.detach().float() @ w_v.detach().float()
                     metrics[self.key("W_VO_spectral", layer.name)] = self._norm(w_vo)
@@ -364,7 +364,7 @@ class StabilityMonitor(ProbeCallback):
         trainer, names = session.trainer, self._names
         metrics: dict[str, float] = {}
         events: list[tuple[str, str]] = []
-        self._weights(session.targets["model"], metrics, events)
+        self._weights(session, metrics, events)
         out = self._store.gather()  # collective: every rank, same values
         self._store = None  # type: ignore[assignment]
         rms0 = math.sqrt(float(out[f"sq/{_EMBEDDING}"].sum() / out[f"cnt/{_EMBEDDING}"].sum().clamp_min(1)))

@@ -26,6 +26,7 @@ from pdelightning.probing.batch import (
 )
 from pdelightning.probing.capture import Capture, Captured, EmbeddingEdit, Request, pad_prefix
 from pdelightning.probing.figures import FigureWorker
+from pdelightning.probing.sharding import full
 
 __all__ = ["MODEL", "ProbeBatch", "ProbeSession", "forward_batch"]
 
@@ -63,6 +64,7 @@ class ProbeSession:
     partner: Tensor | None = None
     rank: Tensor | None = None
     figure_position: int = 0
+    _full_weights: dict[str, dict[str, tuple[Tensor | None, Tensor | None]]] = field(default_factory=dict, repr=False)
 
     def subset(self, index: Tensor, k: int | None) -> Tensor:
         """Rows of a batch with probe positions ``index`` that belong to the random subset of ``k`` samples.
@@ -77,6 +79,26 @@ class ProbeSession:
     def device(self) -> torch.device:
         """The model's device."""
         return self.pl_module.device
+
+    def full_weights(self, key: str = MODEL) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+        """``{layer name: (W_O, W_V)}`` of model ``key``, whole even when the model is sharded, detached.
+
+        Read once per probe, for every layer at once, and shared by every callback of the probe: a sharded
+        (``DTensor``) weight is gathered here (a collective: every rank calls this at the same point of a probe; see
+        :mod:`pdelightning.probing.sharding`), never per callback, and never outside a probe. Either matrix is
+        ``None`` where the layer has none.
+        """
+        if key not in self._full_weights:
+            out: dict[str, tuple[Tensor | None, Tensor | None]] = {}
+            with torch.no_grad():
+                for layer in self.targets[key].layers:
+                    w_o, w_v = full(layer.out_proj_weight()), full(layer.value_proj_weight())
+                    out[layer.name] = (
+                        w_o.detach() if w_o is not None else None,
+                        w_v.detach() if w_v is not None else None,
+                    )
+            self._full_weights[key] = out
+        return self._full_weights[key]
 
 
 @dataclass

@@ -65,6 +65,9 @@ def test_pairwise_head_sums_equal_per_row_loops() -> None:
         js = sum(jensenshannon(p[b, i, r].numpy(), q[b, j, r].numpy()) ** 2 for r in rows)
         assert float(sums["kl"][b, i, j]) == pytest.approx(kl, rel=1e-9)
         assert float(sums["js"][b, i, j]) == pytest.approx(js, rel=1e-9)
+    # the entropies passed in (as AttentionSimilarity does, once per layer) give the same sums, bit for bit
+    given = pairwise_head_sums(p, q, valid, p_log_p=-attention_entropy(p), q_log_q=-attention_entropy(q))
+    assert all(torch.equal(given[k], sums[k]) for k in sums)
 
 
 def test_head_matching_against_brute_force_permutations() -> None:
