@@ -175,7 +175,7 @@ def test_an_iterable_validation_stream_trains_to_the_end_with_every_callback(mon
     trainer, logger, messages = _fit(DataLoader(Stream(n=64), batch_size=8), DataLoader(val, batch_size=8), monkeypatch)
     assert trainer.global_step == 3
     assert not [m for m in messages if "switched off" in m], messages
-    for key in ("attention_similarity/cosine", "layer_mutual_information/I_TY", "pde_fit/r2",
+    for key in ("attention_similarity/cosine", "layer_mutual_information/I_TY", "pde_fit/detail/r2",
                 "stability_monitor/W_O_spectral", "information_flow/consecutive_corr",
                 "jacobian_stability/spectral_norm", "attention_rollout/entropy"):  # fmt: skip
         assert f"analysis/{key}/encoder.layers.0" in logger.keys(), key  # noqa: SIM118

@@ -210,7 +210,7 @@ def test_all_callbacks_through_the_plugin_measure_a_module_without_forward(
     for layer in (t.name for t in targets.layers):
         for key in ("attention_similarity/cosine", "layer_mutual_information/I_TY", "gradient_flow/grad_norm",
                     "stability_monitor/W_O_spectral", "information_flow/consecutive_corr",
-                    "perturbation_eval/amplification", "pde_fit/r2", "jacobian_stability/spectral_norm",
+                    "perturbation_eval/amplification", "pde_fit/detail/r2", "jacobian_stability/spectral_norm",
                     "attention_rollout/entropy"):  # fmt: skip
             assert f"analysis/{key}/{layer}" in keys, (key, layer)
     # the probes at the start and at the end (not timing-dependent) log the same values as the twin with forward()

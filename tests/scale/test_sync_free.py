@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from pdelightning.callbacks.plugin import CALLBACK_NAMES, LENS_NAMES, build_callbacks
+from tests.helpers.loggers import MemoryLogger
 from tests.helpers.models import StockEncoderModule
 
 EVERY = 5
@@ -100,7 +101,7 @@ def _run(callbacks: list[L.Callback], accelerator: str = "cpu") -> tuple[list[in
         max_steps=STEPS,
         accelerator=accelerator,
         devices=1,
-        logger=False,
+        logger=MemoryLogger(),  # with logger=False the plugin's callbacks would step aside
         callbacks=[per_step, *callbacks, probes],
         enable_checkpointing=False,
         enable_progress_bar=False,
