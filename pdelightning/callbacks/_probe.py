@@ -49,6 +49,7 @@ from pdelightning.probing.batch import uncallable
 from pdelightning.probing.capture import Request
 from pdelightning.probing.guard import ON_ERROR, GuardedCallback
 from pdelightning.probing.hub import ProbeBatch, ProbeHub, ProbeSession
+from pdelightning.probing.loaders import validation_loader
 from pdelightning.probing.probe_set import DEFAULT_PROBE_SIZE
 from pdelightning.probing.store import GatherStore
 
@@ -72,41 +73,6 @@ def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
     """``(inputs, labels)`` of a batch (the first positional input, or the dict of keyword inputs)."""
     args, kwargs, labels = _split(batch)
     return (kwargs if kwargs else args[0]), labels
-
-
-def validation_loader(trainer: L.Trainer) -> DataLoader | None:
-    """The ``DataLoader`` the probe set is drawn from: the validation data (of the datamodule or the trainer),
-    else, with a warning, the training data; ``None`` if there is neither.
-    """
-    dm = trainer.datamodule
-    no_val = trainer.limit_val_batches == 0
-    getters: list[Callable[[], Any]] = [] if no_val else [
-        lambda: dm.val_dataloader() if dm is not None else None,
-        lambda: trainer.val_dataloaders,
-        # loaders given to fit() are reachable before the loops load them (setup), only through the loop's source
-        lambda: trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader(),
-    ]  # fmt: skip
-    for get in getters:
-        try:
-            loader = get()
-        except Exception:
-            continue
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0] if loader else None
-        if isinstance(loader, DataLoader):
-            return loader
-    train = None
-    for get in (lambda: dm.train_dataloader() if dm is not None else None, lambda: trainer.train_dataloader,
-                lambda: trainer.fit_loop._data_source.dataloader()):  # fmt: skip
-        with contextlib.suppress(Exception):
-            train = get()
-        if isinstance(train, (list, tuple)):
-            train = train[0] if train else None
-        if isinstance(train, DataLoader):
-            why = "limit_val_batches=0" if no_val else "no validation data"
-            rank_zero_warn(f"pdelightning: {why}: the analysis probe set is drawn from the training data")
-            return train
-    return None
 
 
 _LAYOUT_STATE = "_pdelightning_layout"  # SummaryWriter attribute: proposed charts, tags logged, layout written
