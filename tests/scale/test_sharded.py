@@ -102,6 +102,7 @@ def _shards(rank: int, world: int, port: int, out: str) -> None:
             "sharded": is_sharded(torch.nn.Linear(2, 2)),
         }
         Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()  # neither rank tears its group down while the other is still in a collective (seen: SIGABRT)
     finally:
         dist.destroy_process_group()
 
