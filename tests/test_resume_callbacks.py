@@ -121,17 +121,21 @@ def write_config(
 
 
 def read_analysis(log_dir: Path) -> dict[str, list[tuple[int, Any]]]:
-    """``{tag: [(step, value), ...]}`` of every ``analysis/*`` scalar and histogram, as written (no purging on read)."""
+    """``{tag: [(step, value), ...]}`` of every ``analysis/*`` scalar and histogram, as written (no purging on read),
+    in step order: a version's event files are read in name order, and a resumed run's file can sort before the
+    crashed run's when both were opened in the same second (a stable sort keeps a repeated step repeated).
+    """
     wait_for_figures()
     acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0}, purge_orphaned_data=False)
     acc.Reload()
     out: dict[str, list[tuple[int, Any]]] = {}
     for tag in acc.Tags()["scalars"]:
         if tag.startswith("analysis/"):
-            out[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
+            out[tag] = sorted(((e.step, e.value) for e in acc.Scalars(tag)), key=lambda sv: sv[0])
     for tag in acc.Tags()["histograms"]:
         if tag.startswith("analysis/"):
-            out[tag] = [(e.step, _histogram(e.histogram_value)) for e in acc.Histograms(tag)]
+            histograms = ((e.step, _histogram(e.histogram_value)) for e in acc.Histograms(tag))
+            out[tag] = sorted(histograms, key=lambda sv: sv[0])
     return out
 
 
