@@ -32,6 +32,7 @@ from typing import Any
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.loggers import Logger
 
 import pdelightning.probing.session as session_module
 from pdelightning.callbacks._probe import ProbeCallback
@@ -103,6 +104,18 @@ class Snapshot(L.Callback):
             }
 
 
+class _Discard(Logger):
+    """A logger that keeps nothing: with ``logger=False`` the plugin's callbacks would step aside."""
+
+    name, version = "discard", 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
 def measure(config: str, spec: str, probes: int, every: int, args: argparse.Namespace) -> dict[str, Any]:
     extra = [f"--data.init_args.data_dir={args.mnist_dir}"] if config == "mnist" else []
     cli = build_cli([*CONFIGS[config], *extra, "--seed_everything=0"], run=False)
@@ -115,7 +128,7 @@ def measure(config: str, spec: str, probes: int, every: int, args: argparse.Name
         clock.wrap(c)
     snap = Snapshot(clock, callbacks)
     trainer = L.Trainer(
-        max_steps=every * probes, max_epochs=-1, accelerator=args.accelerator, devices=1, logger=False,
+        max_steps=every * probes, max_epochs=-1, accelerator=args.accelerator, devices=1, logger=_Discard(),
         callbacks=[*callbacks, snap], enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )  # fmt: skip
