@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
+
 import lightning.pytorch as L
+from lightning.pytorch.utilities import rank_zero_warn
+
+_WARNED: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictionary()
 
 
 class InputError(ValueError):
@@ -10,6 +15,27 @@ class InputError(ValueError):
 
     The command line prints these as one ``error:`` line without a traceback and exits with status 2.
     """
+
+
+def warn_once(owner: object, key: str, message: str) -> None:
+    """Warn ``message`` (rank zero) the first time ``owner`` (e.g. a callback) says something about ``key``.
+
+    Example::
+
+        >>> import warnings
+        >>> class Owner: ...
+        >>> owner = Owner()
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     for _ in range(3):
+        ...         warn_once(owner, "W_O", "no W^O found")
+        >>> len(caught)
+        1
+    """
+    said = _WARNED.setdefault(owner, set())
+    if key not in said:
+        said.add(key)
+        rank_zero_warn(message)
 
 
 def should_log(trainer: L.Trainer | None) -> bool:

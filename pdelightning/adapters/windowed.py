@@ -27,20 +27,18 @@ import contextlib
 import functools
 import re
 import sys
-import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from pdelightning.adapters.base import ModelAdapter, fastpath_off, linear_weight, reset_all, value_weight_of
 from pdelightning.adapters.families import HuggingFaceAdapter
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget, WindowLayout
+from pdelightning.utils import warn_once
 
 _BLOCK = re.compile(r"^(?:.*\.)?layers\.(?P<stage>\d+)\.blocks\.(?P<block>\d+)$")
-_WARNED: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictionary()
 
 
 # ---- the window geometry (pure functions) ------------------------------------------------------------------------
@@ -175,10 +173,7 @@ def hierarchical(targets: AnalysisTargets) -> bool:
 
 def skip_once(callback: object, what: str, why: str) -> None:
     """Warn once per callback object and ``what`` that ``what`` is skipped, and why."""
-    said = _WARNED.setdefault(callback, set())
-    if what not in said:
-        said.add(what)
-        rank_zero_warn(f"{type(callback).__name__}: {what} skipped: {why}")
+    warn_once(callback, what, f"{type(callback).__name__}: {what} skipped: {why}")
 
 
 # ---- the adapter ---------------------------------------------------------------------------------------------------

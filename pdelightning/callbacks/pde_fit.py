@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
@@ -29,6 +28,7 @@ from pdelightning.models.protocol import AnalysisTargets, LayerTarget
 from pdelightning.plots import pde_fit_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+from pdelightning.utils import warn_once
 
 QUANTITIES = ("r2_diffusion", "r2_attention", "D", "alpha", "ffn_coef", "r2", "eq21_fitted")
 # on a layer that is not a PDE step these are exact by construction (a residual block is an Euler step with
@@ -110,7 +110,6 @@ class PDEFit(ProbeCallback):
         self.diffusion, self.dt, self.dx, self.boundary = diffusion, dt, dx, boundary
         self.history: list[dict[str, Any]] = []
         self.last_results: dict[str, Any] = {}
-        self._said: set[str] = set()
 
     @override
     def request(self) -> Request:
@@ -141,9 +140,8 @@ class PDEFit(ProbeCallback):
     def _say_missing(self, missing: dict[str, list[str]]) -> None:
         """Warn once per run and term which layers' fits leave that term out, and why."""
         for term, layers in missing.items():
-            if not layers or term in self._said:
+            if not layers:
                 continue
-            self._said.add(term)
             quantity = {"attention": "alpha and r2_attention", "feed-forward": "ffn_coef", "W^O": "eq21_fitted"}[term]
             if term == "W^O":
                 why = f"no attention output projection W^O found (looked for children named {list(OUT_PROJ_NAMES)})"
@@ -155,7 +153,7 @@ class PDEFit(ProbeCallback):
                 what = (
                     f"the term is left out of their fit (never fitted as zeros) and {quantity} is not logged for them"
                 )
-            rank_zero_warn(f"PDEFit: layers {layers} have no {term} ({why}); {what}")
+            warn_once(self, term, f"PDEFit: layers {layers} have no {term} ({why}); {what}")
 
     @override
     def consume(self, pb: ProbeBatch) -> None:

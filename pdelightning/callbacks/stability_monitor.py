@@ -40,6 +40,7 @@ from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.probing.capture import Request
 from pdelightning.probing.guard import agree
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+from pdelightning.utils import warn_once
 
 ACTIONS = ("warn", "stop")
 _EMBEDDING = "embedding"
@@ -214,7 +215,6 @@ class StabilityMonitor(ProbeCallback):
         self._slots: list[int | None] = []  # global step of each buffered loss, None where a batch had none
         self._batch_step = 0
         self._backward: list[Tensor] = []  # losses given to manual_backward in this batch (manual optimisation)
-        self._said: set[str] = set()  # what was reported once: "loss", "W_O", "W_V"
         self._active: set[str] = set()
         self._restored_window: tuple[list[float], list[int | None]] = ([], [])
         self._last_check: tuple[int, dict[str, float]] | None = None
@@ -285,30 +285,27 @@ class StabilityMonitor(ProbeCallback):
             return float("inf")
         return float(exact_spectral_norm(matrix.detach()).sigma)
 
-    def _say_once(self, what: str, message: str) -> None:
-        if what not in self._said:
-            self._said.add(what)
-            rank_zero_warn(message)
-
     def _weights(self, session: ProbeSession, metrics: dict[str, float], events: list[tuple[str, str]]) -> None:
         targets = session.targets["model"]
-        no_o = [t.name for t in targets.layers if t.out_proj_weight() is None]
-        no_v = [t.name for t in targets.layers if t.out_proj_weight() is not None and t.value_proj_weight() is None]
+        weights = session.full_weights()  # whole even under FSDP: gathered once per probe, shared
+        no_o = [name for name, (w_o, _) in weights.items() if w_o is None]
+        no_v = [name for name, (w_o, w_v) in weights.items() if w_o is not None and w_v is None]
         if no_o:
-            self._say_once(
+            warn_once(
+                self,
                 "W_O",
                 f"StabilityMonitor: no attention output projection W^O found for layers {no_o} (looked for children "
                 f"of their attention module named {list(OUT_PROJ_NAMES)}, and BERT's output.dense); W_O_spectral, "
                 "W_VO_spectral and eq21 are not logged for them",
             )
         if no_v:
-            self._say_once(
+            warn_once(
+                self,
                 "W_V",
                 f"StabilityMonitor: no value projection W_V found for layers {no_v} (looked for children of their "
                 f"attention module named {list(VALUE_NAMES)} or a fused {list(QKV_NAMES)}); W_VO_spectral is not "
                 "logged for them",
             )
-        weights = session.full_weights()  # whole even under FSDP: gathered once per probe, shared
         for layer in targets.layers:
             w_o, w_v = weights[layer.name]
             if w_o is None:
@@ -504,7 +501,8 @@ class StabilityMonitor(ProbeCallback):
         self._act(trainer, events, scope=("loss:",))
         if not kept:  # no rank had a loss in this window: nothing was checked, so nothing is logged
             if self.loss_ema is None:
-                self._say_once(
+                warn_once(
+                    self,
                     "loss",
                     "StabilityMonitor: no training loss to check: training_step returned no loss (outputs has no "
                     "'loss') and none went through manual_backward; loss_ema, loss_spike and nonfinite are not "
