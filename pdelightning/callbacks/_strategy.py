@@ -2,22 +2,21 @@
 
 The callbacks are tested on one device and under DDP (``ddp``, ``ddp_spawn``, ``ddp_find_unused_parameters_*``; gloo
 and NCCL): every rank holds the whole model, the probes gather per-sample values and give the one-process numbers.
-Strategies that shard or split the model (FSDP, DeepSpeed, model parallelism) or run on XLA devices break what the
-probes assume (each rank's module holds every parameter and runs the whole forward); :func:`warn_unverified_strategy`
-says so once per trainer, at setup, and training goes on.
+Parameters sharded by FSDP2 (``fully_shard``, e.g. Lightning's ``ModelParallelStrategy`` with data parallelism only)
+are handled (:mod:`pdelightning.probing.sharding`; tests/scale: equal to DDP's values), but the strategy itself can
+also split tensors across ranks (tensor parallelism), which nothing here checks. Those strategies, FSDP1's flat
+parameters, DeepSpeed and XLA devices get one warning per trainer at setup (:func:`warn_unverified_strategy`), and
+training goes on.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
+from pdelightning.utils import warn_once
 
 VERIFIED = ("SingleDeviceStrategy", "DDPStrategy")
 """The Lightning strategy classes the callbacks are verified on (a user's subclass of one counts as it)."""
-
-_warned: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def strategy_family(strategy: Any) -> str:
@@ -45,18 +44,18 @@ def unverified_strategy_message(strategy: Any, callbacks: list[str]) -> str | No
     return (
         f"pdelightning: {', '.join(callbacks)} {'is' if len(callbacks) == 1 else 'are'} verified on one device and "
         f"under DDP (ddp, ddp_spawn, ddp_find_unused_parameters_*), not on {name}: with sharded, offloaded or split "
-        "parameters (FSDP, DeepSpeed, model parallelism) the probes may read partial weights, give wrong values or "
-        "wait in collectives the strategy does not run. Check a probe against a single-device run before trusting it."
+        "parameters (FSDP, DeepSpeed, tensor parallelism) the probes may read partial weights, give wrong values or "
+        "wait in collectives the strategy does not run (FSDP2 data-parallel sharding is handled and tested equal to "
+        "DDP). Check a probe against a single-device run before trusting it."
     )
 
 
 def warn_unverified_strategy(trainer: Any) -> None:
     """Warn once per trainer (rank zero) when its strategy is not one the analysis callbacks are verified on."""
-    if getattr(trainer, "strategy", None) is None or trainer in _warned:
+    if getattr(trainer, "strategy", None) is None:
         return
-    _warned.add(trainer)
     ours = [c for c in trainer.callbacks if type(c).__module__.startswith("pdelightning.callbacks.")]
     names = sorted({type(c).__name__ for c in ours})
     message = unverified_strategy_message(trainer.strategy, names or ["the analysis callbacks"])
     if message is not None:
-        rank_zero_warn(message)
+        warn_once(trainer, "unverified strategy", message)
