@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_warn
@@ -17,8 +19,9 @@ class InputError(ValueError):
     """
 
 
-def warn_once(owner: object, key: str, message: str) -> None:
-    """Warn ``message`` (rank zero) the first time ``owner`` (e.g. a callback) says something about ``key``.
+def warn_once(owner: object, key: str, message: str, say: Callable[[str], Any] = rank_zero_warn) -> None:
+    """Warn ``message`` (rank zero) the first time ``owner`` (e.g. a callback) says something about ``key``; ``say``
+    (e.g. ``rank_zero_info``) for a notice rather than a warning.
 
     Example::
 
@@ -32,10 +35,13 @@ def warn_once(owner: object, key: str, message: str) -> None:
         >>> len(caught)
         1
     """
-    said = _WARNED.setdefault(owner, set())
+    try:
+        said = _WARNED.setdefault(owner, set())
+    except TypeError:  # not weak-referenceable: say it every time rather than never
+        said = set()
     if key not in said:
         said.add(key)
-        rank_zero_warn(message)
+        say(message)
 
 
 def should_log(trainer: L.Trainer | None) -> bool:

@@ -16,29 +16,16 @@
 from __future__ import annotations
 
 import os
-import weakref
 from functools import partial
 from typing import Any
 
 import lightning.pytorch as L
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from pdelightning.probing.figures import FigureOutputs
-
-_TOLD: weakref.WeakSet[Any] = weakref.WeakSet()  # loggers and trainers already told about their figures / logger
-
-
-def _once(obj: Any) -> bool:
-    """``True`` the first time it is asked about ``obj`` (kept weakly)."""
-    try:
-        if obj in _TOLD:
-            return False
-        _TOLD.add(obj)
-    except TypeError:  # not weak-referenceable: say it every time rather than never
-        pass
-    return True
+from pdelightning.utils import warn_once
 
 
 def takes_images(logger: Logger) -> bool:
@@ -76,16 +63,21 @@ def figure_outputs(trainer: L.Trainer) -> FigureOutputs:
         elif (log_dir := _log_dir(logger)) is not None:
             folder = os.path.join(log_dir, "figures")
             out.png_dirs.append(folder)
-            if _once(logger):
-                rank_zero_info(
-                    f"pdelightning: {type(logger).__name__} takes no images: figures are written as PNG files to "
-                    f"{folder}{os.sep}<tag>_step<N>.png (histograms only go to TensorBoard or W&B)"
-                )
-    if not out and trainer.loggers and _once(trainer):
+            warn_once(
+                logger,
+                "figures as files",
+                f"pdelightning: {type(logger).__name__} takes no images: figures are written as PNG files to "
+                f"{folder}{os.sep}<tag>_step<N>.png (histograms only go to TensorBoard or W&B)",
+                say=rank_zero_info,
+            )
+    if not out and trainer.loggers:
         names = ", ".join(type(lg).__name__ for lg in trainer.loggers)
-        rank_zero_info(
+        warn_once(
+            trainer,
+            "no figures",
             f"pdelightning: no logger of this run takes figures or has a log directory ({names}): figures are not "
-            "drawn; add a TensorBoardLogger, CSVLogger or WandbLogger to get them"
+            "drawn; add a TensorBoardLogger, CSVLogger or WandbLogger to get them",
+            say=rank_zero_info,
         )
     return out
 
@@ -114,13 +106,14 @@ def no_logger(trainer: L.Trainer) -> bool:
     """Whether the run has no logger (``logger=False``), so nothing measured is written. Said once per trainer."""
     if getattr(trainer, "loggers", True):  # a trainer with loggers, or none at all (a hook called by hand)
         return False
-    if _once(trainer):
-        rank_zero_warn(
-            "pdelightning: the Trainer has no logger (logger=False), so nothing the analysis callbacks measure is "
-            "written: those attached by PDELIGHTNING_CALLBACKS (on_missing='warn') are switched off and run no probe; "
-            "callbacks attached explicitly still run, their results only in their attributes. Give the Trainer a "
-            "logger (e.g. CSVLogger or TensorBoardLogger) to record them."
-        )
+    warn_once(
+        trainer,
+        "no logger",
+        "pdelightning: the Trainer has no logger (logger=False), so nothing the analysis callbacks measure is "
+        "written: those attached by PDELIGHTNING_CALLBACKS (on_missing='warn') are switched off and run no probe; "
+        "callbacks attached explicitly still run, their results only in their attributes. Give the Trainer a "
+        "logger (e.g. CSVLogger or TensorBoardLogger) to record them.",
+    )
     return True
 
 
