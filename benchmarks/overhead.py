@@ -45,12 +45,13 @@ except ImportError:
     wait_for_figures = None  # type: ignore[assignment]
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "pdelightning" / "configs"
 CONFIGS = {
-    "quickstart": ["-c", str(ROOT / "configs/quickstart.yaml")],
-    "mnist": ["-c", str(ROOT / "configs/mnist_transformer.yaml")],
+    "quickstart": ["-c", str(CONFIGS / "quickstart.yaml")],
+    "mnist": ["-c", str(CONFIGS / "mnist_transformer.yaml")],
     # a realistic size for a GPU: d = 512, 12 layers, sequences of 256 tokens (synthetic)
     "realistic": [
-        "-c", str(ROOT / "configs/quickstart.yaml"),
+        "-c", str(CONFIGS / "quickstart.yaml"),
         "--data=SyntheticTokenDataModule", "--data.init_args.max_len=256", "--data.init_args.batch_size=32",
         "--model.model.init_args.d_model=512", "--model.model.init_args.n_layers=12",
         "--model.model.init_args.n_heads=8", "--model.model.init_args.d_ff=2048",

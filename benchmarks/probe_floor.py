@@ -41,9 +41,10 @@ from pdelightning.cli import build_cli
 from pdelightning.probing.hub import ProbeHub
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "pdelightning" / "configs"
 CONFIGS = {
-    "quickstart": ["-c", str(ROOT / "configs/quickstart.yaml")],
-    "mnist": ["-c", str(ROOT / "configs/mnist_transformer.yaml")],
+    "quickstart": ["-c", str(CONFIGS / "quickstart.yaml")],
+    "mnist": ["-c", str(CONFIGS / "mnist_transformer.yaml")],
 }
 
 

@@ -47,6 +47,7 @@ from pdelightning.cli_errors import (
     trainer_message,
 )
 from pdelightning.data.base import ClassificationDataModule
+from pdelightning.resources import list_configs, resolve_config_args
 from pdelightning.resume import (
     KeepConfigCallback,
     RNGStateCheckpoint,
@@ -420,8 +421,10 @@ def _fail(message: str) -> NoReturn:
 def main(args: ArgsType = None) -> None:
     """Entry point of the ``pdelightning`` console script and ``python -m pdelightning``.
 
-    ``pdelightning summary <log_dir>`` reports a finished run (:mod:`pdelightning.report`);
-    ``pdelightning report ...`` and ``pdelightning reproduce ...`` go to the reproduction tools; everything
+    ``pdelightning summary <log_dir>`` reports a finished run (:mod:`pdelightning.report`); ``pdelightning configs``
+    lists the configs and callback bundles that ship with the package (``-c NAME`` finds them from any directory,
+    :mod:`pdelightning.resources`);
+    the paper's reproduction is a separate command, ``pdelightning-reproduce``; everything
     else (``fit``, ``validate``, ``test``, ``predict``) to LightningCLI. Exit status: 0 on success, 2 on bad
     input (one ``error:`` line; set ``PDELIGHTNING_TRACEBACK=1`` for the traceback), 3 when
     ``StabilityMonitor`` stopped training, 1 on any other failure (with its traceback).
@@ -431,15 +434,19 @@ def main(args: ArgsType = None) -> None:
         from pdelightning.report import main as summary
 
         sys.exit(summary(argv[1:]))
-    if argv and argv[0] in ("report", "reproduce"):
-        if argv[0] == "report":
-            from pdelightning.reproduce.report import main as tool
-        else:
-            from pdelightning.reproduce.run import main as tool
-        sys.exit(tool(argv[1:]))
+    if argv and argv[0] == "configs":  # the configs and callback bundles that ship with the package
+        print(list_configs())
+        sys.exit(0)
+    if argv and argv[0] in ("report", "reproduce"):  # the reproduction is its own package and command
+        rest = " ".join(argv[1:]) if argv[0] == "reproduce" else " ".join(argv)
+        _fail(
+            f"`pdelightning {argv[0]}` moved: the paper's reproduction has its own command, "
+            f"`pdelightning-reproduce {rest}` (package pdelightning_reproduce)"
+        )
     debug = os.environ.get("PDELIGHTNING_TRACEBACK", "") not in ("", "0")
     try:
         if argv is not None:
+            argv = resolve_config_args(argv)
             check_config_files(argv)
         cli = build_cli(argv if argv is not None else args)
     except (InputError, FileNotFoundError, TargetNotFoundError) as err:

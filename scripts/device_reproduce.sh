@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Train and analyse the whole reproduction (issue 9) on one machine in one call, publishing as it goes.
 #
-#   scripts/device_reproduce.sh OUTDIR [--quick] [more `pdelightning reproduce all` arguments]
+#   scripts/device_reproduce.sh OUTDIR [--quick] [more `pdelightning-reproduce all` arguments]
 #
 # OUTDIR receives, incrementally (a call killed at any moment keeps every finished unit's results):
-#   summary.csv.gz, runs.csv      merged long-format summary and run table (what `pdelightning report` reads)
+#   summary.csv.gz, runs.csv      merged long-format summary and run table (what `pdelightning-reproduce report` reads)
 #   units/<run or pair>/          each analysed unit's summary.csv and run.json / pair.json
 #   progress.log                  one line per start / finish, with seconds since the start
 #   env.txt                       machine, GPU, versions, the command
@@ -21,7 +21,7 @@
 # Quick check on a CPU:  PY=.venv/bin/python DATA=../shared/data WORKERS=2 scripts/device_reproduce.sh /tmp/q --quick
 set -uo pipefail
 
-OUTDIR=${1:?usage: scripts/device_reproduce.sh OUTDIR [--quick] [pdelightning reproduce all arguments]}
+OUTDIR=${1:?usage: scripts/device_reproduce.sh OUTDIR [--quick] [pdelightning-reproduce all arguments]}
 shift
 PY=${PY:-python3}
 DATA=${DATA:-.devdata}
@@ -63,19 +63,19 @@ fi
 # The pipeline ends itself before the call's limit, leaving time for the final merge and the report.
 ELAPSED=$(($(date +%s) - START))
 PIPE_S=$((LIMIT_S - 45 - ELAPSED))
-timeout --signal=TERM --kill-after=15 "$PIPE_S" "$PY" -m pdelightning reproduce all \
+timeout --signal=TERM --kill-after=15 "$PIPE_S" "$PY" -m pdelightning_reproduce all \
   --out "$RUNS" --publish "$OUTDIR" --mnist-dir "$DATA" --newsgroups-dir "$DATA/20newsgroups" \
   --workers "$WORKERS" --threads-per-worker "$THREADS" --stop-training-after "$((TRAIN_STOP_S - ELAPSED))" "$@"
 rc=$?
 echo "pipeline exit $rc after $(( $(date +%s) - START )) s" | tee -a "$OUTDIR/progress.log"
 
 # A killed pipeline may have missed the last merge: merge what was published.
-"$PY" -c "from pathlib import Path; from pdelightning.reproduce.summary import merge; o = Path('$OUTDIR'); \
+"$PY" -c "from pathlib import Path; from pdelightning_reproduce.summary import merge; o = Path('$OUTDIR'); \
 print('merged rows, runs:', merge(o / 'units', o)) if (o / 'units').is_dir() else None" | tee -a "$OUTDIR/progress.log"
 
 LEFT=$((LIMIT_S - ($(date +%s) - START)))
 if [ "$REPORT" = 1 ] && [ "$LEFT" -gt 25 ] && [ -f "$OUTDIR/summary.csv.gz" ]; then
-  timeout $((LEFT - 5)) "$PY" -m pdelightning report "$OUTDIR" --out "$OUTDIR/report" 2>&1 | tail -2 | tee -a "$OUTDIR/progress.log"
+  timeout $((LEFT - 5)) "$PY" -m pdelightning_reproduce report "$OUTDIR" --out "$OUTDIR/report" 2>&1 | tail -2 | tee -a "$OUTDIR/progress.log"
 fi
 echo "done after $(( $(date +%s) - START )) s" | tee -a "$OUTDIR/progress.log"
 exit $rc

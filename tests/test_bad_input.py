@@ -20,10 +20,11 @@ import torch
 
 from pdelightning.callbacks.plugin import ENV_VAR
 from pdelightning.cli import EXIT_BAD_INPUT, main
+from tests.helpers.configs import CONFIGS
 from tests.test_cli import fake_mnist, fake_newsgroups
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = str(ROOT / "configs/quickstart.yaml")
+QUICK = str(CONFIGS / "quickstart.yaml")
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _mnist(tmp: Path, damage: Callable[[Path], None] | None = None) -> list[str]
     root = fake_mnist(tmp / "mnist")
     if damage is not None:
         damage(root / "MNIST" / "raw")
-    return ["-c", str(ROOT / "configs/mnist_pde.yaml"), f"--data.init_args.data_dir={root}"]
+    return ["-c", str(CONFIGS / "mnist_pde.yaml"), f"--data.init_args.data_dir={root}"]
 
 
 def _truncate(path: Path, keep: float = 0.5) -> None:
@@ -63,7 +64,7 @@ def _news(tmp: Path, *extra: str, damage: bool = False) -> list[str]:
     root = fake_newsgroups(tmp / "news")
     if damage:
         _truncate(root / "20news-bydate.tar.gz")
-    return ["-c", str(ROOT / "configs/newsgroups_transformer.yaml"), f"--data.init_args.data_dir={root}",
+    return ["-c", str(CONFIGS / "newsgroups_transformer.yaml"), f"--data.init_args.data_dir={root}",
             "--data.init_args.max_len=16", "--data.init_args.vocab_size=64", *extra]  # fmt: skip
 
 
@@ -232,7 +233,7 @@ CASES: dict[str, Case] = {
     ),
     # ---- data files --------------------------------------------------------------------------------------------
     "mnist-missing": Case(
-        lambda t: ["-c", str(ROOT / "configs/mnist_pde.yaml"), f"--data.init_args.data_dir={t / 'nowhere'}"],
+        lambda t: ["-c", str(CONFIGS / "mnist_pde.yaml"), f"--data.init_args.data_dir={t / 'nowhere'}"],
         ["nowhere/MNIST/raw", "download: true"],
         own_config=True,
     ),

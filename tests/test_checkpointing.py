@@ -37,6 +37,7 @@ from pdelightning.resume import (
     rng_states,
     set_rng_states,
 )
+from tests.helpers.configs import CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,7 +183,7 @@ def test_nonfinite_without_earlier_file_writes_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-QUICK = ["-c", str(ROOT / "configs/quickstart.yaml"), "--trainer.accelerator=cpu"]
+QUICK = ["-c", str(CONFIGS / "quickstart.yaml"), "--trainer.accelerator=cpu"]
 
 
 def test_cli_installs_the_plugin_unless_the_config_gives_one() -> None:

@@ -18,9 +18,11 @@ import yaml
 
 from pdelightning.cli import build_cli
 from pdelightning.models import PDEClassifier, TransformerClassifier
+from tests.helpers.configs import CONFIGS as PACKAGED
+from tests.helpers.configs import REPRO_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(PACKAGED.glob("*.yaml"))
 
 
 def fake_mnist(root: Path, n_train: int = 64, n_test: int = 32) -> Path:
@@ -92,7 +94,7 @@ def test_config_runs(config: Path, tmp_path: Path) -> None:
         assert model.embed.image_size == data.image_size
 
 
-ALL_CONFIGS = CONFIGS + sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+ALL_CONFIGS = CONFIGS + sorted(REPRO_CONFIGS.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -125,28 +127,26 @@ def test_task_default_optimizer_is_adamw_with_its_defaults() -> None:
 def test_ablation_configs_switch_what_they_say() -> None:
     for name, key, value in (("no_residual", "residual", False), ("no_layernorm", "norm", "none")):
         for data in ("mnist", "newsgroups"):
-            cfg = yaml.safe_load((ROOT / f"configs/{data}_transformer_{name}.yaml").read_text())
+            cfg = yaml.safe_load((PACKAGED / f"{data}_transformer_{name}.yaml").read_text())
             assert cfg["model"]["model"]["init_args"][key] == value
 
 
 def test_missing_dataset_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
-        build_cli(["fit", "-c", str(ROOT / "configs/mnist_pde.yaml"), "--trainer.fast_dev_run=1",
+        build_cli(["fit", "-c", str(PACKAGED / "mnist_pde.yaml"), "--trainer.fast_dev_run=1",
                    f"--data.init_args.data_dir={tmp_path / 'nowhere'}"])  # fmt: skip
 
 
 def test_bad_choice_is_rejected_with_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        build_cli(
-            ["fit", "-c", str(ROOT / "configs/quickstart.yaml"), "--model.model.init_args.norm=sideways"], run=False
-        )
+        build_cli(["fit", "-c", str(PACKAGED / "quickstart.yaml"), "--model.model.init_args.norm=sideways"], run=False)
     err = capsys.readouterr().err
     assert "sideways" in err and "pre" in err and "post" in err
 
 
 def test_print_config_and_module_entry_point() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pdelightning", "fit", "-c", str(ROOT / "configs/quickstart.yaml"), "--print_config"],
+        [sys.executable, "-m", "pdelightning", "fit", "-c", str(PACKAGED / "quickstart.yaml"), "--print_config"],
         capture_output=True, text=True, check=True, cwd=ROOT,
     ).stdout  # fmt: skip
     cfg = yaml.safe_load(out)
@@ -155,7 +155,7 @@ def test_print_config_and_module_entry_point() -> None:
 
 
 def _unstable_args(save_dir: Path) -> list[str]:
-    return ["fit", "-c", str(ROOT / "configs/quickstart.yaml"), "-c", str(ROOT / "callbacks/stability_monitor.yaml"),
+    return ["fit", "-c", str(PACKAGED / "quickstart.yaml"), "-c", str(PACKAGED / "callbacks/stability_monitor.yaml"),
             "--trainer.callbacks.action=stop", "--trainer.callbacks.check_every_n_steps=1",
             "--model.optimizer.init_args.lr=1e6", "--trainer.max_steps=8", "--trainer.accelerator=cpu",
             "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={save_dir}"]  # fmt: skip

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.configs import CONFIGS
 from tests.helpers.tb import scalar_tags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_torchrun_launcher_with_two_cpu_processes(tmp_path: Path) -> None:
     env = {**os.environ, "NPROC": "2", "ACCELERATOR": "cpu", "MASTER_PORT": "29531", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        ["bash", str(ROOT / "launch/torchrun.sh"), str(ROOT / "configs/quickstart.yaml"),
+        ["bash", str(ROOT / "launch/torchrun.sh"), str(CONFIGS / "quickstart.yaml"),
          "--trainer.max_steps=12", "--trainer.log_every_n_steps=5", "--trainer.limit_val_batches=1",
          "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400,

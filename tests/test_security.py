@@ -22,9 +22,10 @@ from pdelightning.callbacks.plugin import ENV_VAR, build_callbacks
 from pdelightning.checkpointing import AtomicCheckpointIO, CorruptCheckpointError, load_checkpoint_file, readable
 from pdelightning.cli import EXIT_BAD_INPUT, main
 from pdelightning.trust import UntrustedClassError, UntrustedFileError, blocked_global, load_data_file
+from tests.helpers.configs import CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = str(ROOT / "configs/quickstart.yaml")
+QUICK = str(CONFIGS / "quickstart.yaml")
 
 
 class _Evil:
@@ -149,8 +150,8 @@ def test_reference_checkpoint_through_the_cli(
 
 
 def test_reproduction_loaders_refuse(tmp_path: Path) -> None:
-    from pdelightning.reproduce.analyze import checkpoints
-    from pdelightning.reproduce.recorder import CKPT_DIR, FINAL, load_model, read_payload
+    from pdelightning_reproduce.analyze import checkpoints
+    from pdelightning_reproduce.recorder import CKPT_DIR, FINAL, load_model, read_payload
 
     marker = tmp_path / "MARKER"
     final = evil_checkpoint(tmp_path / "run" / CKPT_DIR / FINAL, marker, step=3)
@@ -161,7 +162,7 @@ def test_reproduction_loaders_refuse(tmp_path: Path) -> None:
 
 
 def test_reproduction_model_class_is_type_checked(tmp_path: Path) -> None:
-    from pdelightning.reproduce.recorder import load_model
+    from pdelightning_reproduce.recorder import load_model
 
     marker = tmp_path / "MARKER"
     path = tmp_path / "final.pt"

@@ -7,9 +7,9 @@ entry-point group, which every ``Trainer`` consults when it is built. It does no
 * ``PDELIGHTNING_CALLBACKS=all``: every callback with its defaults (``paper``: the six of the paper's experiments;
   ``lens``: PDEFit, JacobianStability, AttentionRollout), all under one shared time budget;
 * ``PDELIGHTNING_CALLBACKS=gradient_flow,stability_monitor``: a comma list (snake-case or class names);
-* ``PDELIGHTNING_CALLBACKS=path/to/bundle.yaml``: callbacks with arguments, either one of our
-  ``callbacks/*.yaml`` bundles (``trainer: callbacks+: [...]``) or a plain list of
-  ``{class_path: ..., init_args: {...}}``.
+* ``PDELIGHTNING_CALLBACKS=path/to/bundle.yaml``: callbacks with arguments, either one of the bundles that ship
+  with the package (``callbacks/all.yaml`` or ``callbacks:all`` from any directory; ``trainer: callbacks+: [...]``)
+  or a plain list of ``{class_path: ..., init_args: {...}}``.
 
 Callbacks attached this way never stop the user's run: each is built with ``on_missing="warn"`` and
 ``on_error="warn"`` (unless the YAML says otherwise), so one that finds nothing it can analyse in the model warns
@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from pdelightning.resources import UnknownConfigError, resolve_config
 from pdelightning.trust import check_kwargs, import_class
 
 ENV_VAR = "PDELIGHTNING_CALLBACKS"
@@ -127,10 +128,11 @@ def build_callbacks(spec: str) -> list[Callback]:
     spec = spec.strip()
     if not spec:
         return []
-    if spec.endswith((".yaml", ".yml")):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"{ENV_VAR}={spec}: no such YAML file")
+    if spec.endswith((".yaml", ".yml")) or spec.startswith("callbacks:"):
+        try:  # a file, or one of the bundles that ship with the package (callbacks/all.yaml, callbacks:all)
+            path = resolve_config(spec)
+        except UnknownConfigError as err:
+            raise FileNotFoundError(f"{ENV_VAR}={spec}: {err}") from None
         out = []
         for entry in _entries_from_yaml(path):
             if isinstance(entry, str):

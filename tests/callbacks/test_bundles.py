@@ -10,12 +10,12 @@ import yaml
 import pdelightning.callbacks
 from pdelightning.callbacks.plugin import CALLBACK_NAMES, GROUPS, LENS_NAMES
 from pdelightning.cli import build_cli
-from tests.helpers.configs import bare_quickstart
+from tests.helpers.configs import CONFIGS, REPRO_CONFIGS, bare_quickstart
 from tests.test_cli import fake_mnist, fake_newsgroups
 
 ROOT = Path(__file__).resolve().parents[2]
-BUNDLES = sorted((ROOT / "callbacks").glob("*.yaml"))
-PAPER = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
+BUNDLES = sorted((CONFIGS / "callbacks").glob("*.yaml"))
+PAPER = sorted(REPRO_CONFIGS.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=lambda p: p.stem)
@@ -35,7 +35,7 @@ def test_bundle_appends_and_runs(bundle: Path, tmp_path: Path) -> None:
 
 
 def test_all_bundle_holds_every_callback() -> None:
-    content = yaml.safe_load((ROOT / "callbacks/all.yaml").read_text())
+    content = yaml.safe_load((CONFIGS / "callbacks/all.yaml").read_text())
     names = [e["class_path"].rsplit(".", 1)[1] for e in content["trainer"]["callbacks+"]]
     assert names == list(CALLBACK_NAMES + LENS_NAMES) == list(GROUPS["all"])
     assert set(names) == set(pdelightning.callbacks.__all__) - {"TargetNotFoundError"}

@@ -30,6 +30,7 @@ from pdelightning.callbacks import (
 from pdelightning.callbacks._layout import build_layout, finite_only, quantity_chart
 from pdelightning.callbacks._probe import ProbeCallback
 from pdelightning.cli import build_cli
+from tests.helpers.configs import CONFIGS
 from tests.helpers.models import image_loaders, our_task
 from tests.helpers.tb import read_events
 
@@ -169,7 +170,7 @@ def test_headline_first_secondary_under_detail(nine_run: Path) -> None:
 
 # ---- the quickstart's cadence ------------------------------------------------------------------------------------
 def test_quickstart_gives_every_analysis_curve_at_least_15_points() -> None:
-    cli = build_cli(["-c", str(ROOT / "configs/quickstart.yaml"), "--trainer.logger=false"], run=False)
+    cli = build_cli(["-c", str(CONFIGS / "quickstart.yaml"), "--trainer.logger=false"], run=False)
     trainer, dm = cli.trainer, cli.datamodule
     dm.setup("fit")
     total = trainer.max_epochs * len(dm.train_dataloader())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.configs import bare_quickstart
+from tests.helpers.configs import CONFIGS, bare_quickstart
 from tests.helpers.tb import read_events
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +30,7 @@ def _fit(tmp: Path, devices: int) -> Path:
     save_dir = tmp / f"d{devices}"
     cmd = [
         sys.executable, "-m", "pdelightning", "fit",
-        "-c", str(bare_quickstart(tmp)), "-c", str(ROOT / "callbacks/all.yaml"),
+        "-c", str(bare_quickstart(tmp)), "-c", str(CONFIGS / "callbacks/all.yaml"),
         "--trainer.accelerator=cpu", f"--trainer.devices={devices}", "--trainer.strategy=ddp",
         "--trainer.max_steps=3", "--trainer.limit_val_batches=2", "--trainer.num_sanity_val_steps=0",
         "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={save_dir}",

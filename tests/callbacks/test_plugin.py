@@ -13,6 +13,7 @@ import pytest
 
 from pdelightning.callbacks import GradientFlow, InformationFlow, PerturbationEval, StabilityMonitor
 from pdelightning.callbacks.plugin import CALLBACK_NAMES, ENV_VAR, LENS_NAMES, build_callbacks, callbacks_factory
+from tests.helpers.configs import CONFIGS
 from tests.helpers.tb import scalar_tags
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,7 +47,7 @@ def test_names_all_and_yaml(tmp_path: Path) -> None:
     assert [type(c).__name__ for c in build_callbacks("all")] == list(CALLBACK_NAMES + LENS_NAMES)
     assert [type(c).__name__ for c in build_callbacks("paper")] == list(CALLBACK_NAMES)
     assert [type(c).__name__ for c in build_callbacks("lens,gradient_flow")] == [*LENS_NAMES, "GradientFlow"]
-    bundle = build_callbacks(str(ROOT / "callbacks/all.yaml"))
+    bundle = build_callbacks(str(CONFIGS / "callbacks/all.yaml"))
     assert [type(c).__name__ for c in bundle] == list(CALLBACK_NAMES + LENS_NAMES)
     assert all(c.on_missing == "warn" for c in bundle)  # attached by the plugin: never kill the user's run
     cfg = tmp_path / "cbs.yaml"

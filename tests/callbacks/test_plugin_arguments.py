@@ -19,6 +19,7 @@ from pdelightning.callbacks._probe import ProbeCallback
 from pdelightning.callbacks.plugin import build_callbacks
 from pdelightning.trust import check_kwargs, init_arguments
 from pdelightning.utils import InputError
+from tests.helpers.configs import CONFIGS
 
 ROOT = Path(__file__).resolve().parents[2]
 PDE_FIT_OWN = ["diffusion", "dt", "dx", "boundary"]  # PDEFit.__init__'s own, in order; the rest go to ProbeCallback
@@ -77,7 +78,7 @@ def test_cli_yaml_typo_lists_every_argument(tmp_path: Path) -> None:
     )
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as done:
-        main(["fit", "-c", str(ROOT / "configs/quickstart.yaml"), "-c", str(bundle), "--trainer.logger=false"])
+        main(["fit", "-c", str(CONFIGS / "quickstart.yaml"), "-c", str(bundle), "--trainer.logger=false"])
         sys.exit(0)
     assert done.value.code == 2
     assert err.getvalue().strip().splitlines()[-1] == (

@@ -7,7 +7,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+#: the configs and callback bundles that ship inside the package, and the reproduction's experiment configs
+CONFIGS = ROOT / "pdelightning" / "configs"
+REPRO_CONFIGS = ROOT / "pdelightning_reproduce" / "configs"
+QUICKSTART = CONFIGS / "quickstart.yaml"
 
 
 def bare_quickstart(directory: Path) -> Path:

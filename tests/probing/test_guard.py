@@ -35,6 +35,7 @@ from pdelightning.callbacks import (
 from pdelightning.callbacks.plugin import ENV_VAR, build_callbacks
 from pdelightning.probing import session as session_module
 from pdelightning.probing.guard import CallbackFailedWarning
+from tests.helpers.configs import CONFIGS
 from tests.helpers.loggers import MemoryLogger
 from tests.helpers.models import image_loaders, our_task
 
@@ -217,7 +218,7 @@ def test_on_error_is_checked_and_the_plugin_sets_warn() -> None:
     with pytest.raises(ValueError, match=r"on_error='skip' is not one of \('raise', 'warn'\)"):
         GradientFlow(on_error="skip")
     assert all(c.on_error == "warn" for c in build_callbacks("all"))
-    assert all(c.on_error == "warn" for c in build_callbacks(str(ROOT / "callbacks/all.yaml")))
+    assert all(c.on_error == "warn" for c in build_callbacks(str(CONFIGS / "callbacks/all.yaml")))
     assert PDEFit().on_error == "raise" and GradientFlow().on_error == "raise"
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from pdelightning.reproduce.summary import COLUMNS, RUN_FIELDS, Results
+from pdelightning_reproduce.summary import COLUMNS, RUN_FIELDS, Results
 
 SEEDS = (0, 1, 2, 3, 4)
 

@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from pdelightning.reproduce.budget import CPU, FULL, budget
-from pdelightning.reproduce.compute import cpu_seconds, parity
-from pdelightning.reproduce.imported import import_run, record_from_progress, regenerate_init
-from pdelightning.reproduce.pairs import attention_values
-from pdelightning.reproduce.run import main
-from pdelightning.reproduce.settings import SETTINGS, Plan, RunSpec
-from pdelightning.reproduce.summary import Row, write_rows
-from pdelightning.reproduce.train import fit_args, train_run
+from pdelightning_reproduce.budget import CPU, FULL, budget
+from pdelightning_reproduce.compute import cpu_seconds, parity
+from pdelightning_reproduce.imported import import_run, record_from_progress, regenerate_init
+from pdelightning_reproduce.pairs import attention_values
+from pdelightning_reproduce.run import main
+from pdelightning_reproduce.settings import SETTINGS, Plan, RunSpec
+from pdelightning_reproduce.summary import Row, write_rows
+from pdelightning_reproduce.train import fit_args, train_run
 from tests.test_cli import fake_mnist
 
 
@@ -46,7 +46,7 @@ def test_cli_budget_sets_seeds_and_cells(monkeypatch: pytest.MonkeyPatch) -> Non
         seen["plan"] = plan
         return {"failed": []}
 
-    monkeypatch.setattr("pdelightning.reproduce.pipeline.run_pipeline", fake)
+    monkeypatch.setattr("pdelightning_reproduce.pipeline.run_pipeline", fake)
     assert main(["train", "--budget", "cpu", "--settings", "sweep_pde", "mnist_pde"]) == 0
     plan = seen["plan"]
     assert plan.budget == "cpu" and plan.sweep_seeds == (0, 1, 2) and plan.seeds == (0, 1, 2, 3, 4)

@@ -8,8 +8,8 @@ import importlib
 import pytest
 
 MODULES = (
-    "pdelightning.reproduce.verdicts", "pdelightning.reproduce.compute", "pdelightning.reproduce.sections.bottleneck",
-    "pdelightning.reproduce.sections.perturbation", "pdelightning.reproduce.sections.ablations",
+    "pdelightning_reproduce.verdicts", "pdelightning_reproduce.compute", "pdelightning_reproduce.sections.bottleneck",
+    "pdelightning_reproduce.sections.perturbation", "pdelightning_reproduce.sections.ablations",
     "pdelightning.analysis.rank",
 )  # fmt: skip
 

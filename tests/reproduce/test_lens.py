@@ -12,10 +12,10 @@ import torch
 from torch.autograd.functional import jacobian
 
 from pdelightning.models import PDEClassifier, TransformerClassifier
-from pdelightning.reproduce.lens import fit_values, jacobian_values, lens_values
-from pdelightning.reproduce.probe import ProbeData
-from pdelightning.reproduce.rules import MNIST_LAYERS
-from pdelightning.reproduce.sections.lens import conservativeness, lens
+from pdelightning_reproduce.lens import fit_values, jacobian_values, lens_values
+from pdelightning_reproduce.probe import ProbeData
+from pdelightning_reproduce.rules import MNIST_LAYERS
+from pdelightning_reproduce.sections.lens import conservativeness, lens
 from tests.reproduce.planted import Planter
 
 

@@ -13,9 +13,9 @@ import torch
 
 from pdelightning.analysis.stability import eq21_number
 from pdelightning.models import PDEClassifier, TransformerClassifier
-from pdelightning.reproduce.measures import effective_rank, eq21_coefficient, eq21_per_step, refined
-from pdelightning.reproduce.recorder import RunRecorder, load_model, save_model
-from pdelightning.reproduce.summary import Results, Row, merge, read_summary, rows_from, write_rows
+from pdelightning_reproduce.measures import effective_rank, eq21_coefficient, eq21_per_step, refined
+from pdelightning_reproduce.recorder import RunRecorder, load_model, save_model
+from pdelightning_reproduce.summary import Results, Row, merge, read_summary, rows_from, write_rows
 
 
 def test_effective_rank_against_numpy() -> None:

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pdelightning.reproduce.analyze import checkpoints
-from pdelightning.reproduce.measures import eq21_per_step
-from pdelightning.reproduce.recorder import load_model
-from pdelightning.reproduce.report import write_report
-from pdelightning.reproduce.run import main
-from pdelightning.reproduce.settings import RunSpec
-from pdelightning.reproduce.train import train_run
+from pdelightning_reproduce.analyze import checkpoints
+from pdelightning_reproduce.measures import eq21_per_step
+from pdelightning_reproduce.recorder import load_model
+from pdelightning_reproduce.report import write_report
+from pdelightning_reproduce.run import main
+from pdelightning_reproduce.settings import RunSpec
+from pdelightning_reproduce.train import train_run
 from tests.test_cli import fake_mnist
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pdelightning.reproduce import paper
-from pdelightning.reproduce.report import changed_verdicts, write_report
-from pdelightning.reproduce.rules import BY_ID, TABLE2_LAYERS
-from pdelightning.reproduce.sections import Section, build_sections
-from pdelightning.reproduce.summary import Row, write_rows, write_runs
-from pdelightning.reproduce.verdicts import FAILS, HOLDS, ClaimResult
+from pdelightning_reproduce import paper
+from pdelightning_reproduce.report import changed_verdicts, write_report
+from pdelightning_reproduce.rules import BY_ID, TABLE2_LAYERS
+from pdelightning_reproduce.sections import Section, build_sections
+from pdelightning_reproduce.summary import Row, write_rows, write_runs
+from pdelightning_reproduce.verdicts import FAILS, HOLDS, ClaimResult
 from tests.reproduce.planted import Planter
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pdelightning.reproduce import paper
-from pdelightning.reproduce.rules import BY_ID, RULES, AllOf, AtLeast, Criterion, Node
-from pdelightning.reproduce.settings import PAIRS, SETTINGS, Plan, RunSpec, quick_overrides
+from pdelightning_reproduce import paper
+from pdelightning_reproduce.rules import BY_ID, RULES, AllOf, AtLeast, Criterion, Node
+from pdelightning_reproduce.settings import PAIRS, SETTINGS, Plan, RunSpec, quick_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pdelightning.reproduce import paper
-from pdelightning.reproduce.rules import EPS_GRID, MNIST_LAYERS, NEWSGROUPS_LAYERS, TABLE2_LAYERS
-from pdelightning.reproduce.sections import ablations, attention, bottleneck, gradients, perturbation, refinement, runs
-from pdelightning.reproduce.sections.information_flow import table2, table3
-from pdelightning.reproduce.settings import depth_lr_cells, eq21_cells
-from pdelightning.reproduce.verdicts import FAILS, HOLDS, INCONCLUSIVE, NOT_COMPARABLE
+from pdelightning_reproduce import paper
+from pdelightning_reproduce.rules import EPS_GRID, MNIST_LAYERS, NEWSGROUPS_LAYERS, TABLE2_LAYERS
+from pdelightning_reproduce.sections import ablations, attention, bottleneck, gradients, perturbation, refinement, runs
+from pdelightning_reproduce.sections.information_flow import table2, table3
+from pdelightning_reproduce.settings import depth_lr_cells, eq21_cells
+from pdelightning_reproduce.verdicts import FAILS, HOLDS, INCONCLUSIVE, NOT_COMPARABLE
 from tests.reproduce.planted import Planter
 
 
@@ -89,7 +89,7 @@ def test_bottleneck_planted_decline_and_sharpest_first_layer() -> None:
 
 
 def test_max_drawdown_is_peak_to_lowest_later_point() -> None:
-    from pdelightning.reproduce.sections.bottleneck import max_drawdown
+    from pdelightning_reproduce.sections.bottleneck import max_drawdown
 
     assert max_drawdown(np.array([0.0, 2.0, 1.5, 3.0, 0.2, 2.5])) == pytest.approx(2.8)
     assert max_drawdown(np.array([1.0, 2.0, 3.0])) == 0.0
@@ -111,7 +111,7 @@ def test_gradients_planted() -> None:
 
 # ---- perturbation ----------------------------------------------------------------------------------------------------
 def test_perturbation_planted_divergence_at_1e_2() -> None:
-    from pdelightning.reproduce.sections.perturbation import LABELS
+    from pdelightning_reproduce.sections.perturbation import LABELS
 
     p = Planter()
     eps = np.array(EPS_GRID)
@@ -125,7 +125,7 @@ def test_perturbation_planted_divergence_at_1e_2() -> None:
 
 
 def test_divergence_nowhere_on_the_grid_does_not_hold() -> None:
-    from pdelightning.reproduce.sections.perturbation import LABELS
+    from pdelightning_reproduce.sections.perturbation import LABELS
 
     p = Planter()
     for s in ("newsgroups_transformer", "newsgroups_pde"):
@@ -185,7 +185,7 @@ def test_no_layernorm_rate_pools_only_the_cells_that_ran() -> None:
 
 
 def test_wilson_interval() -> None:
-    from pdelightning.reproduce.sections.ablations import wilson
+    from pdelightning_reproduce.sections.ablations import wilson
 
     lo, hi = wilson(3, 10)  # statsmodels proportion_confint(3, 10, method="wilson") = (0.1078, 0.6032)
     assert lo == pytest.approx(0.1078, abs=1e-4) and hi == pytest.approx(0.6032, abs=1e-4)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pdelightning.reproduce.rules import NEWSGROUPS_LAYERS
-from pdelightning.reproduce.sections.bottleneck import bottleneck
-from pdelightning.reproduce.sections.common import accuracy_text
-from pdelightning.reproduce.sections.runs import runs
+from pdelightning_reproduce.rules import NEWSGROUPS_LAYERS
+from pdelightning_reproduce.sections.bottleneck import bottleneck
+from pdelightning_reproduce.sections.common import accuracy_text
+from pdelightning_reproduce.sections.runs import runs
 from tests.reproduce.planted import Planter
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pdelightning.reproduce import verdicts as V
-from pdelightning.reproduce.rules import AllOf, AtLeast, Criterion, Quantity, Rule
-from pdelightning.reproduce.verdicts import Estimate, State
+from pdelightning_reproduce import verdicts as V
+from pdelightning_reproduce.rules import AllOf, AtLeast, Criterion, Quantity, Rule
+from pdelightning_reproduce.verdicts import Estimate, State
 
 
 def E(lo: float, hi: float, value: float | None = None) -> Estimate:

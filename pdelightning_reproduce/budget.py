@@ -1,0 +1,117 @@
+"""Compute budgets: which seeds and grid cells a reproduction trains, and which cuts it makes to fit.
+
+The configs in ``configs/paper/`` and the grids of :mod:`.settings` are the design of the reproduction (issue 9).
+A :class:`Budget` says how much of it one machine ran: the seeds of the main settings and of the sweeps, the cells
+of each sweep, and extra ``pdelightning fit`` arguments per setting (the *cuts*), each with a sentence that the
+report prints. Every run records the budget it was trained under (``run.json``: ``budget``, ``cuts``), so a
+report mixing runs of several machines names each run's budget.
+
+* :data:`FULL`: the design as configured (the GPU runs).
+* :data:`CPU`: what fits in about three hours of one worker process with one torch thread on a 2-core CPU, after
+  the GPU budget ran out (the measured step times and the plan are in ``docs/reproduction/cpu_plan.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdelightning_reproduce.settings import SEEDS, SETTINGS, depth_lr_cells
+
+NEWSGROUPS_TRAIN_POSTS = 3000
+NEWSGROUPS_MAX_LEN = 128
+SWEEP_STEPS = 100
+SWEEP_BATCH = 64
+SWEEP_SEEDS_CPU: tuple[int, ...] = (0, 1, 2)
+SWEEP_LRS_CPU: tuple[float, ...] = (1e-3, 1e-2)
+
+
+@dataclass(frozen=True, eq=False)
+class Budget:
+    """What one machine trains of the design.
+
+    Attributes:
+        name: ``"full"`` or ``"cpu"`` (recorded in every run's ``run.json``).
+        reason: why this budget, in one sentence (printed in the report).
+        main_seeds: seeds of the main settings.
+        sweep_seeds: seeds of the sweep settings.
+        cells: per sweep setting, the cells trained (absent: every cell).
+        overrides: per setting, extra ``pdelightning fit`` arguments (the cuts).
+        cuts: per setting, the cuts in words (printed in the report; every override is described).
+    """
+
+    name: str
+    reason: str
+    main_seeds: tuple[int, ...] = SEEDS
+    sweep_seeds: tuple[int, ...] = SEEDS
+    cells: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    cuts: dict[str, str] = field(default_factory=dict)
+
+    def overrides_for(self, setting: str) -> tuple[str, ...]:
+        """The extra ``fit`` arguments of ``setting`` under this budget."""
+        return self.overrides.get(setting, ())
+
+    def cut_for(self, setting: str) -> str:
+        """The cuts of ``setting`` in words (``""``: none)."""
+        return self.cuts.get(setting, "")
+
+
+FULL = Budget("full", "the design as configured in configs/paper/ (issue 9)")
+
+_NG_ARGS = (f"--data.init_args.train_subset={NEWSGROUPS_TRAIN_POSTS}", f"--data.init_args.max_len={NEWSGROUPS_MAX_LEN}")
+_NG_CUT = (
+    f"{NEWSGROUPS_TRAIN_POSTS:,} of the 11,314 training posts (a seeded random subset, the same for every run: "
+    f"{int(NEWSGROUPS_TRAIN_POSTS * 0.9):,} training / {NEWSGROUPS_TRAIN_POSTS - int(NEWSGROUPS_TRAIN_POSTS * 0.9)} "
+    f"validation), max_len {NEWSGROUPS_MAX_LEN} instead of 256 tokens; the paper's 5 epochs and batch 32 kept "
+    f"({5 * -(-int(NEWSGROUPS_TRAIN_POSTS * 0.9) // 32)} steps)"
+)
+_SWEEP_ARGS = (
+    f"--trainer.max_steps={SWEEP_STEPS}",
+    f"--data.init_args.batch_size={SWEEP_BATCH}",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.limit_val_batches=0",
+)
+_SWEEP_CUT = (
+    f"{SWEEP_STEPS} steps of batch {SWEEP_BATCH} ({SWEEP_STEPS * SWEEP_BATCH:,} images) instead of one epoch of "
+    f"batch 256 (54,000 images); no validation; seeds {', '.join(map(str, SWEEP_SEEDS_CPU))}"
+)
+_TRANSFORMER_SWEEPS = ("sweep_transformer", "sweep_no_residual", "sweep_no_layernorm")
+_LR_CELLS = tuple(c.name for c in depth_lr_cells() if c.lr in SWEEP_LRS_CPU)
+
+CPU = Budget(
+    "cpu",
+    "the GPU budget (one H200 call) ran out after 4 MNIST runs were trained and kept; everything else ran on a "
+    "2-core CPU in about three hours of one worker process with one torch thread",
+    main_seeds=SEEDS,
+    sweep_seeds=SWEEP_SEEDS_CPU,
+    cells={s: _LR_CELLS for s in _TRANSFORMER_SWEEPS},
+    overrides={
+        "newsgroups_transformer": _NG_ARGS,
+        "newsgroups_pde": _NG_ARGS,
+        **{s.name: _SWEEP_ARGS for s in SETTINGS if s.role == "sweep"},
+    },
+    cuts={
+        "mnist_transformer": "none (the same config as the GPU runs)",
+        "mnist_pde": "none (the same config as the GPU runs)",
+        "newsgroups_transformer": _NG_CUT,
+        "newsgroups_pde": _NG_CUT,
+        **{s: _SWEEP_CUT + f"; learning rates {' / '.join(f'{x:g}' for x in SWEEP_LRS_CPU)} only (of 1e-3 / 3e-3 / "
+           "1e-2)" for s in _TRANSFORMER_SWEEPS},
+        "sweep_pde": _SWEEP_CUT,
+        "sweep_pde_stabilized": _SWEEP_CUT,
+    },
+)  # fmt: skip
+
+BUDGETS: dict[str, Budget] = {b.name: b for b in (FULL, CPU)}
+
+
+def budget(name: str) -> Budget:
+    """The budget called ``name``.
+
+    Raises:
+        KeyError: naming the valid budgets.
+    """
+    try:
+        return BUDGETS[name]
+    except KeyError:
+        raise KeyError(f"unknown budget {name!r}; valid: {', '.join(BUDGETS)}") from None

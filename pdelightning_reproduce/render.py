@@ -1,0 +1,82 @@
+"""Markdown rendering of the structured sections (no numbers are computed here)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pdelightning_reproduce import figures
+from pdelightning_reproduce.rules import RULES, Rule
+from pdelightning_reproduce.sections.common import Section, Table
+from pdelightning_reproduce.verdicts import VERDICTS, ClaimResult, rule_text
+
+
+def md_cell(text: Any) -> str:
+    """A Markdown table cell: pipes escaped, newlines removed."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(md_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def claims_table(claims: Sequence[ClaimResult]) -> str:
+    """The verdict table of one section."""
+    rows = [[c.rule.claim, c.rule.paper, c.ours or "—", c.null or "—", c.ceiling or "—", c.accuracy or "—",
+             f"**{c.verdict}**", c.why] for c in claims]  # fmt: skip
+    return md_table(["claim", "paper", "ours (95 % interval)", "null", "ceiling", "accuracy", "verdict", "why"], rows)
+
+
+def render_table(t: Table) -> str:
+    """A supporting table with its caption."""
+    return md_table(t.headers, t.rows) + (f"\n\n*{t.caption}*" if t.caption else "")
+
+
+def render_section(sec: Section, fig_dir: Path, fig_rel: str) -> str:
+    """One section: intro, verdicts, tables, figures (drawn and saved now), notes."""
+    parts = [f"## {sec.title}", sec.intro] if sec.intro else [f"## {sec.title}"]
+    if sec.claims:
+        parts.append(claims_table(sec.claims))
+    parts += [render_table(t) for t in sec.tables]
+    for f in sec.figures:
+        try:
+            fig = f.draw(**f.data)
+        except (ValueError, IndexError, KeyError) as e:  # a figure never blocks the report
+            parts.append(f"*Figure {f.name} not drawn: {type(e).__name__}: {e}*")
+            continue
+        figures.save(fig, fig_dir / f"{f.name}.png")
+        parts.append(f"![{f.caption}]({fig_rel}/{f.name}.png)\n\n*{f.caption}*")
+    parts += [f"- {n}" for n in sec.notes]
+    return "\n\n".join(p for p in parts if p)
+
+
+def summary_table(sections: Sequence[Section]) -> str:
+    """Every verdict in one table, with the counts per class."""
+    rows = [[s.title, c.rule.claim, f"**{c.verdict}**", c.ours or "—"] for s in sections for c in s.claims]
+    counts = {v: sum(c.verdict == v for s in sections for c in s.claims) for v in VERDICTS}
+    head = ", ".join(f"{n} {v}" for v, n in counts.items())
+    return f"{head}.\n\n" + md_table(["section", "claim", "verdict", "ours"], rows)
+
+
+def changes_table(changes: Sequence[dict[str, str]]) -> str:
+    """The "changed verdicts" table."""
+    if not changes:
+        return "No verdict of the previous report changed."
+    return md_table(["claim (previous report)", "previous", "now", "rule", "what changed in the measurement",
+                     "ours now"],
+                    [[c["claim"], c["previous"], f"**{c['now']}**", c["rule"], c["why"], c.get("ours", "—")]
+                     for c in changes])  # fmt: skip
+
+
+def rules_appendix(rules: Sequence[Rule] = RULES) -> str:
+    """Every rule with its quantities and test, as fixed before the runs."""
+    out = []
+    for r in rules:
+        q = "; ".join(f"`{x.key}`: {x.definition}" for x in r.quantities) or "—"
+        test = rule_text(r.test) if r.test is not None else f"none: not comparable ({r.not_comparable})"
+        out.append(f"- **{r.id}**: {r.claim}. Quantities: {q}. Holds if: {test}.")
+    return "\n".join(out)

@@ -1,0 +1,206 @@
+"""The v2 stabilizer claims on MNIST, from sweeps across the stability boundary without gradient clipping."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from pdelightning_reproduce import figures, paper
+from pdelightning_reproduce.rules import BY_ID, DIVERGENCE_LOSS_FACTOR
+from pdelightning_reproduce.sections.common import FigureSpec, Section, Table, budget_text, cell, est
+from pdelightning_reproduce.settings import EQ21_TARGETS, SWEEP_DEPTHS, SWEEP_LRS, depth_lr_cells, eq21_cells
+from pdelightning_reproduce.summary import Results
+from pdelightning_reproduce.verdicts import Estimate, claim_result, cluster_bootstrap, fmt, ratio_of_means
+
+BASE, NO_RES, NO_LN = "sweep_transformer", "sweep_no_residual", "sweep_no_layernorm"
+PDE, PDE_STAB = "sweep_pde", "sweep_pde_stabilized"
+ACC_QUANTITY = "probe_acc"
+ACC_LABEL = "probe-set accuracy"
+ACC_NOTE = "on the probe set (the fixed 1,000 MNIST test images), at the final step"
+LABEL = {BASE: "baseline", NO_RES: "no residual", NO_LN: "no LayerNorm", PDE: "PDE, no stabilizers",
+         PDE_STAB: "PDE, stabilized"}  # fmt: skip
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (Wilson 1927), for displaying divergence rates.
+
+    Example::
+
+        >>> [round(x, 4) for x in wilson(0, 5)]
+        [0.0, 0.4345]
+    """
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def diverged(results: Results, setting: str, cell_name: str) -> dict[int, float]:
+    """``seed -> 1.0 / 0.0`` for the trained runs of a cell (failed runs are absent)."""
+    rows = results.run_rows(setting, cell_name)
+    out = {}
+    for seed, status, flag in zip(rows["seed"], rows["status"], rows["diverged"], strict=True):
+        if status in ("complete", "diverged"):
+            out[int(seed)] = 1.0 if str(flag).lower() in ("true", "1", "1.0") else 0.0
+    return out
+
+
+def rate_difference(results: Results, a: Sequence[tuple[str, str]], b: Sequence[tuple[str, str]]) -> Estimate:
+    """Pooled divergence rate of the runs in ``a`` minus in ``b`` (``(setting, cell)`` lists); seed-cluster
+    bootstrap (a seed brings all its cells in both groups).
+    """
+    cols = [diverged(results, s, c) for s, c in (*a, *b)]
+    seeds = sorted(set().union(*(set(c) for c in cols)))
+    if not seeds:
+        return Estimate(math.nan, math.nan, math.nan, 0, "missing")
+    mat = np.array([[c.get(s, math.nan) for c in cols] for s in seeds])
+    na = len(a)
+
+    def stat(m: np.ndarray) -> np.ndarray:  # m: [B, seeds, cells]; nan-aware pooled rates per resample
+        def rate(x: np.ndarray) -> np.ndarray:
+            count = np.isfinite(x).sum((1, 2))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(count > 0, np.nansum(x, (1, 2)) / count, np.nan)
+
+        return rate(m[:, :, :na]) - rate(m[:, :, na:])
+
+    return cluster_bootstrap(mat, stat, vectorized=True)
+
+
+def _last(results: Results, setting: str, quantity: str, cell_name: str) -> dict[int, float]:
+    """``seed -> quantity at the last block`` (final checkpoint), diverged runs excluded."""
+    layers = [la for la in results.layers(setting, quantity, cell_name) if la.startswith("blocks.")]
+    if not layers:
+        return {}
+    values = results.per_seed(setting, quantity, layers[-1], cell_name)
+    div = diverged(results, setting, cell_name)
+    return {s: v for s, v in values.items() if div.get(s, 0.0) == 0.0 and np.isfinite(v)}
+
+
+def cell_table(results: Results, settings: Sequence[str], cells: Sequence[str]) -> list[list[str]]:
+    """One row per setting x cell: runs, divergence (Wilson interval), step of divergence, accuracy, drift."""
+    rows = []
+    for s in settings:
+        for c in cells:
+            div = diverged(results, s, c)
+            if not div:
+                continue
+            k, n = int(sum(div.values())), len(div)
+            lo, hi = wilson(k, n)
+            steps = [v for v in results.run_field(s, "divergence_step", c).values() if v == v and v is not None]
+            eq21 = [float(np.nanmax(v)) for v in _per_seed_layers(results, s, "eq21", c, "init")]
+            rows.append([
+                LABEL.get(s, s), c, str(n), f"{k}/{n} [{lo:.2f}, {hi:.2f}]",
+                fmt(float(np.median(steps))) if steps else "—", cell(est(results.values(s, ACC_QUANTITY, cell=c))),
+                cell(est(list(_last(results, s, "cka_to_embedding", c).values()))),
+                cell(est(list(_last(results, s, "erank", c).values()))), cell(est(eq21)) if eq21 else "—",
+            ])  # fmt: skip
+    return rows
+
+
+def _per_seed_layers(results: Results, setting: str, quantity: str, cell_name: str, stage: str) -> list[np.ndarray]:
+    tab = results.table(setting, quantity, cell_name, stage)
+    return [] if tab.empty else [tab.loc[s].to_numpy(dtype=float) for s in tab.index]
+
+
+def ablations(results: Results) -> Section:
+    """The four v2 claims."""
+    sec = Section("ablations", "Stabilizers: v2 ablations as sweeps (MNIST)")
+    budget = (
+        f"Transformer sweeps: {budget_text(results, (BASE, NO_RES, NO_LN))}; PDE sweeps: "
+        f"{budget_text(results, (PDE, PDE_STAB))}"
+    )
+    sec.intro = (
+        f"Paper: {paper.V2_SOURCE}. Ours: {budget}; Adam, no gradient clipping; the baseline and the "
+        f"two ablated Transformers at depth {' / '.join(map(str, SWEEP_DEPTHS))} x learning rate "
+        f"{' / '.join(f'{x:g}' for x in SWEEP_LRS)} (the cells that ran are listed below); the PDE simulator without "
+        "and with stabilizers with Δt chosen "
+        f"per seed so that eq. (21) at initialisation is {' / '.join(f'{x:g}' for x in EQ21_TARGETS)}. A run diverged "
+        f"at the first batch whose training loss is non-finite or above {DIVERGENCE_LOSS_FACTOR:g} ln 10; it stops "
+        "there. Drift: linear CKA of the last layer to the embedding and the effective rank of its token matrix (rank "
+        "collapse), at the final step, diverged runs excluded. Rates: Wilson 95 % intervals per cell; verdicts use "
+        f"differences pooled over cells with a seed-cluster bootstrap. Accuracy: {ACC_NOTE}."
+    )
+    tcells = [c.name for c in depth_lr_cells()]
+    low = {d: next(c.name for c in depth_lr_cells() if c.depth == d and c.lr == min(SWEEP_LRS)) for d in SWEEP_DEPTHS}
+    lookup = {}
+    parts = []
+    for d, c in low.items():
+        for q, key in (("cka_to_embedding", "cka_ratio"), ("erank", "erank_ratio")):
+            a, b = _last(results, NO_RES, q, c), _last(results, BASE, q, c)
+            lookup[(key, f"L{d}")] = ratio_of_means(list(a.values()), list(b.values()))
+        parts.append(f"L{d}: CKA ratio {cell(lookup[('cka_ratio', f'L{d}')])}, rank ratio "
+                     f"{cell(lookup[('erank_ratio', f'L{d}')])}")  # fmt: skip
+    acc = "; ".join(f"{LABEL[s]} at {c}: {cell(est(results.values(s, ACC_QUANTITY, cell=c)))}"
+                    for s in (BASE, NO_RES) for c in low.values())  # fmt: skip
+    sec.claims.append(claim_result(BY_ID["v2.no_residual_drift"], lookup, ours="; ".join(parts),
+                                   accuracy=f"{ACC_LABEL}: " + acc))  # fmt: skip
+    pairs = [((NO_LN, c), (BASE, c)) for c in tcells]
+    d_ln = rate_difference(results, [p[0] for p in pairs], [p[1] for p in pairs])
+    ran = [c for c in tcells if diverged(results, NO_LN, c) and diverged(results, BASE, c)]  # cells without runs: nan
+    sec.claims.append(claim_result(
+        BY_ID["v2.no_layernorm_explosive"], {("divergence_rate_diff", ""): d_ln},
+        ours=f"divergence rate no LayerNorm minus baseline, pooled over the {len(ran)} cells that ran (of "
+             f"{len(tcells)}): {cell(d_ln)}",
+        null=f"baseline pooled rate {cell(_pooled(results, BASE, tcells))}",
+        accuracy="see the cell table", estimates={"diff": d_ln},
+    ))  # fmt: skip
+    pcells = [c.name for c in eq21_cells()]
+    d_pde = rate_difference(results, [(PDE, c) for c in pcells], [(PDE_STAB, c) for c in pcells])
+    sec.claims.append(claim_result(
+        BY_ID["v2.pde_unstable"], {("divergence_rate_diff", ""): d_pde},
+        ours=f"divergence rate without minus with stabilizers, pooled over the eq. (21) grid: {cell(d_pde)}",
+        null=f"with stabilizers: {cell(_pooled(results, PDE_STAB, pcells))}", accuracy="see the cell table",
+        estimates={"diff": d_pde},
+    ))  # fmt: skip
+    above = [(PDE, c.name) for c in eq21_cells() if (c.eq21_target or 0) > 1]
+    below = [(PDE, c.name) for c in eq21_cells() if (c.eq21_target or 0) <= 1]
+    d_eq = rate_difference(results, above, below)
+    sec.claims.append(claim_result(
+        BY_ID["v2.eq21_predicts"], {("divergence_rate_diff", ""): d_eq},
+        ours=f"divergence rate at eq. (21) > 1 minus ≤ 1: {cell(d_eq)}", accuracy="see the cell table",
+        estimates={"diff": d_eq},
+    ))  # fmt: skip
+    headers = [
+        "setting",
+        "cell",
+        "runs",
+        "diverged [Wilson 95 %]",
+        "median divergence step",
+        ACC_LABEL,
+        "CKA last layer to embedding",
+        "effective rank last layer",
+        "eq. (21) at init (max over steps)",
+    ]
+    sec.tables.append(Table(headers, cell_table(results, (BASE, NO_RES, NO_LN), tcells), "Transformer sweeps."))
+    sec.tables.append(Table(headers, cell_table(results, (PDE, PDE_STAB), pcells), "PDE sweeps."))
+    panels = []
+    for s in (BASE, NO_RES, NO_LN):
+        mat = np.full((len(SWEEP_DEPTHS), len(SWEEP_LRS)), np.nan)
+        for c in depth_lr_cells():
+            div = diverged(results, s, c.name)
+            if div:
+                mat[SWEEP_DEPTHS.index(c.depth), SWEEP_LRS.index(c.lr)] = np.mean(list(div.values()))
+        panels.append((LABEL[s], mat))
+    if any(np.isfinite(m).any() for _, m in panels):
+        sec.figures.append(FigureSpec(
+            "ablation_divergence", "Share of diverged runs per depth x learning rate", figures.heatmaps,
+            {"panels": panels, "rows": [f"L{d}" for d in SWEEP_DEPTHS], "cols": [f"{x:g}" for x in SWEEP_LRS],
+             "label": "diverged share"},
+        ))  # fmt: skip
+    return sec
+
+
+def _pooled(results: Results, setting: str, cells: Sequence[str]) -> Estimate:
+    """Pooled divergence rate of one setting over cells (seed-cluster bootstrap)."""
+    cols = [diverged(results, setting, c) for c in cells]
+    seeds = sorted(set().union(*(set(c) for c in cols)))
+    if not seeds:
+        return Estimate(math.nan, math.nan, math.nan, 0, "missing")
+    mat = np.array([[c.get(s, math.nan) for c in cols] for s in seeds])
+    return cluster_bootstrap(mat, lambda m: np.nansum(m, (1, 2)) / np.isfinite(m).sum((1, 2)), vectorized=True)

@@ -1,0 +1,179 @@
+"""Information bottleneck on 20 Newsgroups (§3.3): I(T;Y) per layer over training, with its ceilings and bias."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from pdelightning.analysis import information as info
+from pdelightning_reproduce import figures, paper
+from pdelightning_reproduce.rules import BY_ID, FIT_N, IXT_NOISE_VARIANCE, NEWSGROUPS_LAYERS, PROBE_N
+from pdelightning_reproduce.sections.common import FigureSpec, Section, Table, accuracy_text, cell, est, per_seed
+from pdelightning_reproduce.summary import Results
+from pdelightning_reproduce.verdicts import claim_result, difference_of_means, fmt
+
+MODELS = (("Transformer", "newsgroups_transformer"), ("PDE", "newsgroups_pde"))
+
+
+def max_drawdown(values: np.ndarray) -> float:
+    """The largest fall from a point of ``values`` to any later point (0 for a never-falling curve).
+
+    Example::
+
+        >>> max_drawdown(np.array([1.0, 3.0, 2.0, 2.5, 0.5, 1.0]))
+        2.5
+    """
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return math.nan
+    peak = np.maximum.accumulate(v)
+    return float(np.max(peak - v))
+
+
+def shift_notes(crossfit: dict[str, tuple]) -> list[str]:
+    """What the two I(T;Y) estimators say at the end of training, in words decided by their intervals.
+
+    ``crossfit[label] = (cross-fitted start, cross-fitted end, the rules' estimate at the end, head bound)``.
+    """
+    notes = []
+    for label, (cf_start, cf_end, fixed_end, hb) in crossfit.items():
+        if fixed_end.missing or cf_end.missing:
+            continue
+        if fixed_end.hi < 0 and (hb.missing or hb.lo > 0):
+            notes.append(
+                f"**{label}: the rules' I(T;Y) estimate is below zero at the end** ({cell(fixed_end)} bits, layer "
+                f"mean), although the model's own head shows at least {cell(hb)} bits on the same test posts and the "
+                f"cross-fitted probe-set estimate is {cell(cf_end)}. The rules' probe is fitted on the features of "
+                "training posts, which the trained model separates far better than test posts (it has fitted them), "
+                "so on test posts it is over-confident and its bound falls below 0. Its decline over training measures "
+                "this train/test shift as much as any loss of information; the cross-fitted estimate, fitted and "
+                "scored on test posts only, does not have it (its own bias at this N is its value at step 0, "
+                f"{cell(cf_start)} bits, where the representation is nearly uninformative)."
+            )
+    return notes
+
+
+def probe_bias_text(n: int, d: int) -> str:
+    """The LDA probe's measured bias at ``n`` scored samples and width ``d`` (nearest entry of the analysis
+    package's table, :func:`~pdelightning.analysis.information.known_bias`).
+    """
+    return (
+        f"{info.known_bias('probe', n, d):+.3f} bits (`analysis.information.ESTIMATOR_BIAS['probe']`, nearest "
+        f"tabulated (N, d) to ({n}, {d}); measured on Gaussian classes, an indication only)"
+    )
+
+
+def bottleneck(results: Results) -> Section:
+    """The four §3.3 claims; the trajectory figure; I(X;T) against its ceiling."""
+    sec = Section("bottleneck", "Information bottleneck: I(T;Y) over training (§3.3)")
+    n_probe = results.values("newsgroups_pde", "probe_n", stage="init")
+    n = int(n_probe[0]) if n_probe.size else PROBE_N["newsgroups"]
+    n_fit = results.values("newsgroups_pde", "fit_n", stage="init")
+    n_fit = int(n_fit[0]) if n_fit.size else FIT_N["newsgroups"]
+    width = results.values("newsgroups_pde", "probe_d", stage="init")
+    width = int(width[0]) if width.size else 128
+    sec.intro = (
+        f"Paper: {paper.IB_SOURCE}. Ours: I(T;Y) of each block's pooled output = H(Y) − CE (bits) of a linear "
+        f"softmax probe (shrinkage LDA) fitted on {n_fit} training-split samples and scored on the probe set of "
+        f"N = {n} test posts, at the analysed checkpoints (step 0, 50, 100, 200 and the final), unclipped; start = "
+        "step 0, end = final checkpoint. Beside it: the model's own head bound H(Y) − CE/ln 2, H(Y), a cross-fitted "
+        "estimate (5-fold shrinkage LDA on the probe set alone: fitted and scored on test posts only; context, no "
+        "rule), and I(X;T) (Gaussian-KDE "
+        f"upper bound, σ² = {IXT_NOISE_VARIANCE}) against its ceiling, the entropy of the distinct probe inputs. "
+        f"Estimator bias at this N: {probe_bias_text(n, width)}."
+    )
+    curves: dict[str, dict] = {}
+    crossfit: dict[str, tuple] = {}
+    for label, s in MODELS:
+        final = per_seed(results, s, "I_TY", NEWSGROUPS_LAYERS)
+        init = per_seed(results, s, "I_TY", NEWSGROUPS_LAYERS, stage="init")
+        lookup = {}
+        for j, layer in enumerate(NEWSGROUPS_LAYERS):
+            lookup[("ity_change", layer)] = est([final[k][j] - init[k][j] for k in final if k in init])
+        mean_start = est([np.nanmean(v) for v in init.values()])
+        mean_end = est([np.nanmean(v) for v in final.values()])
+        cf = {st: per_seed(results, s, "I_TY_crossfit", NEWSGROUPS_LAYERS, st) for st in ("init", "final")}
+        cf_start = est([np.nanmean(v) for v in cf["init"].values()])
+        cf_end = est([np.nanmean(v) for v in cf["final"].values()])
+        hb = est(results.values(s, "head_bound"))
+        hy = est(results.values(s, "H_Y"))
+        crossfit[label] = (cf_start, cf_end, mean_end, hb)
+        sec.claims.append(claim_result(
+            BY_ID[f"ib.decline_{label.lower()}"], lookup,
+            ours=f"layer mean {cell(mean_start)} (start) → {cell(mean_end)} (end); context, not in the rule: the "
+                 f"cross-fitted probe-set estimate {cell(cf_start)} → {cell(cf_end)}",
+            ceiling=f"H(Y) = {cell(hy)}; head bound H(Y) − CE/ln 2 at the end {cell(hb)}",
+            accuracy=accuracy_text(results, [(label, s)]), estimates={"start": mean_start, "end": mean_end},
+        ))  # fmt: skip
+        curves[label] = {"final": final, "init": init}
+    t_end = [np.nanmean(v) for v in curves["Transformer"]["final"].values()]
+    p_end = [np.nanmean(v) for v in curves["PDE"]["final"].values()]
+    diff = difference_of_means(p_end, t_end)
+    hb = {label: est(results.values(s, "head_bound")) for label, s in MODELS}
+    sec.claims.append(claim_result(
+        BY_ID["ib.pde_lower"], {("ity_end_diff", ""): diff},
+        ours=f"PDE {cell(est(p_end))} vs Transformer {cell(est(t_end))}; difference {cell(diff)}",
+        ceiling=f"head bounds: PDE {cell(hb['PDE'])}, Transformer {cell(hb['Transformer'])}",
+        accuracy=accuracy_text(results, MODELS), estimates={"diff": diff},
+    ))  # fmt: skip
+    drops: dict[str, dict[int, list[float]]] = {}
+    for label, s in MODELS:
+        drops[label] = {}
+        for seed in results.seeds(s):
+            drops[label][seed] = [max_drawdown(results.trajectory(s, "I_TY", la, seed)[1]) for la in NEWSGROUPS_LAYERS]
+    rel = est([d[0] - max(d[1:]) for d in drops["PDE"].values() if np.isfinite(d).all()])
+    sec.claims.append(claim_result(
+        BY_ID["ib.pde_layer1_sharpest"], {("drop_first_minus_other", ""): rel},
+        ours="PDE drops (peak to lowest later point) per layer: "
+             + ", ".join(f"{la} {cell(est([d[j] for d in drops['PDE'].values()]))}"
+                         for j, la in enumerate(NEWSGROUPS_LAYERS)) + f"; blocks.0 minus the largest other {cell(rel)}",
+        accuracy=accuracy_text(results, [("PDE", "newsgroups_pde")]), estimates={"rel": rel},
+    ))  # fmt: skip
+    sec.notes.extend(shift_notes(crossfit))
+    rows, panels = [], []
+    for label, s in MODELS:
+        ixt_f = per_seed(results, s, "I_XT", NEWSGROUPS_LAYERS)
+        ixt_i = per_seed(results, s, "I_XT", NEWSGROUPS_LAYERS, stage="init")
+        ceiling = results.values(s, "ixt_ceiling", stage="init")
+        cmin = float(np.nanmin(ceiling)) if ceiling.size else math.nan
+        final, init = curves[label]["final"], curves[label]["init"]
+        cf_i = per_seed(results, s, "I_TY_crossfit", NEWSGROUPS_LAYERS, stage="init")
+        cf_f = per_seed(results, s, "I_TY_crossfit", NEWSGROUPS_LAYERS)
+        for j, la in enumerate(NEWSGROUPS_LAYERS):
+            xf = est([v[j] for v in ixt_f.values()])
+            sat = "yes" if np.isfinite(cmin) and not xf.missing and info.is_saturated(xf.value, cmin) else "no"
+            rows.append([label, la, cell(est([v[j] for v in init.values()])), cell(est([v[j] for v in final.values()])),
+                         cell(est([v[j] for v in cf_i.values()])), cell(est([v[j] for v in cf_f.values()])),
+                         cell(est([d[j] for d in drops[label].values()])),
+                         cell(est([v[j] for v in ixt_i.values()])), cell(xf), fmt(cmin), sat])  # fmt: skip
+        layer_curves = []
+        for la in NEWSGROUPS_LAYERS:
+            trajs = [results.trajectory(s, "I_TY", la, seed) for seed in results.seeds(s)]
+            trajs = [t for t in trajs if len(t[0])]
+            if not trajs:
+                continue
+            steps = sorted(set().union(*(set(t[0].tolist()) for t in trajs)))
+            mat = np.array([[dict(zip(t[0].tolist(), t[1], strict=True)).get(st, np.nan) for st in steps]
+                            for t in trajs])  # fmt: skip
+            ests = [est(mat[:, k]) for k in range(len(steps))]
+            layer_curves.append((la, np.array(steps), (la, *(np.array([getattr(e, a) for e in ests])
+                                                                for a in ("value", "lo", "hi")))))  # fmt: skip
+        panels.append((label, layer_curves))
+    sec.tables.append(Table(
+        ["model", "layer", "I(T;Y) start", "I(T;Y) end", "cross-fitted start", "cross-fitted end", "largest drop",
+         "I(X;T) start", "I(X;T) end", "I(X;T) ceiling", "saturated"], rows,
+        "Bits; seed means with 95 % bootstrap intervals. Saturated: I(X;T) within 0.1 bit of the ceiling (the "
+        "entropy of the distinct probe inputs), where the estimator cannot show compression.",
+    ))  # fmt: skip
+    if any(p[1] for p in panels):
+        sec.figures.append(
+            FigureSpec(
+                "information_plane",
+                "I(T;Y) per layer over training (seed mean, 95 % intervals)",
+                figures.trajectories,
+                {"panels": panels, "ylabel": "I(T;Y) [bits]"},
+            )
+        )
+    return sec
