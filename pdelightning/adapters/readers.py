@@ -130,10 +130,14 @@ class _Interceptor(TorchFunctionMode):
                 with torch.no_grad():
                     self.sink(
                         sdpa_probabilities(
-                            q.detach(), k.detach(), bound.get("attn_mask"), bool(bound.get("is_causal", False)),
-                            bound.get("scale"), bool(bound.get("enable_gqa", False)),
+                            q.detach(),
+                            k.detach(),
+                            bound.get("attn_mask"),
+                            bool(bound.get("is_causal", False)),
+                            bound.get("scale"),
+                            bool(bound.get("enable_gqa", False)),
                         )
-                    )  # fmt: skip
+                    )
         return out
 
 
