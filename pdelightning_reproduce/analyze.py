@@ -278,7 +278,7 @@ def analyze_run(spec: RunSpec, out: Path, device: str = "cpu") -> int:
                                                                              PERTURBATION_N[s.data])))  # fmt: skip
             if spec.setting == "mnist_pde":
                 groups.append(("refinement", lambda m, t=test: refinement_values(m, pdata, device, t.get("logits"))))
-            if main and s.data == "mnist":
+            if main and s.data == "mnist" and all(hasattr(b, "attn") for b in model.blocks):  # (repro-models)
                 groups.append(("lens", lambda m: lens_values(m, pdata, device)))
         v: dict[str, Any] = {}
         for name, fn in groups:

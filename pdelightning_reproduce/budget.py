@@ -8,7 +8,11 @@ report mixing runs of several machines names each run's budget.
 
 * :data:`FULL`: the design as configured (the GPU runs).
 * :data:`CPU`: what fits in about three hours of one worker process with one torch thread on a 2-core CPU, after
-  the GPU budget ran out (the measured step times and the plan are in ``docs/reproduction/cpu_plan.md``).
+  the GPU budget ran out (the measured step times and the plan are in ``docs/reproduction/cpu_plan.md``); the v2
+  report's runs.
+* :data:`V3`: the v3 design (issue 18) with one cut: the sweeps train 100 steps of batch 64. Every cell has 5 seeds;
+  the main settings, the 20 Newsgroups ones on the full training set to their plateau criterion, are uncut
+  (``docs/reproduction/v3_plan.md``: which of it needs a GPU).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ class Budget:
     """What one machine trains of the design.
 
     Attributes:
-        name: ``"full"`` or ``"cpu"`` (recorded in every run's ``run.json``).
+        name: ``"full"``, ``"cpu"`` or ``"v3"`` (recorded in every run's ``run.json``).
         reason: why this budget, in one sentence (printed in the report).
         main_seeds: seeds of the main settings.
         sweep_seeds: seeds of the sweep settings.
@@ -58,7 +62,11 @@ class Budget:
 
 FULL = Budget("full", "the design as configured in configs/paper/ (issue 9)")
 
-_NG_ARGS = (f"--data.init_args.train_subset={NEWSGROUPS_TRAIN_POSTS}", f"--data.init_args.max_len={NEWSGROUPS_MAX_LEN}")
+_NG_ARGS = (
+    f"--data.init_args.train_subset={NEWSGROUPS_TRAIN_POSTS}",
+    f"--data.init_args.max_len={NEWSGROUPS_MAX_LEN}",
+    "--trainer.max_epochs=5",  # v3's configs train to a plateau (30 epochs at most); this budget keeps the paper's 5
+)
 _NG_CUT = (
     f"{NEWSGROUPS_TRAIN_POSTS:,} of the 11,314 training posts (a seeded random subset, the same for every run: "
     f"{int(NEWSGROUPS_TRAIN_POSTS * 0.9):,} training / {NEWSGROUPS_TRAIN_POSTS - int(NEWSGROUPS_TRAIN_POSTS * 0.9)} "
@@ -71,10 +79,16 @@ _SWEEP_ARGS = (
     "--trainer.num_sanity_val_steps=0",
     "--trainer.limit_val_batches=0",
 )
-_SWEEP_CUT = (
-    f"{SWEEP_STEPS} steps of batch {SWEEP_BATCH} ({SWEEP_STEPS * SWEEP_BATCH:,} images) instead of one epoch of "
-    f"batch 256 (54,000 images); no validation; seeds {', '.join(map(str, SWEEP_SEEDS_CPU))}"
-)
+
+
+def _sweep_cut(seeds: tuple[int, ...]) -> str:
+    return (
+        f"{SWEEP_STEPS} steps of batch {SWEEP_BATCH} ({SWEEP_STEPS * SWEEP_BATCH:,} images) instead of one epoch of "
+        f"batch 256 (54,000 images); no validation; seeds {', '.join(map(str, seeds))}"
+    )
+
+
+_SWEEP_CUT = _sweep_cut(SWEEP_SEEDS_CPU)
 _TRANSFORMER_SWEEPS = ("sweep_transformer", "sweep_no_residual", "sweep_no_layernorm")
 _LR_CELLS = tuple(c.name for c in depth_lr_cells() if c.lr in SWEEP_LRS_CPU)
 
@@ -86,23 +100,39 @@ CPU = Budget(
     sweep_seeds=SWEEP_SEEDS_CPU,
     cells={s: _LR_CELLS for s in _TRANSFORMER_SWEEPS},
     overrides={
-        "newsgroups_transformer": _NG_ARGS,
-        "newsgroups_pde": _NG_ARGS,
+        **{s.name: _NG_ARGS for s in SETTINGS if s.data == "newsgroups"},
         **{s.name: _SWEEP_ARGS for s in SETTINGS if s.role == "sweep"},
     },
     cuts={
-        "mnist_transformer": "none (the same config as the GPU runs)",
-        "mnist_pde": "none (the same config as the GPU runs)",
-        "newsgroups_transformer": _NG_CUT,
-        "newsgroups_pde": _NG_CUT,
-        **{s: _SWEEP_CUT + f"; learning rates {' / '.join(f'{x:g}' for x in SWEEP_LRS_CPU)} only (of 1e-3 / 3e-3 / "
-           "1e-2)" for s in _TRANSFORMER_SWEEPS},
+        **{s.name: "none (the same config as the GPU runs)" for s in SETTINGS if s.data == "mnist"},
+        **{s.name: _NG_CUT for s in SETTINGS if s.data == "newsgroups"},
+        **{
+            s: _SWEEP_CUT + f"; learning rates {' / '.join(f'{x:g}' for x in SWEEP_LRS_CPU)} only (of 1e-3 / 3e-3 / "
+            "1e-2)"
+            for s in _TRANSFORMER_SWEEPS
+        },
         "sweep_pde": _SWEEP_CUT,
         "sweep_pde_stabilized": _SWEEP_CUT,
     },
-)  # fmt: skip
+)
 
-BUDGETS: dict[str, Budget] = {b.name: b for b in (FULL, CPU)}
+_V3_MAIN_CUT = {
+    "mnist": "none (the config: all 54,000 training images to the plateau criterion, 10 epochs at most)",
+    "newsgroups": "none (the config: all 10,182 training posts, max_len 256, to the plateau of the validation loss, "
+    "30 epochs at most)",
+}
+V3 = Budget(
+    "v3",
+    "the v3 design (issue 18): 5 seeds in every cell, the main settings uncut (the 20 Newsgroups ones on the full "
+    "training set to their plateau criterion, on a GPU where one is lent, else in the background on the CPU); the "
+    "sweeps cut to 100 steps, enough for the divergence rule's 10 updates and its judgement after them",
+    main_seeds=SEEDS,
+    sweep_seeds=SEEDS,
+    overrides={s.name: _SWEEP_ARGS for s in SETTINGS if s.role == "sweep"},
+    cuts={s.name: _sweep_cut(SEEDS) if s.role == "sweep" else _V3_MAIN_CUT[s.data] for s in SETTINGS},
+)
+
+BUDGETS: dict[str, Budget] = {b.name: b for b in (FULL, CPU, V3)}
 
 
 def budget(name: str) -> Budget:

@@ -36,8 +36,9 @@ def capture_with_patterns(model: nn.Module, pdata: ProbeData, device: str) -> tu
     def keep(_start: int, _xb: Tensor, _outs: dict[str, Tensor], pats: list[Tensor]) -> list[Tensor]:
         return [p.detach().float().cpu() for p in pats]
 
-    cap = forward_capture(model, pdata.x, device, pdata.pad_id, erank=False, batch_fn=keep, patterns=True)
-    layers = [torch.cat([batch[i] for batch in cap.extra]) for i in range(len(model.blocks))]
+    attn = all(hasattr(b, "attn") for b in model.blocks)  # (repro-models) the paper's PDE variants have no attention
+    cap = forward_capture(model, pdata.x, device, pdata.pad_id, erank=False, batch_fn=keep, patterns=attn)
+    layers = [torch.cat([batch[i] for batch in cap.extra]) for i in range(len(model.blocks))] if attn else []
     cap.extra = []
     return cap, layers
 
@@ -140,6 +141,7 @@ def analyze_pair(pspec: PairSpec, out: Path, device: str = "cpu") -> int:
         cr, pr = capture_with_patterns(load_model(rp, device)[0], pdata, device)
         pi = capture_with_patterns(load_model(ref_init, device)[0], pdata, device)[1] if ref_init else None
         v: dict[str, Any] = correlation_values(cm, cr)
-        v.update(attention_values(pm, pr, pi, valid))
+        if pm and pr:  # (repro-models) no attention comparison for a model without attention
+            v.update(attention_values(pm, pr, pi, valid))
         rows += rows_from(f"pair_{pspec.pair}", "", pspec.seed, int(payload["step"]), stage, v)
     return write_rows(udir / SUMMARY_NAME, rows)

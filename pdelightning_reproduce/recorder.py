@@ -118,6 +118,9 @@ class RunRecorder(Callback):
             "saved_steps": [], "final_step": None, "epochs": None, "stop_reason": None, "plateau_met": False,
             "plateau_epoch": None,
         }  # fmt: skip
+        # (repro-models) the loss series of divergence.training_divergence: every training batch's loss and the step
+        # it was recorded at; the validation loss per epoch beside val_acc (the plateau criterion's curve)
+        self.record.update(losses=[], loss_steps=[], val_loss=[])
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         model = getattr(pl_module, "model", pl_module)
@@ -150,6 +153,8 @@ class RunRecorder(Callback):
         steps = [s for s, _ in self._buffer]
         values = torch.stack([v for _, v in self._buffer]).cpu().tolist()  # one device sync per window
         self._buffer.clear()
+        self.record["loss_steps"] += steps
+        self.record["losses"] += values
         finite = [v for v in values if math.isfinite(v)]
         if finite:
             m = max(finite)
@@ -175,6 +180,9 @@ class RunRecorder(Callback):
         acc = trainer.callback_metrics.get("val/acc")
         if acc is not None:
             self.record["val_acc"].append(float(acc))
+        val_loss = trainer.callback_metrics.get("val/loss")
+        if val_loss is not None:
+            self.record["val_loss"].append(float(val_loss))
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

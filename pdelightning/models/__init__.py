@@ -6,15 +6,20 @@ from pdelightning.models.bottleneck import GaussianBottleneck, gaussian_kl_to_st
 from pdelightning.models.embedding import InputEmbedding
 from pdelightning.models.hooks import HookPoint
 from pdelightning.models.pde import PDEClassifier, PDEStep, laplacian_1d
+from pdelightning.models.pde_variants import DiffusionPDEClassifier, DiffusionStep, LinearPDEClassifier, LinearStep
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget, PDEStepParams, SupportsAnalysis
 from pdelightning.models.transformer import TransformerBlock, TransformerClassifier
 
 __all__ = [
     "AnalysisTargets",
+    "DiffusionPDEClassifier",
+    "DiffusionStep",
     "GaussianBottleneck",
     "HookPoint",
     "InputEmbedding",
     "LayerTarget",
+    "LinearPDEClassifier",
+    "LinearStep",
     "MultiHeadSelfAttention",
     "PDEClassifier",
     "PDEStep",

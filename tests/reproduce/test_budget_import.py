@@ -27,10 +27,10 @@ def test_cpu_budget_plans_five_main_seeds_and_the_cut_sweeps() -> None:
     runs = plan.runs()
     by = pd.Series([r.setting for r in runs]).value_counts().to_dict()
     assert all(by[s.name] == 5 for s in SETTINGS if s.role == "main")
-    assert by["sweep_no_layernorm"] == 3 * 3 * 2 and by["sweep_pde"] == 3 * 4  # seeds x depths x lrs / targets
+    assert by["sweep_no_layernorm"] == 3 * 3 * 2 and by["sweep_pde"] == 3 * 7  # seeds x depths x lrs / Δt cells
     assert {r.cell for r in runs if r.setting == "sweep_transformer"} == {
         f"L{d}-lr{lr}" for d in (6, 12, 24) for lr in ("1e-03", "1e-02")}  # fmt: skip
-    assert len(plan.pairs()) == 15
+    assert len(plan.pairs()) == 20
     args = fit_args(RunSpec("newsgroups_pde", "", 0), Path("o"), Path("d"), False, [], budget_name="cpu")
     assert "--data.init_args.train_subset=3000" in args and "--data.init_args.max_len=128" in args
     assert not any("subset" in a for a in fit_args(RunSpec("mnist_pde", "", 0), Path("o"), Path("d"), False, []))
@@ -50,7 +50,7 @@ def test_cli_budget_sets_seeds_and_cells(monkeypatch: pytest.MonkeyPatch) -> Non
     assert main(["train", "--budget", "cpu", "--settings", "sweep_pde", "mnist_pde"]) == 0
     plan = seen["plan"]
     assert plan.budget == "cpu" and plan.sweep_seeds == (0, 1, 2) and plan.seeds == (0, 1, 2, 3, 4)
-    assert len(plan.runs()) == 5 + 12
+    assert len(plan.runs()) == 5 + 3 * 7
 
 
 def test_regenerated_initialisation_is_the_trained_runs_own(tmp_path: Path) -> None:

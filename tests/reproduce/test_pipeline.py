@@ -51,14 +51,18 @@ def test_quick_pipeline_trains_analyses_publishes_and_reports(tmp_path: Path) ->
 
 
 def test_pde_sweep_chooses_dt_so_eq21_at_initialisation_hits_its_target(tmp_path: Path) -> None:
+    # (repro-models) v3's PDE sweeps set Δt in the cell; choose_dt (v2's eq. (21) targets) is checked against the run
+    from pdelightning_reproduce.train import choose_dt, fit_args
+
     mnist = fake_mnist(tmp_path / "mnist", n_train=64, n_test=16)
-    spec = RunSpec("sweep_pde", "eq21-1.5", 3)
+    spec = RunSpec("sweep_pde", "dt0.5", 3)
     meta = train_run(spec, tmp_path / "runs", mnist, quick=True)
     assert meta["status"] in ("complete", "diverged"), meta.get("error")
     model, payload = load_model(spec.path(tmp_path / "runs") / "ckpt" / "step000000.pt")
-    assert payload["init_args"]["dt"] == pytest.approx(meta["dt"])
-    assert max(eq21_per_step(model).values()) == pytest.approx(1.5, rel=1e-4)
-    assert torch.isfinite(torch.tensor(meta["eq21_coefficient"]))
+    assert payload["init_args"]["dt"] == meta["dt"] == 0.5
+    dt, coefficient = choose_dt(fit_args(spec, tmp_path / "runs", mnist, True, []), 1.5)
+    assert max(eq21_per_step(model).values()) == pytest.approx(0.5 * coefficient, rel=1e-4)
+    assert dt == pytest.approx(1.5 / coefficient) and torch.isfinite(torch.tensor(coefficient))
 
 
 @pytest.mark.parametrize("bad", [["all", "--settings", "mnist_tranformer"], ["all", "--seeds", "x"], ["fit"],

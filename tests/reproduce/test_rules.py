@@ -66,8 +66,8 @@ def test_plan_orders_main_settings_first_and_sweeps_seed_major() -> None:
     assert roles.index("sweep") == sum(r == "main" for r in roles)  # every main run before any sweep run
     sweep = [r for r in runs if r.cell]
     first_seed1 = next(i for i, r in enumerate(sweep) if r.seed == 1)
-    assert all(r.seed == 0 for r in sweep[:first_seed1]) and len(sweep) == 5 * (3 * 9 + 2 * 4)
-    assert len(runs) == 4 * 5 + len(sweep)
+    assert all(r.seed == 0 for r in sweep[:first_seed1]) and len(sweep) == 5 * (3 * 9 + 2 * 7)
+    assert len(runs) == 7 * 5 + len(sweep)
 
 
 def test_pairs_never_compare_twins_except_the_labelled_one() -> None:
@@ -79,7 +79,7 @@ def test_pairs_never_compare_twins_except_the_labelled_one() -> None:
         else:
             assert model.seed != ref.seed
     assert {p.name for p in PAIRS} == {"pde_vs_transformer", "transformer_vs_transformer",
-                                       "pde_vs_transformer_shared_init"}  # fmt: skip
+                                       "pde_vs_transformer_shared_init", "pde_diffusion_vs_transformer"}  # fmt: skip
 
 
 def test_run_ids_and_quick_overrides() -> None:
