@@ -31,7 +31,15 @@ from pdelightning.analysis.perturbation import amplification, format_eps, gaussi
 from pdelightning.analysis.representation import layer_correlation
 from pdelightning_reproduce.lens import lens_values
 from pdelightning_reproduce.measures import eq21_per_step, refined
-from pdelightning_reproduce.probe import BATCH, ProbeData, forward_capture, layer_outputs, probe_data
+from pdelightning_reproduce.probe import (
+    BATCH,
+    EMBEDDING,
+    ProbeData,
+    forward_capture,
+    layer_outputs,
+    model_layers,
+    probe_data,
+)
 from pdelightning_reproduce.recorder import CKPT_DIR, FINAL, load_model, read_payload
 from pdelightning_reproduce.rules import (
     AMPLIFICATION_EPS,
@@ -105,7 +113,7 @@ def representation_values(
     consecutive-layer Pearson correlation (Table 2) and CKA, all on pooled probe-set representations.
     """
     cap = forward_capture(model, pdata.x, device, pdata.pad_id, erank=erank_layers)
-    emb = cap.pooled["embedding"]
+    emb = cap.pooled[EMBEDDING]
     v: dict[str, Any] = {"cka_to_embedding": {}, "erank": {}, "rms": {}, "nonfinite": {}}
     v["probe_acc"] = float((cap.logits.argmax(-1) == pdata.y).float().mean())
     for name in cap.layers:
@@ -113,11 +121,11 @@ def representation_values(
             v["erank"][name] = _nanmean(cap.erank[name])
         v["rms"][name] = cap.rms(name)
         v["nonfinite"][name] = cap.nonfinite[name] / max(cap.count[name], 1.0)
-        if name != "embedding":
+        if name != EMBEDDING:
             v["cka_to_embedding"][name] = _safe(linear_cka, cap.pooled[name], emb, CKA_UNBIASED)
     if consecutive:
         v["consecutive_corr"], v["cka_consecutive"] = {}, {}
-        blocks = [n for n in cap.layers if n != "embedding"]
+        blocks = [n for n in cap.layers if n != EMBEDDING]
         for a, b in itertools.pairwise(blocks):
             v["consecutive_corr"][b] = _safe(layer_correlation, cap.pooled[a], cap.pooled[b], "pearson", "flattened")
             v["cka_consecutive"][b] = _safe(linear_cka, cap.pooled[a], cap.pooled[b], CKA_UNBIASED)
@@ -144,7 +152,7 @@ def information_values(model: nn.Module, pdata: ProbeData, device: str) -> dict[
     sub = info.subsample(len(pdata.y), IXT_MAX_SAMPLES, 0)
     v: dict[str, Any] = {"I_TY": {}, "I_TY_crossfit": {}, "I_XT": {}}
     for name in probe.layers:
-        if name == "embedding":
+        if name == EMBEDDING:
             continue
         v["I_TY"][name] = _ity(fit.pooled[name], pdata.y_fit, probe.pooled[name], pdata.y, pdata.num_classes)[0]
         t_probe = probe.pooled[name]
@@ -154,8 +162,8 @@ def information_values(model: nn.Module, pdata: ProbeData, device: str) -> dict[
             else math.nan
         )
         t = probe.pooled[name][sub].double()
-        v["I_XT"][name] = info.kde_mutual_information(t, pdata.y[sub], IXT_NOISE_VARIANCE)[0] if torch.isfinite(
-            t).all() else math.nan  # fmt: skip
+        finite = bool(torch.isfinite(t).all())
+        v["I_XT"][name] = info.kde_mutual_information(t, pdata.y[sub], IXT_NOISE_VARIANCE)[0] if finite else math.nan
     h_y = info.entropy_bits(pdata.y)
     ce = F.cross_entropy(probe.logits, pdata.y) if torch.isfinite(probe.logits).all() else torch.tensor(math.nan)
     v.update(
@@ -173,11 +181,11 @@ def gradient_values(model: nn.Module, pdata: ProbeData, device: str) -> dict[str
     with torch.enable_grad():
         F.cross_entropy(model(x), y).backward()
     v: dict[str, Any] = {"grad_norm": {}, "weight_norm": {}, "relgrad": {}, "grad_abs_mean": {}}
-    for i, block in enumerate(model.blocks):
-        ps = [p for p in block.parameters() if p.grad is not None]
+    for layer in model_layers(model):
+        ps = [p for p in (layer.block or layer.module).parameters() if p.grad is not None]
         g = torch.cat([p.grad.detach().flatten().double() for p in ps])
         w = torch.cat([p.detach().flatten().double() for p in ps])
-        name = f"blocks.{i}"
+        name = layer.name
         v["grad_norm"][name], v["weight_norm"][name] = _f(g.norm()), _f(w.norm())
         v["relgrad"][name] = _f(g.norm() / w.norm())
         v["grad_abs_mean"][name] = _f(g.abs().mean())
@@ -218,9 +226,9 @@ def perturbation_values(model: nn.Module, pdata: ProbeData, device: str, n: int 
         clean_out = layer_outputs(model, xb, pdata.pad_id)
         noisy_out = layer_outputs(model, xb, pdata.pad_id, embed_fn, start)
         valid = None if xb.dtype.is_floating_point else (xb != pdata.pad_id).cpu()
-        dh0 = (noisy_out["embedding"] - clean_out["embedding"]).cpu()
+        dh0 = (noisy_out[EMBEDDING] - clean_out[EMBEDDING]).cpu()
         for name, h in noisy_out.items():
-            if name != "embedding":
+            if name != EMBEDDING:
                 amps.setdefault(name, []).append(amplification((h - clean_out[name]).cpu(), dh0, valid))
     v["amplification"] = {k: _nanmean(torch.cat(a)) for k, a in amps.items()}
     return v
@@ -258,24 +266,25 @@ def analyze_run(spec: RunSpec, out: Path, device: str = "cpu") -> int:
         if step in SKIP_STEPS and stage == "":
             continue
         model, _ = load_model(path, device)
-        last = f"blocks.{len(model.blocks) - 1}"
+        layers = model_layers(model)
+        last = layers[-1].name
         test: dict[str, Tensor] = {}  # the accuracy group's test logits, reused by the refinement group
 
         groups: list[tuple[str, Any]] = []
-        if any(hasattr(b, "dt") for b in model.blocks):
+        if any(t.pde is not None for t in layers):
             groups.append(("eq21", lambda m: {"eq21": eq21_per_step(m)}))
         if s.data == "mnist" and (stage == "final" or (stage == "init" and main)):  # sweeps: final only
-            ranks: bool | set[str] = True if main else {"embedding", last}
+            ranks: bool | set[str] = True if main else {EMBEDDING, last}
             groups.append(("representation", lambda m, r=ranks: representation_values(m, pdata, device, main, r)))
         if s.data == "newsgroups":
-            groups += [("information", lambda m: information_values(m, pdata, device)),
-                       ("gradients", lambda m: gradient_values(m, pdata, device))]  # fmt: skip
+            groups.append(("information", lambda m: information_values(m, pdata, device)))
+            groups.append(("gradients", lambda m: gradient_values(m, pdata, device)))
         if stage == "final":
             if main and s.data == "mnist":  # the others report the accuracy of their probe-set pass instead
                 groups.append(("accuracy", lambda m, t=test: _test_accuracy(m, pdata, device, t)))
             if s.data == "newsgroups":
-                groups.append(("perturbation", lambda m: perturbation_values(m, pdata, device,
-                                                                             PERTURBATION_N[s.data])))  # fmt: skip
+                n = PERTURBATION_N[s.data]
+                groups.append(("perturbation", lambda m, n=n: perturbation_values(m, pdata, device, n)))
             if spec.setting == "mnist_pde":
                 groups.append(("refinement", lambda m, t=test: refinement_values(m, pdata, device, t.get("logits"))))
             if main and s.data == "mnist" and all(hasattr(b, "attn") for b in model.blocks):  # (repro-models)

@@ -66,8 +66,9 @@ def layer_curves(
     return fig
 
 
-def eps_curves(eps: Sequence[float], series: Sequence[Series], ylabel: str, title: str = "",
-               marks: Sequence[float] = ()) -> Figure:  # fmt: skip
+def eps_curves(
+    eps: Sequence[float], series: Sequence[Series], ylabel: str, title: str = "", marks: Sequence[float] = ()
+) -> Figure:
     """Curves over a log ε axis, vertical dotted lines at ``marks``."""
     fig, ax = _figure()
     x = np.asarray(eps, dtype=float)

@@ -88,15 +88,30 @@ def record_from_progress(line: str, final_payload: dict[str, Any], device: str, 
         raise ValueError(f"not a 'trained <setting>/seed<k>: <status> in <s> s, step <n>, val/acc <a>' line: {line!r}")
     epochs = int(final_payload["epoch"])
     return {
-        "setting": m["setting"], "cell": "", "seed": int(m["seed"]), "status": m["status"], "device": device,
-        "gpu": device.startswith("cuda"), "wall_s": float(m["wall"]), "final_step": int(m["step"]),
-        "val_acc": float(m["acc"]), "best_val_acc": None, "epochs": epochs,
-        "stop_reason": "max_epochs" if epochs >= max_epochs else None, "plateau_met": None, "plateau_epoch": None,
-        "diverged": False, "divergence_step": None, "first_nonfinite_step": None, "quick": False,
-        "model_class": final_payload["model_class"], "init_args": final_payload["init_args"],
-        "n_layers": final_payload["init_args"].get("n_layers"), "dt": final_payload["init_args"].get("dt"),
+        "setting": m["setting"],
+        "cell": "",
+        "seed": int(m["seed"]),
+        "status": m["status"],
+        "device": device,
+        "gpu": device.startswith("cuda"),
+        "wall_s": float(m["wall"]),
+        "final_step": int(m["step"]),
+        "val_acc": float(m["acc"]),
+        "best_val_acc": None,
+        "epochs": epochs,
+        "stop_reason": "max_epochs" if epochs >= max_epochs else None,
+        "plateau_met": None,
+        "plateau_epoch": None,
+        "diverged": False,
+        "divergence_step": None,
+        "first_nonfinite_step": None,
+        "quick": False,
+        "model_class": final_payload["model_class"],
+        "init_args": final_payload["init_args"],
+        "n_layers": final_payload["init_args"].get("n_layers"),
+        "dt": final_payload["init_args"].get("dt"),
         "record": "rebuilt from the progress.log line and the final checkpoint (run.json was not brought back)",
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     from pdelightning_reproduce.settings import setting
+    from pdelightning_reproduce.train import config_record
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--weights", type=Path, required=True, help="root of <setting>/seed<k>/ckpt/final.pt")
@@ -132,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = yaml.safe_load(s.config_path.read_text())
             device = next((json.loads(r.read_text())["device"] for r in args.units.rglob("run.json")), "cuda")
             record = record_from_progress(line, payload, device, int(cfg["trainer"]["max_epochs"]))
-            record.update(config=f"configs/paper/{s.config}", role=s.role, data=s.data)
+            record.update(config=config_record(s.config), role=s.role, data=s.data)
             note = "GPU run: final weights from the GPU call; record rebuilt from its progress.log line"
         meta = import_run(spec, final, record, args.out, Path(data_dir), note)
         print(f"[import] {spec.id}: step {meta.get('final_step')}, val/acc {meta.get('val_acc')}; step 0 regenerated")

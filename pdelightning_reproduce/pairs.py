@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from pdelightning.analysis import attention as att
 from pdelightning.analysis.cka import linear_cka
 from pdelightning.analysis.representation import layer_correlation
-from pdelightning_reproduce.probe import BATCH, Capture, ProbeData, forward_capture, probe_data
+from pdelightning_reproduce.probe import BATCH, ProbeData, Reductions, forward_capture, probe_data
 from pdelightning_reproduce.recorder import load_model
 from pdelightning_reproduce.rules import CKA_UNBIASED, PROBE_SEED
 from pdelightning_reproduce.settings import PairSpec
@@ -30,7 +30,7 @@ STAGES: tuple[str, ...] = ("final",)
 """Checkpoints compared (the report's pair quantities are all read at the final checkpoints)."""
 
 
-def capture_with_patterns(model: nn.Module, pdata: ProbeData, device: str) -> tuple[Capture, list[Tensor]]:
+def capture_with_patterns(model: nn.Module, pdata: ProbeData, device: str) -> tuple[Reductions, list[Tensor]]:
     """One pass over the probe set: pooled representations per layer and every layer's attention ``[N, H, T, T]``."""
 
     def keep(_start: int, _xb: Tensor, _outs: dict[str, Tensor], pats: list[Tensor]) -> list[Tensor]:
@@ -100,7 +100,7 @@ def attention_values(
     return v
 
 
-def correlation_values(cm: Capture, cr: Capture) -> dict[str, dict[str, float]]:
+def correlation_values(cm: Reductions, cr: Reductions) -> dict[str, dict[str, float]]:
     """Same-layer Pearson and Spearman correlation (flattened ``[N, d]``) and linear CKA of two captures."""
     from pdelightning_reproduce.analyze import _safe
 

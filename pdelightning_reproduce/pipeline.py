@@ -175,8 +175,9 @@ def run_pipeline(
                         log(f"skip {task.unit.id}: past the training deadline")
                         continue
                     s = setting(task.unit.setting)
-                    fut = ex.submit(_train_task, task.unit, str(out), str(data_dirs[s.data]), plan.quick, extra or [],
-                                    plan.budget)  # fmt: skip
+                    fut = ex.submit(
+                        _train_task, task.unit, str(out), str(data_dirs[s.data]), plan.quick, extra or [], plan.budget
+                    )
                 else:
                     fut = ex.submit(_analyze_task, task.unit, str(out))
                 running[fut] = task
@@ -197,8 +198,10 @@ def run_pipeline(
                     continue
                 if task.kind == "train":
                     ok = result.get("status") in ("complete", "diverged")
-                    log(f"trained {task.unit.id}: {result.get('status')} in {result.get('wall_s')} s, "
-                        f"step {result.get('final_step')}, val/acc {result.get('val_acc')}")  # fmt: skip
+                    log(
+                        f"trained {task.unit.id}: {result.get('status')} in {result.get('wall_s')} s, "
+                        f"step {result.get('final_step')}, val/acc {result.get('val_acc')}"
+                    )
                     if ok:
                         after_trained(task.unit)
                     else:

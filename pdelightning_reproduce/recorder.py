@@ -114,18 +114,31 @@ class RunRecorder(Callback):
         self.check_every_n_steps = check_every_n_steps
         self._buffer: list[tuple[int, Tensor]] = []
         self.record: dict[str, Any] = {
-            "val_acc": [], "first_nonfinite_step": None, "divergence_step": None, "max_train_loss": None,
-            "saved_steps": [], "final_step": None, "epochs": None, "stop_reason": None, "plateau_met": False,
+            "val_acc": [],
+            "first_nonfinite_step": None,
+            "divergence_step": None,
+            "max_train_loss": None,
+            "saved_steps": [],
+            "final_step": None,
+            "epochs": None,
+            "stop_reason": None,
+            "plateau_met": False,
             "plateau_epoch": None,
-        }  # fmt: skip
+        }
         # (repro-models) the loss series of divergence.training_divergence: every training batch's loss and the step
         # it was recorded at; the validation loss per epoch beside val_acc (the plateau criterion's curve)
         self.record.update(losses=[], loss_steps=[], val_loss=[])
 
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
         model = getattr(pl_module, "model", pl_module)
-        save_model(self.run_dir / CKPT_DIR / name, model, trainer.global_step, trainer.current_epoch,
-                   self.model_class, self.init_args)  # fmt: skip
+        save_model(
+            self.run_dir / CKPT_DIR / name,
+            model,
+            trainer.global_step,
+            trainer.current_epoch,
+            self.model_class,
+            self.init_args,
+        )
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

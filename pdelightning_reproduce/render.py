@@ -26,8 +26,19 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def claims_table(claims: Sequence[ClaimResult]) -> str:
     """The verdict table of one section."""
-    rows = [[c.rule.claim, c.rule.paper, c.ours or "—", c.null or "—", c.ceiling or "—", c.accuracy or "—",
-             f"**{c.verdict}**", c.why] for c in claims]  # fmt: skip
+    rows = [
+        [
+            c.rule.claim,
+            c.rule.paper,
+            c.ours or "—",
+            c.null or "—",
+            c.ceiling or "—",
+            c.accuracy or "—",
+            f"**{c.verdict}**",
+            c.why,
+        ]
+        for c in claims
+    ]
     return md_table(["claim", "paper", "ours (95 % interval)", "null", "ceiling", "accuracy", "verdict", "why"], rows)
 
 
@@ -66,10 +77,10 @@ def changes_table(changes: Sequence[dict[str, str]]) -> str:
     """The "changed verdicts" table."""
     if not changes:
         return "No verdict of the previous report changed."
-    return md_table(["claim (previous report)", "previous", "now", "rule", "what changed in the measurement",
-                     "ours now"],
-                    [[c["claim"], c["previous"], f"**{c['now']}**", c["rule"], c["why"], c.get("ours", "—")]
-                     for c in changes])  # fmt: skip
+    return md_table(
+        ["claim (previous report)", "previous", "now", "rule", "what changed in the measurement", "ours now"],
+        [[c["claim"], c["previous"], f"**{c['now']}**", c["rule"], c["why"], c.get("ours", "—")] for c in changes],
+    )
 
 
 def rules_appendix(rules: Sequence[Rule] = RULES) -> str:

@@ -42,12 +42,11 @@ def changed_verdicts(sections: Sequence[Section], previous: Path) -> list[dict[s
     for old in json.loads(previous.read_text())["verdicts"]:
         rid = prev_of.get(old["claim"])
         new = now.get(rid) if rid else None
+        row = {"claim": old["claim"], "previous": old["verdict"], "rule": rid or "—"}
         if new is None:
-            out.append({"claim": old["claim"], "previous": old["verdict"], "now": "not re-tested", "rule": rid or "—",
-                        "why": "no rule continues this claim"})  # fmt: skip
+            out.append({**row, "now": "not re-tested", "why": "no rule continues this claim"})
         elif new.verdict != old["verdict"]:
-            out.append({"claim": old["claim"], "previous": old["verdict"], "now": new.verdict, "rule": rid,
-                        "why": new.rule.changes or "—", "ours": new.ours or "—"})  # fmt: skip
+            out.append({**row, "now": new.verdict, "why": new.rule.changes or "—", "ours": new.ours or "—"})
     return out
 
 
@@ -61,8 +60,11 @@ def write_report(source: Path, out: Path, previous: Path | None = None) -> Path:
     sections = build_sections(results)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    quick = bool(results.runs.get("quick", []).astype(str).str.lower().isin(["true", "1"]).any()) if len(
-        results.runs) else False  # fmt: skip
+    quick = (
+        bool(results.runs.get("quick", []).astype(str).str.lower().isin(["true", "1"]).any())
+        if len(results.runs)
+        else False
+    )
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     head = [
         "# Reproduction of arXiv 2408.09523 (PDE view of Transformers), v2",
@@ -72,8 +74,10 @@ def write_report(source: Path, out: Path, previous: Path | None = None) -> Path:
         "(`pdelightning_reproduce/paper.py`).",
     ]
     if quick:
-        head.append("> **QUICK PIPELINE CHECK**: these runs used `--quick` (a few steps on small data). The numbers "
-                    "mean nothing; only the rendering is checked.")  # fmt: skip
+        head.append(
+            "> **QUICK PIPELINE CHECK**: these runs used `--quick` (a few steps on small data). The numbers "
+            "mean nothing; only the rendering is checked."
+        )
     head.append(
         "**How to read a verdict.** Every claim has a rule fixed before any run (`pdelightning_reproduce/rules.py`, "
         f"sha256 `{rules_sha256()[:16]}…` now). Each number in a rule is a seed mean with its 95 % interval "
@@ -82,13 +86,20 @@ def write_report(source: Path, out: Path, previous: Path | None = None) -> Path:
         "threshold, and is **not comparable** when the claim cannot be measured here (the reason is given). Each "
         "model's accuracy is reported beside its verdicts."
     )
-    changes_after = ("Changes to the rules after they were fixed: " + "; ".join(CHANGES_AFTER_FIXING)) if (
-        CHANGES_AFTER_FIXING) else "No rule was changed after it was fixed."  # fmt: skip
-    body = ["## Summary", summary_table(sections),
-            "## Verdicts that changed since the previous report",
-            "The previous report (7 settings x 3 seeds, CPU, 86-step MNIST runs, twins, no intervals) is kept as data "
-            "in `docs/reproduction/previous_verdicts.json`.", changes_table(changed_verdicts(sections, previous)),
-            changes_after]  # fmt: skip
+    changes_after = (
+        ("Changes to the rules after they were fixed: " + "; ".join(CHANGES_AFTER_FIXING))
+        if CHANGES_AFTER_FIXING
+        else "No rule was changed after it was fixed."
+    )
+    body = [
+        "## Summary",
+        summary_table(sections),
+        "## Verdicts that changed since the previous report",
+        "The previous report (7 settings x 3 seeds, CPU, 86-step MNIST runs, twins, no intervals) is kept as data "
+        "in `docs/reproduction/previous_verdicts.json`.",
+        changes_table(changed_verdicts(sections, previous)),
+        changes_after,
+    ]
     body += [render_section(s, out / "figures", "figures") for s in sections]
     body += ["## Appendix: the rules", rules_appendix()]
     path = out / "REPRODUCTION.md"
@@ -98,8 +109,9 @@ def write_report(source: Path, out: Path, previous: Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """``pdelightning-reproduce report SOURCE --out DIR``."""
-    p = argparse.ArgumentParser(prog="pdelightning-reproduce report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="pdelightning-reproduce report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("source", type=Path, help="folder with summary.csv.gz and runs.csv, or a runs root")
     p.add_argument("--out", type=Path, default=Path("docs"), help="where REPRODUCTION.md and figures/ go")
     p.add_argument(

@@ -24,14 +24,16 @@ COMMANDS = ("train", "analyze", "all")
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of ``pdelightning-reproduce``."""
-    p = argparse.ArgumentParser(prog="pdelightning-reproduce", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="pdelightning-reproduce", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("command", choices=COMMANDS, help="train, analyze, or all (both, pipelined)")
     p.add_argument("--out", type=Path, default=Path("runs/paper"), help="root of the run folders")
     p.add_argument("--mnist-dir", type=Path, default=Path("data"), help="folder holding MNIST/raw/")
     p.add_argument("--newsgroups-dir", type=Path, default=Path("data"), help="20news-bydate.tar.gz or its folder")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default {list(SEEDS)} ({list(QUICK_SEEDS)} "
-                                                                      "with --quick)")  # fmt: skip
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help=f"default {list(SEEDS)} ({list(QUICK_SEEDS)} with --quick)"
+    )
     p.add_argument(
         "--sweep-seeds",
         type=int,
@@ -45,8 +47,14 @@ def parser() -> argparse.ArgumentParser:
         default="full",
         help="seeds, sweep cells and cuts (pdelightning_reproduce/budget.py); default full",
     )
-    p.add_argument("--settings", nargs="+", default=list(SETTING_NAMES), choices=SETTING_NAMES, metavar="SETTING",
-                   help=f"subset of {', '.join(SETTING_NAMES)}")  # fmt: skip
+    p.add_argument(
+        "--settings",
+        nargs="+",
+        default=list(SETTING_NAMES),
+        choices=SETTING_NAMES,
+        metavar="SETTING",
+        help=f"subset of {', '.join(SETTING_NAMES)}",
+    )
     p.add_argument(
         "--cells",
         nargs="+",
@@ -56,8 +64,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--threads-per-worker", type=int, default=1, help="torch CPU threads per worker")
-    p.add_argument("--publish", type=Path, default=None, help="folder receiving summaries as units finish "
-                                                              "(default <out>/_published)")  # fmt: skip
+    p.add_argument(
+        "--publish",
+        type=Path,
+        default=None,
+        help="folder receiving summaries as units finish (default <out>/_published)",
+    )
     p.add_argument(
         "--stop-training-after",
         type=float,
@@ -92,14 +104,27 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or name not in SETTING_NAMES:
             parser().error(f"--cells {item!r}: expected SETTING:CELL with SETTING one of {', '.join(SETTING_NAMES)}")
         cells[name] = (*cells.get(name, ()), cell)
-    plan = Plan(settings=tuple(args.settings), seeds=seeds, quick=args.quick, cells=cells, sweep_seeds=sweep_seeds,
-                budget=args.budget)  # fmt: skip
+    plan = Plan(
+        settings=tuple(args.settings),
+        seeds=seeds,
+        quick=args.quick,
+        cells=cells,
+        sweep_seeds=sweep_seeds,
+        budget=args.budget,
+    )
     status = run_pipeline(
-        plan, args.out, {"mnist": args.mnist_dir, "newsgroups": args.newsgroups_dir}, workers=args.workers,
-        threads_per_worker=args.threads_per_worker, train=args.command in ("train", "all"),
-        analyze=args.command in ("analyze", "all"), publish_to=args.publish,
-        stop_training_after_s=args.stop_training_after, skip_existing=not args.no_skip_existing, extra=args.extra,
-    )  # fmt: skip
+        plan,
+        args.out,
+        {"mnist": args.mnist_dir, "newsgroups": args.newsgroups_dir},
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        train=args.command in ("train", "all"),
+        analyze=args.command in ("analyze", "all"),
+        publish_to=args.publish,
+        stop_training_after_s=args.stop_training_after,
+        skip_existing=not args.no_skip_existing,
+        extra=args.extra,
+    )
     if status["failed"]:
         print(f"[reproduce] failed: {', '.join(status['failed'])}", file=sys.stderr)
     return 1 if status["failed"] else 0

@@ -30,11 +30,34 @@ import pandas as pd
 
 COLUMNS: tuple[str, ...] = ("setting", "cell", "seed", "step", "stage", "quantity", "layer", "value")
 RUN_FIELDS: tuple[str, ...] = (
-    "setting", "cell", "seed", "status", "device", "gpu", "wall_s", "final_step", "epochs", "stop_reason",
-    "plateau_met", "plateau_epoch", "val_acc", "best_val_acc", "diverged", "divergence_step", "first_nonfinite_step",
-    "max_train_loss", "dt", "eq21_target", "n_layers", "lr", "quick", "budget", "cuts", "imported",
+    "setting",
+    "cell",
+    "seed",
+    "status",
+    "device",
+    "gpu",
+    "wall_s",
+    "final_step",
+    "epochs",
+    "stop_reason",
+    "plateau_met",
+    "plateau_epoch",
+    "val_acc",
+    "best_val_acc",
+    "diverged",
+    "divergence_step",
+    "first_nonfinite_step",
+    "max_train_loss",
+    "dt",
+    "eq21_target",
+    "n_layers",
+    "lr",
+    "quick",
+    "budget",
+    "cuts",
+    "imported",
     "init_regenerated",
-)  # fmt: skip
+)
 SUMMARY_NAME = "summary.csv"
 MERGED_NAME = "summary.csv.gz"
 RUNS_NAME = "runs.csv"
@@ -82,8 +105,12 @@ def write_rows(path: Path, rows: Iterable[Row]) -> int:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
-    df = pd.read_csv(path, dtype={"setting": str, "cell": str, "stage": str, "quantity": str, "layer": str},
-                     keep_default_na=False, na_values={"value": ["nan"]})  # fmt: skip
+    df = pd.read_csv(
+        path,
+        dtype={"setting": str, "cell": str, "stage": str, "quantity": str, "layer": str},
+        keep_default_na=False,
+        na_values={"value": ["nan"]},
+    )
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
     return df
 

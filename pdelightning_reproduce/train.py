@@ -1,10 +1,11 @@
 """``pdelightning-reproduce train``: one run = one ``pdelightning fit`` of a setting's config, plus its record.
 
-:func:`train_run` builds the run with the same LightningCLI as ``pdelightning fit`` (``configs/paper/<setting>.yaml``
-and the run's overrides: seed, output folder, data folder, the cell's grid values, and for the PDE sweeps the Δt
-that puts eq. (21) at initialisation on its target), adds :class:`~pdelightning_reproduce.recorder.RunRecorder`,
-fits, and writes ``run.json``: config, overrides, seed, device, wall time, final accuracies, first non-finite loss
-step, divergence step, stop reason, and whether the plateau criterion was met and at which epoch.
+:func:`train_run` builds the run with the same LightningCLI as ``pdelightning fit`` (the setting's config,
+``pdelightning_reproduce/configs/<setting>.yaml``, and the run's overrides: seed, output folder, data folder, the
+cell's grid values, and for the PDE sweeps the Δt that puts eq. (21) at initialisation on its target), adds
+:class:`~pdelightning_reproduce.recorder.RunRecorder`, fits, and writes ``run.json``: config, overrides, seed,
+device, wall time, final accuracies, first non-finite loss step, divergence step, stop reason, and whether the
+plateau criterion was met and at which epoch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from pdelightning_reproduce.rules import DIVERGENCE_LOSS_FACTOR
 from pdelightning_reproduce.settings import CHECKPOINT_STEPS, RunSpec, quick_overrides, setting
 
 LINKED = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
+
+
+def config_record(name: str) -> str:
+    """How ``run.json`` names a run's config: ``pdelightning_reproduce/configs/<name>`` (the package's own file;
+    :func:`~pdelightning_reproduce.probe.data_spec` reads it back by its file name).
+    """
+    return f"pdelightning_reproduce/configs/{name}"
 
 
 def device_name() -> str:
@@ -50,13 +58,19 @@ def fit_args(
     s = setting(spec.setting)
     rdir = spec.path(out)
     args = [
-        "-c", str(s.config_path), f"--seed_everything={spec.seed}",
-        f"--trainer.logger.init_args.save_dir={rdir.parent}", "--trainer.logger.init_args.name=",
-        f"--trainer.logger.init_args.version={rdir.name}", f"--trainer.default_root_dir={rdir}",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        f"--data.init_args.data_dir={data_dir}", *spec.get_cell().overrides,
+        "-c",
+        str(s.config_path),
+        f"--seed_everything={spec.seed}",
+        f"--trainer.logger.init_args.save_dir={rdir.parent}",
+        "--trainer.logger.init_args.name=",
+        f"--trainer.logger.init_args.version={rdir.name}",
+        f"--trainer.default_root_dir={rdir}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--data.init_args.data_dir={data_dir}",
+        *spec.get_cell().overrides,
         *budget(budget_name).overrides_for(spec.setting),
-    ]  # fmt: skip
+    ]
     if quick:
         args += quick_overrides(spec)
     if dt is not None:
@@ -129,11 +143,22 @@ def train_run(
     rdir.mkdir(parents=True, exist_ok=True)
     extra = list(extra or [])
     meta: dict[str, Any] = {
-        "setting": spec.setting, "cell": spec.cell, "seed": spec.seed, "config": f"configs/paper/{s.config}",
-        "role": s.role, "data": s.data, "data_dir": str(data_dir), "device": device_name(), "quick": quick,
-        "status": "running", "eq21_target": cell.eq21_target, "n_layers": cell.depth, "lr": cell.lr,
-        "budget": budget_name, "cuts": budget(budget_name).cut_for(spec.setting),
-    }  # fmt: skip
+        "setting": spec.setting,
+        "cell": spec.cell,
+        "seed": spec.seed,
+        "config": config_record(s.config),
+        "role": s.role,
+        "data": s.data,
+        "data_dir": str(data_dir),
+        "device": device_name(),
+        "quick": quick,
+        "status": "running",
+        "eq21_target": cell.eq21_target,
+        "n_layers": cell.depth,
+        "lr": cell.lr,
+        "budget": budget_name,
+        "cuts": budget(budget_name).cut_for(spec.setting),
+    }
     meta["gpu"] = meta["device"].startswith("cuda")
     start = time.perf_counter()
     with redirected(rdir / "train.log"):

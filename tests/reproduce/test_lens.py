@@ -28,8 +28,19 @@ def _probe(n: int = 12, size: int = 8) -> ProbeData:
 
 def _pde(**kw: object) -> PDEClassifier:
     torch.manual_seed(0)
-    args = {"num_classes": 3, "d_model": 8, "n_layers": 3, "n_heads": 2, "d_ff": 8, "image_size": 8, "dt": 0.2,
-            "diffusion_init": 0.3, "alpha_init": 0.7, "bottleneck_dim": None, **kw}  # fmt: skip
+    args = {
+        "num_classes": 3,
+        "d_model": 8,
+        "n_layers": 3,
+        "n_heads": 2,
+        "d_ff": 8,
+        "image_size": 8,
+        "dt": 0.2,
+        "diffusion_init": 0.3,
+        "alpha_init": 0.7,
+        "bottleneck_dim": None,
+        **kw,
+    }
     model = PDEClassifier(**args).eval()
     with torch.no_grad():  # distinct coefficients per step, so a fit cannot pass by returning the init
         for i, b in enumerate(model.blocks):

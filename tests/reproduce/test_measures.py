@@ -64,8 +64,9 @@ def test_eq21_per_step_uses_the_exact_spectral_norm() -> None:
 
 def test_refined_model_is_a_finer_euler_discretisation() -> None:
     torch.manual_seed(0)
-    model = PDEClassifier(num_classes=4, d_model=16, n_layers=3, n_heads=2, d_ff=8, image_size=8, dt=0.05,
-                          bottleneck_dim=None).eval()  # fmt: skip
+    model = PDEClassifier(
+        num_classes=4, d_model=16, n_layers=3, n_heads=2, d_ff=8, image_size=8, dt=0.05, bottleneck_dim=None
+    ).eval()
     x = torch.rand(5, 8, 8)
     fine = refined(model, 2)
     assert len(fine.blocks) == 6 and all(b.dt == pytest.approx(0.025) for b in fine.blocks)

@@ -3,30 +3,42 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from pdelightning_reproduce.__main__ import main
 from pdelightning_reproduce.analyze import checkpoints
 from pdelightning_reproduce.measures import eq21_per_step
 from pdelightning_reproduce.recorder import load_model
-from pdelightning_reproduce.report import write_report
-from pdelightning_reproduce.run import main
 from pdelightning_reproduce.settings import RunSpec
 from pdelightning_reproduce.train import train_run
 from tests.test_cli import fake_mnist
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _console(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m pdelightning_reproduce ARGS`` run from ``cwd`` (outside the repository), as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "pdelightning_reproduce", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
 
 
 def test_quick_pipeline_trains_analyses_publishes_and_reports(tmp_path: Path) -> None:
     mnist = fake_mnist(tmp_path / "mnist", n_train=96, n_test=48)
     out, pub = tmp_path / "runs", tmp_path / "pub"
-    code = main([
-        "all", "--quick", "--out", str(out), "--publish", str(pub), "--mnist-dir", str(mnist), "--seeds", "0", "3",
-        "--settings", "mnist_transformer", "mnist_pde", "--workers", "1",
-    ])  # fmt: skip
-    assert code == 0
+    args = ["all", "--quick", "--out", str(out), "--publish", str(pub), "--mnist-dir", str(mnist), "--seeds", "0", "3"]
+    args += ["--settings", "mnist_transformer", "mnist_pde", "--workers", "1"]
+    (tmp_path / "cwd").mkdir()
+    done = _console(args, tmp_path / "cwd")
+    assert done.returncode == 0, done.stderr[-3000:]
     for setting in ("mnist_transformer", "mnist_pde"):
         for seed in (0, 3):
             rdir = out / setting / f"seed{seed}"
@@ -34,18 +46,23 @@ def test_quick_pipeline_trains_analyses_publishes_and_reports(tmp_path: Path) ->
             assert meta["status"] == "complete", (rdir / "train.log").read_text()[-3000:]
             assert [st for _, st, _ in checkpoints(rdir)] == ["init", "final"]
             assert list(rdir.glob("events.out.tfevents.*")), "TensorBoard events are kept"
+            assert meta["config"] == f"pdelightning_reproduce/configs/{setting}.yaml"
     runs = pd.read_csv(pub / "runs.csv")
     assert len(runs) == 4 and set(runs["status"]) == {"complete"}
     summary = pd.read_csv(pub / "summary.csv.gz")
     pair = summary[summary["setting"] == "pair_pde_vs_transformer"]
-    assert set(pair["seed"]) == {0, 3} and {"cosine", "null_uniform_cosine", "pearson_vs_reference"} <= set(
-        pair["quantity"])  # fmt: skip
+    assert set(pair["seed"]) == {0, 3}
+    assert {"cosine", "null_uniform_cosine", "pearson_vs_reference"} <= set(pair["quantity"])
     assert json.loads((out / "pair_pde_vs_transformer" / "seed0" / "pair.json").read_text())["reference_seed"] == 3
     assert json.loads((out / "pair_pde_vs_transformer_shared_init/seed3/pair.json").read_text())["reference_seed"] == 3
     assert (pub / "progress.log").read_text().count("] analysed ") == 4 + 6
-    report = write_report(pub, tmp_path / "report")
+    done = _console(["report", str(pub), "--out", str(tmp_path / "report")], tmp_path / "cwd")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = tmp_path / "report" / "REPRODUCTION.md"
+    assert f"[report] {report}" in done.stdout
     text = report.read_text()
     assert "QUICK PIPELINE CHECK" in text and "## Verdicts that changed since the previous report" in text
+    assert "`pdelightning-reproduce report " in text
     pngs = list((tmp_path / "report" / "figures").glob("*.png"))
     assert pngs and all(p.stat().st_size <= 200_000 for p in pngs)
 
@@ -65,10 +82,17 @@ def test_pde_sweep_chooses_dt_so_eq21_at_initialisation_hits_its_target(tmp_path
     assert dt == pytest.approx(1.5 / coefficient) and torch.isfinite(torch.tensor(coefficient))
 
 
-@pytest.mark.parametrize("bad", [["all", "--settings", "mnist_tranformer"], ["all", "--seeds", "x"], ["fit"],
-                                 ["all", "--cells", "nosuch:L6"]])  # fmt: skip
-def test_bad_arguments_are_refused(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (["all", "--settings", "mnist_tranformer"], "invalid choice: 'mnist_tranformer'"),
+        (["all", "--seeds", "x"], "invalid int value: 'x'"),
+        (["fit"], "invalid choice: 'fit'"),
+        (["all", "--cells", "nosuch:L6"], "expected SETTING:CELL"),
+        (["report", "/nonexistent/summary"], "/nonexistent/summary does not exist"),
+    ],
+)
+def test_bad_arguments_are_refused(bad: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(bad)
-    err = capsys.readouterr().err
-    assert "invalid" in err or "expected" in err
+    assert says in capsys.readouterr().err
