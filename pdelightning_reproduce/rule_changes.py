@@ -42,9 +42,13 @@ PRE_RUN_SHA: dict[str, dict[str, str]] = {
         "recorded": "2026-11-27 18:14 UTC (commit e3c5aa8)",
         "what": "sha256 of pdelightning/reproduce/rules.py as first committed (git show e3c5aa8:<path> | sha256sum)",
     },
+    "v3": {
+        "sha256": "42181054e5b4d065c90e3d3f2bbfcf691b62b4ab4dd9c9235a4d8f9b8cf37d94",
+        "recorded": "2026-12-06 19:53 UTC, branch h-repro-stats",
+        "what": "rules_sha256() of the rules/ package when its v3 rules were fixed: before any v3 run was analysed, "
+        "after the v2 data (docs/reproduction) had been seen and re-verdicted with them as a check",
+    },
 }
-
-# v3's entry is added by the commit that fixes the v3 rules, before any v3 run is analysed (see the report).
 
 STATS = "small-sample intervals (t / Welch / Fieller / Newcombe + Fisher) instead of the percentile bootstrap"
 

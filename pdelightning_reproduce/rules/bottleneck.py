@@ -8,6 +8,10 @@ disjoint folds of the probe set), or, in summaries written before it existed, v2
 5-fold cross-fitted shrinkage-LDA estimate on the probe set). The train/test-shift estimate ``I_TY`` and the model's
 own head bound ``head_bound`` = H(Y) - CE/ln 2 are context only. Any start, end or trajectory value of the bound
 below ``-IB_BOUND_SLACK`` is outside its valid range and makes the claim not comparable.
+
+A fall of a lower bound is a fall of I(T;Y) only as far as the bound is tight (the probe's gap can grow instead);
+the rules read the bound's trajectory as the paper reads its estimator's, and the report prints the model's own
+head bound beside it.
 """
 
 from __future__ import annotations

@@ -23,6 +23,13 @@ from pdelightning_reproduce.summary import Results
 from pdelightning_reproduce.verdicts import Estimate, claim_result, difference_of_means, fmt, invalid_unless
 
 MODELS = (("Transformer", "newsgroups_transformer"), ("PDE", "newsgroups_pde"))
+#: The model's own head bound H(Y) - CE/ln 2: pdelightning_reproduce.ib's name, else v2's.
+HEAD_QUANTITIES = ("I_TY_head", "head_bound")
+
+
+def head_quantity(results: Results) -> str:
+    """The summary name of the head bound present in ``results`` (context only, no rule reads it)."""
+    return next((q for q in HEAD_QUANTITIES if any(results.has(s, q) for _, s in MODELS)), HEAD_QUANTITIES[-1])
 
 
 def max_drawdown(values: np.ndarray) -> float:
@@ -117,7 +124,7 @@ def bottleneck(results: Results) -> Section:
         f"upper bound, σ² = {IXT_NOISE_VARIANCE}) against its ceiling, the entropy of the distinct probe inputs. "
         f"Estimator bias at this N: {probe_bias_text(n, width)}."
     )
-    bound = lower_bound_quantity(results)
+    bound, head = lower_bound_quantity(results), head_quantity(results)
     sec.intro += (
         f" The rules read only a held-out lower bound on I(T;Y): `{bound}`"
         + (
@@ -148,8 +155,8 @@ def bottleneck(results: Results) -> Section:
         cf = {st: per_seed(results, s, "I_TY_crossfit", NEWSGROUPS_LAYERS, st) for st in ("init", "final")}
         cf_start = est([np.nanmean(v) for v in cf["init"].values()])
         cf_end = est([np.nanmean(v) for v in cf["final"].values()])
-        hb = est(results.values(s, "head_bound"))
-        hb0 = est(results.values(s, "head_bound", stage="init"))
+        hb = est(results.values(s, head))
+        hb0 = est(results.values(s, head, stage="init"))
         hy = est(results.values(s, "H_Y"))
         crossfit[label] = (cf_start, cf_end, mean_end, hb)
         sec.claims.append(
@@ -168,7 +175,7 @@ def bottleneck(results: Results) -> Section:
     ends = {label: [float(np.nanmean(v)) for v in lower[label]["final"].values()] for label in lower}
     diff = difference_of_means(ends["PDE"], ends["Transformer"])
     diff = _valid_bound({"": diff}, {"": [est(ends["PDE"]), est(ends["Transformer"])]}, "the layer mean at the end")[""]
-    hb = {label: est(results.values(s, "head_bound")) for label, s in MODELS}
+    hb = {label: est(results.values(s, head)) for label, s in MODELS}
     sec.claims.append(
         claim_result(
             BY_ID["ib.pde_lower"],

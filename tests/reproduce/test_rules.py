@@ -159,3 +159,10 @@ def test_ib_rules_read_only_a_lower_bound_with_a_valid_range() -> None:
         q = BY_ID[rid].quantities[0]
         assert q.valid == (-rules_pkg.IB_BOUND_SLACK, float("inf")) and q.valid_reason
         assert rules_pkg.IB_LOWER_QUANTITY in q.definition and "I(T;Y) = H(Y) - CE of" not in q.definition
+
+
+def test_the_rules_are_those_recorded_before_the_v3_runs() -> None:
+    """Any change to pdelightning_reproduce/rules/ after the v3 record must come with a new record and a line in
+    rule_changes (what changed after fixing, and why)."""
+    recorded = rules_pkg.pre_run_rules_sha("v3")["sha256"]
+    assert rules_pkg.rules_sha256() == recorded, "rules changed after the v3 pre-run record: say so in rule_changes"
