@@ -79,8 +79,8 @@ def test_pairs_never_compare_twins_except_the_labelled_one() -> None:
             assert model.seed == ref.seed
         else:
             assert model.seed != ref.seed
-    names = {"pde_vs_transformer", "transformer_vs_transformer", "pde_vs_transformer_shared_init"}
-    assert {p.name for p in PAIRS} == names
+    assert {p.name for p in PAIRS} == {"pde_vs_transformer", "transformer_vs_transformer",
+                                       "pde_vs_transformer_shared_init"}  # fmt: skip
 
 
 def test_run_ids_and_quick_overrides() -> None:
