@@ -94,7 +94,8 @@ def _wrap(r: stats.Interval, n: int, method: str) -> Estimate:
 
 
 def mean_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE) -> Estimate:
-    """Seed mean with its one-sample t interval (``nan`` entries dropped; one value: no interval, ``n = 1``).
+    """Seed mean with its one-sample t interval (``nan`` entries dropped; one value: no interval, ``nan`` limits, so
+    no rule can be decided on one seed).
 
     Example::
 
@@ -106,7 +107,7 @@ def mean_interval(values: Sequence[float] | np.ndarray, confidence: float = CONF
     if v.size == 0:
         return MISSING
     if v.size == 1:
-        return Estimate(float(v[0]), float(v[0]), float(v[0]), 1, T)
+        return Estimate(float(v[0]), math.nan, math.nan, 1, T)
     return _wrap(stats.t_mean(v, confidence), int(v.size), T)
 
 
@@ -119,8 +120,7 @@ def difference_of_means(
         return MISSING
     n = int(min(x.size, y.size))
     if n < 2:
-        d = float(x.mean() - y.mean())
-        return Estimate(d, d, d, 1, WELCH)
+        return Estimate(float(x.mean() - y.mean()), math.nan, math.nan, 1, WELCH)
     return _wrap(stats.welch_diff(x, y, confidence), n, WELCH)
 
 
@@ -153,7 +153,7 @@ def ratio_of_means(
     n = int(min(x.size, y.size))
     if n < 2:
         r = float(x.mean() / y.mean()) if y.mean() != 0 else math.nan
-        return Estimate(r, r, r, 1, FIELLER)
+        return Estimate(r, math.nan, math.nan, 1, FIELLER)
     return _wrap(stats.fieller_ratio(x, y, confidence), n, FIELLER)
 
 
@@ -423,7 +423,9 @@ def claim_result(
         why = f"Rule: holds if {rule_text(rule.test)}. Ours: {leaves_text(leaves)}."
         invalid = list(dict.fromkeys(lf.estimate.invalid for lf in leaves if lf.state is State.INVALID))
         if verdict == NOT_COMPARABLE:
-            reason = "; ".join(invalid) or missing_reason or "the runs or quantities are missing"
+            single = any(lf.estimate.n == 1 for lf in leaves)
+            fallback = "only one seed or pair unit: no interval" if single else "the runs or quantities are missing"
+            reason = "; ".join(invalid) or missing_reason or fallback
             why += f" Not comparable: {reason}."
     result = ClaimResult(rule, verdict, leaves, ours, null, ceiling, accuracy, why, dict(estimates or {}))
     if rule.test is not None:

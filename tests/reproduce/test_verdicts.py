@@ -73,8 +73,10 @@ def test_degenerate_and_missing() -> None:
     e = V.mean_interval([2.0, 2.0, 2.0, float("nan")])
     assert (e.value, e.lo, e.hi, e.n) == (2.0, 2.0, 2.0, 3)  # nothing varies: the t interval is the point
     assert V.mean_interval([]).missing and V.mean_interval([float("nan")]).missing
-    one = V.mean_interval([0.3])
-    assert (one.lo, one.hi, one.n) == (0.3, 0.3, 1)
+    one = V.mean_interval([0.3])  # one seed decides nothing
+    assert one.value == 0.3 and one.n == 1 and np.isnan(one.lo) and V.judge(one, ">", 0.0) is State.MISSING
+    res = V.claim_result(_rule(Criterion("a", ">", 0.0)), {("a", ""): V.difference_of_means([1.0], [0.0, 0.1])})
+    assert res.verdict == V.NOT_COMPARABLE and "only one seed" in res.why
     assert V.difference_of_means([1.0], []).missing and V.ratio_of_means([], [1.0]).missing
 
 
