@@ -341,7 +341,8 @@ def _threshold_text(op: str, t: float | tuple[float, float]) -> str:
 def criterion_text(c: Criterion) -> str:
     """``key[item] op threshold``."""
     where = f"[{c.item}]" if c.item else ""
-    return f"{c.key}{where} {_threshold_text(c.op, c.threshold)}"
+    margin = f" (fails if the interval excludes an effect of {fmt(c.margin)})" if c.margin else ""
+    return f"{c.key}{where} {_threshold_text(c.op, c.threshold)}{margin}"
 
 
 def rule_text(node: Node | None) -> str:
