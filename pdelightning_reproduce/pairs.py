@@ -11,6 +11,7 @@ derangement of the probe set, and the re-initialised reference is one more pass 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,11 @@ def attention_values(
         for start in range(0, n, BATCH):
             sl = slice(start, start + BATCH)
             p, vb = pm[layer][sl], valid[sl]
-            others = {"ref": pr[layer][sl], "uniform": att.uniform_attention(vb).expand(-1, p.shape[1], -1, -1),
-                      "shuffled": pr[layer][perm[sl]]}  # fmt: skip
+            others = {
+                "ref": pr[layer][sl],
+                "uniform": att.uniform_attention(vb).expand(-1, p.shape[1], -1, -1),
+                "shuffled": pr[layer][perm[sl]],
+            }
             if pi is not None:
                 others["random_init"] = pi[layer][sl]
             for c, q in others.items():
@@ -122,8 +126,9 @@ def analyze_pair(pspec: PairSpec, out: Path, device: str = "cpu") -> int:
     model_spec, ref_spec = pspec.members()
     udir = Path(out) / pspec.id
     udir.mkdir(parents=True, exist_ok=True)
-    (udir / "pair.json").write_text(json.dumps({"pair": pspec.pair, "seed": pspec.seed,
-                                                "reference_seed": pspec.reference_seed}))  # fmt: skip
+    (udir / "pair.json").write_text(
+        json.dumps({"pair": pspec.pair, "seed": pspec.seed, "reference_seed": pspec.reference_seed})
+    )
     mk, rk = checkpoints(model_spec.path(out)), checkpoints(ref_spec.path(out))
     if not mk or not rk:
         return write_rows(udir / SUMMARY_NAME, [])
@@ -145,3 +150,25 @@ def analyze_pair(pspec: PairSpec, out: Path, device: str = "cpu") -> int:
             v.update(attention_values(pm, pr, pi, valid))
         rows += rows_from(f"pair_{pspec.pair}", "", pspec.seed, int(payload["step"]), stage, v)
     return write_rows(udir / SUMMARY_NAME, rows)
+
+
+def disjoint_units(units: Iterable[tuple[int, int]]) -> list[int]:
+    """The model seeds of pair units ``(model seed, reference seed)`` that share no model, greedily in order.
+
+    A ceiling pair such as Transformer seed s vs seed s+1 uses every model twice (as model and as reference), so
+    its units are not independent and an interval over them is too narrow; keeping only disjoint units restores
+    independence (at the cost of units: 5 seeds give 2).
+
+    Example::
+
+        >>> disjoint_units([(0, 1), (1, 2), (2, 3), (3, 4), (4, 0)])
+        [0, 2]
+    """
+    used: set[int] = set()
+    keep = []
+    for model, reference in units:
+        if model in used or reference in used:
+            continue
+        used.update((model, reference))
+        keep.append(model)
+    return keep

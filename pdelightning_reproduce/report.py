@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,7 @@ PREVIOUS_NAME = "previous_verdicts.json"
 
 def rules_sha256() -> str:
     """sha256 of ``rules.py`` as it is now (the report prints it beside the one recorded before the runs)."""
-    return hashlib.sha256(Path(rules_module.__file__).read_bytes()).hexdigest()
+    return rules_module.rules_sha256()
 
 
 def changed_verdicts(sections: Sequence[Section], previous: Path) -> list[dict[str, str]]:
@@ -79,8 +78,8 @@ def write_report(source: Path, out: Path, previous: Path | None = None) -> Path:
             "mean nothing; only the rendering is checked."
         )
     head.append(
-        "**How to read a verdict.** Every claim has a rule fixed before any run (`pdelightning_reproduce/rules.py`, "
-        f"sha256 `{rules_sha256()[:16]}…` now). Each number in a rule is a seed mean with its 95 % interval "
+        "**How to read a verdict.** Every claim has a rule fixed before any run ("
+        f"{rules_module.sha_text()}). Each number in a rule is a seed mean with its 95 % interval "
         f"({INTERVAL}). A rule **holds** when every interval it tests lies on the claim's side of its threshold, "
         "**does not hold** when one lies wholly on the other side, is **inconclusive** when an interval straddles a "
         "threshold, and is **not comparable** when the claim cannot be measured here (the reason is given). Each "

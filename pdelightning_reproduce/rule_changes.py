@@ -1,10 +1,18 @@
-"""Every change to :mod:`pdelightning_reproduce.rules` after its sha256 was recorded, before the runs (date, what, why).
+"""The history of the rules: what changed after they were fixed, every rule changed since v2 and why, and the sha256
+recorded before each version's runs.
 
-Read as ``rules.CHANGES_AFTER_FIXING`` (re-exported there); the report prints every entry. The list lives in its own
-file so that ``rules.py`` stays under 500 lines.
+* :data:`CHANGES_AFTER_FIXING`: v2's changes after its rules' sha256 was recorded (printed by the report).
+* :data:`RULE_CHANGES_V3`: every rule that changed since the v2 report (``docs/REPRODUCTION.md`` of 2026-12-06), by
+  id, with what changed and why; :func:`changed_since_v2` joins it with new verdicts for the changed-verdicts table.
+* :data:`V2_VERDICTS`: the v2 report's verdict of every rule id, as data.
+* :data:`PRE_RUN_SHA`: per version, the sha256 of the rules (:func:`pdelightning_reproduce.rules.rules_sha256`)
+  recorded before its runs. This module is outside the hashed package, so recording does not change the hash.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 CHANGES_AFTER_FIXING: tuple[str, ...] = (
     "2026-11-27, before any real run (only --quick pipeline checks had run): the I(T;Y) probe of ib.* is the "
@@ -23,6 +31,182 @@ CHANGES_AFTER_FIXING: tuple[str, ...] = (
     "1000 was tried in that profile and undone because it put the fixed probe's estimate for the untrained model "
     "near -1 bit (the probe overfits at d = 128, 20 classes): FIT_N stays 4000 (all 2,700 training posts of the CPU "
     "runs). The ε grid, every threshold and every rule are unchanged; the probe's bias is printed beside its "
-    "numbers. The list moved to rule_changes.py (re-exported as rules.CHANGES_AFTER_FIXING), to keep rules.py under "
-    "500 lines.",
+    "numbers.",
 )
+
+#: sha256 of the rules recorded before a version's runs. v2's was never written to a file before its runs; the
+#: nearest record is the rules file as first committed (e3c5aa8, 2026-11-27 18:14 UTC, before the GPU call).
+PRE_RUN_SHA: dict[str, dict[str, str]] = {
+    "v2": {
+        "sha256": "c23b0767c38b130e8743e7c50125ba8145cb7364a9f2652bfcb38568cd9960c5",
+        "recorded": "2026-11-27 18:14 UTC (commit e3c5aa8)",
+        "what": "sha256 of pdelightning/reproduce/rules.py as first committed (git show e3c5aa8:<path> | sha256sum)",
+    },
+    "v3": {
+        "sha256": "42181054e5b4d065c90e3d3f2bbfcf691b62b4ab4dd9c9235a4d8f9b8cf37d94",
+        "recorded": "2026-12-06 19:53 UTC, branch h-repro-stats",
+        "what": "rules_sha256() of the rules/ package when its v3 rules were fixed: before any v3 run was analysed, "
+        "after the v2 data (docs/reproduction) had been seen and re-verdicted with them as a check",
+    },
+}
+
+STATS = "small-sample intervals (t / Welch / Fieller / Newcombe + Fisher) instead of the percentile bootstrap"
+
+
+@dataclass(frozen=True)
+class RuleChange:
+    """A rule changed since v2: what changed in the rule, and why."""
+
+    rule: str
+    what: str
+    why: str
+
+
+_BOOT = (
+    "the v2 percentile bootstrap over 3-5 seeds covers 76-83 % instead of 95 % and has zero width when the seeds "
+    "agree, so it could not say 'inconclusive'"
+)
+RULE_CHANGES_V3: dict[str, RuleChange] = {
+    c.rule: c
+    for c in (
+        RuleChange("t2.transformer", "t intervals per pair", _BOOT),
+        RuleChange("t2.pde", "t intervals per pair", _BOOT),
+        RuleChange("t2.pde_above", "Welch intervals per pair", _BOOT),
+        *(
+            RuleChange(
+                f"t3.{m}",
+                "fall > 0 (paired t) and last-layer similarity < 0.25 of the Transformer-Transformer ceiling "
+                "(Fieller), the ceiling from disjoint pair units and required to be above 0",
+                "v2's fall > 0.5 and end < 0.2 could not pass from independent initialisations (two Transformers "
+                "start at 0.17); the ceiling reused each model twice, so its interval was too narrow",
+            )
+            for m in ("pearson", "spearman")
+        ),
+        RuleChange(
+            "t3.cka",
+            "new: linear CKA beside Pearson, same rule",
+            "CKA is rotation invariant and shows the gap (0.80 vs ceiling 0.90 at the last layer) that Pearson hides",
+        ),
+        RuleChange(
+            "att.cosine",
+            "relative gap (ceiling - ours) / (ceiling - strongest null) < 0.1 instead of cosine > 0.98 at every layer",
+            "0.98 is orders of magnitude from what two independently trained Transformers reach (~0.5): no interval "
+            "could straddle it",
+        ),
+        RuleChange(
+            "att.kl",
+            "relative gap (ours - ceiling) / (closest null - ceiling) < 0.1 instead of KL <= 2 x 0.0288",
+            "0.0288 nats is ~50x below the Transformer-Transformer KL (~1.4): no interval could straddle it",
+        ),
+        *(
+            RuleChange(
+                f"ib.decline_{m}",
+                "reads a held-out lower bound on I(T;Y) (I_TY_lower, else v2's cross-fitted estimate) and is not "
+                "comparable when the bound reads below -0.1 bit",
+                "v2's estimate ended at -1.50 / -0.76 bits: a lower bound below 0 is not an estimate of anything; "
+                "its decline measured the train/test shift of a probe fitted on training posts",
+            )
+            for m in ("transformer", "pde")
+        ),
+        RuleChange("ib.pde_lower", "reads the held-out lower bound; Welch interval", "as for ib.decline_*"),
+        RuleChange("ib.pde_layer1_sharpest", "reads the held-out lower bound; t interval", "as for ib.decline_*"),
+        RuleChange("grad.pde_higher", "Welch interval of log10 per seed (ratio of geometric means)", _BOOT),
+        RuleChange("grad.pde_first_layer", "t and Welch intervals", _BOOT),
+        RuleChange(
+            "pert.similar_low",
+            "equivalence within 0.25 seed-to-seed SD of the relative clean loss (Welch interval of the difference)",
+            "v2's threshold (< 0.1 absolute) was 4 decades above the data (-3.8e-6): it could not fail",
+        ),
+        *(
+            RuleChange(
+                f"pert.pde_faster_{k}",
+                "over the paper's ε range only (1e-3 <= ε <= 1e-1); Welch interval",
+                "v2 pooled ε >= 1e-3 up to 1e2 and its 'faster' came only from ε >= 3.16 (noise ~3x the embedding "
+                "RMS), outside the paper's range",
+            )
+            for k in ("loss", "acc")
+        ),
+        *(
+            RuleChange(
+                f"pert.pde_faster_{k}_large",
+                "new: the same claim over ε > 1e-1, beyond the paper's range",
+                "kept separate from the paper's range",
+            )
+            for k in ("loss", "acc")
+        ),
+        RuleChange("pert.divergence_near", "interval from Welch intervals of the gap inverted over the grid", _BOOT),
+        RuleChange(
+            "v2.no_residual_drift",
+            "Fieller intervals of the ratios; not comparable unless the no-residual nets trained (probe acc > 0.5)",
+            "v2's no-residual nets never trained (probe acc 0.10-0.17): their drift is that of untrained nets",
+        ),
+        *(
+            RuleChange(
+                rid,
+                "rate difference: Newcombe interval + Fisher's exact one-sided p < 0.025 on the run counts, "
+                "enveloped with the seed-paired t interval",
+                _BOOT + "; a seed's runs share their draws (the seed-cluster bootstrap gave [0.25, 0.25] and "
+                "[0.5, 0.5] from 3/12 vs 0/12 and 3/6 vs 0/6, Fisher p = 0.109 and 0.091)",
+            )
+            for rid in ("v2.no_layernorm_explosive", "v2.pde_unstable", "v2.eq21_predicts")
+        ),
+        RuleChange("pre.mnist_transformer_converged", "unchanged ([min, max] over seeds)", "—"),
+        RuleChange("cont.refinement", "t intervals", _BOOT),
+    )
+}
+
+#: The v2 report's verdicts (docs/REPRODUCTION.md generated 2026-12-06 19:29 UTC), by rule id.
+V2_VERDICTS: dict[str, str] = {
+    "pre.mnist_transformer_converged": "holds",
+    "t2.transformer": "does not hold",
+    "t2.pde": "does not hold",
+    "t2.pde_above": "does not hold",
+    "t3.pearson": "does not hold",
+    "t3.spearman": "does not hold",
+    "att.cosine": "does not hold",
+    "att.kl": "does not hold",
+    "ib.decline_transformer": "holds",
+    "ib.decline_pde": "holds",
+    "ib.pde_lower": "does not hold",
+    "ib.pde_layer1_sharpest": "does not hold",
+    "grad.range_transformer": "not comparable",
+    "grad.range_pde": "not comparable",
+    "grad.pde_higher": "does not hold",
+    "grad.pde_first_layer": "does not hold",
+    "pert.similar_low": "holds",
+    "pert.pde_faster_loss": "holds",
+    "pert.pde_faster_acc": "holds",
+    "pert.divergence_near": "does not hold",
+    "v2.no_residual_drift": "does not hold",
+    "v2.no_layernorm_explosive": "holds",
+    "v2.pde_unstable": "holds",
+    "v2.eq21_predicts": "holds",
+    "cont.refinement": "holds",
+}
+
+
+def changed_since_v2(verdicts: Iterable[tuple[str, str]]) -> list[dict[str, str]]:
+    """Rows of the changed-verdicts table: every ``(rule id, verdict)`` whose verdict differs from v2's (or that is
+    new), with what changed in its rule and why.
+
+    Example::
+
+        >>> changed_since_v2([("v2.pde_unstable", "inconclusive"), ("t2.pde", "does not hold")])[0]["v2"]
+        'holds'
+    """
+    rows = []
+    for rid, verdict in verdicts:
+        before = V2_VERDICTS.get(rid, "new rule")
+        if before == verdict:
+            continue
+        change = RULE_CHANGES_V3.get(rid)
+        rows.append(
+            {
+                "rule": rid,
+                "v2": before,
+                "now": verdict,
+                "what changed": change.what if change else "—",
+                "why": change.why if change else "—",
+            }
+        )
+    return rows

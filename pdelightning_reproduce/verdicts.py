@@ -1,37 +1,31 @@
 """Intervals over seeds and the verdict logic of :mod:`pdelightning_reproduce.rules`, as pure functions.
 
-* :class:`Estimate`: a value with its 95 % interval and the number of seeds (or pair units) behind it.
-* Bootstrap estimators: :func:`bootstrap_mean` (a setting's seed mean), :func:`bootstrap_groups` (any statistic of
-  independently resampled groups, e.g. a difference or ratio of two settings' means), :func:`cluster_bootstrap`
-  (rows resampled as clusters, e.g. seeds carrying all their grid cells) and :func:`seed_range` (``[min, max]``).
-  All are percentile bootstraps (Efron & Tibshirani 1993, §13.3) with ``B`` resamples from
-  ``numpy.random.default_rng(seed)``; quantiles by the inverted empirical CDF, so an infinite resample value (a
-  "nowhere on the grid" answer) stays infinite instead of turning the interval into ``nan``.
-* :func:`judge` and :func:`evaluate`: a leaf is met / failed / unsure from its interval, and a rule's tree combines
-  them in three-valued logic into a :class:`Verdict`. Missing data never fails a rule: a decision that hinges on it
-  is ``not comparable`` (and ``inconclusive`` is kept for intervals that straddle a threshold).
+* :class:`Estimate`: a value with its 95 % interval, the number of units behind it (seeds or pair units), the name
+  of the interval method, and, where it applies, an exact p-value or the reason it lies outside its estimator's
+  valid range.
+* Estimators (small-sample methods of :mod:`pdelightning_reproduce.stats`): :func:`mean_interval` (t),
+  :func:`difference_of_means` (Welch), :func:`paired_difference` (paired t), :func:`log10_ratio_of_means` (Welch
+  on log10), :func:`ratio_of_means` (Fieller), :func:`rate_difference` (Newcombe + Fisher on run counts, enveloped
+  with the seed-paired t), :func:`seed_range` (``[min, max]``: every seed must pass) and :func:`bootstrap_mean`
+  (only for ``n >= stats.BOOTSTRAP_MIN_N``).
+* :func:`judge` and :func:`evaluate`: a leaf is met / failed / unsure / invalid from its interval, and a rule's tree
+  combines them in three-valued logic into a verdict. Missing data never fails a rule: a decision that hinges on it
+  is ``not comparable``, as is one that reads an estimate outside its valid range (with the reason); ``inconclusive``
+  is kept for intervals that straddle a threshold.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Literal
 
 import numpy as np
 
-from pdelightning_reproduce.rules import (
-    BOOTSTRAP_B,
-    BOOTSTRAP_SEED,
-    CONFIDENCE,
-    AllOf,
-    AtLeast,
-    Criterion,
-    Node,
-    Rule,
-)
+from pdelightning_reproduce import stats
+from pdelightning_reproduce.rules import CONFIDENCE, AllOf, AtLeast, Criterion, Node, Rule
 
 Verdict = Literal["holds", "does not hold", "inconclusive", "not comparable"]
 HOLDS: Verdict = "holds"
@@ -39,20 +33,26 @@ FAILS: Verdict = "does not hold"
 INCONCLUSIVE: Verdict = "inconclusive"
 NOT_COMPARABLE: Verdict = "not comparable"
 VERDICTS: tuple[Verdict, ...] = (HOLDS, FAILS, INCONCLUSIVE, NOT_COMPARABLE)
+#: Short method names printed with every estimate.
+T, WELCH, PAIRED, FIELLER, RANGE = "t", "Welch", "paired t", "Fieller", "range over seeds"
 
 
 @dataclass(frozen=True)
 class Estimate:
     """A point value with its interval ``[lo, hi]`` from ``n`` independent units (seeds or pair units).
 
-    ``n == 0`` means missing (``value``, ``lo``, ``hi`` are ``nan``).
+    ``n == 0`` means missing (``value``, ``lo``, ``hi`` are ``nan``). ``p``: an exact one-sided p-value in the
+    claim's direction that must also be below ``(1 - CONFIDENCE) / 2`` for a directional leaf to be met (``None``:
+    no such test). ``invalid``: why the estimate lies outside its estimator's valid range ("" when it does not).
     """
 
     value: float
     lo: float
     hi: float
     n: int
-    method: str = "bootstrap"
+    method: str = T
+    p: float | None = None
+    invalid: str = ""
 
     @property
     def missing(self) -> bool:
@@ -64,7 +64,8 @@ class Estimate:
             return "—"
         if self.n == 1:
             return f"{fmt(self.value)} (n=1, no interval)"
-        return f"{fmt(self.value)} [{fmt(self.lo)}, {fmt(self.hi)}] (n={self.n})"
+        p = f", p = {self.p:.3g}" if self.p is not None else ""
+        return f"{fmt(self.value)} [{fmt(self.lo)}, {fmt(self.hi)}] (n={self.n}, {self.method}{p})"
 
 
 MISSING = Estimate(math.nan, math.nan, math.nan, 0, "missing")
@@ -88,132 +89,109 @@ def _clean(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return v[~np.isnan(v)]
 
 
-def _interval(stats: np.ndarray, confidence: float) -> tuple[float, float]:
-    alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.quantile(stats, [alpha, 1.0 - alpha], method="inverted_cdf")
-    return float(lo), float(hi)
+def _wrap(r: stats.Interval, n: int, method: str) -> Estimate:
+    return Estimate(float(r.estimate), float(r.low), float(r.high), n, method)
 
 
-def bootstrap_mean(
-    values: Sequence[float] | np.ndarray,
-    b: int = BOOTSTRAP_B,
-    seed: int = BOOTSTRAP_SEED,
-    confidence: float = CONFIDENCE,
-) -> Estimate:
-    """Percentile-bootstrap interval of the mean of ``values`` (``nan`` entries dropped).
-
-    One value gives a degenerate interval at that value with ``n = 1``; none gives :data:`MISSING`.
+def mean_interval(values: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE) -> Estimate:
+    """Seed mean with its one-sample t interval (``nan`` entries dropped; one value: no interval, ``nan`` limits, so
+    no rule can be decided on one seed).
 
     Example::
 
-        >>> e = bootstrap_mean([1.0, 1.0, 1.0])
-        >>> (e.value, e.lo, e.hi, e.n)
-        (1.0, 1.0, 1.0, 3)
+        >>> e = mean_interval([1.0, 2.0, 3.0])
+        >>> (e.value, round(e.lo, 4), round(e.hi, 4), e.n, e.method)
+        (2.0, -0.4841, 4.4841, 3, 't')
     """
     v = _clean(values)
     if v.size == 0:
         return MISSING
     if v.size == 1:
-        return Estimate(float(v[0]), float(v[0]), float(v[0]), 1)
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(b, v.size))].mean(axis=1)
-    lo, hi = _interval(means, confidence)
-    return Estimate(float(v.mean()), lo, hi, int(v.size))
+        return Estimate(float(v[0]), math.nan, math.nan, 1, T)
+    return _wrap(stats.t_mean(v, confidence), int(v.size), T)
 
 
-def bootstrap_groups(
-    groups: Sequence[Sequence[float] | np.ndarray],
-    statistic: Callable[[list[np.ndarray]], float],
-    b: int = BOOTSTRAP_B,
-    seed: int = BOOTSTRAP_SEED,
-    confidence: float = CONFIDENCE,
-    drop_nan: bool = True,
-    vectorized: bool = False,
+def difference_of_means(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE
 ) -> Estimate:
-    """Percentile-bootstrap interval of ``statistic(groups)`` with every group resampled independently.
-
-    ``groups`` are arrays whose first axis is the unit (seed); rows may be vectors (e.g. a curve per seed).
-    ``n`` is the smallest group size. A missing group gives :data:`MISSING`. With ``vectorized`` the statistic is
-    called once on all resamples, each group as ``[B, n, ...]``, and must return ``[B]`` (reducing over axis 1);
-    the point value is then ``statistic`` of the groups with a leading axis of 1.
-
-    Example::
-
-        >>> e = bootstrap_groups([[2.0, 2.0], [0.5, 0.5]], lambda g: g[0].mean() - g[1].mean())
-        >>> (e.value, e.lo, e.hi, e.n)
-        (1.5, 1.5, 1.5, 2)
-    """
-    arrays = []
-    for g in groups:
-        a = np.asarray(g, dtype=float)
-        if a.ndim == 1 and drop_nan:
-            a = a[~np.isnan(a)]
-        arrays.append(a)
-    if any(a.shape[0] == 0 for a in arrays):
+    """``mean(a) - mean(b)`` of two independent settings with Welch's interval; ``n`` is the smaller group."""
+    x, y = _clean(a), _clean(b)
+    if x.size == 0 or y.size == 0:
         return MISSING
-    n = min(a.shape[0] for a in arrays)
-    rng = np.random.default_rng(seed)
-    idx = [rng.integers(0, a.shape[0], size=(b, a.shape[0])) for a in arrays]
-    if vectorized:
-        value = float(np.asarray(statistic([a[None] for a in arrays])).reshape(-1)[0])
-        stats = np.asarray(statistic([a[ix] for a, ix in zip(arrays, idx, strict=True)]), dtype=float)
-    else:
-        value = float(statistic(arrays))
-        stats = np.array([statistic([a[ix[k]] for a, ix in zip(arrays, idx, strict=True)]) for k in range(b)])
-    stats = stats[~np.isnan(stats)]
-    if stats.size == 0:
-        return Estimate(value, math.nan, math.nan, n)
-    lo, hi = _interval(stats, confidence)
-    return Estimate(value, lo, hi, n)
+    n = int(min(x.size, y.size))
+    if n < 2:
+        return Estimate(float(x.mean() - y.mean()), math.nan, math.nan, 1, WELCH)
+    return _wrap(stats.welch_diff(x, y, confidence), n, WELCH)
 
 
-def difference_of_means(a: Sequence[float], b_values: Sequence[float], **kw: float) -> Estimate:
-    """``mean(a) - mean(b)``, the two settings' seeds resampled independently (see :func:`bootstrap_groups`)."""
-    return bootstrap_groups([a, b_values], lambda g: g[0].mean(1) - g[1].mean(1), vectorized=True, **kw)  # type: ignore[arg-type]
-
-
-def log10_ratio_of_means(a: Sequence[float], b_values: Sequence[float], **kw: float) -> Estimate:
-    """``log10(mean(a) / mean(b))`` for positive quantities, seeds resampled independently."""
-    return bootstrap_groups(
-        [a, b_values],
-        lambda g: float(np.log10(g[0].mean() / g[1].mean())),
-        **kw,  # type: ignore[arg-type]
-    )
-
-
-def ratio_of_means(a: Sequence[float], b_values: Sequence[float], **kw: float) -> Estimate:
-    """``mean(a) / mean(b)``, seeds resampled independently."""
-    return bootstrap_groups([a, b_values], lambda g: g[0].mean(1) / g[1].mean(1), vectorized=True, **kw)  # type: ignore[arg-type]
-
-
-def cluster_bootstrap(
-    clusters: np.ndarray,
-    statistic: Callable[[np.ndarray], float],
-    b: int = BOOTSTRAP_B,
-    seed: int = BOOTSTRAP_SEED,
-    confidence: float = CONFIDENCE,
-    vectorized: bool = False,
+def paired_difference(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE
 ) -> Estimate:
-    """Percentile-bootstrap interval of ``statistic(clusters)``, resampling the first axis (clusters) whole.
+    """Mean of ``a - b`` per unit (units where either is ``nan`` dropped) with the paired t interval."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    e = mean_interval(d, confidence)
+    return e if e.missing else replace(e, method=PAIRED)
 
-    For a divergence rate pooled over grid cells, ``clusters[s]`` holds everything seed ``s`` contributes (all its
-    cells, for every setting compared), so the correlation between a seed's runs is kept. With ``vectorized`` the
-    statistic gets every resample at once, ``[B, n, ...]``, and returns ``[B]``.
-    """
-    c = np.asarray(clusters, dtype=float)
-    if c.shape[0] == 0:
+
+def log10_ratio_of_means(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE
+) -> Estimate:
+    """``mean(log10 a) - mean(log10 b)`` for positive quantities (the log10 ratio of geometric means), Welch."""
+    x, y = _clean(a), _clean(b)
+    x, y = x[x > 0], y[y > 0]
+    e = difference_of_means(np.log10(x), np.log10(y), confidence)
+    return e if e.missing else replace(e, method=f"{WELCH} on log10")
+
+
+def ratio_of_means(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, confidence: float = CONFIDENCE
+) -> Estimate:
+    """``mean(a) / mean(b)`` of two independent settings with Fieller's interval (unbounded: ``-inf, +inf``)."""
+    x, y = _clean(a), _clean(b)
+    if x.size == 0 or y.size == 0:
         return MISSING
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, c.shape[0], size=(b, c.shape[0]))
-    if vectorized:
-        value = float(np.asarray(statistic(c[None])).reshape(-1)[0])
-        stats = np.asarray(statistic(c[idx]), dtype=float)
-    else:
-        value = float(statistic(c))
-        stats = np.array([statistic(c[ix]) for ix in idx])
-    stats = stats[~np.isnan(stats)]
-    lo, hi = _interval(stats, confidence) if stats.size else (math.nan, math.nan)
-    return Estimate(value, lo, hi, int(c.shape[0]), "cluster bootstrap")
+    n = int(min(x.size, y.size))
+    if n < 2:
+        r = float(x.mean() / y.mean()) if y.mean() != 0 else math.nan
+        return Estimate(r, math.nan, math.nan, 1, FIELLER)
+    return _wrap(stats.fieller_ratio(x, y, confidence), n, FIELLER)
+
+
+def rate_difference(
+    counts: tuple[int, int, int, int],
+    per_seed: Sequence[float] | np.ndarray,
+    greater: bool = True,
+    confidence: float = CONFIDENCE,
+) -> Estimate:
+    """Difference of two divergence rates, judged on the run counts and per seed.
+
+    Args:
+        counts: ``(k1, n1, k2, n2)``: diverged and trained runs of the two groups, pooled over their cells.
+        per_seed: per seed, its rate in group 1 minus its rate in group 2 (the seed is the independent unit).
+        greater: the claim's direction (rate 1 > rate 2); the Fisher p-value is one-sided that way.
+        confidence: level of both intervals.
+
+    Returns:
+        value: the pooled difference; interval: the envelope of Newcombe's interval on the counts and the paired t
+        interval of ``per_seed`` (both must exclude the threshold); ``p``: Fisher's exact one-sided p.
+
+    Example (the v2 PDE sweep: 3 of 12 runs diverged without stabilizers, 0 of 12 with)::
+
+        >>> e = rate_difference((3, 12, 0, 12), [0.25, 0.25, 0.25])
+        >>> round(e.value, 4), round(e.lo, 4), round(e.hi, 4), round(e.p, 3)
+        (0.25, -0.0411, 0.5323, 0.109)
+    """
+    k1, n1, k2, n2 = counts
+    if n1 == 0 or n2 == 0:
+        return MISSING
+    nc = stats.newcombe_diff(k1, n1, k2, n2, confidence)
+    seeds = mean_interval(per_seed, confidence)
+    lo, hi = float(nc.low), float(nc.high)
+    if not seeds.missing and seeds.n > 1:
+        lo, hi = min(lo, seeds.lo), max(hi, seeds.hi)
+    p = stats.fisher_one_sided(k1, n1, k2, n2, greater)
+    method = f"Newcombe {k1}/{n1} vs {k2}/{n2} + Fisher, with paired t over {seeds.n} seeds"
+    return Estimate(float(nc.estimate), lo, hi, max(seeds.n, 1), method, p)
 
 
 def seed_range(values: Sequence[float]) -> Estimate:
@@ -221,7 +199,23 @@ def seed_range(values: Sequence[float]) -> Estimate:
     v = _clean(values)
     if v.size == 0:
         return MISSING
-    return Estimate(float(v.mean()), float(v.min()), float(v.max()), int(v.size), "range over seeds")
+    return Estimate(float(v.mean()), float(v.min()), float(v.max()), int(v.size), RANGE)
+
+
+def bootstrap_mean(values: Sequence[float] | np.ndarray, b: int = 10_000, seed: int = 20240818) -> Estimate:
+    """Percentile-bootstrap interval of the mean, only for ``n >= stats.BOOTSTRAP_MIN_N`` units.
+
+    Raises:
+        ValueError: with fewer units (use :func:`mean_interval`).
+    """
+    v = _clean(values)
+    r = stats.bootstrap_mean(v, b=b, seed=seed, confidence=CONFIDENCE)
+    return _wrap(r, int(v.size), f"percentile bootstrap, n >= {stats.BOOTSTRAP_MIN_N}")
+
+
+def invalid_unless(estimate: Estimate, ok: bool, reason: str) -> Estimate:
+    """``estimate`` marked outside its valid range with ``reason`` unless ``ok`` (missing estimates unchanged)."""
+    return estimate if ok or estimate.missing else replace(estimate, invalid=reason)
 
 
 # ---- judging ------------------------------------------------------------------------------------------------------
@@ -232,10 +226,15 @@ class State(Enum):
     FAILED = "failed"
     UNSURE = "unsure"
     MISSING = "missing"
+    INVALID = "invalid"
 
 
-def judge(estimate: Estimate, op: str, threshold: float | tuple[float, float]) -> State:
+def judge(estimate: Estimate, op: str, threshold: float | tuple[float, float], margin: float = 0.0) -> State:
     """Whether the interval of ``estimate`` lies on the claim's side of ``threshold`` (see :mod:`.rules`).
+
+    With ``margin`` a directional leaf also fails when its interval excludes every effect as large as the margin;
+    with an exact ``estimate.p`` a met leaf also needs ``p < (1 - CONFIDENCE) / 2``; an ``estimate.invalid`` one is
+    :attr:`State.INVALID` whatever its interval.
 
     Example::
 
@@ -245,6 +244,8 @@ def judge(estimate: Estimate, op: str, threshold: float | tuple[float, float]) -
     Raises:
         ValueError: for an unknown operator or a malformed threshold.
     """
+    if estimate.invalid:
+        return State.INVALID
     if estimate.missing or math.isnan(estimate.lo) or math.isnan(estimate.hi):
         return State.MISSING
     lo, hi = estimate.lo, estimate.hi
@@ -259,15 +260,17 @@ def judge(estimate: Estimate, op: str, threshold: float | tuple[float, float]) -
         raise ValueError(f"op {op!r} needs a number as threshold, got {threshold!r}")
     t = float(threshold)
     if op == ">":
-        met, failed = lo > t, hi <= t
+        met, failed = lo > t, hi <= t + margin
     elif op == ">=":
-        met, failed = lo >= t, hi < t
+        met, failed = lo >= t, hi < t + margin
     elif op == "<":
-        met, failed = hi < t, lo >= t
+        met, failed = hi < t, lo >= t - margin
     elif op == "<=":
-        met, failed = hi <= t, lo > t
+        met, failed = hi <= t, lo > t - margin
     else:
         raise ValueError(f"unknown operator {op!r}; valid: '>', '>=', '<', '<=', 'within'")
+    if met and estimate.p is not None and not estimate.p < (1.0 - CONFIDENCE) / 2:
+        met = False  # the exact test does not confirm the direction
     return State.MET if met else State.FAILED if failed else State.UNSURE
 
 
@@ -286,13 +289,13 @@ Lookup = Callable[[Criterion], Estimate]
 def _combine(node: Node, lookup: Lookup, leaves: list[Leaf]) -> State:
     if isinstance(node, Criterion):
         est = lookup(node)
-        state = judge(est, node.op, node.threshold)
+        state = judge(est, node.op, node.threshold, node.margin)
         leaves.append(Leaf(node, est, state))
         return state
     states = [_combine(c, lookup, leaves) for c in node.children]
     met = sum(s is State.MET for s in states)
     failed = sum(s is State.FAILED for s in states)
-    missing = sum(s is State.MISSING for s in states)
+    missing = sum(s in (State.MISSING, State.INVALID) for s in states)
     if isinstance(node, AllOf):
         if failed:
             return State.FAILED
@@ -324,9 +327,8 @@ def evaluate(rule: Rule, lookup: Lookup | Mapping[tuple[str, str], Estimate]) ->
         lookup = lambda c: table.get((c.key, c.item), MISSING)  # noqa: E731
     leaves: list[Leaf] = []
     state = _combine(rule.test, lookup, leaves)
-    return {State.MET: HOLDS, State.FAILED: FAILS, State.UNSURE: INCONCLUSIVE, State.MISSING: NOT_COMPARABLE}[
-        state
-    ], leaves
+    verdicts = {State.MET: HOLDS, State.FAILED: FAILS, State.UNSURE: INCONCLUSIVE}
+    return verdicts.get(state, NOT_COMPARABLE), leaves
 
 
 # ---- words ----------------------------------------------------------------------------------------------------------
@@ -339,7 +341,8 @@ def _threshold_text(op: str, t: float | tuple[float, float]) -> str:
 def criterion_text(c: Criterion) -> str:
     """``key[item] op threshold``."""
     where = f"[{c.item}]" if c.item else ""
-    return f"{c.key}{where} {_threshold_text(c.op, c.threshold)}"
+    margin = f" (fails if the interval excludes an effect of {fmt(c.margin)})" if c.margin else ""
+    return f"{c.key}{where} {_threshold_text(c.op, c.threshold)}{margin}"
 
 
 def rule_text(node: Node | None) -> str:
@@ -383,7 +386,7 @@ class ClaimResult:
         null: null baselines in words ("" if none).
         ceiling: the ceiling in words ("" if none).
         accuracy: the accuracies of the models involved, in words.
-        why: the rule and the outcome in words.
+        why: the rule and the outcome in words, ending with the interval method(s) the verdict used.
         estimates: the headline estimates by name (for figures and tests).
     """
 
@@ -396,6 +399,11 @@ class ClaimResult:
     accuracy: str = ""
     why: str = ""
     estimates: dict[str, Estimate] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        """The interval methods of the judged leaves, each once, in order (``[]`` for a rule without a test)."""
+        return list(dict.fromkeys(lf.estimate.method for lf in self.leaves if not lf.estimate.missing))
 
 
 def claim_result(
@@ -414,6 +422,13 @@ def claim_result(
         why = f"Not comparable: {rule.not_comparable}."
     else:
         why = f"Rule: holds if {rule_text(rule.test)}. Ours: {leaves_text(leaves)}."
+        invalid = list(dict.fromkeys(lf.estimate.invalid for lf in leaves if lf.state is State.INVALID))
         if verdict == NOT_COMPARABLE:
-            why += f" Not comparable: {missing_reason or 'the runs or quantities are missing'}."
-    return ClaimResult(rule, verdict, leaves, ours, null, ceiling, accuracy, why, dict(estimates or {}))
+            single = any(lf.estimate.n == 1 for lf in leaves)
+            fallback = "only one seed or pair unit: no interval" if single else "the runs or quantities are missing"
+            reason = "; ".join(invalid) or missing_reason or fallback
+            why += f" Not comparable: {reason}."
+    result = ClaimResult(rule, verdict, leaves, ours, null, ceiling, accuracy, why, dict(estimates or {}))
+    if rule.test is not None:
+        result.why += f" Interval method: {'; '.join(result.methods) or 'none (no estimate)'}."
+    return result

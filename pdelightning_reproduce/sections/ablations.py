@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 
-from pdelightning_reproduce import figures, paper
-from pdelightning_reproduce.rules import BY_ID, DIVERGENCE_LOSS_FACTOR
+from pdelightning_reproduce import figures, paper, stats
+from pdelightning_reproduce.rules import BY_ID, DIVERGENCE_LOSS_FACTOR, DRIFT_MIN_ACC
 from pdelightning_reproduce.sections.common import FigureSpec, Section, Table, budget_text, cell, est
 from pdelightning_reproduce.settings import EQ21_TARGETS, SWEEP_DEPTHS, SWEEP_LRS, depth_lr_cells, eq21_cells
 from pdelightning_reproduce.summary import Results
-from pdelightning_reproduce.verdicts import Estimate, claim_result, cluster_bootstrap, fmt, ratio_of_means
+from pdelightning_reproduce.verdicts import Estimate, claim_result, fmt, invalid_unless, rate_difference, ratio_of_means
 
 BASE, NO_RES, NO_LN = "sweep_transformer", "sweep_no_residual", "sweep_no_layernorm"
 PDE, PDE_STAB = "sweep_pde", "sweep_pde_stabilized"
 ACC_QUANTITY = "probe_acc"
 ACC_LABEL = "probe-set accuracy"
 ACC_NOTE = "on the probe set (the fixed 1,000 MNIST test images), at the final step"
-LABEL = {BASE: "baseline", NO_RES: "no residual", NO_LN: "no LayerNorm", PDE: "PDE, no stabilizers",
-         PDE_STAB: "PDE, stabilized"}  # fmt: skip
+LABEL = {
+    BASE: "baseline",
+    NO_RES: "no residual",
+    NO_LN: "no LayerNorm",
+    PDE: "PDE, no stabilizers",
+    PDE_STAB: "PDE, stabilized",
+}
 
 
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+def wilson(k: int, n: int) -> tuple[float, float]:
     """Wilson score interval of a proportion ``k / n`` (Wilson 1927), for displaying divergence rates.
 
     Example::
@@ -31,13 +35,8 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
         >>> [round(x, 4) for x in wilson(0, 5)]
         [0.0, 0.4345]
     """
-    if n == 0:
-        return math.nan, math.nan
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    r = stats.wilson(k, n)
+    return float(r.low), float(r.high)
 
 
 def diverged(results: Results, setting: str, cell_name: str) -> dict[int, float]:
@@ -50,26 +49,32 @@ def diverged(results: Results, setting: str, cell_name: str) -> dict[int, float]
     return out
 
 
-def rate_difference(results: Results, a: Sequence[tuple[str, str]], b: Sequence[tuple[str, str]]) -> Estimate:
-    """Pooled divergence rate of the runs in ``a`` minus in ``b`` (``(setting, cell)`` lists); seed-cluster
-    bootstrap (a seed brings all its cells in both groups).
+def rate_groups(
+    results: Results, a: Sequence[tuple[str, str]], b: Sequence[tuple[str, str]]
+) -> tuple[tuple[int, int, int, int], list[float]]:
+    """Run counts ``(k_a, n_a, k_b, n_b)`` pooled over the ``(setting, cell)`` lists ``a`` and ``b``, and per seed
+    (seeds with runs in both groups) its rate in ``a`` minus its rate in ``b``.
     """
-    cols = [diverged(results, s, c) for s, c in (*a, *b)]
-    seeds = sorted(set().union(*(set(c) for c in cols)))
-    if not seeds:
-        return Estimate(math.nan, math.nan, math.nan, 0, "missing")
-    mat = np.array([[c.get(s, math.nan) for c in cols] for s in seeds])
-    na = len(a)
+    cols_a = [diverged(results, s, c) for s, c in a]
+    cols_b = [diverged(results, s, c) for s, c in b]
+    flat_a = [v for col in cols_a for v in col.values()]
+    flat_b = [v for col in cols_b for v in col.values()]
+    counts = (int(sum(flat_a)), len(flat_a), int(sum(flat_b)), len(flat_b))
+    seeds = sorted(set().union(*(set(c) for c in cols_a)) & set().union(*(set(c) for c in cols_b)))
+    per_seed = []
+    for seed in seeds:
+        va = [col[seed] for col in cols_a if seed in col]
+        vb = [col[seed] for col in cols_b if seed in col]
+        per_seed.append(float(np.mean(va) - np.mean(vb)))
+    return counts, per_seed
 
-    def stat(m: np.ndarray) -> np.ndarray:  # m: [B, seeds, cells]; nan-aware pooled rates per resample
-        def rate(x: np.ndarray) -> np.ndarray:
-            count = np.isfinite(x).sum((1, 2))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                return np.where(count > 0, np.nansum(x, (1, 2)) / count, np.nan)
 
-        return rate(m[:, :, :na]) - rate(m[:, :, na:])
-
-    return cluster_bootstrap(mat, stat, vectorized=True)
+def rate_diff(results: Results, a: Sequence[tuple[str, str]], b: Sequence[tuple[str, str]]) -> Estimate:
+    """Divergence rate of the runs in ``a`` minus in ``b``: Newcombe + Fisher on the counts, enveloped with the
+    seed-paired t interval (:func:`~pdelightning_reproduce.verdicts.rate_difference`).
+    """
+    counts, per_seed = rate_groups(results, a, b)
+    return rate_difference(counts, per_seed)
 
 
 def _last(results: Results, setting: str, quantity: str, cell_name: str) -> dict[int, float]:
@@ -94,12 +99,19 @@ def cell_table(results: Results, settings: Sequence[str], cells: Sequence[str]) 
             lo, hi = wilson(k, n)
             steps = [v for v in results.run_field(s, "divergence_step", c).values() if v == v and v is not None]
             eq21 = [float(np.nanmax(v)) for v in _per_seed_layers(results, s, "eq21", c, "init")]
-            rows.append([
-                LABEL.get(s, s), c, str(n), f"{k}/{n} [{lo:.2f}, {hi:.2f}]",
-                fmt(float(np.median(steps))) if steps else "—", cell(est(results.values(s, ACC_QUANTITY, cell=c))),
-                cell(est(list(_last(results, s, "cka_to_embedding", c).values()))),
-                cell(est(list(_last(results, s, "erank", c).values()))), cell(est(eq21)) if eq21 else "—",
-            ])  # fmt: skip
+            rows.append(
+                [
+                    LABEL.get(s, s),
+                    c,
+                    str(n),
+                    f"{k}/{n} [{lo:.2f}, {hi:.2f}]",
+                    fmt(float(np.median(steps))) if steps else "—",
+                    cell(est(results.values(s, ACC_QUANTITY, cell=c))),
+                    cell(est(list(_last(results, s, "cka_to_embedding", c).values()))),
+                    cell(est(list(_last(results, s, "erank", c).values()))),
+                    cell(est(eq21)) if eq21 else "—",
+                ]
+            )
     return rows
 
 
@@ -124,48 +136,73 @@ def ablations(results: Results) -> Section:
         f"at the first batch whose training loss is non-finite or above {DIVERGENCE_LOSS_FACTOR:g} ln 10; it stops "
         "there. Drift: linear CKA of the last layer to the embedding and the effective rank of its token matrix (rank "
         "collapse), at the final step, diverged runs excluded. Rates: Wilson 95 % intervals per cell; verdicts use "
-        f"differences pooled over cells with a seed-cluster bootstrap. Accuracy: {ACC_NOTE}."
+        "differences pooled over cells: Newcombe's interval on the run counts with Fisher's exact one-sided test, "
+        f"enveloped with the paired t interval of the per-seed differences. Accuracy: {ACC_NOTE}."
     )
     tcells = [c.name for c in depth_lr_cells()]
     low = {d: next(c.name for c in depth_lr_cells() if c.depth == d and c.lr == min(SWEEP_LRS)) for d in SWEEP_DEPTHS}
     lookup = {}
     parts = []
     for d, c in low.items():
+        acc = est(results.values(NO_RES, ACC_QUANTITY, cell=c))
+        untrained = (
+            f"the no-residual nets at {c} have probe-set accuracy {cell(acc)} (n={acc.n}), not above {DRIFT_MIN_ACC}: "
+            "the drift of a net that did not train says nothing about residual connections"
+        )
         for q, key in (("cka_to_embedding", "cka_ratio"), ("erank", "erank_ratio")):
             a, b = _last(results, NO_RES, q, c), _last(results, BASE, q, c)
-            lookup[(key, f"L{d}")] = ratio_of_means(list(a.values()), list(b.values()))
-        parts.append(f"L{d}: CKA ratio {cell(lookup[('cka_ratio', f'L{d}')])}, rank ratio "
-                     f"{cell(lookup[('erank_ratio', f'L{d}')])}")  # fmt: skip
-    acc = "; ".join(f"{LABEL[s]} at {c}: {cell(est(results.values(s, ACC_QUANTITY, cell=c)))}"
-                    for s in (BASE, NO_RES) for c in low.values())  # fmt: skip
-    sec.claims.append(claim_result(BY_ID["v2.no_residual_drift"], lookup, ours="; ".join(parts),
-                                   accuracy=f"{ACC_LABEL}: " + acc))  # fmt: skip
+            ratio = ratio_of_means(list(a.values()), list(b.values()))
+            lookup[(key, f"L{d}")] = invalid_unless(ratio, not acc.missing and acc.lo > DRIFT_MIN_ACC, untrained)
+        parts.append(
+            f"L{d}: CKA ratio {cell(lookup[('cka_ratio', f'L{d}')])}, rank ratio "
+            f"{cell(lookup[('erank_ratio', f'L{d}')])}"
+        )
+    acc = "; ".join(
+        f"{LABEL[s]} at {c}: {cell(est(results.values(s, ACC_QUANTITY, cell=c)))}"
+        for s in (BASE, NO_RES)
+        for c in low.values()
+    )
+    sec.claims.append(
+        claim_result(BY_ID["v2.no_residual_drift"], lookup, ours="; ".join(parts), accuracy=f"{ACC_LABEL}: " + acc)
+    )
     pairs = [((NO_LN, c), (BASE, c)) for c in tcells]
-    d_ln = rate_difference(results, [p[0] for p in pairs], [p[1] for p in pairs])
+    d_ln = rate_diff(results, [p[0] for p in pairs], [p[1] for p in pairs])
     ran = [c for c in tcells if diverged(results, NO_LN, c) and diverged(results, BASE, c)]  # cells without runs: nan
-    sec.claims.append(claim_result(
-        BY_ID["v2.no_layernorm_explosive"], {("divergence_rate_diff", ""): d_ln},
-        ours=f"divergence rate no LayerNorm minus baseline, pooled over the {len(ran)} cells that ran (of "
-             f"{len(tcells)}): {cell(d_ln)}",
-        null=f"baseline pooled rate {cell(_pooled(results, BASE, tcells))}",
-        accuracy="see the cell table", estimates={"diff": d_ln},
-    ))  # fmt: skip
+    sec.claims.append(
+        claim_result(
+            BY_ID["v2.no_layernorm_explosive"],
+            {("divergence_rate_diff", ""): d_ln},
+            ours=f"divergence rate no LayerNorm minus baseline, pooled over the {len(ran)} cells that ran (of "
+            f"{len(tcells)}): {d_ln}",
+            null=f"baseline pooled rate {_pooled(results, BASE, tcells)}",
+            accuracy="see the cell table",
+            estimates={"diff": d_ln},
+        )
+    )
     pcells = [c.name for c in eq21_cells()]
-    d_pde = rate_difference(results, [(PDE, c) for c in pcells], [(PDE_STAB, c) for c in pcells])
-    sec.claims.append(claim_result(
-        BY_ID["v2.pde_unstable"], {("divergence_rate_diff", ""): d_pde},
-        ours=f"divergence rate without minus with stabilizers, pooled over the eq. (21) grid: {cell(d_pde)}",
-        null=f"with stabilizers: {cell(_pooled(results, PDE_STAB, pcells))}", accuracy="see the cell table",
-        estimates={"diff": d_pde},
-    ))  # fmt: skip
+    d_pde = rate_diff(results, [(PDE, c) for c in pcells], [(PDE_STAB, c) for c in pcells])
+    sec.claims.append(
+        claim_result(
+            BY_ID["v2.pde_unstable"],
+            {("divergence_rate_diff", ""): d_pde},
+            ours=f"divergence rate without minus with stabilizers, pooled over the eq. (21) grid: {d_pde}",
+            null=f"with stabilizers: {_pooled(results, PDE_STAB, pcells)}",
+            accuracy="see the cell table",
+            estimates={"diff": d_pde},
+        )
+    )
     above = [(PDE, c.name) for c in eq21_cells() if (c.eq21_target or 0) > 1]
     below = [(PDE, c.name) for c in eq21_cells() if (c.eq21_target or 0) <= 1]
-    d_eq = rate_difference(results, above, below)
-    sec.claims.append(claim_result(
-        BY_ID["v2.eq21_predicts"], {("divergence_rate_diff", ""): d_eq},
-        ours=f"divergence rate at eq. (21) > 1 minus ≤ 1: {cell(d_eq)}", accuracy="see the cell table",
-        estimates={"diff": d_eq},
-    ))  # fmt: skip
+    d_eq = rate_diff(results, above, below)
+    sec.claims.append(
+        claim_result(
+            BY_ID["v2.eq21_predicts"],
+            {("divergence_rate_diff", ""): d_eq},
+            ours=f"divergence rate at eq. (21) > 1 minus ≤ 1: {d_eq}",
+            accuracy="see the cell table",
+            estimates={"diff": d_eq},
+        )
+    )
     headers = [
         "setting",
         "cell",
@@ -188,19 +225,27 @@ def ablations(results: Results) -> Section:
                 mat[SWEEP_DEPTHS.index(c.depth), SWEEP_LRS.index(c.lr)] = np.mean(list(div.values()))
         panels.append((LABEL[s], mat))
     if any(np.isfinite(m).any() for _, m in panels):
-        sec.figures.append(FigureSpec(
-            "ablation_divergence", "Share of diverged runs per depth x learning rate", figures.heatmaps,
-            {"panels": panels, "rows": [f"L{d}" for d in SWEEP_DEPTHS], "cols": [f"{x:g}" for x in SWEEP_LRS],
-             "label": "diverged share"},
-        ))  # fmt: skip
+        sec.figures.append(
+            FigureSpec(
+                "ablation_divergence",
+                "Share of diverged runs per depth x learning rate",
+                figures.heatmaps,
+                {
+                    "panels": panels,
+                    "rows": [f"L{d}" for d in SWEEP_DEPTHS],
+                    "cols": [f"{x:g}" for x in SWEEP_LRS],
+                    "label": "diverged share",
+                },
+            )
+        )
     return sec
 
 
-def _pooled(results: Results, setting: str, cells: Sequence[str]) -> Estimate:
-    """Pooled divergence rate of one setting over cells (seed-cluster bootstrap)."""
-    cols = [diverged(results, setting, c) for c in cells]
-    seeds = sorted(set().union(*(set(c) for c in cols)))
-    if not seeds:
-        return Estimate(math.nan, math.nan, math.nan, 0, "missing")
-    mat = np.array([[c.get(s, math.nan) for c in cols] for s in seeds])
-    return cluster_bootstrap(mat, lambda m: np.nansum(m, (1, 2)) / np.isfinite(m).sum((1, 2)), vectorized=True)
+def _pooled(results: Results, setting: str, cells: Sequence[str]) -> str:
+    """Pooled divergence rate of one setting over cells: ``k/n`` with its Wilson interval."""
+    runs = [v for c in cells for v in diverged(results, setting, c).values()]
+    if not runs:
+        return "—"
+    k, n = int(sum(runs)), len(runs)
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} [{lo:.2f}, {hi:.2f}] (Wilson)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from pdelightning_reproduce import figures, paper
@@ -13,11 +15,21 @@ from pdelightning_reproduce.sections.common import (
     accuracy_text,
     cell,
     curve_stats,
+    disjoint_seeds,
     est,
+    only,
     per_seed,
 )
 from pdelightning_reproduce.summary import Results
-from pdelightning_reproduce.verdicts import claim_result
+from pdelightning_reproduce.verdicts import (
+    MISSING,
+    Estimate,
+    claim_result,
+    difference_of_means,
+    fmt,
+    invalid_unless,
+    paired_difference,
+)
 
 PAIR, CEILING, SHARED = (
     "pair_pde_vs_transformer",
@@ -32,16 +44,48 @@ def _layer_means(values: dict[int, np.ndarray]) -> dict[int, float]:
     return {s: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for s, v in values.items()}
 
 
-def _vs_null(results: Results, metric: str, pick: str) -> dict[int, float]:
-    """Per pair unit: layer-mean metric minus the layer-mean of the strongest null (``max`` or ``min``)."""
-    ours = _layer_means(per_seed(results, PAIR, metric, MNIST_LAYERS))
-    nulls = [_layer_means(per_seed(results, PAIR, f"null_{n}_{metric}", MNIST_LAYERS)) for n in NULLS]
+def _strongest(nulls: dict[str, dict[int, float]], pick: str) -> dict[int, float]:
+    """Per pair unit: the strongest null (``max`` cosine or ``min`` KL over the nulls)."""
     out = {}
-    for s, v in ours.items():
-        cand = [d[s] for d in nulls if s in d and np.isfinite(d[s])]
+    for s in set().union(*(set(d) for d in nulls.values())):
+        cand = [d[s] for d in nulls.values() if s in d and np.isfinite(d[s])]
         if cand:
-            out[s] = v - (max(cand) if pick == "max" else min(cand))
+            out[s] = max(cand) if pick == "max" else min(cand)
     return out
+
+
+def relative_gap(
+    ours: list[float], ceiling: list[float], null: list[float], metric: str
+) -> tuple[Estimate, Estimate, Estimate]:
+    """The gap to the ceiling (Welch), the null-to-ceiling spread (Welch) and their ratio: the gap's interval over
+    the spread's point value; 0 = at the ceiling, 1 = at the null. Cosine: higher is closer; KL: lower is closer.
+
+    Example::
+
+        >>> g, s, r = relative_gap([0.3, 0.31, 0.29], [0.5, 0.52, 0.48], [0.35, 0.34, 0.36], "cosine")
+        >>> round(r.value, 3), r.lo > 1
+        (1.333, True)
+    """
+    sign = 1.0 if metric == "cosine" else -1.0
+    gap = difference_of_means(np.multiply(sign, ceiling), np.multiply(sign, ours))
+    spread = difference_of_means(np.multiply(sign, ceiling), np.multiply(sign, null))
+    if gap.missing or spread.missing:
+        return gap, spread, MISSING
+    if not spread.value > 0:
+        rel = Estimate(math.nan, math.nan, math.nan, gap.n, gap.method)
+        return (
+            gap,
+            spread,
+            invalid_unless(rel, False, f"the ceiling is no closer than the strongest null ({cell(spread)})"),
+        )
+    rel = Estimate(
+        gap.value / spread.value,
+        gap.lo / spread.value,
+        gap.hi / spread.value,
+        gap.n,
+        f"{gap.method} / null-to-ceiling spread {fmt(spread.value)}",
+    )
+    return gap, spread, rel
 
 
 def attention(results: Results) -> Section:
@@ -54,55 +98,73 @@ def attention(results: Results) -> Section:
         "uniform attention, against the reference on another probe sample, and against the reference at "
         "initialisation. Ceiling: Transformer seed s vs Transformer seed s+1. KL is KL(PDE ‖ Transformer) in nats."
     )
+    disjoint = disjoint_seeds(results, CEILING)
+    sec.intro += (
+        f" The ceiling uses the {len(disjoint)} disjoint Transformer-Transformer units (model seeds "
+        f"{', '.join(map(str, disjoint)) or '—'}). The rules read the relative gap: 0 = as close as two Transformers, "
+        "1 = no closer than the strongest null."
+    )
     cos = per_seed(results, PAIR, "cosine", MNIST_LAYERS)
-    lookup = {("cosine", la): est([v[j] for v in cos.values()]) for j, la in enumerate(MNIST_LAYERS)}
-    d_null = est(list(_vs_null(results, "cosine", "max").values()))
-    lookup[("cosine_minus_null", "")] = d_null
-    mean_cos = est(list(_layer_means(cos).values()))
-    ceil = est(list(_layer_means(per_seed(results, CEILING, "cosine", MNIST_LAYERS)).values()))
-    shared = est(list(_layer_means(per_seed(results, SHARED, "cosine", MNIST_LAYERS)).values()))
-    null_means = {n: est(list(_layer_means(per_seed(results, PAIR, f"null_{n}_cosine", MNIST_LAYERS)).values()))
-                  for n in NULLS}  # fmt: skip
-    sec.claims.append(claim_result(
-        BY_ID["att.cosine"], lookup,
-        ours=f"layer mean {cell(mean_cos)}; minus the strongest null {cell(d_null)}",
-        null="; ".join(f"{n} {cell(e)}" for n, e in null_means.items()),
-        ceiling=f"Transformer vs Transformer {cell(ceil)}; shared initialisation (twins) {cell(shared)}",
-        accuracy=accuracy_text(results, ACC), estimates={"mean": mean_cos, "ceiling": ceil},
-    ))  # fmt: skip
     kl = per_seed(results, PAIR, "kl", MNIST_LAYERS)
-    kl_mean = est(list(_layer_means(kl).values()))
-    kl_null = est(list(_vs_null(results, "kl", "min").values()))
-    kl_ceil = est(list(_layer_means(per_seed(results, CEILING, "kl", MNIST_LAYERS)).values()))
-    kl_nulls = {n: est(list(_layer_means(per_seed(results, PAIR, f"null_{n}_kl", MNIST_LAYERS)).values()))
-                for n in NULLS}  # fmt: skip
-    sec.claims.append(claim_result(
-        BY_ID["att.kl"], {("kl", ""): kl_mean, ("kl_minus_null", ""): kl_null},
-        ours=f"layer mean {cell(kl_mean)}; minus the closest null {cell(kl_null)}",
-        null="; ".join(f"{n} {cell(e)}" for n, e in kl_nulls.items()),
-        ceiling=f"Transformer vs Transformer {cell(kl_ceil)}", accuracy=accuracy_text(results, ACC),
-        estimates={"mean": kl_mean},
-    ))  # fmt: skip
+    for metric, values, rid, pick in (("cosine", cos, "att.cosine", "max"), ("kl", kl, "att.kl", "min")):
+        ours = _layer_means(values)
+        ceil = _layer_means(only(per_seed(results, CEILING, metric, MNIST_LAYERS), disjoint))
+        nulls = {n: _layer_means(per_seed(results, PAIR, f"null_{n}_{metric}", MNIST_LAYERS)) for n in NULLS}
+        null = _strongest(nulls, pick)
+        vs_null = paired_difference([ours[k] for k in null if k in ours], [null[k] for k in null if k in ours])
+        gap, spread, rel = relative_gap(list(ours.values()), list(ceil.values()), list(null.values()), metric)
+        shared = est(list(_layer_means(per_seed(results, SHARED, metric, MNIST_LAYERS)).values()))
+        sec.claims.append(
+            claim_result(
+                BY_ID[rid],
+                {(f"{metric}_gap_rel", ""): rel, (f"{metric}_minus_null", ""): vs_null},
+                ours=f"layer mean {cell(est(list(ours.values())))}; minus the strongest null {cell(vs_null)}; gap to "
+                f"the ceiling {cell(gap)} over the "
+                f"null-to-ceiling spread {cell(spread)}: relative gap {cell(rel)}",
+                null="; ".join(f"{n} {cell(est(list(d.values())))}" for n, d in nulls.items())
+                + f"; strongest per unit {cell(est(list(null.values())))}",
+                ceiling=f"Transformer vs Transformer (disjoint units) {cell(est(list(ceil.values())))}; shared "
+                f"initialisation (twins) {cell(shared)}",
+                accuracy=accuracy_text(results, ACC),
+                estimates={"mean": est(list(ours.values())), "ceiling": est(list(ceil.values())), "rel": rel},
+            )
+        )
     cols = {
-        "cosine": cos, "ceiling": per_seed(results, CEILING, "cosine", MNIST_LAYERS),
+        "cosine": cos,
+        "ceiling": only(per_seed(results, CEILING, "cosine", MNIST_LAYERS), disjoint),
         "shared init": per_seed(results, SHARED, "cosine", MNIST_LAYERS),
         **{f"null {n}": per_seed(results, PAIR, f"null_{n}_cosine", MNIST_LAYERS) for n in NULLS},
-        "KL": kl, "KL ceiling": per_seed(results, CEILING, "kl", MNIST_LAYERS),
+        "KL": kl,
+        "KL ceiling": only(per_seed(results, CEILING, "kl", MNIST_LAYERS), disjoint),
         "JS": per_seed(results, PAIR, "js", MNIST_LAYERS),
         "entropy PDE": per_seed(results, PAIR, "entropy_model", MNIST_LAYERS),
         "entropy T": per_seed(results, PAIR, "entropy_reference", MNIST_LAYERS),
-    }  # fmt: skip
+    }
     rows = [[la] + [cell(est([v[j] for v in d.values()])) for d in cols.values()] for j, la in enumerate(MNIST_LAYERS)]
-    caption = (f"Paper: cosine {paper.ATTENTION_COSINE}, KL {paper.ATTENTION_KL}, every layer > "
-               f"{paper.ATTENTION_LAYER_COSINE_MIN}. Entropies in nats.")  # fmt: skip
+    caption = (
+        f"Paper: cosine {paper.ATTENTION_COSINE}, KL {paper.ATTENTION_KL}, every layer > "
+        f"{paper.ATTENTION_LAYER_COSINE_MIN}. Entropies in nats."
+    )
     sec.tables.append(Table(["layer", *cols], rows, caption))
     series = [("PDE vs T", *curve_stats(cos))] if cos else []
-    dashed = [(name, *curve_stats(cols[name])) for name in ("ceiling", "shared init", *(f"null {n}" for n in NULLS))
-              if cols[name]]  # fmt: skip
-    sec.figures.append(FigureSpec(
-        "attention_cosine_by_layer", "Attention cosine per layer: PDE vs Transformer, the ceiling, the twins and the "
-        "nulls (95 % intervals over pair units)", figures.layer_curves,
-        {"labels": list(MNIST_LAYERS), "series": series, "dashed": dashed, "ylabel": "cosine",
-         "paper": [("every layer > 0.98", [paper.ATTENTION_LAYER_COSINE_MIN] * len(MNIST_LAYERS))]},
-    ))  # fmt: skip
+    dashed = [
+        (name, *curve_stats(cols[name]))
+        for name in ("ceiling", "shared init", *(f"null {n}" for n in NULLS))
+        if cols[name]
+    ]
+    sec.figures.append(
+        FigureSpec(
+            "attention_cosine_by_layer",
+            "Attention cosine per layer: PDE vs Transformer, the ceiling, the twins and the "
+            "nulls (95 % intervals over pair units)",
+            figures.layer_curves,
+            {
+                "labels": list(MNIST_LAYERS),
+                "series": series,
+                "dashed": dashed,
+                "ylabel": "cosine",
+                "paper": [("every layer > 0.98", [paper.ATTENTION_LAYER_COSINE_MIN] * len(MNIST_LAYERS))],
+            },
+        )
+    )
     return sec

@@ -8,12 +8,28 @@ import numpy as np
 
 from pdelightning.analysis import information as info
 from pdelightning_reproduce import figures, paper
-from pdelightning_reproduce.rules import BY_ID, FIT_N, IXT_NOISE_VARIANCE, NEWSGROUPS_LAYERS, PROBE_N
+from pdelightning_reproduce.rules import (
+    BY_ID,
+    FIT_N,
+    IB_BOUND_SLACK,
+    IB_LOWER_FALLBACK,
+    IB_LOWER_QUANTITY,
+    IXT_NOISE_VARIANCE,
+    NEWSGROUPS_LAYERS,
+    PROBE_N,
+)
 from pdelightning_reproduce.sections.common import FigureSpec, Section, Table, accuracy_text, cell, est, per_seed
 from pdelightning_reproduce.summary import Results
-from pdelightning_reproduce.verdicts import claim_result, difference_of_means, fmt
+from pdelightning_reproduce.verdicts import Estimate, claim_result, difference_of_means, fmt, invalid_unless
 
 MODELS = (("Transformer", "newsgroups_transformer"), ("PDE", "newsgroups_pde"))
+#: The model's own head bound H(Y) - CE/ln 2: pdelightning_reproduce.ib's name, else v2's.
+HEAD_QUANTITIES = ("I_TY_head", "head_bound")
+
+
+def head_quantity(results: Results) -> str:
+    """The summary name of the head bound present in ``results`` (context only, no rule reads it)."""
+    return next((q for q in HEAD_QUANTITIES if any(results.has(s, q) for _, s in MODELS)), HEAD_QUANTITIES[-1])
 
 
 def max_drawdown(values: np.ndarray) -> float:
@@ -65,6 +81,30 @@ def probe_bias_text(n: int, d: int) -> str:
     )
 
 
+_WHY = (
+    "a lower bound on I(T;Y) cannot lie below 0 beyond its stated bias; such a reading measures the estimator's "
+    "failure at this sample size, not information"
+)
+
+
+def lower_bound_quantity(results: Results) -> str:
+    """The summary quantity the rules read: ``I_TY_lower`` (pdelightning_reproduce.ib) if present, else v2's
+    cross-fitted ``I_TY_crossfit``.
+    """
+    present = any(results.has(s, IB_LOWER_QUANTITY) for _, s in MODELS)
+    return IB_LOWER_QUANTITY if present else IB_LOWER_FALLBACK
+
+
+def _valid_bound(estimates: dict[str, Estimate], parts: dict[str, list[Estimate]], label: str) -> dict[str, Estimate]:
+    """Each ``estimates[item]`` marked invalid when a seed mean it is built from (``parts[item]``) lies below
+    ``-IB_BOUND_SLACK``, with one reason naming every such reading.
+    """
+    bad = {k: [p for p in ps if not p.missing and p.value < -IB_BOUND_SLACK] for k, ps in parts.items()}
+    readings = "; ".join(f"{k}: {', '.join(fmt(p.value) for p in ps)}" for k, ps in bad.items() if ps)
+    reason = f"{label}'s lower bound reads below −{IB_BOUND_SLACK} bit (seed means, {readings}): {_WHY}"
+    return {k: invalid_unless(e, not bad[k], reason) for k, e in estimates.items()}
+
+
 def bottleneck(results: Results) -> Section:
     """The four §3.3 claims; the trajectory figure; I(X;T) against its ceiling."""
     sec = Section("bottleneck", "Information bottleneck: I(T;Y) over training (§3.3)")
@@ -84,53 +124,97 @@ def bottleneck(results: Results) -> Section:
         f"upper bound, σ² = {IXT_NOISE_VARIANCE}) against its ceiling, the entropy of the distinct probe inputs. "
         f"Estimator bias at this N: {probe_bias_text(n, width)}."
     )
+    bound, head = lower_bound_quantity(results), head_quantity(results)
+    sec.intro += (
+        f" The rules read only a held-out lower bound on I(T;Y): `{bound}`"
+        + (
+            " (v2's cross-fitted estimate; `I_TY_lower` of pdelightning_reproduce.ib is absent here)"
+            if bound == IB_LOWER_FALLBACK
+            else ""
+        )
+        + f"; a seed mean of it below −{IB_BOUND_SLACK} bit makes the claim not comparable. The train-fitted "
+        "estimate above is context only."
+    )
     curves: dict[str, dict] = {}
     crossfit: dict[str, tuple] = {}
+    lower: dict[str, dict] = {}
     for label, s in MODELS:
         final = per_seed(results, s, "I_TY", NEWSGROUPS_LAYERS)
         init = per_seed(results, s, "I_TY", NEWSGROUPS_LAYERS, stage="init")
-        lookup = {}
+        lb = {st: per_seed(results, s, bound, NEWSGROUPS_LAYERS, st) for st in ("init", "final")}
+        lower[label] = lb
+        changes, layer_ends = {}, {}
         for j, layer in enumerate(NEWSGROUPS_LAYERS):
-            lookup[("ity_change", layer)] = est([final[k][j] - init[k][j] for k in final if k in init])
+            changes[layer] = est([lb["final"][k][j] - lb["init"][k][j] for k in lb["final"] if k in lb["init"]])
+            layer_ends[layer] = [est([v[j] for v in lb[st].values()]) for st in ("init", "final")]
+        lookup = {("ity_lower_change", la): e for la, e in _valid_bound(changes, layer_ends, label).items()}
         mean_start = est([np.nanmean(v) for v in init.values()])
         mean_end = est([np.nanmean(v) for v in final.values()])
+        lb_start = est([np.nanmean(v) for v in lb["init"].values()])
+        lb_end = est([np.nanmean(v) for v in lb["final"].values()])
         cf = {st: per_seed(results, s, "I_TY_crossfit", NEWSGROUPS_LAYERS, st) for st in ("init", "final")}
         cf_start = est([np.nanmean(v) for v in cf["init"].values()])
         cf_end = est([np.nanmean(v) for v in cf["final"].values()])
-        hb = est(results.values(s, "head_bound"))
+        hb = est(results.values(s, head))
+        hb0 = est(results.values(s, head, stage="init"))
         hy = est(results.values(s, "H_Y"))
         crossfit[label] = (cf_start, cf_end, mean_end, hb)
-        sec.claims.append(claim_result(
-            BY_ID[f"ib.decline_{label.lower()}"], lookup,
-            ours=f"layer mean {cell(mean_start)} (start) → {cell(mean_end)} (end); context, not in the rule: the "
-                 f"cross-fitted probe-set estimate {cell(cf_start)} → {cell(cf_end)}",
-            ceiling=f"H(Y) = {cell(hy)}; head bound H(Y) − CE/ln 2 at the end {cell(hb)}",
-            accuracy=accuracy_text(results, [(label, s)]), estimates={"start": mean_start, "end": mean_end},
-        ))  # fmt: skip
+        sec.claims.append(
+            claim_result(
+                BY_ID[f"ib.decline_{label.lower()}"],
+                lookup,
+                ours=f"lower bound `{bound}`, layer mean {cell(lb_start)} (start) → {cell(lb_end)} (end); context, "
+                f"not in the rule: the train-fitted estimate {cell(mean_start)} → {cell(mean_end)}; the head bound "
+                f"{cell(hb0)} → {cell(hb)}",
+                ceiling=f"H(Y) = {cell(hy)}",
+                accuracy=accuracy_text(results, [(label, s)]),
+                estimates={"start": lb_start, "end": lb_end},
+            )
+        )
         curves[label] = {"final": final, "init": init}
-    t_end = [np.nanmean(v) for v in curves["Transformer"]["final"].values()]
-    p_end = [np.nanmean(v) for v in curves["PDE"]["final"].values()]
-    diff = difference_of_means(p_end, t_end)
-    hb = {label: est(results.values(s, "head_bound")) for label, s in MODELS}
-    sec.claims.append(claim_result(
-        BY_ID["ib.pde_lower"], {("ity_end_diff", ""): diff},
-        ours=f"PDE {cell(est(p_end))} vs Transformer {cell(est(t_end))}; difference {cell(diff)}",
-        ceiling=f"head bounds: PDE {cell(hb['PDE'])}, Transformer {cell(hb['Transformer'])}",
-        accuracy=accuracy_text(results, MODELS), estimates={"diff": diff},
-    ))  # fmt: skip
+    ends = {label: [float(np.nanmean(v)) for v in lower[label]["final"].values()] for label in lower}
+    diff = difference_of_means(ends["PDE"], ends["Transformer"])
+    diff = _valid_bound({"": diff}, {"": [est(ends["PDE"]), est(ends["Transformer"])]}, "the layer mean at the end")[""]
+    hb = {label: est(results.values(s, head)) for label, s in MODELS}
+    sec.claims.append(
+        claim_result(
+            BY_ID["ib.pde_lower"],
+            {("ity_lower_end_diff", ""): diff},
+            ours=f"lower bound at the end, layer mean: PDE {cell(est(ends['PDE']))} vs Transformer "
+            f"{cell(est(ends['Transformer']))}; difference {cell(diff)}",
+            ceiling=f"head bounds: PDE {cell(hb['PDE'])}, Transformer {cell(hb['Transformer'])}",
+            accuracy=accuracy_text(results, MODELS),
+            estimates={"diff": diff},
+        )
+    )
     drops: dict[str, dict[int, list[float]]] = {}
+    lowest = math.inf
     for label, s in MODELS:
         drops[label] = {}
         for seed in results.seeds(s):
-            drops[label][seed] = [max_drawdown(results.trajectory(s, "I_TY", la, seed)[1]) for la in NEWSGROUPS_LAYERS]
+            trajs = [results.trajectory(s, bound, la, seed)[1] for la in NEWSGROUPS_LAYERS]
+            drops[label][seed] = [max_drawdown(t) for t in trajs]
+            if label == "PDE":
+                lowest = min([lowest, *(float(np.nanmin(t)) for t in trajs if np.isfinite(t).any())])
     rel = est([d[0] - max(d[1:]) for d in drops["PDE"].values() if np.isfinite(d).all()])
-    sec.claims.append(claim_result(
-        BY_ID["ib.pde_layer1_sharpest"], {("drop_first_minus_other", ""): rel},
-        ours="PDE drops (peak to lowest later point) per layer: "
-             + ", ".join(f"{la} {cell(est([d[j] for d in drops['PDE'].values()]))}"
-                         for j, la in enumerate(NEWSGROUPS_LAYERS)) + f"; blocks.0 minus the largest other {cell(rel)}",
-        accuracy=accuracy_text(results, [("PDE", "newsgroups_pde")]), estimates={"rel": rel},
-    ))  # fmt: skip
+    rel = invalid_unless(
+        rel,
+        not lowest < -IB_BOUND_SLACK,
+        f"the PDE's lower bound reads {fmt(lowest)} bits at some checkpoint, below −{IB_BOUND_SLACK}: {_WHY}",
+    )
+    sec.claims.append(
+        claim_result(
+            BY_ID["ib.pde_layer1_sharpest"],
+            {("drop_first_minus_other", ""): rel},
+            ours="PDE drops of the lower bound (peak to lowest later point) per layer: "
+            + ", ".join(
+                f"{la} {cell(est([d[j] for d in drops['PDE'].values()]))}" for j, la in enumerate(NEWSGROUPS_LAYERS)
+            )
+            + f"; blocks.0 minus the largest other {cell(rel)}",
+            accuracy=accuracy_text(results, [("PDE", "newsgroups_pde")]),
+            estimates={"rel": rel},
+        )
+    )
     sec.notes.extend(shift_notes(crossfit))
     rows, panels = [], []
     for label, s in MODELS:
@@ -144,10 +228,21 @@ def bottleneck(results: Results) -> Section:
         for j, la in enumerate(NEWSGROUPS_LAYERS):
             xf = est([v[j] for v in ixt_f.values()])
             sat = "yes" if np.isfinite(cmin) and not xf.missing and info.is_saturated(xf.value, cmin) else "no"
-            rows.append([label, la, cell(est([v[j] for v in init.values()])), cell(est([v[j] for v in final.values()])),
-                         cell(est([v[j] for v in cf_i.values()])), cell(est([v[j] for v in cf_f.values()])),
-                         cell(est([d[j] for d in drops[label].values()])),
-                         cell(est([v[j] for v in ixt_i.values()])), cell(xf), fmt(cmin), sat])  # fmt: skip
+            rows.append(
+                [
+                    label,
+                    la,
+                    cell(est([v[j] for v in init.values()])),
+                    cell(est([v[j] for v in final.values()])),
+                    cell(est([v[j] for v in cf_i.values()])),
+                    cell(est([v[j] for v in cf_f.values()])),
+                    cell(est([d[j] for d in drops[label].values()])),
+                    cell(est([v[j] for v in ixt_i.values()])),
+                    cell(xf),
+                    fmt(cmin),
+                    sat,
+                ]
+            )
         layer_curves = []
         for la in NEWSGROUPS_LAYERS:
             trajs = [results.trajectory(s, "I_TY", la, seed) for seed in results.seeds(s)]
@@ -155,18 +250,34 @@ def bottleneck(results: Results) -> Section:
             if not trajs:
                 continue
             steps = sorted(set().union(*(set(t[0].tolist()) for t in trajs)))
-            mat = np.array([[dict(zip(t[0].tolist(), t[1], strict=True)).get(st, np.nan) for st in steps]
-                            for t in trajs])  # fmt: skip
+            mat = np.array(
+                [[dict(zip(t[0].tolist(), t[1], strict=True)).get(st, np.nan) for st in steps] for t in trajs]
+            )
             ests = [est(mat[:, k]) for k in range(len(steps))]
-            layer_curves.append((la, np.array(steps), (la, *(np.array([getattr(e, a) for e in ests])
-                                                                for a in ("value", "lo", "hi")))))  # fmt: skip
+            layer_curves.append(
+                (la, np.array(steps), (la, *(np.array([getattr(e, a) for e in ests]) for a in ("value", "lo", "hi"))))
+            )
         panels.append((label, layer_curves))
-    sec.tables.append(Table(
-        ["model", "layer", "I(T;Y) start", "I(T;Y) end", "cross-fitted start", "cross-fitted end", "largest drop",
-         "I(X;T) start", "I(X;T) end", "I(X;T) ceiling", "saturated"], rows,
-        "Bits; seed means with 95 % bootstrap intervals. Saturated: I(X;T) within 0.1 bit of the ceiling (the "
-        "entropy of the distinct probe inputs), where the estimator cannot show compression.",
-    ))  # fmt: skip
+    sec.tables.append(
+        Table(
+            [
+                "model",
+                "layer",
+                "I(T;Y) start",
+                "I(T;Y) end",
+                "cross-fitted start",
+                "cross-fitted end",
+                "largest drop of the lower bound",
+                "I(X;T) start",
+                "I(X;T) end",
+                "I(X;T) ceiling",
+                "saturated",
+            ],
+            rows,
+            "Bits; seed means with 95 % t intervals. Saturated: I(X;T) within 0.1 bit of the ceiling (the "
+            "entropy of the distinct probe inputs), where the estimator cannot show compression.",
+        )
+    )
     if any(p[1] for p in panels):
         sec.figures.append(
             FigureSpec(

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pdelightning_reproduce.summary import Results
-from pdelightning_reproduce.verdicts import ClaimResult, Estimate, bootstrap_mean, fmt
+from pdelightning_reproduce.verdicts import ClaimResult, Estimate, fmt, mean_interval
 
 
 @dataclass
@@ -61,8 +61,8 @@ class Section:
 
 
 def est(values: Sequence[float] | np.ndarray) -> Estimate:
-    """Seed mean with its bootstrap interval."""
-    return bootstrap_mean(values)
+    """Seed mean with its one-sample t interval (:func:`~pdelightning_reproduce.verdicts.mean_interval`)."""
+    return mean_interval(values)
 
 
 def cell(e: Estimate) -> str:
@@ -74,8 +74,9 @@ def cell(e: Estimate) -> str:
     return f"{fmt(e.value)} [{fmt(e.lo)}, {fmt(e.hi)}]"
 
 
-def per_seed(results: Results, setting: str, quantity: str, layers: Sequence[str], stage: str = "final",
-             cell_name: str = "") -> dict[int, np.ndarray]:  # fmt: skip
+def per_seed(
+    results: Results, setting: str, quantity: str, layers: Sequence[str], stage: str = "final", cell_name: str = ""
+) -> dict[int, np.ndarray]:
     """``seed -> values at layers`` (``nan`` where absent)."""
     tab = results.table(setting, quantity, cell_name, stage)
     out = {}
@@ -99,7 +100,7 @@ def accuracy_text(results: Results, settings: Sequence[tuple[str, str]], quantit
 
 
 def curve_stats(values: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seed mean and bootstrap interval of each column of ``seed -> vector``."""
+    """Seed mean and t interval of each column of ``seed -> vector``."""
     if not values:
         return np.array([]), np.array([]), np.array([])
     mat = np.vstack(list(values.values()))
@@ -116,3 +117,21 @@ def budget_text(results: Results, settings: Sequence[str]) -> str:
         return "one epoch of MNIST per run"
     texts = [str(t) for t in r[r["setting"].isin(list(settings))]["cuts"] if isinstance(t, str) and t]
     return "; ".join(dict.fromkeys(texts)) or "one epoch of MNIST per run"
+
+
+def disjoint_seeds(results: Results, pair_name: str) -> list[int]:
+    """The model seeds of the analysed units of ``pair_<name>`` that share no model
+    (:func:`pdelightning_reproduce.pairs.disjoint_units`); reference seeds from ``settings.PAIRS``.
+    """
+    from pdelightning_reproduce.pairs import disjoint_units
+    from pdelightning_reproduce.settings import PAIRS
+
+    pair = {p.name: p for p in PAIRS}[pair_name.removeprefix("pair_")]
+    units = results.seeds(f"pair_{pair.name}")
+    pool = tuple(sorted(set(results.seeds(pair.model)) | set(results.seeds(pair.reference)) | set(units)))
+    return disjoint_units((s, pair.reference_seed(s, pool)) for s in units)
+
+
+def only(values: dict[int, np.ndarray], seeds: Sequence[int]) -> dict[int, np.ndarray]:
+    """``values`` restricted to ``seeds``."""
+    return {s: v for s, v in values.items() if s in set(seeds)}

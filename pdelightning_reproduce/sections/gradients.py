@@ -42,32 +42,51 @@ def gradients(results: Results) -> Section:
     )
     rel = {label: median_over_training(results, s, "relgrad") for label, s in MODELS}
     absm = {label: median_over_training(results, s, "grad_abs_mean") for label, s in MODELS}
-    for label, rid, rng in (("Transformer", "grad.range_transformer", paper.GRADIENT_RANGE_TRANSFORMER),
-                            ("PDE", "grad.range_pde", paper.GRADIENT_RANGE_PDE)):  # fmt: skip
+    for label, rid, rng in (
+        ("Transformer", "grad.range_transformer", paper.GRADIENT_RANGE_TRANSFORMER),
+        ("PDE", "grad.range_pde", paper.GRADIENT_RANGE_PDE),
+    ):
         m = curve_stats(absm[label])[0]
-        sec.claims.append(claim_result(
-            BY_ID[rid], {}, ours=(f"mean |gradient| per entry, per block: {', '.join(f'{x:.2e}' for x in m)} "
-                                  f"(paper range {rng[0]:g}–{rng[1]:g})") if len(m) else "—",
-            accuracy=accuracy_text(results, [(label, dict(MODELS)[label])]),
-        ))  # fmt: skip
+        sec.claims.append(
+            claim_result(
+                BY_ID[rid],
+                {},
+                ours=(
+                    f"mean |gradient| per entry, per block: {', '.join(f'{x:.2e}' for x in m)} "
+                    f"(paper range {rng[0]:g}–{rng[1]:g})"
+                )
+                if len(m)
+                else "—",
+                accuracy=accuracy_text(results, [(label, dict(MODELS)[label])]),
+            )
+        )
     layer_mean = {label: [float(np.nanmean(v)) for v in rel[label].values()] for label in rel}
     ratio = log10_ratio_of_means(layer_mean["PDE"], layer_mean["Transformer"])
-    sec.claims.append(claim_result(
-        BY_ID["grad.pde_higher"], {("log10_relgrad_ratio", ""): ratio},
-        ours=f"layer-mean relative gradient: PDE {cell(est(layer_mean['PDE']))}, Transformer "
-             f"{cell(est(layer_mean['Transformer']))}; log10 ratio {cell(ratio)}",
-        accuracy=accuracy_text(results, MODELS), estimates={"ratio": ratio},
-    ))  # fmt: skip
+    sec.claims.append(
+        claim_result(
+            BY_ID["grad.pde_higher"],
+            {("log10_relgrad_ratio", ""): ratio},
+            ours=f"layer-mean relative gradient: PDE {cell(est(layer_mean['PDE']))}, Transformer "
+            f"{cell(est(layer_mean['Transformer']))}; log10 ratio {cell(ratio)}",
+            accuracy=accuracy_text(results, MODELS),
+            estimates={"ratio": ratio},
+        )
+    )
     first = est([math.log10(v[0] / np.nanmax(v[1:])) for v in rel["PDE"].values() if np.all(v > 0)])
-    spread = {label: [math.log10(np.nanmax(v) / np.nanmin(v)) for v in rel[label].values() if np.all(v > 0)]
-              for label in rel}  # fmt: skip
+    spread = {
+        label: [math.log10(np.nanmax(v) / np.nanmin(v)) for v in rel[label].values() if np.all(v > 0)] for label in rel
+    }
     d_spread = difference_of_means(spread["PDE"], spread["Transformer"])
-    sec.claims.append(claim_result(
-        BY_ID["grad.pde_first_layer"], {("log10_first_over_other", ""): first, ("spread_diff", ""): d_spread},
-        ours=f"PDE log10(blocks.0 / largest other) {cell(first)}; log10(max/min) spread PDE "
-             f"{cell(est(spread['PDE']))} vs Transformer {cell(est(spread['Transformer']))}",
-        accuracy=accuracy_text(results, MODELS), estimates={"first": first, "spread": d_spread},
-    ))  # fmt: skip
+    sec.claims.append(
+        claim_result(
+            BY_ID["grad.pde_first_layer"],
+            {("log10_first_over_other", ""): first, ("spread_diff", ""): d_spread},
+            ours=f"PDE log10(blocks.0 / largest other) {cell(first)}; log10(max/min) spread PDE "
+            f"{cell(est(spread['PDE']))} vs Transformer {cell(est(spread['Transformer']))}",
+            accuracy=accuracy_text(results, MODELS),
+            estimates={"first": first, "spread": d_spread},
+        )
+    )
     rows = []
     for j, la in enumerate(NEWSGROUPS_LAYERS):
         row = [la]
@@ -78,12 +97,16 @@ def gradients(results: Results) -> Section:
         Table(
             ["layer", "relative grad T", "mean |grad| T", "relative grad PDE", "mean |grad| PDE"],
             rows,
-            "Medians over training per run; seed means with 95 % bootstrap intervals.",
+            "Medians over training per run; seed means with 95 % t intervals.",
         )
     )
     series = [(label, *curve_stats(rel[label])) for label in ("Transformer", "PDE") if rel[label]]
-    sec.figures.append(FigureSpec("gradient_magnitude", "Relative gradient ||dCE/dθ_l|| / ||θ_l|| per block (median "
-                                  "over training)", figures.layer_curves,
-                                  {"labels": list(NEWSGROUPS_LAYERS), "series": series, "ylabel": "relative gradient",
-                                   "logy": True}))  # fmt: skip
+    sec.figures.append(
+        FigureSpec(
+            "gradient_magnitude",
+            "Relative gradient ||dCE/dθ_l|| / ||θ_l|| per block (median over training)",
+            figures.layer_curves,
+            {"labels": list(NEWSGROUPS_LAYERS), "series": series, "ylabel": "relative gradient", "logy": True},
+        )
+    )
     return sec

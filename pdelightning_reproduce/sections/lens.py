@@ -18,11 +18,16 @@ from pdelightning_reproduce.verdicts import Estimate, fmt
 
 MODELS = (("Transformer", "mnist_transformer"), ("PDE", "mnist_pde"))
 COLUMNS = (
-    ("D (mean)", f"{PREFIX}D"), ("α", f"{PREFIX}alpha"), ("FFN coef.", f"{PREFIX}ffn_coef"), ("R² full", f"{PREFIX}r2"),
-    ("R² diffusion only", f"{PREFIX}r2_diffusion"), ("R² attention only", f"{PREFIX}r2_attention"),
-    ("eq. (21) of the fitted coef.", f"{PREFIX}eq21_fitted"), ("‖J‖₂", f"{PREFIX}jacobian_norm"),
+    ("D (mean)", f"{PREFIX}D"),
+    ("α", f"{PREFIX}alpha"),
+    ("FFN coef.", f"{PREFIX}ffn_coef"),
+    ("R² full", f"{PREFIX}r2"),
+    ("R² diffusion only", f"{PREFIX}r2_diffusion"),
+    ("R² attention only", f"{PREFIX}r2_attention"),
+    ("eq. (21) of the fitted coef.", f"{PREFIX}eq21_fitted"),
+    ("‖J‖₂", f"{PREFIX}jacobian_norm"),
     ("‖J − I‖₂ / Δt", f"{PREFIX}jacobian_minus_identity"),
-)  # fmt: skip
+)
 
 
 def _scalar(results: Results, setting: str, quantity: str) -> Estimate:
@@ -95,7 +100,7 @@ def lens(results: Results) -> Section | None:
         f"{JACOBIAN_BLOCK} directions and at most {JACOBIAN_ITERS} steps, stopping at a relative change of "
         f"{JACOBIAN_TOL:g} (lower bounds; share of converged estimates: {conv}), and the finite-depth Lyapunov "
         "exponent (1/L) log ‖∂u_L/∂u_0‖₂ of the "
-        "stack. Seed means with 95 % bootstrap intervals; no paper value, no verdict. A residual Transformer "
+        "stack. Seed means with 95 % t intervals; no paper value, no verdict. A residual Transformer "
         "is exactly u + A + F, so its fit must give α = c = 1/Δt = L, D ≈ 0 and R² = 1; our PDE model without "
         "LayerNorm is exactly eq. (20), so its fit must return its own D and α with c = 1 and R² = 1."
     )
@@ -114,8 +119,10 @@ def lens(results: Results) -> Section | None:
             rows.append(row)
         lyap = _scalar(results, s, f"{PREFIX}lyapunov")
         dt = _scalar(results, s, f"{PREFIX}dt")
-        caption = (f"{label} (`{s}`), Δt = {fmt(dt.value)}; Lyapunov exponent {cell(lyap)} nats per layer; "
-                   f"{accuracy_text(results, [(label, s)])}.")  # fmt: skip
+        caption = (
+            f"{label} (`{s}`), Δt = {fmt(dt.value)}; Lyapunov exponent {cell(lyap)} nats per layer; "
+            f"{accuracy_text(results, [(label, s)])}."
+        )
         sec.tables.append(Table(headers, rows, caption))
     lines, _ = conservativeness(results)
     sec.notes.extend(lines)
@@ -128,11 +135,15 @@ def lens(results: Results) -> Section | None:
     if own:
         dashed.append(("eq. (21) PDE", *curve_stats(own)))
     if series:
-        sec.figures.append(FigureSpec(
-            "lens_jacobian", "Measured ‖∂u_(l+1)/∂u_l‖₂ per layer beside eq. (21) of the PDE model (95 % intervals "
-            "over seeds); 1 = neither growth nor decay", figures.layer_curves,
-            {"labels": list(MNIST_LAYERS), "series": series, "dashed": dashed, "ylabel": "norm", "logy": True},
-        ))  # fmt: skip
+        sec.figures.append(
+            FigureSpec(
+                "lens_jacobian",
+                "Measured ‖∂u_(l+1)/∂u_l‖₂ per layer beside eq. (21) of the PDE model (95 % intervals "
+                "over seeds); 1 = neither growth nor decay",
+                figures.layer_curves,
+                {"labels": list(MNIST_LAYERS), "series": series, "dashed": dashed, "ylabel": "norm", "logy": True},
+            )
+        )
     r2 = []
     for label, s in MODELS:
         for q, name in ((f"{PREFIX}r2_attention", "attention only"), (f"{PREFIX}r2_diffusion", "diffusion only")):
@@ -140,11 +151,15 @@ def lens(results: Results) -> Section | None:
             if d:
                 r2.append((f"{label}: {name}", *curve_stats(d)))
     if r2:
-        sec.figures.append(FigureSpec(
-            "lens_r2", "R² of the attention-only and diffusion-only sub-models of eq. (20) per layer (the full fit "
-            "has R² = 1 for both models)", figures.layer_curves,
-            {"labels": list(MNIST_LAYERS), "series": r2, "ylabel": "R²"},
-        ))  # fmt: skip
+        sec.figures.append(
+            FigureSpec(
+                "lens_r2",
+                "R² of the attention-only and diffusion-only sub-models of eq. (20) per layer (the full fit "
+                "has R² = 1 for both models)",
+                figures.layer_curves,
+                {"labels": list(MNIST_LAYERS), "series": r2, "ylabel": "R²"},
+            )
+        )
     if not math.isfinite(_scalar(results, "mnist_pde", f"{PREFIX}lyapunov").value):
         sec.notes.append("No Jacobian measurement of the PDE model was found.")
     return sec

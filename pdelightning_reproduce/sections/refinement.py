@@ -20,10 +20,13 @@ def refinement(results: Results) -> Section:
     dist = est(results.values("mnist_pde", "refine_logit_distance"))
     change = est(results.values("mnist_pde", "refine_acc_change"))
     acc_l, acc_2l = est(results.values("mnist_pde", "refine_acc_L")), est(results.values("mnist_pde", "refine_acc_2L"))
-    sec.claims.append(claim_result(
-        BY_ID["cont.refinement"], {("refine_logit_distance", ""): dist, ("refine_acc_change", ""): change},
-        ours=f"relative logit distance {cell(dist)}; accuracy change {cell(change)}",
-        accuracy=f"test accuracy: L steps {cell(acc_l)}, 2L steps {cell(acc_2l)}",
-        estimates={"distance": dist, "change": change},
-    ))  # fmt: skip
+    sec.claims.append(
+        claim_result(
+            BY_ID["cont.refinement"],
+            {("refine_logit_distance", ""): dist, ("refine_acc_change", ""): change},
+            ours=f"relative logit distance {cell(dist)}; accuracy change {cell(change)}",
+            accuracy=f"test accuracy: L steps {cell(acc_l)}, 2L steps {cell(acc_2l)}",
+            estimates={"distance": dist, "change": change},
+        )
+    )
     return sec

@@ -89,26 +89,58 @@ def runs(results: Results) -> Section:
         stops = collections.Counter(str(x) for x in g["stop_reason"])
         plateau = int(sum(_true(x) for x in g["plateau_met"]))
         vals = [float(x) for x in g["val_acc"] if x == x and x is not None]
-        rows.append([
-            s.name, s.role, str(len(g)), ", ".join(f"{k} {v}" for k, v in status.items()),
-            ", ".join(f"{k} {v}" for k, v in stops.items()), f"{plateau}/{len(g)}",
-            f"{np.median(steps):.0f}" if (steps := g["final_step"].dropna().astype(float)).size else "—",
-            cell(est(vals)),
-            f"{np.nansum(g['wall_s'].astype(float)):.0f}",
-        ])  # fmt: skip
-    sec.tables.append(Table(["setting", "role", "runs", "status", "stop reason", "plateau met", "median final step",
-                             "final val/acc", "wall time total [s]"], rows, "From each run's run.json."))  # fmt: skip
-    rows = [[s.name, f"configs/paper/{s.config}", str(len(s.cells)) if s.role == "sweep" else "—",
-             "; ".join(_ours_lines(s.config))] for s in SETTINGS]  # fmt: skip
+        rows.append(
+            [
+                s.name,
+                s.role,
+                str(len(g)),
+                ", ".join(f"{k} {v}" for k, v in status.items()),
+                ", ".join(f"{k} {v}" for k, v in stops.items()),
+                f"{plateau}/{len(g)}",
+                f"{np.median(steps):.0f}" if (steps := g["final_step"].dropna().astype(float)).size else "—",
+                cell(est(vals)),
+                f"{np.nansum(g['wall_s'].astype(float)):.0f}",
+            ]
+        )
+    sec.tables.append(
+        Table(
+            [
+                "setting",
+                "role",
+                "runs",
+                "status",
+                "stop reason",
+                "plateau met",
+                "median final step",
+                "final val/acc",
+                "wall time total [s]",
+            ],
+            rows,
+            "From each run's run.json.",
+        )
+    )
+    rows = [
+        [
+            s.name,
+            f"configs/paper/{s.config}",
+            str(len(s.cells)) if s.role == "sweep" else "—",
+            "; ".join(_ours_lines(s.config)),
+        ]
+        for s in SETTINGS
+    ]
     sec.tables.append(Table(["setting", "config", "cells", 'our choices (marked "(ours)" in the config)'], rows))
     sec.tables.append(device_table(results))
     sec.tables.append(budget_table(results))
     compute = compute_table(results)
     if compute is not None:
         sec.tables.append(compute)
-    sec.tables.append(Table(["pair", "model", "reference", "reference seed"],
-                            [[p.name, p.model, p.reference, "same seed" if p.offset == 0 else f"seed s+{p.offset}"]
-                             for p in PAIRS], "Model-vs-reference comparisons."))  # fmt: skip
+    sec.tables.append(
+        Table(
+            ["pair", "model", "reference", "reference seed"],
+            [[p.name, p.model, p.reference, "same seed" if p.offset == 0 else f"seed s+{p.offset}"] for p in PAIRS],
+            "Model-vs-reference comparisons.",
+        )
+    )
     sec.notes.extend(DISCLOSURES)
     par = results.compute.get("gpu_cpu_parity") or {}
     if par.get("values"):
@@ -155,10 +187,19 @@ def budget_table(results: Results) -> Table:
         if g.empty:
             continue
         for (budget, cuts), d in g.groupby([g.get("budget", "").astype(str), g.get("cuts", "").astype(str)]):
-            rows.append([s.name, budget if budget not in ("", "nan") else "—", str(len(d)),
-                         cuts if cuts not in ("", "nan") else "none recorded"])  # fmt: skip
-    return Table(["setting", "budget", "runs", "cuts (what differs from configs/paper/)"], rows,
-                 "Budgets are defined in pdelightning_reproduce/budget.py; each run records its own.")  # fmt: skip
+            rows.append(
+                [
+                    s.name,
+                    budget if budget not in ("", "nan") else "—",
+                    str(len(d)),
+                    cuts if cuts not in ("", "nan") else "none recorded",
+                ]
+            )
+    return Table(
+        ["setting", "budget", "runs", "cuts (what differs from configs/paper/)"],
+        rows,
+        "Budgets are defined in pdelightning_reproduce/budget.py; each run records its own.",
+    )
 
 
 def compute_table(results: Results) -> Table | None:
@@ -174,9 +215,14 @@ def compute_table(results: Results) -> Table | None:
     jobs = results.compute.get("wall_seconds_by_job") or {}
     caption = "Training wall time per device, summed over its runs."
     if total:
-        caption += (f" CPU time of the background jobs on the 2-core CPU (training and analysis, one worker, one "
-                    f"torch thread, on a machine shared with other work): {total / 3600:.2f} h "
-                    "(scripts/cpu_sampler.sh, sampled each minute)")  # fmt: skip
-        caption += ("; wall time of its jobs: " + ", ".join(f"{k} {v / 3600:.2f} h" for k, v in jobs.items()) + "."
-                    if jobs else ".")  # fmt: skip
+        caption += (
+            f" CPU time of the background jobs on the 2-core CPU (training and analysis, one worker, one "
+            f"torch thread, on a machine shared with other work): {total / 3600:.2f} h "
+            "(scripts/cpu_sampler.sh, sampled each minute)"
+        )
+        caption += (
+            "; wall time of its jobs: " + ", ".join(f"{k} {v / 3600:.2f} h" for k, v in jobs.items()) + "."
+            if jobs
+            else "."
+        )
     return Table(["device", "runs", "training wall time"], rows, caption)

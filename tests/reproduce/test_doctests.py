@@ -8,10 +8,17 @@ import importlib
 import pytest
 
 MODULES = (
-    "pdelightning_reproduce.verdicts", "pdelightning_reproduce.compute", "pdelightning_reproduce.sections.bottleneck",
-    "pdelightning_reproduce.sections.perturbation", "pdelightning_reproduce.sections.ablations",
+    "pdelightning_reproduce.verdicts",
+    "pdelightning_reproduce.stats",
+    "pdelightning_reproduce.pairs",
+    "pdelightning_reproduce.rule_changes",
+    "pdelightning_reproduce.compute",
+    "pdelightning_reproduce.sections.attention",
+    "pdelightning_reproduce.sections.bottleneck",
+    "pdelightning_reproduce.sections.perturbation",
+    "pdelightning_reproduce.sections.ablations",
     "pdelightning.analysis.rank",
-)  # fmt: skip
+)
 
 
 @pytest.mark.parametrize("name", MODULES)
