@@ -45,10 +45,11 @@ class GradientFlow(GuardedCallback):
 
     Gradients are read in ``on_before_optimizer_step``: after gradient accumulation and AMP unscaling,
     before clipping, once per optimizer step; under DDP they are already averaged across ranks there, so
-    rank zero reads and logs them and no collective is needed (sharded strategies such as FSDP, where a rank
-    holds only its shard of each gradient, are not supported). On every ``every_n_steps``-th optimizer step
-    (counting from step 0, so the first step is always read) all gradient norms come from ONE fused
-    ``torch._foreach_norm`` and a segment sum; on other steps the callback does nothing but one integer check.
+    rank zero reads and logs them and no collective is needed (under FSDP2 / DTensor, where a rank holds only
+    its shard of each gradient, every rank sums its shards and one ``all_reduce`` combines them). On every
+    ``every_n_steps``-th optimizer step (counting from step 0, so the first step is always read) all gradient
+    norms come from ONE fused ``torch._foreach_norm`` and a segment sum; on other steps the callback does
+    nothing but one integer check.
 
     Parameters are grouped by layer: the layers found by :func:`~pdelightning.callbacks._targets.resolve_targets`
     (the analysis protocol, TransformerLens hook names, or the ``layers`` glob); a layer owns the parameters

@@ -55,7 +55,7 @@ class InformationFlow(ProbeCallback):
       all probe samples and features jointly (``correlation="flattened"``). The paper does not define it;
       ``correlation="per_sample"`` instead averages over samples the correlation across features of each
       sample (see :func:`layer_correlation`). Logged under the later layer ``l``.
-    * **linear CKA** with the unbiased HSIC estimator (:func:`~pdelightning.callbacks._cka.linear_cka`;
+    * **linear CKA** with the unbiased HSIC estimator (:func:`~pdelightning.analysis.cka.linear_cka`;
       Kornblith et al. 2019, Song et al. 2012, Nguyen et al. 2021) between every pair of layers: the
       consecutive values as scalars, the whole ``(L+1) x (L+1)`` matrix as a figure.
     * **against a reference model** (Table 3), run on the same probe inputs: Pearson's ``r`` and Spearman's
