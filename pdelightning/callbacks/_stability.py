@@ -30,6 +30,10 @@ CHART_TITLES = {
     "rms_growth": "rms growth rms_l / rms_0 per layer",
 }
 """Custom-scalars chart title of each per-layer quantity."""
+NO_DRIFT = (
+    "the outputs of {} differ in shape from the embedding u_0 (stages after "
+    "patch merging have other tokens and width); their rms_growth and cka_to_embedding are logged"
+)
 NO_LOSS = (
     "StabilityMonitor: no training loss to check: training_step returned no loss (outputs has no "
     "'loss') and none went through manual_backward; loss_ema, loss_spike and nonfinite are not "
@@ -63,19 +67,14 @@ def check_arguments(
 
 
 class Flags:
-    """The events that are on, so that a flag warns when it turns on and stays quiet while it stays on.
+    """The events that are on, so that a flag warns when it turns on and stays quiet while it stays on."""
 
-    Args:
-        action: ``"warn"`` or ``"stop"`` (also stop training, the decision shared across ranks).
-    """
-
-    def __init__(self, action: str) -> None:
-        self.action = action
+    def __init__(self) -> None:
         self.active: set[str] = set()
         self.stop_reason: str | None = None
 
-    def act(self, trainer: L.Trainer, events: list[tuple[str, str]], scope: tuple[str, ...]) -> None:
-        """Warn about new events and, for ``action="stop"``, share the stop decision across ranks.
+    def act(self, trainer: L.Trainer, events: list[tuple[str, str]], scope: tuple[str, ...], action: str) -> None:
+        """Warn about new events and, for ``action="stop"``, also stop training (the decision shared across ranks).
 
         ``events`` are ``(flag, message)`` pairs, identical on every rank (computed from gathered or reduced
         values); every rank calls this at the same points. ``scope`` lists the flag prefixes this call is
@@ -84,9 +83,9 @@ class Flags:
         step = trainer.global_step
         for flag, message in events:
             if flag not in self.active or flag == "spike":
-                rank_zero_warn(f"{message} at step {step}" + ("; stopping training" if self.action == "stop" else ""))
+                rank_zero_warn(f"{message} at step {step}" + ("; stopping training" if action == "stop" else ""))
         self.active = {f for f in self.active if not f.startswith(scope)} | {f for f, _ in events if f != "spike"}
-        if self.action == "stop":
+        if action == "stop":
             stop = trainer.strategy.reduce_boolean_decision(bool(events), all=False)
             if stop:
                 trainer.should_stop = True

@@ -30,6 +30,7 @@ from pdelightning.analysis.stability import (
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.callbacks._stability import (
     CHART_TITLES,
+    NO_DRIFT,
     NO_LOSS,
     Flags,
     LossWindow,
@@ -169,7 +170,7 @@ class StabilityMonitor(ProbeCallback):
         self.last_spike_step: int | None = None
         # the losses since the last check, on the device (persisted: a resumed run checks them too)
         self._window = LossWindow(check_every_n_steps)
-        self._flags = Flags(action)  # the events that are on (warned once while on), and why training stopped
+        self._flags = Flags()  # the events that are on (warned once while on), and why training stopped
         self._last_check: tuple[int, dict[str, float]] | None = None
 
     # ---- state -----------------------------------------------------------------------------------------
@@ -281,13 +282,8 @@ class StabilityMonitor(ProbeCallback):
             if layer.cka is not None:
                 metrics[self.key("cka_to_embedding", n)] = layer.cka
         if no_drift:
-            skip_once(
-                self,
-                "drift",
-                f"the outputs of {no_drift} differ in shape from the embedding u_0 (stages after "
-                "patch merging have other tokens and width); their rms_growth and cka_to_embedding are logged",
-            )
-        self._flags.act(trainer, events, scope=("eq21:", "act:"))
+            skip_once(self, "drift", NO_DRIFT.format(no_drift))
+        self._flags.act(trainer, events, scope=("eq21:", "act:"), action=self.action)
         self.log_scalars(trainer, metrics, session.step)
 
     # ---- the training loss -----------------------------------------------------------------------------
@@ -338,7 +334,8 @@ class StabilityMonitor(ProbeCallback):
         self.loss_ema, self.ema_count = scan.ema, scan.count
         if scan.spikes:
             self.last_spike_step = kept[scan.spikes[-1][0]][1]
-        self._flags.act(trainer, loss_events(scan, kept, self.spike_factor, self.spike_atol), scope=("loss:",))
+        events = loss_events(scan, kept, self.spike_factor, self.spike_atol)
+        self._flags.act(trainer, events, ("loss:",), self.action)
         if not kept:  # no rank had a loss in this window: nothing was checked, so nothing is logged
             if self.loss_ema is None:
                 warn_once(self, "loss", NO_LOSS)
