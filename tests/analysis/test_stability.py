@@ -1,4 +1,4 @@
-"""Spectral norms to a tolerance (issue 12, defect 1), against torch.linalg and the issue's reproduction."""
+"""analysis.stability: spectral norms to a tolerance (issue 12), eq. (21), loss scans, the representation statistics."""
 
 from __future__ import annotations
 
