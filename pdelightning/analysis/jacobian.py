@@ -368,8 +368,9 @@ def jacobian_spectral_norm_block(
             v = torch.where(torch.isfinite(q).all(-1, keepdim=True).all(-2, keepdim=True), q, v).detach()
             if tol > 0 and bool(converged.all()):
                 break
-    return JacobianNorm(sigma=sigma.detach(), vector=top.reshape(u.shape), iterations=it, converged=converged,
-                        method=used)  # fmt: skip
+    return JacobianNorm(
+        sigma=sigma.detach(), vector=top.reshape(u.shape), iterations=it, converged=converged, method=used
+    )
 
 
 def compose(layers: Sequence[LayerMap]) -> LayerMap:
@@ -419,6 +420,9 @@ def lyapunov_exponent(
     """
     jac = jacobian_spectral_norm(compose(layers), u0, valid, n_iter=n_iter, tol=tol, v0=v0, seed=seed, method=method)
     L = len(layers)
-    exponent = torch.where(jac.sigma > 0, jac.sigma.clamp_min(torch.finfo(jac.sigma.dtype).tiny).log() / L,
-                           torch.full_like(jac.sigma, -math.inf))  # fmt: skip
+    exponent = torch.where(
+        jac.sigma > 0,
+        jac.sigma.clamp_min(torch.finfo(jac.sigma.dtype).tiny).log() / L,
+        torch.full_like(jac.sigma, -math.inf),
+    )
     return LyapunovExponent(exponent=exponent, jacobian=jac, n_layers=L)

@@ -5,8 +5,9 @@ Noise of strength ε is drawn per probe sample from its own seeded generator (:f
 per-layer growth ``||δh_l|| / ||δh_0||`` of a perturbation (eq. 20 iterated) and :func:`critical_epsilon`
 the smallest ε whose loss departs from the clean loss; :func:`loss_departure` says where the curve stands
 against that threshold when no ε reaches it, and :func:`extend_epsilon_grid` extends the grid until one does
-or the loss saturates. :class:`~pdelightning.callbacks.PerturbationEval`
-is the Lightning adapter.
+or the loss saturates. :func:`scale_rows`, :func:`copies_per_forward`, :func:`correct_predictions` and
+:func:`finite_mean` serve the batched evaluation of every ε in one forward.
+:class:`~pdelightning.callbacks.PerturbationEval` is the Lightning adapter.
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
+import numpy as np
 import torch
 from torch import Tensor
+
+DEFAULT_EPSILONS: tuple[float, ...] = tuple(float(e) for e in np.logspace(-4, 1, 11))
+"""The ε grid of the paper's Figure 6 and beyond: 11 values, half a decade apart, from 1e-4 to 10."""
+ATTENTION_ELEMENTS = 2**25
+"""Cap on ``rows x T^2`` of one batched perturbation forward (the explicit attention it forms per head)."""
 
 
 def format_eps(eps: float) -> str:
@@ -155,6 +162,58 @@ def amplification(dh: Tensor, dh0: Tensor, valid: Tensor | None = None) -> Tenso
     num = masked_frobenius(dh.float(), valid)
     den = masked_frobenius(dh0.float(), valid)
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.full_like(num, float("nan")))
+
+
+def scale_rows(eps: Tensor, like: Tensor) -> Tensor:
+    """``eps`` ``[B]`` shaped to scale the rows of ``like`` ``[B, ...]`` (in its dtype and on its device).
+
+    Example::
+
+        >>> (scale_rows(torch.tensor([1.0, 2.0]), torch.ones(2, 3, 4)) * torch.ones(2, 3, 4)).sum((1, 2)).tolist()
+        [12.0, 24.0]
+    """
+    return eps.to(like).view(-1, *([1] * (like.dim() - 1)))
+
+
+def copies_per_forward(n: int, length: int, max_rows: int, attention_elements: int = ATTENTION_ELEMENTS) -> int:
+    """How many copies of an ``n``-row batch of sequences of ``length`` tokens one batched forward takes.
+
+    At most ``max_rows`` rows, and at most ``attention_elements / length²`` rows (a probe forward forms the explicit
+    attention, ``rows x T²`` per head); always at least one copy.
+
+    Example::
+
+        >>> copies_per_forward(8, 16, 4096), copies_per_forward(8, 4096, 4096), copies_per_forward(100, 1, 64)
+        (512, 1, 1)
+    """
+    budget = min(max_rows, max(1, attention_elements // (length * length)))
+    return max(1, budget // max(n, 1))
+
+
+def correct_predictions(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample ``1.0``/``0.0`` for ``argmax logits == label`` of a classifier; ``nan`` for other outputs.
+
+    Example::
+
+        >>> correct_predictions(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1])).tolist()
+        [1.0, 0.0]
+    """
+    if logits.dim() == 2 and labels.dim() == 1:
+        return (logits.argmax(-1) == labels).float()
+    return torch.full((logits.shape[0],), float("nan"), device=logits.device)
+
+
+def finite_mean(values: Tensor) -> float:
+    """Mean of the finite entries in float64; ``nan`` when there are none.
+
+    Example::
+
+        >>> finite_mean(torch.tensor([1.0, float("inf"), 2.0])), finite_mean(torch.tensor([float("nan")]))
+        (1.5, nan)
+    """
+    v = values.double()
+    v = v[torch.isfinite(v)]
+    return float(v.mean()) if v.numel() else float("nan")
 
 
 def critical_epsilon(

@@ -1,7 +1,8 @@
 """Pooled layer representations and their correlations (paper §3.1, Tables 2 and 3).
 
 :func:`padding_mask_from_inputs` and :func:`pool_tokens` turn a layer output ``[B, T, d]`` into one vector
-per sample; :func:`layer_correlation` and :func:`consecutive_correlations` compare such ``[n, d]`` matrices.
+per sample; :func:`layer_correlation` and :func:`consecutive_correlations` compare such ``[n, d]`` matrices, and
+:func:`compare_representations` gives every comparison of Tables 2 and 3 (with linear CKA) at once.
 :class:`~pdelightning.callbacks.InformationFlow` is the Lightning adapter.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -16,6 +18,7 @@ from torch import Tensor
 from torchmetrics.functional import pearson_corrcoef, spearman_corrcoef
 
 from pdelightning._checks import check_choice
+from pdelightning.analysis.cka import cka_matrix
 
 CorrelationMode = Literal["flattened", "per_sample"]
 
@@ -136,3 +139,82 @@ def pool_tokens(h: Tensor, padding_mask: Tensor | None = None, pooling: str = "m
     if keep is None:
         return h.mean(1)
     return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+def depth_pairs(names: Sequence[str], ref_names: Sequence[str], embedding: str = "embedding") -> list[tuple[int, int]]:
+    """Pair the layers of two models by depth: the embeddings when both have one, then block ``i`` with block ``i``.
+
+    Example::
+
+        >>> depth_pairs(["embedding", "b0", "b1", "b2"], ["embedding", "r0", "r1"])
+        [(0, 0), (1, 1), (2, 2)]
+        >>> depth_pairs(["embedding", "b0"], ["r0", "r1"])
+        [(1, 0)]
+    """
+    both = names[:1] == [embedding] and ref_names[:1] == [embedding]
+    pairs = [(0, 0)] if both else []
+    off, ref_off = int(names[:1] == [embedding]), int(ref_names[:1] == [embedding])
+    n_blocks = min(len(names) - off, len(ref_names) - ref_off)
+    return pairs + [(off + i, ref_off + i) for i in range(n_blocks)]
+
+
+@dataclass
+class Comparison:
+    """Result of :func:`compare_representations`.
+
+    ``values``: ``(quantity, layer, value)`` in order: ``consecutive_corr`` and ``cka_consecutive`` under the later
+    layer of each consecutive pair, then ``pearson_vs_reference``, ``spearman_vs_reference`` and
+    ``cka_vs_reference`` under this model's layer of each depth pair. ``mismatched``: later layers whose width
+    differs from the layer before (no correlation). ``matrix``/``cross``: the layer x layer and layer x reference
+    CKA matrices (``None`` with too few samples, or no reference).
+    """
+
+    values: list[tuple[str, str, Tensor]] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    matrix: Tensor | None = None
+    cross: Tensor | None = None
+
+
+def compare_representations(
+    reps: Sequence[Tensor],
+    names: Sequence[str],
+    ref_reps: Sequence[Tensor] = (),
+    ref_names: Sequence[str] = (),
+    mode: CorrelationMode = "flattened",
+    unbiased: bool = True,
+) -> Comparison:
+    """Tables 2 and 3 of the paper for pooled representations ``[n, d_l]`` of the same ``n`` samples.
+
+    Table 2: Pearson's ``r`` between consecutive layers (:func:`consecutive_correlations`) and their linear CKA.
+    Table 3: Pearson's ``r`` and Spearman's ``ρ`` (:func:`layer_correlation`; same-shape pairs only) and linear CKA
+    between the depth pairs (:func:`depth_pairs`) of this model and a reference. CKA needs 4 samples (unbiased HSIC)
+    or 2 (biased); with fewer it is left out.
+
+    Example::
+
+        >>> x = torch.randn(8, 3)
+        >>> c = compare_representations([x, 2 * x], ["embedding", "b0"])
+        >>> [(q, layer, round(float(v), 4)) for q, layer, v in c.values]
+        [('consecutive_corr', 'b0', 1.0), ('cka_consecutive', 'b0', 1.0)]
+    """
+    out = Comparison()
+    n = reps[0].shape[0] if reps else 0
+    cka_ok = n >= (4 if unbiased else 2)
+    for later, c in zip(names[1:], consecutive_correlations(reps, mode), strict=True):
+        if c is not None:
+            out.values.append(("consecutive_corr", later, c))
+        else:
+            out.mismatched.append(later)
+    out.matrix = cka_matrix(list(reps), unbiased=unbiased) if cka_ok else None
+    if out.matrix is not None:
+        out.values += [("cka_consecutive", names[i], out.matrix[i - 1, i]) for i in range(1, len(names))]
+    if ref_names:
+        out.cross = cka_matrix(list(reps), list(ref_reps), unbiased=unbiased) if cka_ok else None
+        for i, j in depth_pairs(names, ref_names):
+            a, b = reps[i], ref_reps[j]
+            if a.shape == b.shape:
+                out.values.append(("pearson_vs_reference", names[i], layer_correlation(a, b, "pearson", mode)))
+                out.values.append(("spearman_vs_reference", names[i], layer_correlation(a, b, "spearman", mode)))
+            if out.cross is not None:
+                out.values.append(("cka_vs_reference", names[i], out.cross[i, j]))
+    return out

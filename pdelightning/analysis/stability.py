@@ -5,19 +5,23 @@ Theorem 2 of the paper (appendix A.5) bounds the explicit Euler step of eq. (20)
     2 D_l Δt / Δx² + α_l Δt ||W^O||_2 <= 1,                                        (21)
 
 with ``||W^O||_2`` the spectral norm of the attention output projection (:func:`eq21_number`,
-:func:`spectral_norm_power`). :func:`relative_drift` and :func:`scan_losses` are the representation- and
-loss-side checks. :class:`~pdelightning.callbacks.StabilityMonitor` is the Lightning adapter.
+:func:`spectral_norm_power`). :func:`relative_drift`, :func:`representation_sums` with
+:func:`summarize_representations`, and :func:`scan_losses` are the representation- and loss-side checks.
+:class:`~pdelightning.callbacks.StabilityMonitor` is the Lightning adapter.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from pdelightning.analysis.cka import cka_matrix
+from pdelightning.analysis.representation import pool_tokens
 
 
 def spectral_norm_power(W: Tensor, v0: Tensor | None = None, n_iter: int = 5) -> tuple[Tensor, Tensor]:  # noqa: N803
@@ -211,6 +215,31 @@ def eq21_number(diffusion: Tensor | float, alpha: float, dt: float, dx: float, w
     return 2.0 * d * dt / dx**2 + abs(alpha) * dt * w_o_norm
 
 
+def attention_spectra(w_o: Tensor, w_v: Tensor | None = None) -> tuple[float, float | None]:
+    """``||W^O||_2`` of eq. (21) and ``||W^O W^V||_2``, the composed value-output map, each exact.
+
+    Norms by :func:`exact_spectral_norm`, in float32; ``inf`` for a matrix with non-finite entries. ``W^O W^V`` is
+    ``w_o @ w_v`` (nn.Linear convention, ``w_v`` ``[d_v, d]`` with grouped key/value heads already repeated); its
+    norm is ``None`` without ``w_v`` or when ``w_v.shape[0] != w_o.shape[1]``.
+
+    Example::
+
+        >>> attention_spectra(torch.diag(torch.tensor([2.0, 1.0])), torch.eye(2) * 3)
+        (2.0, 6.0)
+    """
+
+    def norm(matrix: Tensor) -> float:
+        if not bool(torch.isfinite(matrix).all()):
+            return float("inf")
+        return float(exact_spectral_norm(matrix).sigma)
+
+    with torch.no_grad():
+        w_o = w_o.detach().float()
+        s_o = norm(w_o)
+        s_vo = norm(w_o @ w_v.detach().float()) if w_v is not None and w_v.shape[0] == w_o.shape[1] else None
+    return s_o, s_vo
+
+
 def relative_drift(h: Tensor, u0: Tensor) -> float:
     """``||h - u_0||_F / ||u_0||_F`` over all samples, tokens and features: how far a layer moved the embedding.
 
@@ -278,4 +307,91 @@ def scan_losses(
             x = max(spike_factor * out.ema, out.ema + atol)
         out.ema = decay * out.ema + (1.0 - decay) * x
         out.count += 1
+    return out
+
+
+def representation_sums(name: str, h: Tensor, u0: Tensor | None, valid: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-sample sums that add up, over a probe set, to the representation statistics of one layer.
+
+    Over the valid (non-padding) tokens when ``valid`` ``[B, T]`` matches ``h``. Keys (suffixed ``/<name>``):
+    ``sq``: sum of squares; ``cnt``: number of values; ``bad``: number of non-finite values; ``pool``: the
+    token-averaged vector (for CKA); ``diff`` (only with ``u0``): ``||h - u_0||²``, ``-1`` when ``h`` and ``u_0``
+    differ in shape. Summed over samples they give :func:`summarize_representations` its input.
+
+    Example::
+
+        >>> s = representation_sums("l", torch.tensor([[[3.0, 4.0]]]), torch.tensor([[[0.0, 4.0]]]))
+        >>> s["sq/l"], s["cnt/l"], s["diff/l"]
+        (tensor([25.]), tensor([2.]), tensor([9.]))
+    """
+    keep = valid.to(h.dtype)[..., None] if valid is not None and h.dim() == 3 and valid.shape == h.shape[:2] else None
+    masked = h if keep is None else torch.where(keep > 0, h, torch.zeros_like(h))
+    flat = masked.flatten(1)
+    per_token = h.shape[-1] if h.dim() == 3 else 1
+    count = keep.sum((1, 2)) * per_token if keep is not None else torch.full((h.shape[0],), float(flat.shape[1]))
+    stats = {
+        f"sq/{name}": flat.pow(2).sum(1),
+        f"cnt/{name}": count.to(h.device).float(),
+        f"bad/{name}": (~torch.isfinite(flat)).sum(1).float(),
+        f"pool/{name}": pool_tokens(h, None if keep is None else ~valid.bool()),  # type: ignore[union-attr]
+    }
+    if u0 is not None:
+        same = h.shape == u0.shape
+        diff = (masked - (u0 if keep is None else u0 * keep)).flatten(1) if same else None
+        stats[f"diff/{name}"] = diff.pow(2).sum(1) if diff is not None else torch.full_like(stats[f"sq/{name}"], -1.0)
+    return stats
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One layer's representation statistics over a probe set (:func:`summarize_representations`).
+
+    ``count``/``bad``: values and non-finite values in its output; ``rms``: ``sqrt(mean h_l²)``;
+    ``rms_growth``: ``rms_l / rms_0`` (``nan`` when ``rms_0`` is 0); ``drift``: ``||h_l - u_0||_F / ||u_0||_F``
+    (``None`` when the output differs from ``u_0`` in shape); ``cka``: linear CKA to the token-averaged ``u_0``
+    (``None`` with fewer than 4 samples). The last three are ``None`` for ``u_0`` itself.
+    """
+
+    name: str
+    count: float
+    bad: float
+    rms: float
+    rms_growth: float | None = None
+    drift: float | None = None
+    cka: float | None = None
+
+    @property
+    def nonfinite(self) -> float:
+        """Fraction of non-finite values."""
+        return self.bad / max(self.count, 1.0)
+
+
+def summarize_representations(sums: Mapping[str, Tensor], names: Sequence[str]) -> list[LayerSummary]:
+    """Drift from the embedding, RMS growth and CKA to it, from the per-sample sums of :func:`representation_sums`.
+
+    ``u_0`` (``names[0]``), eq. (6)'s initial condition, is the reference of every later layer ``u_l`` (one
+    explicit Euler step, eq. (20), each in the PDE model): relative drift ``||h_l - u_0||_F / ||u_0||_F`` over the
+    whole probe set, ``rms_l / rms_0``, and linear CKA (unbiased HSIC) between token-averaged ``h_l`` and ``u_0``.
+
+    Args:
+        sums: ``{"<sq|cnt|bad|pool|diff>/<name>": [n] or [n, d]}`` over ``n`` samples (``diff`` for ``names[1:]``).
+        names: the embedding first, then the layers in depth order.
+
+    Returns:
+        One :class:`LayerSummary` per name, in order.
+    """
+    u0 = names[0]
+    sq0 = float(sums[f"sq/{u0}"].sum())
+    rms0 = math.sqrt(float(sums[f"sq/{u0}"].sum() / sums[f"cnt/{u0}"].sum().clamp_min(1)))
+    pooled = sums[f"pool/{u0}"]
+    cka = cka_matrix([pooled], [sums[f"pool/{n}"] for n in names[1:]])[0] if pooled.shape[0] >= 4 else None
+    out = [LayerSummary(u0, float(sums[f"cnt/{u0}"].sum()), float(sums[f"bad/{u0}"].sum()), rms0)]
+    for i, n in enumerate(names[1:]):
+        count = float(sums[f"cnt/{n}"].sum())
+        rms = math.sqrt(float(sums[f"sq/{n}"].sum()) / max(count, 1.0))
+        diff = sums[f"diff/{n}"]
+        drift = None if bool((diff < 0).any()) else math.sqrt(float(diff.sum())) / max(math.sqrt(sq0), 1e-30)
+        growth = rms / rms0 if rms0 > 0 else float("nan")
+        c = float(cka[i]) if cka is not None else None
+        out.append(LayerSummary(n, count, float(sums[f"bad/{n}"].sum()), rms, growth, drift, c))
     return out

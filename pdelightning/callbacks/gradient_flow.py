@@ -10,85 +10,34 @@ forward of its own.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from pdelightning._checks import check_choice
-from pdelightning.adapters.registry import TargetNotFoundError, clean_name, resolve
-from pdelightning.analysis.gradients import (  # noqa: F401 (moved there; the old import path keeps working)
-    grouped_norms,
-    segment_norms,
-    tensor_norms,
-    update_ratio,
+from pdelightning.adapters.registry import TargetNotFoundError
+from pdelightning.analysis.gradients import ParameterGroups, gradient_norms, group_parameters, update_ratio
+from pdelightning.callbacks._gradient_flow import (
+    SHARDED_NO_HISTOGRAMS,
+    check_arguments,
+    find_layers,
+    param_groups,
+    sharded_gradient_norms,
+    sharded_update_ratio,
+    write_histograms,
 )
 from pdelightning.callbacks._layout import DETAIL, finite_only, is_detail
-from pdelightning.callbacks._outputs import log_histogram, steps_aside_without_logger, takes_histograms
-from pdelightning.callbacks._probe import DEFAULT_BUDGET, ON_MISSING, log_scalars, write_layout
+from pdelightning.callbacks._outputs import steps_aside_without_logger, takes_histograms
+from pdelightning.callbacks._probe import ON_MISSING, log_scalars, write_layout
 from pdelightning.callbacks._strategy import warn_unverified_strategy
 from pdelightning.probing.guard import GuardedCallback, agree
 from pdelightning.probing.hub import ProbeHub
-from pdelightning.probing.sharding import is_sharded, sharded_sums
-
-EMBEDDING, HEAD, OTHER = "embedding", "head", "other"
-
-
-@dataclass
-class _Groups:
-    names: list[str]  # group names: layers in depth order, then embedding / head / other (non-empty only)
-    params: list[nn.Parameter]  # every trainable parameter of the module, in registration order
-    index: list[int]  # group of each parameter
-
-
-def _block_of(target_module: nn.Module, parents: dict[int, nn.Module], all_targets: set[int]) -> nn.Module:
-    """The module whose parameters make up a layer.
-
-    The layer module itself if it has parameters, else its parent (our ``hook_resid_post`` lives in its
-    block), unless that parent also holds another layer.
-    """
-    if next(target_module.parameters(), None) is not None:
-        return target_module
-    parent = parents.get(id(target_module))
-    if parent is None:
-        return target_module
-    if any(id(m) in all_targets for m in parent.modules() if m is not target_module):
-        return target_module
-    return parent
-
-
-def group_parameters(pl_module: nn.Module, layers: list[tuple[str, nn.Module]], embedding: nn.Module | None) -> _Groups:
-    """Assign every trainable parameter of ``pl_module`` to one group.
-
-    A layer's group is the parameters of its block (see :func:`_block_of`). The remaining parameters go to
-    ``"embedding"`` (the embedding module's own parameters, and any registered before the first layer's),
-    ``"head"`` (registered after the last layer's) or ``"other"`` (in between). Empty groups are dropped.
-    """
-    parents = {id(child): m for m in pl_module.modules() for child in m.children()}
-    target_ids = {id(m) for _, m in layers}
-    owner: dict[int, str] = {}
-    for name, module in layers:
-        for p in _block_of(module, parents, target_ids).parameters():
-            owner.setdefault(id(p), name)
-    if embedding is not None:
-        for p in embedding.parameters():
-            owner.setdefault(id(p), EMBEDDING)
-    params = [p for p in pl_module.parameters() if p.requires_grad]
-    layer_names = {name for name, _ in layers}
-    positions = [i for i, p in enumerate(params) if owner.get(id(p)) in layer_names]
-    first, last = (positions[0], positions[-1]) if positions else (len(params), len(params))
-    labels = []
-    for i, p in enumerate(params):
-        label = owner.get(id(p))
-        labels.append(label if label is not None else (EMBEDDING if i < first else HEAD if i > last else OTHER))
-    names = [n for n, _ in layers if n in labels] + [n for n in (EMBEDDING, HEAD, OTHER) if n in labels]
-    slot = {n: i for i, n in enumerate(names)}
-    return _Groups(names, params, [slot[label] for label in labels])
+from pdelightning.probing.sharding import is_sharded
 
 
 class GradientFlow(GuardedCallback):
@@ -96,10 +45,11 @@ class GradientFlow(GuardedCallback):
 
     Gradients are read in ``on_before_optimizer_step``: after gradient accumulation and AMP unscaling,
     before clipping, once per optimizer step; under DDP they are already averaged across ranks there, so
-    rank zero reads and logs them and no collective is needed (sharded strategies such as FSDP, where a rank
-    holds only its shard of each gradient, are not supported). On every ``every_n_steps``-th optimizer step
-    (counting from step 0, so the first step is always read) all gradient norms come from ONE fused
-    ``torch._foreach_norm`` and a segment sum; on other steps the callback does nothing but one integer check.
+    rank zero reads and logs them and no collective is needed (under FSDP2 / DTensor, where a rank holds only
+    its shard of each gradient, every rank sums its shards and one ``all_reduce`` combines them). On every
+    ``every_n_steps``-th optimizer step (counting from step 0, so the first step is always read) all gradient
+    norms come from ONE fused ``torch._foreach_norm`` and a segment sum; on other steps the callback does
+    nothing but one integer check.
 
     Parameters are grouped by layer: the layers found by :func:`~pdelightning.callbacks._targets.resolve_targets`
     (the analysis protocol, TransformerLens hook names, or the ``layers`` glob); a layer owns the parameters
@@ -188,31 +138,13 @@ class GradientFlow(GuardedCallback):
         on_missing: str = "raise",
         on_error: str = "raise",
     ) -> None:
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
-                                          or every_n_steps <= 0):  # fmt: skip
-            raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer or None")
-        if budget == "auto":
-            budget = DEFAULT_BUDGET if every_n_steps is None else None
-        if budget is not None and not (isinstance(budget, (int, float)) and 0 < float(budget) < 1):
-            raise ValueError(f"budget={budget!r} must be a fraction in (0, 1) (e.g. 0.03), 'auto' or None")
-        if budget is None and every_n_steps is None:
-            raise ValueError("give every_n_steps or a budget: GradientFlow would never read the gradients")
+        budget = check_arguments(
+            every_n_steps, budget, histogram_every_n_steps, vanishing_threshold, exploding_threshold
+        )
         check_choice("on_missing", on_missing, ON_MISSING)
         self.init_guard(on_error)
-        if histogram_every_n_steps is not None and (
-            not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps <= 0
-        ):
-            raise ValueError(
-                f"histogram_every_n_steps={histogram_every_n_steps!r} must be a positive integer, "
-                "or None for no histograms"
-            )
-        if not 0 <= vanishing_threshold < exploding_threshold:
-            raise ValueError(
-                f"vanishing_threshold={vanishing_threshold} and exploding_threshold={exploding_threshold} must "
-                "satisfy 0 <= vanishing_threshold < exploding_threshold"
-            )
         self.every_n_steps = every_n_steps
-        self.budget: float | None = None if budget is None else float(budget)
+        self.budget: float | None = budget
         self.on_missing = on_missing
         self.disabled: str | None = None
         self._hub: ProbeHub | None = None
@@ -222,7 +154,7 @@ class GradientFlow(GuardedCallback):
         self.log_update_ratio = log_update_ratio
         self.patterns = {"layers": layers, "attention": attention, "embedding": embedding}
         self._layer_modules: tuple[list[tuple[str, nn.Module]], nn.Module | None] | None = None
-        self._groups: _Groups | None = None
+        self._groups: ParameterGroups | None = None
         self._flagged: set[tuple[str, str]] = set()
         self._histogram_window = -1
         self._snapshot: tuple[int, list[nn.Parameter], list[Tensor], Tensor] | None = None
@@ -252,24 +184,8 @@ class GradientFlow(GuardedCallback):
 
     # ---- grouping --------------------------------------------------------------------------------------
     def _layers(self, pl_module: nn.Module) -> tuple[list[tuple[str, nn.Module]], nn.Module | None]:
-        try:
-            adapter, targets = resolve(pl_module, need=("layers",), **self.patterns)
-            self._family = "" if adapter is None else f"model family {adapter.family!r}"
-        except TargetNotFoundError:
-            if self.patterns["layers"] is not None or self.patterns["embedding"] is not None:
-                raise
-            owners = [
-                (clean_name(n), m)
-                for n, m in pl_module.named_modules()
-                if next(m.parameters(recurse=False), None) is not None
-            ]
-            rank_zero_info(
-                f"GradientFlow: no layers found in {type(pl_module).__name__}; grouping gradients by the modules "
-                f"that own parameters: {[n for n, _ in owners]} (give `layers` to choose)"
-            )
-            return owners, None
-        embedding = targets.embedding if not targets.embedding_is_input else None
-        return [(t.name, t.block or t.module) for t in targets.layers], embedding
+        layers, embedding, self._family = find_layers(pl_module, self.patterns)
+        return layers, embedding
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -300,10 +216,7 @@ class GradientFlow(GuardedCallback):
         self._groups = group_parameters(pl_module, layers, embedding)
         self._sharded = is_sharded(pl_module)
         if self._sharded and self.histogram_every_n_steps:
-            rank_zero_warn(
-                "GradientFlow: the parameters are sharded (DTensor); gradient histograms need whole gradients and "
-                "are not written (norms, update ratios and flags are reduced from the shards)"
-            )
+            rank_zero_warn(SHARDED_NO_HISTOGRAMS)
         if self._hub is not None:
             self._hub.start_clock(trainer)
         write_layout(trainer, self.name, self.layout())
@@ -349,12 +262,11 @@ class GradientFlow(GuardedCallback):
         assert self._groups is not None
         n = len(self._groups.names)
         with torch.no_grad():
+            after = [p.detach() for p in params]
             if self._sharded:  # every rank: ||Δθ||² and ||θ||² summed over the shards, one all_reduce
-                delta = [p.detach() - b for p, b in zip(params, before, strict=True)]
-                sums = sharded_sums(delta + before, torch.cat([groups, groups + n]), 2 * n, pl_module.device)[0]
-                ratio = sums[:n].sqrt() / sums[n:].sqrt().clamp_min(1e-30)
+                ratio = sharded_update_ratio(before, after, groups, n, pl_module.device)
             else:
-                ratio = update_ratio(before, [p.detach() for p in params], groups, n)
+                ratio = update_ratio(before, after, groups, n)
         present = sorted(set(groups.tolist()))
         values = ratio.tolist()
         self._log(trainer, {self._key("update_ratio", self._groups.names[g]): values[g] for g in present}, step)
@@ -383,19 +295,13 @@ class GradientFlow(GuardedCallback):
         grads: list[Tensor] = [p.grad for p in params if p.grad is not None]
         seg = torch.tensor([g for _, g in with_grad])
         n = len(groups.names)
-        pg_names, pg_members, pg_index = self._param_groups(trainer, optimizer, params)
+        pg_names, pg_members, pg_index = param_groups(trainer.optimizers, optimizer, params)
         with torch.no_grad():
-            if self._sharded:  # sums of squares / absolute values over every rank's shards, then the square root
-                pg_grads = [grads[i] for i in pg_members.tolist()]
-                sums = sharded_sums(
-                    grads + pg_grads, torch.cat([seg, pg_index + n]), n + len(pg_names), trainer.strategy.root_device
-                )
-                l2, l1, pg = sums[0, :n].sqrt(), sums[1, :n], sums[0, n:].sqrt()
+            groups_pg = (pg_members, pg_index, len(pg_names))
+            if self._sharded:  # sums over every rank's shards, one all_reduce
+                l2, l1, pg = sharded_gradient_norms(grads, seg, n, *groups_pg, trainer.strategy.root_device)
             else:
-                l2_each = tensor_norms(grads)  # ONE fused norm call serves the layers and the param groups
-                l2 = segment_norms(l2_each, seg, n)
-                l1 = segment_norms(tensor_norms(grads, ord=1), seg, n, ord=1)
-                pg = segment_norms(l2_each[pg_members.to(l2_each.device)], pg_index, len(pg_names))
+                l2, l1, pg = gradient_norms(grads, seg, n, *groups_pg)  # ONE fused norm call
             values = torch.cat([l2.float(), l1.float(), pg.float()]).tolist()  # one device sync
         l2_, l1_, pg_ = values[:n], values[n : 2 * n], values[2 * n :]
         numel = [0.0] * n
@@ -407,10 +313,8 @@ class GradientFlow(GuardedCallback):
         }
         for g in present:
             layer, norm = groups.names[g], l2_[g]
-            vanishing, exploding = (
-                norm < self.vanishing_threshold,
-                not norm <= self.exploding_threshold,
-            )  # NaN: exploding
+            vanishing = norm < self.vanishing_threshold
+            exploding = not norm <= self.exploding_threshold  # NaN: exploding
             metrics[self._key("grad_norm", layer)] = norm
             metrics[self._key("grad_abs_mean", layer)] = l1_[g] / max(numel[g], 1.0)
             metrics[self._key("vanishing", layer)] = float(vanishing)
@@ -425,38 +329,12 @@ class GradientFlow(GuardedCallback):
         ):
             self._histogram_window = step // self.histogram_every_n_steps
             if takes_histograms(trainer):  # TensorBoard or W&B
-                for g in present:
-                    values_g = [
-                        gr.detach().flatten().float() for gr, (_, s) in zip(grads, with_grad, strict=True) if s == g
-                    ]
-                    log_histogram(trainer, self._key("grad_hist", groups.names[g]), torch.cat(values_g), step)
+                keys = {g: self._key("grad_hist", groups.names[g]) for g in present}
+                write_histograms(trainer, keys, grads, seg.tolist(), step)
         if self.log_update_ratio:
             with torch.no_grad():
                 before = list(torch._foreach_mul([p.detach() for p in params], 1.0))
             self._snapshot = (step, params, before, seg)
-
-    @staticmethod
-    def _param_groups(
-        trainer: L.Trainer, optimizer: Optimizer, params: list[nn.Parameter]
-    ) -> tuple[list[str], Tensor, Tensor]:
-        """The param groups of ``optimizer`` that hold gradients.
-
-        Returns ``(names, members, index)``: the groups' key names, and for each member parameter its position
-        in ``params`` and its group's position in ``names``.
-        """
-        where = {id(p): i for i, p in enumerate(params)}
-        members: dict[int, list[int]] = {}
-        for i, group in enumerate(optimizer.param_groups):
-            found = [where[id(p)] for p in group["params"] if id(p) in where]
-            if found:
-                members[i] = found
-        optimizers = trainer.optimizers
-        position = next((j for j, o in enumerate(optimizers) if o is optimizer), 0)
-        prefix = f"{position}." if len(optimizers) > 1 else ""
-        names = [f"{prefix}{i}" for i in members]
-        index = [k for k, found in enumerate(members.values()) for _ in found]
-        flat = [m for found in members.values() for m in found]
-        return names, torch.tensor(flat, dtype=torch.long), torch.tensor(index, dtype=torch.long)
 
     def _flag(self, kind: str, layer: str, on: bool, detail: str, step: int) -> None:
         if on and (kind, layer) not in self._flagged:

@@ -20,13 +20,10 @@ from typing_extensions import override
 from pdelightning._checks import check_choice
 from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
 from pdelightning.adapters.windowed import skip_once
-from pdelightning.analysis.cka import cka_matrix
-from pdelightning.analysis.representation import (  # noqa: F401 (moved there; the old import path keeps working)
+from pdelightning.analysis.representation import (
     CORRELATION_MODES,
-    CorrelationMethod,
     CorrelationMode,
-    consecutive_correlations,
-    layer_correlation,
+    compare_representations,
     pool_tokens,
 )
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
@@ -39,6 +36,8 @@ from pdelightning.probing.hub import ProbeBatch, ProbeHub, ProbeSession
 Pooling = Literal["mean", "flatten"]
 POOLINGS = ("mean", "flatten")
 EMBEDDING = "embedding"
+DEFAULT_REFERENCE_CLASS = "pdelightning.task.ClassificationTask"
+"""The class of a ``reference_checkpoint`` written by ``pdelightning fit`` (resolved only when one is loaded)."""
 _REF = "reference/"
 
 
@@ -56,7 +55,7 @@ class InformationFlow(ProbeCallback):
       all probe samples and features jointly (``correlation="flattened"``). The paper does not define it;
       ``correlation="per_sample"`` instead averages over samples the correlation across features of each
       sample (see :func:`layer_correlation`). Logged under the later layer ``l``.
-    * **linear CKA** with the unbiased HSIC estimator (:func:`~pdelightning.callbacks._cka.linear_cka`;
+    * **linear CKA** with the unbiased HSIC estimator (:func:`~pdelightning.analysis.cka.linear_cka`;
       Kornblith et al. 2019, Song et al. 2012, Nguyen et al. 2021) between every pair of layers: the
       consecutive values as scalars, the whole ``(L+1) x (L+1)`` matrix as a figure.
     * **against a reference model** (Table 3), run on the same probe inputs: Pearson's ``r`` and Spearman's
@@ -190,9 +189,11 @@ class InformationFlow(ProbeCallback):
         return self._reference
 
     def _load_reference(self) -> nn.Module:
+        # the default class is a dotted path resolved like a user's reference_class: no import of the task layer
+        cls = self._reference_cls or import_lightning_module_class(DEFAULT_REFERENCE_CLASS)
         return load_reference_checkpoint(
             self.reference_checkpoint,
-            self._reference_cls,
+            cls,
             hint="pass the module itself as reference=",  # type: ignore[arg-type]
             trust=self.trust_checkpoint,
         )
@@ -287,40 +288,16 @@ class InformationFlow(ProbeCallback):
         """Scalars ``{key: value}``, the layer CKA matrix and the model x reference CKA matrix from :meth:`gather`."""
         names = [k for k in reps if not k.startswith(_REF)]
         ref_names = [k[len(_REF) :] for k in reps if k.startswith(_REF)]
-        xs = [reps[n] for n in names]
-        n = xs[0].shape[0] if xs else 0
-        cka_ok = n >= (4 if self.unbiased else 2)
-        out: dict[str, Tensor] = {}
-        for later, c in zip(names[1:], consecutive_correlations(xs, self.correlation), strict=True):
-            if c is not None:
-                out[self.key("consecutive_corr", later)] = c
-            else:
-                skip_once(
-                    self,
-                    f"consecutive_corr of {later}",
-                    "it and the layer before differ in width (patch "
-                    "merging between stages); cka_consecutive, which compares any widths, is logged",
-                )
-        matrix = cka_matrix(xs, unbiased=self.unbiased) if cka_ok else None
-        if matrix is not None:
-            for i in range(1, len(names)):
-                out[self.key("cka_consecutive", names[i])] = matrix[i - 1, i]
-        cross = None
-        if ref_names:
-            ys = [reps[_REF + r] for r in ref_names]
-            cross = cka_matrix(xs, ys, unbiased=self.unbiased) if cka_ok else None
-            for i, j in _pairs(names, ref_names):
-                a, b = xs[i], ys[j]
-                if a.shape == b.shape:
-                    out[self.key("pearson_vs_reference", names[i])] = layer_correlation(
-                        a, b, "pearson", self.correlation
-                    )
-                    out[self.key("spearman_vs_reference", names[i])] = layer_correlation(
-                        a, b, "spearman", self.correlation
-                    )
-                if cross is not None:
-                    out[self.key("cka_vs_reference", names[i])] = cross[i, j]
-        return out, matrix, cross
+        ys = [reps[_REF + r] for r in ref_names]
+        cmp = compare_representations([reps[n] for n in names], names, ys, ref_names, self.correlation, self.unbiased)
+        for later in cmp.mismatched:
+            skip_once(
+                self,
+                f"consecutive_corr of {later}",
+                "it and the layer before differ in width (patch "
+                "merging between stages); cka_consecutive, which compares any widths, is logged",
+            )
+        return {self.key(q, layer): v for q, layer, v in cmp.values}, cmp.matrix, cmp.cross
 
     @override
     def finish(self, session: ProbeSession) -> None:
@@ -364,11 +341,3 @@ class InformationFlow(ProbeCallback):
                 "CKA vs reference": [rf"{prefix}/cka_vs_reference/.*"],
             }
         return charts
-
-
-def _pairs(names: list[str], ref_names: list[str]) -> list[tuple[int, int]]:
-    """Depth pairing: embedding with embedding when both have one, then block ``i`` with reference block ``i``."""
-    pairs = [(0, 0)] if names[:1] == [EMBEDDING] and ref_names[:1] == [EMBEDDING] else []
-    off, ref_off = int(names[:1] == [EMBEDDING]), int(ref_names[:1] == [EMBEDDING])
-    n_blocks = min(len(names) - off, len(ref_names) - ref_off)
-    return pairs + [(off + i, ref_off + i) for i in range(n_blocks)]

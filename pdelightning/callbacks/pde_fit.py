@@ -169,9 +169,15 @@ class PDEFit(ProbeCallback):
             valid = pb.valid[:keep] if pb.valid is not None and pb.valid.shape == u_in.shape[:2] else None
             dt, dx = step_of(layer, n_layers, self.dt, self.dx)
             stats = pde_fit_statistics(
-                u_in[:keep].float(), u_out[:keep].float(), attn[:keep].float() if attn is not None else None,
-                mlp[:keep].float() if mlp is not None else None, valid, dt=dt, dx=dx, boundary=self._boundary(layer),
-            )  # fmt: skip
+                u_in[:keep].float(),
+                u_out[:keep].float(),
+                attn[:keep].float() if attn is not None else None,
+                mlp[:keep].float() if mlp is not None else None,
+                valid,
+                dt=dt,
+                dx=dx,
+                boundary=self._boundary(layer),
+            )
             have = self._stats.get(layer.name)
             self._stats[layer.name] = stats if have is None else {k: have[k] + stats[k] for k in STAT_KEYS}
 
@@ -225,9 +231,14 @@ class PDEFit(ProbeCallback):
             diffusion = "none" if windowed else self.diffusion
             fit = solve_pde_fit(stats[layer.name], diffusion, dt=dt, dx=dx, w_o_norm=w_norm)
             values = {
-                "D": fit.diffusion_mean, "alpha": fit.alpha, "ffn_coef": fit.ffn_coef, "r2": fit.r2,
-                "r2_diffusion": fit.r2_diffusion, "r2_attention": fit.r2_attention, "eq21_fitted": fit.eq21,
-            }  # fmt: skip
+                "D": fit.diffusion_mean,
+                "alpha": fit.alpha,
+                "ffn_coef": fit.ffn_coef,
+                "r2": fit.r2,
+                "r2_diffusion": fit.r2_diffusion,
+                "r2_attention": fit.r2_attention,
+                "eq21_fitted": fit.eq21,
+            }
             if windowed:  # fitted without diffusion: D and r2_diffusion are not logged
                 values["D"] = values["r2_diffusion"] = None
             if fit.alpha is None:

@@ -9,8 +9,9 @@ scaled to its root-mean-square. :class:`PerturbationEval` measures that curve du
 perturbation grows: the per-layer amplification ``||δh_l|| / ||δh_0||``, the discrete counterpart of the
 cumulative perturbation effect the paper suspects in the PDE model's continuous dynamics (eq. 20 iterated).
 
-The math lives in module-level functions (:func:`gaussian_noise`, :func:`per_sample_rms`,
-:func:`critical_epsilon`, :func:`amplification`, :func:`eps_tags`); the callback is a thin adapter.
+The math lives in :mod:`pdelightning.analysis.perturbation` (``gaussian_noise``, ``per_sample_rms``,
+``critical_epsilon``, ``amplification``, ``eps_tags``), the batched forwards in ``callbacks/_perturbation.py``;
+the callback is a thin adapter.
 """
 
 from __future__ import annotations
@@ -20,37 +21,32 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
 from pdelightning._checks import check_choice
-from pdelightning.analysis.perturbation import (  # noqa: F401 (the old import path keeps working)
+from pdelightning.analysis.perturbation import (
+    DEFAULT_EPSILONS,
     amplification,
-    critical_epsilon,
-    eps_tags,
-    format_eps,
+    correct_predictions,
+    finite_mean,
     gaussian_noise,
     loss_departure,
     mask_like,
-    masked_frobenius,
     per_sample_rms,
-    sample_seed,
 )
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback, validation_loader
+from pdelightning.callbacks._perturbation import check_epsilons, fgsm_direction, peek_inputs, perturbed_losses
+from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.plots import loss_vs_eps_figure
-from pdelightning.probing.batch import per_sample_loss, primary_input, repeat_batch, with_primary_input
+from pdelightning.probing.batch import primary_input
 from pdelightning.probing.capture import Captured, Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 
 PerturbationMode = Literal["auto", "input", "embedding"]
 MODES = ("auto", "input", "embedding")
-DEFAULT_EPSILONS: tuple[float, ...] = tuple(float(e) for e in np.logspace(-4, 1, 11))
-ATTENTION_ELEMENTS = 2**25
-"""Cap on ``rows x T^2`` of one batched perturbation forward (the explicit attention it forms per head)."""
 
 
 def resolve_mode(mode: str, x: Any) -> Literal["input", "embedding"]:
@@ -69,21 +65,6 @@ def resolve_mode(mode: str, x: Any) -> Literal["input", "embedding"]:
             "use mode='embedding' (noise on the embedding output u_0, scaled to its RMS) or mode='auto'"
         )
     return "input" if is_float else "embedding"
-
-
-def _peek_inputs(trainer: L.Trainer) -> Any | None:
-    """One collated sample's main input (to tell images from token ids at setup); ``None`` if unreachable."""
-    try:
-        loader = validation_loader(trainer)
-        if loader is None:
-            return None
-        return primary_input(loader.collate_fn([loader.dataset[0]]))
-    except Exception:  # an iterable or lazy dataset: decide at the first probe instead
-        return None
-
-
-def _scale(eps: Tensor, like: Tensor) -> Tensor:
-    return eps.to(like).view(-1, *([1] * (like.dim() - 1)))
 
 
 class PerturbationEval(ProbeCallback):
@@ -198,16 +179,7 @@ class PerturbationEval(ProbeCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        eps = [float(e) for e in epsilons]
-        if not eps:
-            raise ValueError("epsilons is empty: give at least one perturbation strength, e.g. [1e-3, 1e-2]")
-        bad = [e for e in eps if not (math.isfinite(e) and e > 0)]
-        if bad:
-            raise ValueError(f"epsilons must be positive and finite (the ε axis is logarithmic); got {bad}")
-        eps = sorted(eps)
-        labels = eps_tags(eps)
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"epsilons {eps} give repeated metric keys {labels}: use distinct values")
+        eps, labels = check_epsilons(epsilons)
         check_choice("mode", mode, MODES)
         if not (math.isfinite(critical_factor) and critical_factor > 1):
             raise ValueError(f"critical_factor={critical_factor} must be a finite number > 1 (e.g. 2.0: loss doubles)")
@@ -239,7 +211,7 @@ class PerturbationEval(ProbeCallback):
     @override
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().check(trainer, pl_module)
-        x = _peek_inputs(trainer)
+        x = peek_inputs(trainer)
         if x is not None:
             self._resolve_mode(x)
         if self._mode == "embedding" and self.targets(pl_module).embedding is None:
@@ -268,56 +240,6 @@ class PerturbationEval(ProbeCallback):
         self._num_classes: int | None = None
 
     # ---- probe -------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _correct(logits: Tensor, labels: Tensor) -> Tensor:
-        if logits.dim() == 2 and labels.dim() == 1:
-            return (logits.argmax(-1) == labels).float()
-        return torch.full((logits.shape[0],), float("nan"), device=logits.device)
-
-    def _batched(
-        self, pb: ProbeBatch, direction: Tensor, u0: Tensor | None, amp_at: int | None
-    ) -> tuple[list[Tensor], list[Tensor], Captured | None]:
-        """Per-ε losses and correctness of ``direction`` scaled by every ε, in chunks of whole copies of the batch."""
-        n = pb.logits.shape[0]
-        eps_all = list(self.epsilons) + ([float(self.amplification_eps)] if amp_at == len(self.epsilons) else [])  # type: ignore[arg-type]
-        length = u0.shape[1] if u0 is not None and u0.dim() == 3 else 1
-        budget = min(self.max_rows, max(1, ATTENTION_ELEMENTS // (length * length)))  # probes: explicit attention
-        per_chunk = max(1, budget // max(n, 1))
-        losses: list[Tensor] = []
-        correct: list[Tensor] = []
-        amp_capture: Captured | None = None
-        assert pb.labels is not None
-        for start in range(0, len(eps_all), per_chunk):
-            chunk = eps_all[start : start + per_chunk]
-            k = len(chunk)
-            eps = torch.tensor(chunk).repeat_interleave(n)
-            batch = repeat_batch(pb.batch, k)
-            labels = pb.labels.repeat(k, *([1] * (pb.labels.dim() - 1)))
-            hit = amp_at is not None and start <= amp_at < start + k
-            rows_at = slice((amp_at - start) * n, (amp_at - start + 1) * n) if hit else None  # type: ignore[operator]
-            request = Request(hidden=True, embedding=True) if rows_at is not None else Request()
-            if self._mode == "embedding":
-                assert u0 is not None
-                shift = _scale(eps, u0) * direction.repeat(k, *([1] * (direction.dim() - 1)))
-
-                def edit(u: Tensor, shift: Tensor = shift) -> Tensor:
-                    return u + shift.to(u.dtype)
-
-                logits, cap = pb.forward(batch, request, rows_at, edit)
-            else:
-                x = primary_input(batch)
-                assert x is not None
-                x = x + _scale(eps, x) * direction.repeat(k, *([1] * (direction.dim() - 1))).to(x.dtype)
-                logits, cap = pb.forward(with_primary_input(batch, x), request, rows_at)
-            loss = per_sample_loss(pb.session.pl_module, batch, logits, labels)
-            assert loss is not None
-            right = self._correct(logits, labels)
-            losses += list(loss.view(k, n))
-            correct += list(right.view(k, n))
-            if rows_at is not None:
-                amp_capture = cap
-        return losses, correct, amp_capture
-
     @override
     def consume(self, pb: ProbeBatch) -> None:
         if pb.labels is None or pb.loss is None:
@@ -344,7 +266,7 @@ class PerturbationEval(ProbeCallback):
         if self._layers:
             match = [i for i, e in enumerate(self.epsilons) if math.isclose(e, float(self.amplification_eps))]  # type: ignore[arg-type]
             amp_at = match[0] if match else len(self.epsilons)
-        out: dict[str, Tensor] = {"loss_clean": pb.loss, "correct_clean": self._correct(pb.logits, pb.labels)}
+        out: dict[str, Tensor] = {"loss_clean": pb.loss, "correct_clean": correct_predictions(pb.logits, pb.labels)}
         losses, correct, amp = self._batched(pb, unit, u0, amp_at)
         for i in range(len(self.epsilons)):
             out[f"loss/{i}"], out[f"correct/{i}"] = losses[i], correct[i]
@@ -357,42 +279,18 @@ class PerturbationEval(ProbeCallback):
             for name in self._layers:
                 out[f"amp/{name}"] = amplification(amp.hidden[name] - clean.hidden[name], dh0, valid)
         if self.fgsm:
-            direction = self._fgsm_direction(pb, u0, valid)
+            direction = fgsm_direction(pb, self._mode, u0, valid)  # type: ignore[arg-type]
             f_losses, f_correct, _ = self._batched(pb, direction, u0, None)
             for i in range(len(self.epsilons)):
                 out[f"fgsm_loss/{i}"], out[f"fgsm_correct/{i}"] = f_losses[i], f_correct[i]
         self._store.update(pb.index, **out)
 
-    def _fgsm_direction(self, pb: ProbeBatch, u0: Tensor | None, valid: Tensor | None) -> Tensor:
-        """``sign(∇ loss)`` with respect to the input (input mode) or ``u_0`` times ``rms(u_0)`` (embedding mode)."""
-        assert pb.labels is not None
-        pl_module = pb.session.pl_module
-        with torch.enable_grad():
-            if self._mode == "embedding":
-                leaves: list[Tensor] = []
-
-                def make_leaf(u: Tensor) -> Tensor:
-                    leaves.append(u.detach().requires_grad_(True))
-                    return leaves[-1]
-
-                logits, _ = pb.forward(edit=make_leaf)
-                leaf = leaves[0]
-            else:
-                x = primary_input(pb.batch)
-                assert x is not None
-                leaf = x.detach().clone().requires_grad_(True)
-                logits, _ = pb.forward(with_primary_input(pb.batch, leaf))
-            loss = per_sample_loss(pl_module, pb.batch, logits, pb.labels)
-            assert loss is not None
-            (grad,) = torch.autograd.grad(loss.sum(), leaf)
-        direction = grad.sign()
-        if self._mode == "embedding" and u0 is not None:
-            valid_u = valid if mask_like(u0, valid) is not None else None
-            m = mask_like(u0, valid_u)
-            direction = direction * per_sample_rms(u0, valid_u).view(-1, *([1] * (u0.dim() - 1)))
-            if m is not None:
-                direction = direction * m
-        return direction.detach()
+    def _batched(
+        self, pb: ProbeBatch, direction: Tensor, u0: Tensor | None, amp_at: int | None
+    ) -> tuple[list[Tensor], list[Tensor], Captured | None]:
+        """Per-ε losses and correctness (and the amplification forward's capture) of one direction."""
+        eps = list(self.epsilons) + ([float(self.amplification_eps)] if amp_at == len(self.epsilons) else [])  # type: ignore[arg-type]
+        return perturbed_losses(pb, self._mode, eps, direction, u0, amp_at, self.max_rows)  # type: ignore[arg-type]
 
     # ---- output ------------------------------------------------------------------------------------------------
     @override
@@ -419,18 +317,14 @@ class PerturbationEval(ProbeCallback):
                 metrics[self.key("fgsm_loss", label)] = loss
                 metrics[self.key("fgsm_acc", label)] = acc
         for n in self._layers:
-            v = out[f"amp/{n}"].double()
-            v = v[torch.isfinite(v)]
-            metrics[self.key("amplification", n)] = float(v.mean()) if v.numel() else float("nan")
+            metrics[self.key("amplification", n)] = finite_mean(out[f"amp/{n}"])
         self.last_metrics = metrics
         self.log_scalars(session.trainer, metrics, session.step)
         if self.figures_due:
             eps, clean_l, clean_a = list(self.epsilons), mean["loss_clean"], mean["correct_clean"]
             title = f"{self._mode} noise, step {session.step}"
-            self.figure(
-                session, self.key("loss_vs_eps"), loss_vs_eps_figure, eps, losses, accs, clean_l, clean_a, critical,
-                fgsm_losses or None, fgsm_accs or None, title=title,
-            )  # fmt: skip
+            curves = (eps, losses, accs, clean_l, clean_a, critical, fgsm_losses or None, fgsm_accs or None)
+            self.figure(session, self.key("loss_vs_eps"), loss_vs_eps_figure, *curves, title=title)
 
     @override
     def layout(self) -> dict[str, list[str]]:

@@ -13,68 +13,39 @@ grows with depth, and the training loss (non-finite values, spikes against a run
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as L
-import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from pdelightning._checks import check_choice
-from pdelightning.adapters.base import OUT_PROJ_NAMES, QKV_NAMES, VALUE_NAMES
 from pdelightning.adapters.windowed import skip_once
-from pdelightning.analysis.cka import cka_matrix
-from pdelightning.analysis.representation import pool_tokens
-from pdelightning.analysis.stability import (  # noqa: F401 (moved there; the old import path keeps working)
-    LossScan,
+from pdelightning.analysis.stability import (
+    attention_spectra,
     eq21_number,
-    exact_spectral_norm,
-    relative_drift,
+    representation_sums,
     scan_losses,
-    spectral_norm_power,
+    summarize_representations,
 )
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.callbacks._stability import (
+    CHART_TITLES,
+    NO_DRIFT,
+    NO_LOSS,
+    Flags,
+    LossWindow,
+    check_arguments,
+    loss_events,
+    warn_missing_weights,
+)
 from pdelightning.probing.capture import Request
 from pdelightning.probing.guard import agree
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 from pdelightning.utils import warn_once
 
-ACTIONS = ("warn", "stop")
 _EMBEDDING = "embedding"
 
 
-# ---- pure math ------------------------------------------------------------------------------------------
-
-
-def _sample_stats(name: str, h: Tensor, u0: Tensor | None, valid: Tensor | None = None) -> dict[str, Tensor]:
-    """Per-sample sums that add up, over the gathered probe set, to the representation statistics of one layer.
-
-    Over the valid (non-padding) tokens when ``valid`` ``[B, T]`` matches ``h``. ``sq``: sum of squares; ``cnt``:
-    number of values; ``bad``: number of non-finite values; ``pool``: the token-averaged vector (for CKA); ``diff``:
-    ``||h - u_0||²`` (``-1`` when ``h`` and ``u_0`` differ in shape).
-    """
-    keep = valid.to(h.dtype)[..., None] if valid is not None and h.dim() == 3 and valid.shape == h.shape[:2] else None
-    masked = h if keep is None else torch.where(keep > 0, h, torch.zeros_like(h))
-    flat = masked.flatten(1)
-    per_token = h.shape[-1] if h.dim() == 3 else 1
-    count = keep.sum((1, 2)) * per_token if keep is not None else torch.full((h.shape[0],), float(flat.shape[1]))
-    stats = {
-        f"sq/{name}": flat.pow(2).sum(1),
-        f"cnt/{name}": count.to(h.device).float(),
-        f"bad/{name}": (~torch.isfinite(flat)).sum(1).float(),
-        f"pool/{name}": pool_tokens(h, None if keep is None else ~valid.bool()),  # type: ignore[union-attr]
-    }
-    if u0 is not None:
-        same = h.shape == u0.shape
-        diff = (masked - (u0 if keep is None else u0 * keep)).flatten(1) if same else None
-        stats[f"diff/{name}"] = diff.pow(2).sum(1) if diff is not None else torch.full_like(stats[f"sq/{name}"], -1.0)
-    return stats
-
-
-# ---- the callback ---------------------------------------------------------------------------------------
 class StabilityMonitor(ProbeCallback):
     """Watch the quantities that decide whether the layer map stays stable, and warn or stop when one crosses its bound.
 
@@ -185,19 +156,7 @@ class StabilityMonitor(ProbeCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        check_choice("action", action, ACTIONS)
-        if not threshold > 0:
-            raise ValueError(f"threshold={threshold} must be positive (eq. 21 bounds the step number by 1)")
-        if not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps={check_every_n_steps!r} must be a positive integer")
-        if spike_factor is not None and not spike_factor > 1:
-            raise ValueError(f"spike_factor={spike_factor} must be > 1, or None to disable spike detection")
-        if not 0 <= ema_decay < 1:
-            raise ValueError(f"ema_decay={ema_decay} must be in [0, 1)")
-        if spike_warmup < 0:
-            raise ValueError(f"spike_warmup={spike_warmup} must be >= 0")
-        if spike_atol < 0:
-            raise ValueError(f"spike_atol={spike_atol} must be >= 0")
+        check_arguments(threshold, action, check_every_n_steps, spike_factor, ema_decay, spike_warmup, spike_atol)
         self.spike_atol = spike_atol
         self.threshold = threshold
         self.action = action
@@ -205,18 +164,13 @@ class StabilityMonitor(ProbeCallback):
         self.spike_factor = spike_factor
         self.ema_decay = ema_decay
         self.spike_warmup = spike_warmup
-        self.stop_reason: str | None = None
         # history (state_dict)
         self.loss_ema: float | None = None
         self.ema_count = 0
         self.last_spike_step: int | None = None
-        # per-window loss buffer (not persisted: at most check_every_n_steps - 1 losses)
-        self._buffer: Tensor | None = None
-        self._slots: list[int | None] = []  # global step of each buffered loss, None where a batch had none
-        self._batch_step = 0
-        self._backward: list[Tensor] = []  # losses given to manual_backward in this batch (manual optimisation)
-        self._active: set[str] = set()
-        self._restored_window: tuple[list[float], list[int | None]] = ([], [])
+        # the losses since the last check, on the device (persisted: a resumed run checks them too)
+        self._window = LossWindow(check_every_n_steps)
+        self._flags = Flags()  # the events that are on (warned once while on), and why training stopped
         self._last_check: tuple[int, dict[str, float]] | None = None
 
     # ---- state -----------------------------------------------------------------------------------------
@@ -226,10 +180,8 @@ class StabilityMonitor(ProbeCallback):
             "loss_ema": self.loss_ema,
             "ema_count": self.ema_count,
             "last_spike_step": self.last_spike_step,
-            "active": sorted(self._active),
-            # the losses buffered since the last check: a resumed run checks them too (a NaN there is not lost)
-            "window": [float(v) for v in self._buffer[: len(self._slots)].tolist()] if self._buffer is not None else [],
-            "slots": list(self._slots),
+            "active": sorted(self._flags.active),
+            **self._window.state(),  # the losses buffered since the last check (a NaN there is not lost on resume)
             "last_check": list(self._last_check) if self._last_check is not None else None,
         }
 
@@ -238,84 +190,34 @@ class StabilityMonitor(ProbeCallback):
         self.loss_ema = state_dict["loss_ema"]
         self.ema_count = state_dict["ema_count"]
         self.last_spike_step = state_dict["last_spike_step"]
-        self._active = set(state_dict.get("active", []))
-        self._restored_window = (list(state_dict.get("window", [])), list(state_dict.get("slots", [])))
+        self._flags.active = set(state_dict.get("active", []))
+        self._window.load(state_dict)
         last = state_dict.get("last_check")
         self._last_check = (int(last[0]), dict(last[1])) if last else None
 
     def layout(self) -> dict[str, list[str]]:
         """Custom-scalars charts: one per per-layer quantity, and one for the loss checks (only those logged show)."""
-        titles = {
-            "eq21": "eq. (21) per PDE layer (stable <= 1)",
-            "W_O_spectral": "||W^O||_2 per layer",
-            "W_VO_spectral": "||W^O W^V||_2 per layer",
-            "drift": "relative drift from u_0 per layer",
-            "cka_to_embedding": "CKA to u_0 per layer",
-            "rms_growth": "rms growth rms_l / rms_0 per layer",
-        }
-        charts = {title: [rf"^{self.key(q)}/[^/]+$"] for q, title in titles.items()}
+        charts = {title: [rf"^{self.key(q)}/[^/]+$"] for q, title in CHART_TITLES.items()}
         charts["loss checks"] = [rf"^{self.key(q)}$" for q in ("loss_ema", "loss_spike", "nonfinite")]
         return charts
 
-    # ---- events ----------------------------------------------------------------------------------------
-    def _act(self, trainer: L.Trainer, events: list[tuple[str, str]], scope: tuple[str, ...]) -> None:
-        """Warn about new events and, for ``action="stop"``, share the stop decision across ranks.
-
-        ``events`` are ``(flag, message)`` pairs, identical on every rank (computed from gathered or reduced
-        values); every rank calls this at the same points. A flag warns when it turns on and stays quiet while
-        it stays on; ``scope`` lists the flag prefixes this call is authoritative for (flags of that scope that
-        are absent now are cleared). Spikes warn every time.
-        """
-        step = trainer.global_step
-        for flag, message in events:
-            if flag not in self._active or flag == "spike":
-                rank_zero_warn(f"{message} at step {step}" + ("; stopping training" if self.action == "stop" else ""))
-        self._active = {f for f in self._active if not f.startswith(scope)} | {f for f, _ in events if f != "spike"}
-        if self.action == "stop":
-            stop = trainer.strategy.reduce_boolean_decision(bool(events), all=False)
-            if stop:
-                trainer.should_stop = True
-                if self.stop_reason is None:
-                    self.stop_reason = events[0][1] if events else "StabilityMonitor: stop requested by another rank"
+    @property
+    def stop_reason(self) -> str | None:
+        """The message of the event that stopped training (``action="stop"``), or ``None``."""
+        return self._flags.stop_reason
 
     # ---- probe -----------------------------------------------------------------------------------------
-    @staticmethod
-    def _norm(matrix: Tensor) -> float:
-        if not bool(torch.isfinite(matrix).all()):
-            return float("inf")
-        return float(exact_spectral_norm(matrix.detach()).sigma)
-
     def _weights(self, session: ProbeSession, metrics: dict[str, float], events: list[tuple[str, str]]) -> None:
-        targets = session.targets["model"]
         weights = session.full_weights()  # whole even under FSDP: gathered once per probe, shared
-        no_o = [name for name, (w_o, _) in weights.items() if w_o is None]
-        no_v = [name for name, (w_o, w_v) in weights.items() if w_o is not None and w_v is None]
-        if no_o:
-            warn_once(
-                self,
-                "W_O",
-                f"StabilityMonitor: no attention output projection W^O found for layers {no_o} (looked for children "
-                f"of their attention module named {list(OUT_PROJ_NAMES)}, and BERT's output.dense); W_O_spectral, "
-                "W_VO_spectral and eq21 are not logged for them",
-            )
-        if no_v:
-            warn_once(
-                self,
-                "W_V",
-                f"StabilityMonitor: no value projection W_V found for layers {no_v} (looked for children of their "
-                f"attention module named {list(VALUE_NAMES)} or a fused {list(QKV_NAMES)}); W_VO_spectral is not "
-                "logged for them",
-            )
-        for layer in targets.layers:
+        warn_missing_weights(self, weights)
+        for layer in session.targets["model"].layers:
             w_o, w_v = weights[layer.name]
             if w_o is None:
                 continue
-            with torch.no_grad():
-                s_o = self._norm(w_o.detach().float())
-                metrics[self.key("W_O_spectral", layer.name)] = s_o
-                if w_v is not None and w_v.shape[0] == w_o.shape[1]:
-                    w_vo = w_o.detach().float() @ w_v.detach().float()
-                    metrics[self.key("W_VO_spectral", layer.name)] = self._norm(w_vo)
+            s_o, s_vo = attention_spectra(w_o, w_v)
+            metrics[self.key("W_O_spectral", layer.name)] = s_o
+            if s_vo is not None:
+                metrics[self.key("W_VO_spectral", layer.name)] = s_vo
             if layer.pde is not None:
                 p = layer.pde
                 number = eq21_number(p.diffusion, p.alpha, p.dt, p.dx, s_o)
@@ -323,12 +225,8 @@ class StabilityMonitor(ProbeCallback):
                 metrics[self.key("eq21", layer.name)] = number
                 metrics[self.key("eq21_exceeded", layer.name)] = float(exceeded)
                 if exceeded:
-                    events.append(
-                        (
-                            f"eq21:{layer.name}",
-                            f"StabilityMonitor: {layer.name} eq21_number={number:.4g} > {self.threshold}",
-                        )
-                    )
+                    message = f"StabilityMonitor: {layer.name} eq21_number={number:.4g} > {self.threshold}"
+                    events.append((f"eq21:{layer.name}", message))
 
     @override
     def request(self) -> Request:
@@ -351,9 +249,9 @@ class StabilityMonitor(ProbeCallback):
         if missing:
             raise RuntimeError(f"StabilityMonitor: layers {missing} produced no output during the probe forward")
         u0 = captured.embedding.float()
-        update = _sample_stats(_EMBEDDING, u0, None, pb.valid)
+        update = representation_sums(_EMBEDDING, u0, None, pb.valid)
         for n in self._names[1:]:
-            update.update(_sample_stats(n, captured.hidden[n].float(), u0, pb.valid))
+            update.update(representation_sums(n, captured.hidden[n].float(), u0, pb.valid))
         self._store.update(pb.index, **update)
 
     @override
@@ -364,57 +262,34 @@ class StabilityMonitor(ProbeCallback):
         self._weights(session, metrics, events)
         out = self._store.gather()  # collective: every rank, same values
         self._store = None  # type: ignore[assignment]
-        rms0 = math.sqrt(float(out[f"sq/{_EMBEDDING}"].sum() / out[f"cnt/{_EMBEDDING}"].sum().clamp_min(1)))
-        metrics[self.key("rms", _EMBEDDING)] = rms0
-        n_samples = out[f"pool/{_EMBEDDING}"].shape[0]
-        cka = (
-            cka_matrix([out[f"pool/{_EMBEDDING}"]], [out[f"pool/{n}"] for n in names[1:]])[0]
-            if n_samples >= 4
-            else None
-        )
         no_drift: list[str] = []
-        for i, n in enumerate(names):
-            count = float(out[f"cnt/{n}"].sum())
-            bad = float(out[f"bad/{n}"].sum())
-            metrics[self.key("nonfinite", n)] = bad / max(count, 1.0)
-            if bad > 0 and not any(f.startswith("act:") for f, _ in events):  # name the first layer only
-                events.append(
-                    (f"act:{n}", f"StabilityMonitor: {n} nonfinite_activations={bad:g} > 0 (of {count:g} values)")
-                )
+        for layer in summarize_representations(out, names):
+            n = layer.name
+            if n == _EMBEDDING:
+                metrics[self.key("rms", n)] = layer.rms
+            metrics[self.key("nonfinite", n)] = layer.nonfinite
+            if layer.bad > 0 and not any(f.startswith("act:") for f, _ in events):  # name the first layer only
+                message = f"StabilityMonitor: {n} nonfinite_activations={layer.bad:g} > 0 (of {layer.count:g} values)"
+                events.append((f"act:{n}", message))
             if n == _EMBEDDING:
                 continue
-            rms = math.sqrt(float(out[f"sq/{n}"].sum()) / max(count, 1.0))
-            metrics[self.key("rms", n)] = rms
-            metrics[self.key("rms_growth", n)] = rms / rms0 if rms0 > 0 else float("nan")
-            diff = out[f"diff/{n}"]
-            if bool((diff < 0).any()):
+            metrics[self.key("rms", n)] = layer.rms
+            metrics[self.key("rms_growth", n)] = layer.rms_growth  # type: ignore[assignment]
+            if layer.drift is None:
                 no_drift.append(n)
             else:
-                metrics[self.key("drift", n)] = math.sqrt(float(diff.sum())) / max(
-                    math.sqrt(float(out[f"sq/{_EMBEDDING}"].sum())), 1e-30
-                )
-            if cka is not None:
-                metrics[self.key("cka_to_embedding", n)] = float(cka[i - 1])
+                metrics[self.key("drift", n)] = layer.drift
+            if layer.cka is not None:
+                metrics[self.key("cka_to_embedding", n)] = layer.cka
         if no_drift:
-            skip_once(
-                self,
-                "drift",
-                f"the outputs of {no_drift} differ in shape from the embedding u_0 (stages after "
-                "patch merging have other tokens and width); their rms_growth and cka_to_embedding are logged",
-            )
-        self._act(trainer, events, scope=("eq21:", "act:"))
+            skip_once(self, "drift", NO_DRIFT.format(no_drift))
+        self._flags.act(trainer, events, scope=("eq21:", "act:"), action=self.action)
         self.log_scalars(trainer, metrics, session.step)
 
     # ---- the training loss -----------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._buffer, self._slots = None, []
-        window, slots = self._restored_window
-        if slots:  # resumed: the losses of the unfinished window come first
-            self._buffer = torch.zeros(self.check_every_n_steps, device=pl_module.device)
-            self._buffer[: len(window)] = torch.tensor(window, device=pl_module.device)
-            self._slots = slots
-        self._restored_window = ([], [])
+        self._window.start(pl_module.device)  # resumed: the losses of the unfinished window come first
         if self._last_check is not None and 0 < trainer.global_step == self._last_check[0]:
             self.log_scalars(trainer, self._last_check[1])  # purged at the resume step with the next batch's logs
         super().on_train_start(trainer, pl_module)
@@ -423,91 +298,47 @@ class StabilityMonitor(ProbeCallback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch_step = (
-            trainer.global_step
-        )  # the step this batch's loss belongs to (``self.global_step`` in training_step)
-        self._backward = []
+        self._window.batch_start(trainer.global_step)  # the step of this batch's loss (``self.global_step``)
 
     @override
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         """Under manual optimisation, the losses the step gives to ``manual_backward`` (a device copy, no sync)."""
-        if not pl_module.automatic_optimization and isinstance(loss, Tensor) and loss.numel() == 1:
-            self._backward.append(loss.detach().float().reshape(()))
+        if not pl_module.automatic_optimization:
+            self._window.backward(loss)
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if not isinstance(loss, Tensor) and self._backward:  # manual optimisation, training_step returned no loss
-            loss = torch.stack(self._backward).mean()
-        self._backward = []
-        if isinstance(loss, Tensor):
-            if self._buffer is None:
-                self._buffer = torch.zeros(self.check_every_n_steps, device=loss.device)
-            self._buffer[len(self._slots)] = loss.detach().reshape(())  # a device copy, no sync
-            self._slots.append(self._batch_step)
-        else:
-            self._slots.append(None)
-        if len(self._slots) >= self.check_every_n_steps:
+        if self._window.batch_end(outputs):
             self._check_losses(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._slots:
+        if self._window.slots:
             self._check_losses(trainer, pl_module)
         super().on_train_epoch_end(trainer, pl_module)
 
     def _check_losses(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        n = len(self._slots)
         with self.guarded("the loss check", trainer):  # rank-local; the ranks agree on failures before the reduce
-            device = self._buffer.device if self._buffer is not None else pl_module.device
-            have = torch.tensor([s is not None for s in self._slots], dtype=torch.float32, device=device)
-            values = self._buffer[:n] if self._buffer is not None else torch.zeros(n, device=device)
-            both = torch.stack([torch.where(have > 0, values, torch.zeros_like(values)), have])
+            both = self._window.stacked(pl_module.device)
         if trainer.world_size > 1:
             agree(trainer, [self])
         if self.failed:
             return
         both = trainer.strategy.reduce(both, reduce_op="sum")  # all ranks: the global mean loss of each batch
-        sums, counts = both.tolist()
-        if self._buffer is not None:
-            self._buffer.zero_()
-        steps = self._slots
-        self._slots = []
-        kept = [(s / c, steps[i]) for i, (s, c) in enumerate(zip(sums, counts, strict=True)) if c > 0]
-        scan = scan_losses(
-            [v for v, _ in kept], self.loss_ema, self.ema_count, self.ema_decay, self.spike_factor, self.spike_warmup,
-            self.spike_atol,
-        )  # fmt: skip
+        kept = self._window.drain(*both.tolist())
+        spikes = (self.ema_decay, self.spike_factor, self.spike_warmup, self.spike_atol)
+        scan = scan_losses([v for v, _ in kept], self.loss_ema, self.ema_count, *spikes)
         self.loss_ema, self.ema_count = scan.ema, scan.count
-        events: list[tuple[str, str]] = []
-        if scan.nonfinite:
-            i, value = scan.nonfinite[0]
-            events.append(
-                ("loss:nonfinite", f"StabilityMonitor: loss={value} is non-finite (batch of step {kept[i][1]})")
-            )
         if scan.spikes:
-            i, value, ema = scan.spikes[0]
             self.last_spike_step = kept[scan.spikes[-1][0]][1]
-            more = f" (+{len(scan.spikes) - 1} more since the last check)" if len(scan.spikes) > 1 else ""
-            events.append((
-                "spike",
-                f"StabilityMonitor: loss={value:.4g} > spike_factor={self.spike_factor:g} x loss_ema={ema:.4g} "
-                f"(and by more than spike_atol={self.spike_atol:g}) "
-                f"(loss spike, batch of step {kept[i][1]}){more}",
-            ))  # fmt: skip
-        self._act(trainer, events, scope=("loss:",))
+        events = loss_events(scan, kept, self.spike_factor, self.spike_atol)
+        self._flags.act(trainer, events, ("loss:",), self.action)
         if not kept:  # no rank had a loss in this window: nothing was checked, so nothing is logged
             if self.loss_ema is None:
-                warn_once(
-                    self,
-                    "loss",
-                    "StabilityMonitor: no training loss to check: training_step returned no loss (outputs has no "
-                    "'loss') and none went through manual_backward; loss_ema, loss_spike and nonfinite are not "
-                    "logged (return the loss from training_step to have it checked)",
-                )
+                warn_once(self, "loss", NO_LOSS)
             return
         metrics = {self.key("loss_spike"): float(bool(scan.spikes)), self.key("nonfinite"): float(bool(scan.nonfinite))}
         if self.loss_ema is not None:

@@ -123,8 +123,13 @@ def brute_force_max_flow(layers: list[Tensor], src: int, dst: int) -> float:
     """Minimum s-t cut by enumerating every node subset (max-flow min-cut theorem); node = l * T + t."""
     T = layers[0].shape[0]
     n = (len(layers) + 1) * T
-    edges = [((d - 1) * T + k, d * T + i, float(a[i, k])) for d, a in enumerate(layers, 1)
-             for i in range(T) for k in range(T) if a[i, k] > 0]  # fmt: skip
+    edges = [
+        ((d - 1) * T + k, d * T + i, float(a[i, k]))
+        for d, a in enumerate(layers, 1)
+        for i in range(T)
+        for k in range(T)
+        if a[i, k] > 0
+    ]
     others = [v for v in range(n) if v not in (src, dst)]
     best = math.inf
     for bits in itertools.product((False, True), repeat=len(others)):

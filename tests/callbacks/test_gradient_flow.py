@@ -13,8 +13,9 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from pdelightning.analysis.gradients import group_parameters
 from pdelightning.callbacks._targets import TargetNotFoundError
-from pdelightning.callbacks.gradient_flow import GradientFlow, group_parameters, grouped_norms, update_ratio
+from pdelightning.callbacks.gradient_flow import GradientFlow
 from tests.helpers.loggers import MemoryLogger
 from tests.helpers.models import MLPModule, StockEncoderModule, image_loaders, our_task
 from tests.helpers.tb import read_events
@@ -56,36 +57,18 @@ def _loader(n: int = 8) -> DataLoader:
 def _trainer(logger: Logger | bool, callbacks: list, **kw: Any) -> L.Trainer:
     kw = {"max_epochs": 1, "limit_val_batches": 0, "num_sanity_val_steps": 0, **kw}
     return L.Trainer(
-        logger=logger, callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, **kw,
-    )  # fmt: skip
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kw,
+    )
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)  # model initialisation and loader shuffling: the same in every test order
-
-
-# ---- pure functions ------------------------------------------------------------------------------------------
-def test_grouped_norms_match_vector_norm() -> None:
-    g = torch.Generator().manual_seed(1)
-    tensors = [torch.randn(s, generator=g) for s in [(3, 4), (5,), (2, 2, 2), (7,), (1,)]]
-    groups = torch.tensor([0, 2, 0, 2, 1])
-    l2 = grouped_norms(tensors, groups, 4)
-    l1 = grouped_norms(tensors, groups, 4, ord=1)
-    for k in range(3):
-        members = torch.cat([t.flatten() for t, gi in zip(tensors, groups.tolist(), strict=True) if gi == k])
-        assert l2[k] == pytest.approx(float(torch.linalg.vector_norm(members)), rel=1e-6)
-        assert l1[k] == pytest.approx(float(members.abs().sum()), rel=1e-6)
-    assert l2[3] == 0 and l1[3] == 0  # empty group
-    with pytest.raises(ValueError, match="ord=3"):
-        grouped_norms(tensors, groups, 4, ord=3)
-
-
-def test_update_ratio() -> None:
-    before = [torch.tensor([3.0, 4.0]), torch.tensor([1.0])]
-    after = [torch.tensor([3.0, 4.5]), torch.tensor([2.0])]
-    assert update_ratio(before, after, torch.tensor([0, 1]), 2).tolist() == pytest.approx([0.1, 1.0])
 
 
 @pytest.mark.parametrize(

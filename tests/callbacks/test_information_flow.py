@@ -1,24 +1,18 @@
-"""InformationFlow: the CKA / correlation math against known answers, and the callback end to end."""
+"""InformationFlow end to end (its CKA / correlation math: tests/analysis/test_representation.py, test_cka_hsic.py)."""
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import lightning.pytorch as L
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
 from lightning.pytorch.loggers import TensorBoardLogger
-from scipy import stats
-from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from pdelightning.analysis.representation import padding_mask_from_inputs, pool_tokens
-from pdelightning.callbacks._cka import cka_matrix, gram_linear, hsic_biased, hsic_unbiased, linear_cka
 from pdelightning.callbacks._targets import TargetNotFoundError
-from pdelightning.callbacks.information_flow import InformationFlow, consecutive_correlations, layer_correlation
+from pdelightning.callbacks.information_flow import InformationFlow
 from pdelightning.models import PDEClassifier, TransformerClassifier
 from pdelightning.task import ClassificationTask
 from tests.helpers.models import MLPModule, StockEncoderModule, image_loaders, our_task
@@ -29,159 +23,6 @@ PREFIX = "analysis/information_flow"
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-# ---- CKA and HSIC ----------------------------------------------------------------------------------------
-def _hsic_u_statistic(K: Tensor, L: Tensor) -> float:
-    """Song et al. (2012) HSIC_1 by its definition: the U-statistic over ordered distinct 4-tuples."""
-    K, L = K.double().tolist(), L.double().tolist()
-    n = len(K)
-    total = 0.0
-    for i, j, q, r in itertools.permutations(range(n), 4):
-        total += K[i][j] * L[i][j] + K[i][j] * L[q][r] - 2 * K[i][j] * L[i][q]
-    return total / (n * (n - 1) * (n - 2) * (n - 3))
-
-
-def _hsic_closed_form_loops(K: Tensor, L: Tensor) -> float:
-    """The closed form of Song et al. (2012, eq. 5), written with plain loops over entries."""
-    K, L = K.double().tolist(), L.double().tolist()
-    n = len(K)
-    Kt = [[0.0 if i == j else K[i][j] for j in range(n)] for i in range(n)]
-    Lt = [[0.0 if i == j else L[i][j] for j in range(n)] for i in range(n)]
-    trace = sum(Kt[i][j] * Lt[j][i] for i in range(n) for j in range(n))
-    sum_k = sum(map(sum, Kt))
-    sum_l = sum(map(sum, Lt))
-    one_kl_one = sum(Kt[i][j] * Lt[j][m] for i in range(n) for j in range(n) for m in range(n))
-    return (trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2 / (n - 2) * one_kl_one) / (n * (n - 3))
-
-
-def test_hsic_unbiased_matches_u_statistic_and_loop_formula():
-    g = _gen(1)
-    x, y = torch.randn(7, 3, generator=g), torch.randn(7, 5, generator=g)
-    y = y + x[:, :1]  # dependent, so the value is not ≈ 0
-    K, L_ = gram_linear(x), gram_linear(y)
-    got = float(hsic_unbiased(K, L_))
-    assert got == pytest.approx(_hsic_u_statistic(K, L_), rel=1e-10)
-    assert got == pytest.approx(_hsic_closed_form_loops(K, L_), rel=1e-10)
-    # a non-linear (RBF) kernel too: the estimator is kernel-agnostic
-    rbf = torch.exp(-(torch.cdist(x.double(), x.double()) ** 2))
-    assert float(hsic_unbiased(rbf, L_)) == pytest.approx(_hsic_u_statistic(rbf, L_), rel=1e-10)
-
-
-def test_hsic_biased_matches_centering_matrix():
-    g = _gen(2)
-    x, y = torch.randn(9, 4, generator=g, dtype=torch.float64), torch.randn(9, 2, generator=g, dtype=torch.float64)
-    K, L_ = x @ x.T, y @ y.T
-    H = torch.eye(9, dtype=torch.float64) - 1.0 / 9
-    assert float(hsic_biased(K, L_)) == pytest.approx(float(torch.trace(K @ H @ L_ @ H)) / 64, rel=1e-12)
-
-
-@pytest.mark.parametrize("unbiased", [True, False])
-def test_cka_identity_orthogonal_and_scaling_invariance(unbiased: bool):
-    g = _gen(3)
-    x = torch.randn(50, 12, generator=g)
-    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
-    assert float(linear_cka(x, x, unbiased)) == pytest.approx(1.0, abs=1e-6)
-    assert float(linear_cka(x, x @ q, unbiased)) == pytest.approx(1.0, abs=1e-5)
-    assert float(linear_cka(x, -3.7 * x, unbiased)) == pytest.approx(1.0, abs=1e-6)
-    y = torch.randn(50, 6, generator=g)
-    base = float(linear_cka(x, y, unbiased))
-    assert float(
-        linear_cka(2.5 * x @ q, y @ torch.linalg.qr(torch.randn(6, 6, generator=g))[0], unbiased)
-    ) == pytest.approx(base, abs=1e-5)
-    # not invariant to a general (non-orthogonal) linear map: CKA is not just a rank test
-    skew = torch.diag(torch.logspace(0, 3, 12))
-    assert float(linear_cka(x, x @ skew, unbiased)) < 0.99
-
-
-def test_cka_of_independent_representations_unbiased_near_zero_biased_not():
-    g = _gen(4)
-    unb, bia = [], []
-    for _ in range(5):
-        x, y = torch.randn(64, 256, generator=g), torch.randn(64, 256, generator=g)
-        unb.append(float(linear_cka(x, y)))
-        bia.append(float(linear_cka(x, y, unbiased=False)))
-    assert max(abs(v) for v in unb) < 0.06
-    assert min(bia) > 0.5  # the biased estimator's known inflation when features outnumber samples
-
-
-def test_cka_matrix_matches_pairwise_and_dtype():
-    g = _gen(5)
-    xs = [torch.randn(20, p, generator=g) for p in (5, 7, 3)]
-    xs.append(xs[0] @ torch.randn(5, 5, generator=g))
-    for unbiased in (True, False):
-        m = cka_matrix(xs, unbiased=unbiased)
-        ref = torch.tensor([[float(linear_cka(a, b, unbiased)) for b in xs] for a in xs])
-        torch.testing.assert_close(m, ref, atol=1e-6, rtol=0)
-        torch.testing.assert_close(m.diagonal(), torch.ones(4), atol=1e-6, rtol=0)
-        torch.testing.assert_close(m, m.T)
-        rect = cka_matrix(xs[:2], xs[1:], unbiased=unbiased)
-        assert rect.shape == (2, 3)
-        torch.testing.assert_close(rect, ref[:2, 1:], atol=1e-6, rtol=0)
-    assert m.dtype == torch.float32
-    assert linear_cka(xs[0].double(), xs[1].double()).dtype == torch.float64
-
-
-def test_cka_errors_and_constant_representation():
-    x = torch.randn(3, 2)
-    with pytest.raises(ValueError, match="at least 4 samples"):
-        linear_cka(x, x)
-    assert float(linear_cka(x, x, unbiased=False)) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="same n"):
-        linear_cka(torch.randn(5, 2), torch.randn(6, 2))
-    with pytest.raises(ValueError, match="same n samples"):
-        cka_matrix([torch.randn(5, 2), torch.randn(6, 2)])
-    with pytest.raises(ValueError, match="at least one"):
-        cka_matrix([])
-    assert math.isnan(float(linear_cka(torch.ones(8, 3), torch.randn(8, 3))))
-
-
-# ---- pooling and correlations ----------------------------------------------------------------------------
-def test_padding_mask_and_masked_mean_pooling():
-    x = torch.tensor([[4, 2, 7, 0, 0], [1, 0, 0, 0, 0]])
-    mask = padding_mask_from_inputs(x)
-    assert mask.tolist() == [[False, False, False, True, True], [False, True, True, True, True]]
-    assert padding_mask_from_inputs(x, pad_id=7)[0].tolist() == [False, False, True, False, False]
-    assert padding_mask_from_inputs(torch.rand(2, 5)) is None
-    h = torch.randn(2, 5, 3)
-    pooled = pool_tokens(h, mask)
-    torch.testing.assert_close(pooled[0], h[0, :3].mean(0))
-    torch.testing.assert_close(pooled[1], h[1, 0])
-    flat = pool_tokens(h, mask, "flatten")
-    assert flat.shape == (2, 15)
-    torch.testing.assert_close(flat[0, :9], h[0, :3].flatten())
-    assert flat[0, 9:].abs().sum() == 0
-    torch.testing.assert_close(pool_tokens(h, None), h.mean(1))
-    torch.testing.assert_close(
-        pool_tokens(h, torch.zeros(2, 4, dtype=torch.bool)), h.mean(1)
-    )  # shape mismatch: ignored
-    with pytest.raises(ValueError, match="pooling='max' is not one of"):
-        pool_tokens(h, None, "max")  # type: ignore[arg-type]
-
-
-def test_correlations_known_answers():
-    g = _gen(6)
-    a = torch.randn(10, 6, generator=g)
-    assert float(layer_correlation(a, a)) == pytest.approx(1.0)
-    assert [float(c) for c in consecutive_correlations([a, a, a])] == pytest.approx([1.0, 1.0])
-    assert consecutive_correlations([a, torch.randn(10, 4)]) == [None]
-    # against scipy, flattened
-    b = a + 0.5 * torch.randn(10, 6, generator=g)
-    assert float(layer_correlation(a, b)) == pytest.approx(stats.pearsonr(a.flatten(), b.flatten())[0], abs=1e-6)
-    assert float(layer_correlation(a, b, "spearman")) == pytest.approx(
-        stats.spearmanr(a.flatten(), b.flatten())[0], abs=1e-6
-    )
-    # per sample: mean over rows of the correlation across features
-    per_row = np.mean([np.corrcoef(a[i], b[i])[0, 1] for i in range(10)])
-    assert float(layer_correlation(a, b, mode="per_sample")) == pytest.approx(per_row, abs=1e-6)
-    # a monotone non-linear map: Spearman is 1, Pearson is not
-    e = torch.exp(3 * a)
-    assert float(layer_correlation(a, e, "spearman")) == pytest.approx(1.0, abs=1e-6)
-    assert float(layer_correlation(a, e, "pearson")) < 0.9
-    with pytest.raises(ValueError, match="same shape"):
-        layer_correlation(a, a[:, :3])
-    with pytest.raises(ValueError, match="mode='rows' is not one of"):
-        layer_correlation(a, a, mode="rows")  # type: ignore[arg-type]
 
 
 # ---- the callback: arguments --------------------------------------------------------------------------
@@ -337,11 +178,10 @@ def _cli_style_checkpoint(tmp_path) -> tuple[str, ClassificationTask]:
     return str(path), task
 
 
-def test_reference_from_checkpoint(tmp_path):
+@pytest.mark.parametrize("reference_class", ["pdelightning.task.ClassificationTask", None], ids=["given", "default"])
+def test_reference_from_checkpoint(tmp_path, reference_class):
     path, saved = _cli_style_checkpoint(tmp_path)
-    callback = InformationFlow(
-        reference_checkpoint=path, reference_class="pdelightning.task.ClassificationTask", probe_size=16, figures=False
-    )
+    callback = InformationFlow(reference_checkpoint=path, reference_class=reference_class, probe_size=16, figures=False)
     _, acc = _fit(our_task("transformer", n_layers=2), callback, tmp_path / "run")
     assert isinstance(callback.reference, ClassificationTask)
     assert isinstance(callback.reference.model, PDEClassifier)

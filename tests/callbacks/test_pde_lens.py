@@ -29,10 +29,17 @@ def _one_thread() -> None:
 
 def _fit(task: L.LightningModule, callbacks: list, logger: MemoryLogger | bool = False, **kw) -> L.Trainer:
     trainer = L.Trainer(
-        max_steps=kw.pop("max_steps", 1), logger=logger, callbacks=callbacks, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=kw.pop("enable_checkpointing", False), accelerator="cpu",
-        num_sanity_val_steps=0, limit_val_batches=2, **kw,
-    )  # fmt: skip
+        max_steps=kw.pop("max_steps", 1),
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+        **kw,
+    )
     trainer.fit(task, *image_loaders(n=32, batch_size=8))
     return trainer
 
@@ -156,8 +163,15 @@ def test_pde_fit_history_survives_a_checkpoint(tmp_path: Path) -> None:
     assert [h["step"] for h in saved["history"]] == [0, 2, 4]
     second = PDEFit(every_n_steps=2, budget=None, probe_size=16, probe_batch_size=8)
     trainer = L.Trainer(
-        max_steps=6, logger=False, callbacks=[second], enable_progress_bar=False, enable_model_summary=False,
-        accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=2, enable_checkpointing=False,
-    )  # fmt: skip
+        max_steps=6,
+        logger=False,
+        callbacks=[second],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+        enable_checkpointing=False,
+    )
     trainer.fit(_pde_task(), *image_loaders(n=32, batch_size=8), ckpt_path=tmp_path / "last.ckpt", weights_only=False)
     assert [h["step"] for h in second.history] == [0, 2, 4, 6]  # the restored trajectory, continued

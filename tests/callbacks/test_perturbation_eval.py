@@ -1,8 +1,7 @@
-"""PerturbationEval: the math against known answers, then the callback on our models, a stock encoder and an MLP."""
+"""PerturbationEval on our models, a stock encoder and an MLP (its math: tests/analysis/test_perturbation.py)."""
 
 from __future__ import annotations
 
-import doctest
 import math
 from functools import partial
 from pathlib import Path
@@ -14,17 +13,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import pdelightning.callbacks.perturbation_eval as pe
 from pdelightning.callbacks._targets import TargetNotFoundError
-from pdelightning.callbacks.perturbation_eval import (
-    PerturbationEval,
-    amplification,
-    critical_epsilon,
-    format_eps,
-    gaussian_noise,
-    per_sample_rms,
-    resolve_mode,
-)
+from pdelightning.callbacks.perturbation_eval import PerturbationEval, resolve_mode
 from pdelightning.models import PDEClassifier, TransformerClassifier
 from pdelightning.task import ClassificationTask
 from tests.helpers.models import MLPModule, StockEncoderModule, image_loaders, our_task
@@ -96,17 +86,30 @@ def token_loaders(n: int = 48, max_len: int = 12, vocab: int = 20, seed: int = 0
 def token_task(kind: str, max_len: int = 16) -> ClassificationTask:
     """Our tiny Transformer/PDE model on token ids (picklable, for ``ddp_spawn``)."""
     cls = TransformerClassifier if kind == "transformer" else PDEClassifier
-    model = cls(num_classes=4, d_model=16, n_layers=2, n_heads=2, d_ff=32, input_kind="tokens", vocab_size=20,
-                max_len=max_len, bottleneck_dim=None)  # fmt: skip
+    model = cls(
+        num_classes=4,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        d_ff=32,
+        input_kind="tokens",
+        vocab_size=20,
+        max_len=max_len,
+        bottleneck_dim=None,
+    )
     return ClassificationTask(model, num_classes=4, optimizer=partial(torch.optim.Adam, lr=1e-2))
 
 
 def trainer(tmp_path: Path | None = None, **kw) -> L.Trainer:
     args = dict(
-        max_steps=1, num_sanity_val_steps=0, limit_val_batches=0, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
+        max_steps=1,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         logger=TensorBoardLogger(tmp_path) if tmp_path is not None else False,
-    )  # fmt: skip
+    )
     args.update(kw)
     return L.Trainer(**args)
 
@@ -116,63 +119,6 @@ def probe_once(module: L.LightningModule, loaders, tmp_path: Path | None = None,
     cb = PerturbationEval(every_n_epochs=None, probe_at_start=True, probe_size=kw.pop("probe_size", 32), **kw)
     trainer(tmp_path, callbacks=[cb]).fit(module, *loaders)
     return cb
-
-
-# ---- pure functions ----------------------------------------------------------------------------------------------
-def test_doctests() -> None:
-    assert doctest.testmod(pe, raise_on_error=False).failed == 0
-
-
-def test_format_eps() -> None:
-    assert format_eps(1e-3) == "1e-03"
-    assert format_eps(1.0) == "1e+00"
-    assert format_eps(10**-3.5) == "3.16e-04"
-    assert len({format_eps(e) for e in pe.DEFAULT_EPSILONS}) == 11
-
-
-def test_critical_epsilon_on_hand_made_curves() -> None:
-    eps = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
-    assert critical_epsilon(eps, [1.0, 1.1, 1.9, 2.1, 5.0], 1.0) == 1e-1
-    assert critical_epsilon(eps, [1.0, 1.1, 1.9, 2.1, 5.0], 1.0, factor=1.5) == 1e-2
-    assert critical_epsilon(eps, [1.0, 1.1, 2.0, 2.0, 2.0], 1.0) != critical_epsilon(
-        eps, [1.0, 1.1, 2.0, 2.0, 2.1], 1.0
-    )
-    assert math.isnan(critical_epsilon(eps, [1.0, 1.1, 2.0, 2.0, 2.0], 1.0))  # exactly 2x does not depart
-    assert critical_epsilon(eps, [1.0, float("inf"), 1.0, 1.0, 1.0], 1.0) == 1e-3  # a diverged forward departs
-    assert critical_epsilon(eps[::-1], [5.0, 2.1, 1.9, 1.1, 1.0], 1.0) == 1e-1  # order of the grid does not matter
-    assert math.isnan(critical_epsilon(eps, [1.0] * 5, float("nan")))
-    with pytest.raises(ValueError, match="2 losses"):
-        critical_epsilon(eps, [1.0, 2.0], 1.0)
-
-
-def test_noise_is_per_sample_and_shard_invariant() -> None:
-    idx = torch.arange(8)
-    z = gaussian_noise(idx, [5, 3], seed=3)
-    for rank in range(2):  # a strided shard as ProbeSet makes them
-        assert torch.equal(gaussian_noise(idx[rank::2], [5, 3], seed=3), z[rank::2])
-    assert torch.equal(gaussian_noise(idx, [5, 3], seed=3), z)  # deterministic
-    assert not torch.equal(gaussian_noise(idx, [5, 3], seed=4), z)  # the seed matters
-    assert not torch.equal(z[0], z[1])  # samples differ
-    # with a padding mask: zero at padding, and the same draws whatever the padded length
-    valid = torch.tensor([[True, True, False, False, False], [True, True, True, True, False]])
-    zm = gaussian_noise(idx[:2], [5, 3], seed=3, valid=valid)
-    assert zm[0, 2:].abs().sum() == 0 and zm[1, 4:].abs().sum() == 0
-    longer = torch.cat([valid, torch.zeros(2, 3, dtype=torch.bool)], 1)
-    assert torch.equal(gaussian_noise(idx[:2], [8, 3], seed=3, valid=longer)[:, :5], zm)
-
-
-def test_per_sample_rms_and_amplification() -> None:
-    u = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]])
-    assert torch.allclose(per_sample_rms(u), torch.tensor([2.5, 1.0]))
-    valid = torch.tensor([[True, False], [True, True]])
-    assert torch.allclose(per_sample_rms(u, valid), torch.tensor([12.5**0.5, 1.0]))
-    dh0 = torch.randn(3, 4, 5)
-    assert torch.equal(amplification(dh0, dh0), torch.ones(3))  # identity layer
-    assert torch.equal(amplification(2 * dh0, dh0), torch.full((3,), 2.0))  # doubling layer
-    dh = dh0.clone()
-    dh[:, 3] = 100.0  # a change at a padded position is not counted
-    assert torch.allclose(amplification(dh, dh0, torch.tensor([[True, True, True, False]] * 3)), torch.ones(3))
-    assert torch.isnan(amplification(dh0, torch.zeros(3, 4, 5))).all()
 
 
 def test_resolve_mode() -> None:
@@ -206,9 +152,13 @@ def test_bad_arguments(kw: dict, match: str) -> None:
 def test_amplification_of_identity_and_doubling_layers(mode: str) -> None:
     torch.manual_seed(0)
     cb = probe_once(
-        ToyModule(scales=(1.0, 2.0, 2.0)), image_loaders(n=32), mode=mode, layers="layers.*", embedding="embed",
+        ToyModule(scales=(1.0, 2.0, 2.0)),
+        image_loaders(n=32),
+        mode=mode,
+        layers="layers.*",
+        embedding="embed",
         epsilons=[1e-12, 1e-1],
-    )  # fmt: skip
+    )
     m = cb.last_metrics
     assert m[f"{K}/amplification/layers.0"] == pytest.approx(1.0, rel=1e-6)
     assert m[f"{K}/amplification/layers.1"] == pytest.approx(2.0, rel=1e-6)
@@ -237,8 +187,9 @@ def test_fgsm_beats_random_noise_on_a_trained_linear_model_and_leaves_parameter_
     torch.manual_seed(0)
     module = LinearModule()
     train, val = image_loaders(n=96)
-    L.Trainer(max_epochs=8, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              enable_checkpointing=False).fit(module, train)  # fmt: skip
+    L.Trainer(
+        max_epochs=8, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False
+    ).fit(module, train)
     for p in module.parameters():
         p.grad = None
     cb = PerturbationEval(budget=None, probe_size=64, epsilons=[1e-2, 1e-1, 1.0], fgsm=True)  # step 0 only
@@ -323,9 +274,13 @@ def test_our_models_log_every_documented_key(kind: str, tmp_path: Path) -> None:
 def test_stock_encoder_via_globs(mode: str) -> None:
     torch.manual_seed(0)
     cb = probe_once(
-        StockEncoderModule(), image_loaders(n=32), mode=mode, layers="encoder.layers.*", embedding="proj",
+        StockEncoderModule(),
+        image_loaders(n=32),
+        mode=mode,
+        layers="encoder.layers.*",
+        embedding="proj",
         epsilons=[1e-12, 1e-2],
-    )  # fmt: skip
+    )
     m = cb.last_metrics
     assert cb._mode == ("input" if mode == "auto" else "embedding")
     assert {f"{K}/amplification/encoder.layers.0", f"{K}/amplification/encoder.layers.1"} <= set(m)
@@ -349,10 +304,16 @@ def test_mlp_in_input_mode_skips_amplification(tmp_path: Path) -> None:
     m = cb.last_metrics
     assert cb._mode == "input"
     assert set(m) == {
-        f"{K}/loss_clean", f"{K}/acc_clean", f"{K}/critical_eps",
-        f"{K}/detail/departure_ratio", f"{K}/detail/threshold_fraction",
-        f"{K}/loss/eps_0.000000000001", f"{K}/acc/eps_0.000000000001", f"{K}/loss/eps_0.1", f"{K}/acc/eps_0.1",
-    }  # fmt: skip
+        f"{K}/loss_clean",
+        f"{K}/acc_clean",
+        f"{K}/critical_eps",
+        f"{K}/detail/departure_ratio",
+        f"{K}/detail/threshold_fraction",
+        f"{K}/loss/eps_0.000000000001",
+        f"{K}/acc/eps_0.000000000001",
+        f"{K}/loss/eps_0.1",
+        f"{K}/acc/eps_0.1",
+    }
     assert abs(m[f"{K}/loss/eps_0.000000000001"] - m[f"{K}/loss_clean"]) < 1e-6
     assert {f"{K}/loss_clean", f"{K}/loss/eps_0.1"} <= set(read_events(tmp_path).Tags()["scalars"])
 

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pdelightning.callbacks.stability_monitor import StabilityMonitor, scan_losses
+from pdelightning.analysis.stability import scan_losses
+from pdelightning.callbacks.stability_monitor import StabilityMonitor
 from tests.helpers.loggers import MemoryLogger
 from tests.helpers.models import StockEncoderModule, image_loaders
 

@@ -13,16 +13,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
 
-from pdelightning.callbacks._cka import linear_cka
+from pdelightning.analysis.cka import linear_cka
+from pdelightning.analysis.stability import relative_drift
 from pdelightning.callbacks._targets import TargetNotFoundError
-from pdelightning.callbacks.stability_monitor import (
-    StabilityMonitor,
-    eq21_number,
-    pool_tokens,
-    relative_drift,
-    scan_losses,
-    spectral_norm_power,
-)
+from pdelightning.callbacks.stability_monitor import StabilityMonitor
 from pdelightning.probing.hub import ProbeHub
 from pdelightning.task import ClassificationTask
 from tests.helpers.loggers import MemoryLogger
@@ -49,58 +43,6 @@ def _probe_args(**kw: Any) -> dict[str, Any]:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)  # model initialisation and loader shuffling: the same in every test order
-
-
-# ---- pure functions ------------------------------------------------------------------------------------------
-def test_spectral_norm_power_against_matrix_norm() -> None:
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(32, 24, generator=g)
-    true = float(torch.linalg.matrix_norm(W, ord=2))
-    sigma, v = spectral_norm_power(W, None, 200)
-    assert abs(float(sigma) - true) / true < 1e-4
-    assert float(v.norm()) == pytest.approx(1.0, rel=1e-5)
-    assert float(spectral_norm_power(W, None, 3)[0]) <= true * (1 + 1e-6)  # a lower bound at every iteration
-    # warm start: the weights moved a little since the last probe; 2 iterations from the old vector suffice
-    W2 = W + 1e-2 * torch.randn(32, 24, generator=g)
-    true2 = float(torch.linalg.matrix_norm(W2, ord=2))
-    warm = abs(float(spectral_norm_power(W2, v, 2)[0]) - true2) / true2
-    cold = abs(float(spectral_norm_power(W2, None, 2)[0]) - true2) / true2
-    assert warm < 1e-4 < 1e-2 < cold
-    # unusable warm starts fall back to the seeded cold start
-    for bad in (torch.zeros(24), torch.ones(7), torch.full((24,), float("nan"))):
-        assert float(spectral_norm_power(W, bad, 5)[0]) == float(spectral_norm_power(W, None, 5)[0])
-    assert float(spectral_norm_power(torch.diag(torch.tensor([3.0, -5.0, 1.0])), None, 50)[0]) == pytest.approx(5.0)
-    with pytest.raises(ValueError, match="expected a matrix"):
-        spectral_norm_power(torch.ones(3))
-    with pytest.raises(ValueError, match="n_iter=0"):
-        spectral_norm_power(W, None, 0)
-
-
-def test_eq21_number_by_hand() -> None:
-    # 2 * 0.5 * 0.1 / 0.5**2 + |-2| * 0.1 * 3 = 0.4 + 0.6
-    assert eq21_number(torch.tensor([0.1, 0.5, 0.2]), -2.0, 0.1, 0.5, 3.0) == pytest.approx(1.0)
-    assert eq21_number(torch.tensor([0.0]), 1.0, 0.25, 1.0, 2.0) == pytest.approx(0.5)  # no diffusion
-    assert eq21_number(0.25, 0.0, 1.0, 1.0, 10.0) == pytest.approx(0.5)  # scalar D, no attention
-
-
-def test_scan_losses() -> None:
-    scan = scan_losses([1.0, float("inf"), 1.0, 1.0, 10.0, 1.0], None, 0, decay=0.9, spike_factor=3.0, warmup=3)
-    assert [i for i, _ in scan.nonfinite] == [1]
-    assert scan.spikes == [(4, 10.0, pytest.approx(1.0))]
-    # the spike enters clipped to 3 x EMA: 0.9 + 0.1 * 3 = 1.2, then 0.9 * 1.2 + 0.1 = 1.18
-    assert scan.ema == pytest.approx(1.18) and scan.count == 5
-    # no spikes before the warm-up, none at all without a factor, the state carries over between calls
-    assert not scan_losses([1.0, 10.0], None, 0, warmup=3).spikes
-    assert not scan_losses([1.0] * 5 + [100.0], None, 0, spike_factor=None, warmup=0).spikes
-    assert scan_losses([10.0], 1.0, 50, decay=0.5, warmup=3).spikes == [(0, 10.0, 1.0)]
-
-
-def test_relative_drift_and_pooling() -> None:
-    g = torch.Generator().manual_seed(0)
-    u0, h = torch.randn(4, 5, 3, generator=g), torch.randn(4, 5, 3, generator=g)
-    assert relative_drift(h, u0) == pytest.approx(float((h - u0).flatten().norm() / u0.flatten().norm()), rel=1e-6)
-    assert relative_drift(u0, u0) == 0.0
-    assert torch.equal(pool_tokens(h), h.mean(1)) and torch.equal(pool_tokens(h[:, 0]), h[:, 0])
 
 
 def test_bad_arguments() -> None:
@@ -368,14 +310,3 @@ def test_ddp_nan_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     assert [r["step"] for r in results] == [3, 3]
     assert all(r["reason"] is not None and "loss=nan" in r["reason"] for r in results)
     assert results[0]["ema_count"] == results[1]["ema_count"] == 2  # identical histories on every rank
-
-
-def test_noise_around_a_small_loss_is_not_a_spike() -> None:
-    # 0.44 is 7x an EMA of 0.06 but only 0.38 above it: batch noise late in training, not an instability.
-    quiet = scan_losses([0.06] * 30 + [0.44, 0.06], ema=None, count=0, decay=0.9, spike_factor=3.0, warmup=20)
-    assert quiet.spikes == []
-    loud = scan_losses([0.06] * 30 + [2.5, 0.06], ema=None, count=0, decay=0.9, spike_factor=3.0, warmup=20)
-    assert [i for i, _, _ in loud.spikes] == [30]
-    # with atol=0 the relative rule alone decides
-    strict = scan_losses([0.06] * 30 + [0.44], ema=None, count=0, decay=0.9, spike_factor=3.0, warmup=20, atol=0.0)
-    assert [i for i, _, _ in strict.spikes] == [30]
