@@ -30,10 +30,12 @@ from pdelightning.analysis.gradients import (  # noqa: F401 (moved there; the ol
 )
 from pdelightning.callbacks._layout import DETAIL, finite_only, is_detail
 from pdelightning.callbacks._outputs import log_histogram, steps_aside_without_logger, takes_histograms
-from pdelightning.callbacks._probe import DEFAULT_BUDGET, ON_MISSING, log_scalars, write_layout
+from pdelightning.callbacks._scalars import log_scalars, write_layout
 from pdelightning.callbacks._strategy import warn_unverified_strategy
+from pdelightning.callbacks.base import ON_MISSING
 from pdelightning.probing.guard import GuardedCallback, agree
 from pdelightning.probing.hub import ProbeHub
+from pdelightning.probing.planner import DEFAULT_BUDGET
 from pdelightning.probing.sharding import is_sharded, sharded_sums
 
 EMBEDDING, HEAD, OTHER = "embedding", "head", "other"

@@ -29,12 +29,13 @@ from pdelightning.analysis.representation import (  # noqa: F401 (moved there; t
     layer_correlation,
     pool_tokens,
 )
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.callbacks._reference import import_lightning_module_class, load_reference_checkpoint
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.plots import cka_figure, heatmap_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeHub, ProbeSession
+from pdelightning.probing.store import GatherStore
 
 Pooling = Literal["mean", "flatten"]
 POOLINGS = ("mean", "flatten")

@@ -44,11 +44,12 @@ from pdelightning.analysis.information import (  # noqa: F401 (moved there; the 
 )
 from pdelightning.analysis.linear_probe import crossfit_probe_information
 from pdelightning.analysis.representation import pool_tokens
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.plots import information_plane_figure
 from pdelightning.probing.batch import primary_input
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+from pdelightning.probing.store import GatherStore
 
 Estimator = Literal["probe", "kde", "binning"]
 Pooling = Literal["mean", "flatten"]

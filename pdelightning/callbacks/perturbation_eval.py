@@ -39,12 +39,14 @@ from pdelightning.analysis.perturbation import (  # noqa: F401 (the old import p
     per_sample_rms,
     sample_seed,
 )
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback, validation_loader
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.plots import loss_vs_eps_figure
 from pdelightning.probing.batch import per_sample_loss, primary_input, repeat_batch, with_primary_input
 from pdelightning.probing.capture import Captured, Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+from pdelightning.probing.loaders import validation_loader
+from pdelightning.probing.store import GatherStore
 
 PerturbationMode = Literal["auto", "input", "embedding"]
 MODES = ("auto", "input", "embedding")

@@ -36,10 +36,11 @@ from pdelightning.analysis.stability import (  # noqa: F401 (moved there; the ol
     scan_losses,
     spectral_norm_power,
 )
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.probing.capture import Request
 from pdelightning.probing.guard import agree
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+from pdelightning.probing.store import GatherStore
 from pdelightning.utils import warn_once
 
 ACTIONS = ("warn", "stop")
