@@ -3,8 +3,10 @@
 A probe callback declares what it needs from a probe forward (:meth:`ProbeCallback.request`, and
 :meth:`ProbeCallback.extra_models` for reference and null models), and consumes the shared captures batch by
 batch (:meth:`ProbeCallback.consume`) before finishing with its collectives and logging
-(:meth:`ProbeCallback.finish`). The forwards themselves are run once for all callbacks due at a step by the
-trainer's :class:`~pdelightning.probing.hub.ProbeHub`.
+(:meth:`ProbeCallback.finish`). It implements the hub's protocol (:class:`~pdelightning.probing.ProbeClient`): the
+trainer's :class:`~pdelightning.probing.ProbeHub` decides who is due (its :class:`~pdelightning.probing.ProbePlanner`)
+and runs the forwards once for all callbacks due at a step. Subclass it to write your own analysis (an example, run
+by a test, is in this folder's ``README.md``).
 
 **Cadence.** By default a callback runs under a time budget (``budget=0.03``: analysis at most 3 % of the training
 wall time, probes spaced by measuring what they and a training step cost; always at the start and the end of
@@ -87,6 +89,16 @@ class ProbeCallback(ProbeOutput, GuardedCallback):
     Raises:
         ValueError: for non-positive cadences or sizes, a budget outside (0, 1), an unknown ``on_missing`` or
             ``on_error``, or no cadence at all.
+
+    Example::
+
+        class HiddenNorm(ProbeCallback):  # the whole example: callbacks/README.md
+            name = "hidden_norm"
+
+            def request(self) -> Request:
+                return Request(hidden=True)
+
+            def consume(self, pb: ProbeBatch) -> None: ...  # pb.captured["model"].hidden: {layer: [B, T, d]}
     """
 
     #: what the model must offer (``"layers"``, ``"attention"``, ...); setup checks it
