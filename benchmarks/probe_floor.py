@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 import pdelightning.probing.session as session_module
-from pdelightning.callbacks._probe import ProbeCallback
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.callbacks.plugin import build_callbacks
 from pdelightning.cli import build_cli
 from pdelightning.probing.hub import ProbeHub

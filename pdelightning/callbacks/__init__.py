@@ -1,8 +1,11 @@
-"""Analysis callbacks that attach to any Lightning run (see ``README.md`` in this folder)."""
+"""Analysis callbacks that attach to any Lightning run, and their base :class:`ProbeCallback` to write your own
+(see ``README.md`` in this folder).
+"""
 
 from pdelightning.callbacks._targets import TargetNotFoundError
 from pdelightning.callbacks.attention_rollout import AttentionRollout
 from pdelightning.callbacks.attention_similarity import AttentionSimilarity
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.callbacks.gradient_flow import GradientFlow
 from pdelightning.callbacks.information_flow import InformationFlow
 from pdelightning.callbacks.jacobian_stability import JacobianStability
@@ -20,6 +23,7 @@ __all__ = [
     "LayerMutualInformation",
     "PDEFit",
     "PerturbationEval",
+    "ProbeCallback",
     "StabilityMonitor",
     "TargetNotFoundError",
 ]

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from pdelightning.adapters.registry import TargetNotFoundError, clean_name, resolve
 from pdelightning.analysis.gradients import param_group_members
 from pdelightning.callbacks._outputs import log_histogram
-from pdelightning.callbacks._probe import DEFAULT_BUDGET
+from pdelightning.probing.planner import DEFAULT_BUDGET
 from pdelightning.probing.sharding import sharded_sums
 
 SHARDED_NO_HISTOGRAMS = (

@@ -24,10 +24,10 @@ from pdelightning.analysis.perturbation import (
     per_sample_rms,
     scale_rows,
 )
-from pdelightning.callbacks._probe import validation_loader
 from pdelightning.probing.batch import per_sample_loss, primary_input, repeat_batch, with_primary_input
 from pdelightning.probing.capture import Captured, Request
 from pdelightning.probing.hub import ProbeBatch
+from pdelightning.probing.loaders import validation_loader
 
 Mode = Literal["input", "embedding"]
 

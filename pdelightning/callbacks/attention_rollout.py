@@ -18,10 +18,11 @@ from typing_extensions import override
 
 from pdelightning.adapters.windowed import dense_attention, skip_once, stages
 from pdelightning.analysis.rollout import attention_rollout, fuse_heads, row_entropy
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.plots import rollout_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+from pdelightning.probing.store import GatherStore
 
 _CHUNK_ELEMENTS = 2**24  # windowed models: samples whose [T, T] rollouts fit this many entries go through at once
 
@@ -41,7 +42,7 @@ class AttentionRollout(ProbeCallback):
     Args:
         residual_weight: weight ``w`` of the identity (the residual path) in each layer's matrix, in ``[0, 1)``.
         head_fusion: ``"mean"``, ``"max"`` or ``"min"`` over heads.
-        **kwargs: the :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments.
+        **kwargs: the :class:`~pdelightning.callbacks.ProbeCallback` arguments.
 
     Raises:
         ValueError: for ``residual_weight`` outside ``[0, 1)`` or an unknown ``head_fusion``.

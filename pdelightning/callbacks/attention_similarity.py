@@ -54,15 +54,16 @@ from pdelightning.analysis.attention import (  # noqa: F401 (the old import path
     uniform_over_support,
 )
 from pdelightning.callbacks._layout import DETAIL
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.callbacks._reference import freeze, load_reference, reinitialised_copy
 from pdelightning.callbacks._targets import module_copy, unwrap
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.plots import attention_by_layer_figure, attention_maps_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 from pdelightning.probing.probe_set import partner_rows
 from pdelightning.probing.sharding import full, is_sharded, shard_copies, shard_like
+from pdelightning.probing.store import GatherStore
 
 NULLS = ("uniform", "shuffled", "random_init")
 """The null baselines: uniform attention, the reference on another probe sample, a re-initialised model copy."""
@@ -158,7 +159,7 @@ class AttentionSimilarity(ProbeCallback):
         trust_checkpoint: load ``reference_checkpoint`` with ``weights_only=False``, running its pickle code; only
             for a file whose author you trust (by default it is loaded as data, and a file holding any other
             pickle global is refused with ``UntrustedFileError``).
-        **kwargs: :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (cadence, probe set, globs).
+        **kwargs: :class:`~pdelightning.callbacks.ProbeCallback` arguments (cadence, probe set, globs).
 
     Raises:
         ValueError: on conflicting reference arguments, an unknown null or ``match_by``, a bad ``eps`` or

@@ -33,8 +33,9 @@ from pdelightning.callbacks._gradient_flow import (
 )
 from pdelightning.callbacks._layout import DETAIL, finite_only, is_detail
 from pdelightning.callbacks._outputs import steps_aside_without_logger, takes_histograms
-from pdelightning.callbacks._probe import ON_MISSING, log_scalars, write_layout
+from pdelightning.callbacks._scalars import log_scalars, write_layout
 from pdelightning.callbacks._strategy import warn_unverified_strategy
+from pdelightning.callbacks.base import ON_MISSING
 from pdelightning.probing.guard import GuardedCallback, agree
 from pdelightning.probing.hub import ProbeHub
 from pdelightning.probing.sharding import is_sharded

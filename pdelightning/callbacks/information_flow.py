@@ -26,12 +26,13 @@ from pdelightning.analysis.representation import (
     compare_representations,
     pool_tokens,
 )
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.callbacks._reference import import_lightning_module_class, load_reference_checkpoint
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.plots import cka_figure, heatmap_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeHub, ProbeSession
+from pdelightning.probing.store import GatherStore
 
 Pooling = Literal["mean", "flatten"]
 POOLINGS = ("mean", "flatten")
@@ -94,7 +95,7 @@ class InformationFlow(ProbeCallback):
         trust_checkpoint: load ``reference_checkpoint`` with ``weights_only=False``, running its pickle code; only
             for a file whose author you trust (by default it is loaded as data, and a file holding any other
             pickle global is refused with ``UntrustedFileError``).
-        **kwargs: the :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (``every_n_steps``,
+        **kwargs: the :class:`~pdelightning.callbacks.ProbeCallback` arguments (``every_n_steps``,
             ``every_n_epochs``, ``probe_at_start``, ``probe_size``, ``probe_batch_size``, ``layers``, ``attention``,
             ``embedding``, ``seed``, ``figure_every_n_probes``).
 

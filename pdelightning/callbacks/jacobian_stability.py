@@ -24,13 +24,14 @@ from pdelightning.adapters.windowed import skip_once, stage_name, stages
 from pdelightning.analysis.jacobian import compose, jacobian_spectral_norm_block
 from pdelightning.analysis.perturbation import gaussian_noise
 from pdelightning.analysis.stability import eq21_number, exact_spectral_norm
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.callbacks.pde_fit import step_of
 from pdelightning.models.protocol import LayerTarget
 from pdelightning.probing.batch import map_tensors
 from pdelightning.probing.capture import Request, first_input, replace_first_input
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 from pdelightning.probing.sharding import is_sharded
+from pdelightning.probing.store import GatherStore
 
 _CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache_position")
 
@@ -114,7 +115,7 @@ class JacobianStability(ProbeCallback):
         block: directions per sample.
         dt: ``Δt`` of non-PDE layers for the rate (default ``1/L``).
         lyapunov: also measure the end-to-end exponent.
-        **kwargs: the :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments.
+        **kwargs: the :class:`~pdelightning.callbacks.ProbeCallback` arguments.
 
     Raises:
         ValueError: for non-positive ``max_samples``/``n_iter``/``dt``.

@@ -44,11 +44,12 @@ from pdelightning.analysis.information import (  # noqa: F401 (moved there; the 
 )
 from pdelightning.analysis.linear_probe import crossfit_probe_information
 from pdelightning.analysis.representation import pool_tokens
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.plots import information_plane_figure
 from pdelightning.probing.batch import primary_input
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+from pdelightning.probing.store import GatherStore
 
 Estimator = Literal["probe", "kde", "binning"]
 Pooling = Literal["mean", "flatten"]
@@ -67,7 +68,7 @@ class LayerMutualInformation(ProbeCallback):
     labels over training, read against the information-bottleneck objective of eq. (3). On each probe the
     layer outputs of the fixed probe set are pooled into ``T_l`` (:func:`pool_tokens`: masked mean over
     tokens, padding as the model itself masks it; or ``pooling="flatten"``), gathered across
-    ranks with a :class:`~pdelightning.callbacks._probe.GatherStore` (so a DDP run gives the one-process
+    ranks with a :class:`~pdelightning.probing.store.GatherStore` (so a DDP run gives the one-process
     numbers), and passed to the chosen estimator. All values are in bits.
 
     Estimators (see each function for what it really measures; the measured bias of each on class-conditional
@@ -108,7 +109,7 @@ class LayerMutualInformation(ProbeCallback):
         probe_folds: folds of the cross-fitted probe (``"probe"``).
         pooling: ``"mean"`` (masked mean over tokens) or ``"flatten"`` (all tokens; fixed length only).
         saturation_tol: bits below the ceiling within which an ``I(X;T)`` estimate counts as saturated.
-        **kwargs: the :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (cadence or budget, probe set,
+        **kwargs: the :class:`~pdelightning.callbacks.ProbeCallback` arguments (cadence or budget, probe set,
             globs, ``seed``, which also draws the KDE subset and the probe's folds).
 
     Raises:

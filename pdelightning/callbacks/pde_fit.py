@@ -22,7 +22,7 @@ from pdelightning.adapters.windowed import skip_once
 from pdelightning.analysis.pde_fit import FIT_DIFFUSION, STAT_KEYS, pde_fit_statistics, solve_pde_fit
 from pdelightning.analysis.stability import exact_spectral_norm
 from pdelightning.callbacks._layout import DETAIL
-from pdelightning.callbacks._probe import ProbeCallback
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.models.pde import BOUNDARY_CONDITIONS
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget
 from pdelightning.plots import pde_fit_figure
@@ -70,7 +70,7 @@ class PDEFit(ProbeCallback):
         dt: ``Δt`` of non-PDE layers (default ``1/L``).
         dx: ``Δx`` of non-PDE layers.
         boundary: the Laplacian's boundary for non-PDE layers: ``"dirichlet"``, ``"neumann"`` or ``"periodic"``.
-        **kwargs: the :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (budget or cadence, probe
+        **kwargs: the :class:`~pdelightning.callbacks.ProbeCallback` arguments (budget or cadence, probe
             set, globs, ``on_missing``).
 
     Raises:

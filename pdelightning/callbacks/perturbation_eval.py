@@ -38,12 +38,13 @@ from pdelightning.analysis.perturbation import (
     per_sample_rms,
 )
 from pdelightning.callbacks._perturbation import check_epsilons, fgsm_direction, peek_inputs, perturbed_losses
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.plots import loss_vs_eps_figure
 from pdelightning.probing.batch import primary_input
 from pdelightning.probing.capture import Captured, Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+from pdelightning.probing.store import GatherStore
 
 PerturbationMode = Literal["auto", "input", "embedding"]
 MODES = ("auto", "input", "embedding")
@@ -124,7 +125,7 @@ class PerturbationEval(ProbeCallback):
             every probe and on any number of processes; ``None``: all). With 11 ε each sample costs 11 forwards.
         max_rows: the most rows of one batched perturbation forward (copies beyond it go to further forwards; long
             sequences get fewer, so that one forward's explicit attention stays within ``2^25 T^-2`` rows).
-        **kwargs: :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (cadence, probe set size, globs
+        **kwargs: :class:`~pdelightning.callbacks.ProbeCallback` arguments (cadence, probe set size, globs
             ``layers``/``attention``/``embedding``, ``seed``, which also seeds the noise).
 
     Raises:

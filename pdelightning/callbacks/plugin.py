@@ -109,7 +109,7 @@ def _make(cls: type[Callback], kwargs: dict[str, Any] | None = None) -> Callback
 
 
 def _takes_probe_kwargs(cls: type[Callback]) -> bool:
-    from pdelightning.callbacks._probe import ProbeCallback
+    from pdelightning.callbacks.base import ProbeCallback
 
     return issubclass(cls, ProbeCallback)
 

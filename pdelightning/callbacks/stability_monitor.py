@@ -27,7 +27,6 @@ from pdelightning.analysis.stability import (
     scan_losses,
     summarize_representations,
 )
-from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.callbacks._stability import (
     CHART_TITLES,
     NO_DRIFT,
@@ -38,9 +37,11 @@ from pdelightning.callbacks._stability import (
     loss_events,
     warn_missing_weights,
 )
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.probing.capture import Request
 from pdelightning.probing.guard import agree
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
+from pdelightning.probing.store import GatherStore
 from pdelightning.utils import warn_once
 
 _EMBEDDING = "embedding"
@@ -49,7 +50,7 @@ _EMBEDDING = "embedding"
 class StabilityMonitor(ProbeCallback):
     """Watch the quantities that decide whether the layer map stays stable, and warn or stop when one crosses its bound.
 
-    At each probe (cadence of :class:`~pdelightning.callbacks._probe.ProbeCallback`, step 0 included):
+    At each probe (cadence of :class:`~pdelightning.callbacks.ProbeCallback`, step 0 included):
 
     * **eq. (21)** on PDE layers (``LayerTarget.pde`` set): ``2 D Δt / Δx² + |α| Δt ||W^O||_2`` with ``D`` the
       largest diffusion coefficient, flagged when above ``threshold`` (default 1, the theorem's bound).
@@ -97,7 +98,7 @@ class StabilityMonitor(ProbeCallback):
         ema_decay: decay of the loss EMA, in ``[0, 1)``.
         spike_warmup: losses the EMA must have seen before spikes are flagged.
         spike_atol: a spike must also rise at least this much above the EMA (in loss units; 1 nat by default).
-        **kwargs: the :class:`~pdelightning.callbacks._probe.ProbeCallback` arguments (``every_n_steps``,
+        **kwargs: the :class:`~pdelightning.callbacks.ProbeCallback` arguments (``every_n_steps``,
             ``every_n_epochs``, ``probe_at_start``, ``probe_size``, ``probe_batch_size``, ``layers``, ``attention``,
             ``embedding``, ``seed``, ``figure_every_n_probes``).
 

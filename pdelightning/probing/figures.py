@@ -184,9 +184,14 @@ class FigureWorker:
             self._draw_here(out, tag, step, draw, args, kwargs)
 
     def _draw_here(
-        self, out: FigureOutputs, tag: str, step: int, draw: Callable[..., Any], args: tuple[Any, ...],
+        self,
+        out: FigureOutputs,
+        tag: str,
+        step: int,
+        draw: Callable[..., Any],
+        args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> None:  # fmt: skip
+    ) -> None:
         try:  # a bare Figure draws on its own Agg canvas: the user's pyplot backend is left alone
             figure = draw(*args, **kwargs)
             if out.png_dirs or out.deliver:
@@ -234,9 +239,11 @@ class FigureWorker:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "pdelightning.plots.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                [sys.executable, "-m", "pdelightning.plots.worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
                 env=env,
-            )  # fmt: skip
+            )
         except Exception as err:
             self._cannot_start = True
             rank_zero_warn(f"pdelightning: the figure worker process did not start ({err!r}); drawing figures here")

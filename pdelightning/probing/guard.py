@@ -53,6 +53,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from pdelightning._checks import check_choice
+from pdelightning.probing.protocol import Guarded
 
 __all__ = ["HOOKS", "ON_ERROR", "CallbackFailedWarning", "GuardedCallback", "agree", "fail_all"]
 
@@ -124,6 +125,11 @@ class GuardedCallback(Callback):
         """Whether this callback raised (recorded on this rank, or switched off after an agreement)."""
         return self._failure is not None or self._errored
 
+    @property
+    def failure_pending(self) -> bool:
+        """Whether a failure was recorded on this rank and the ranks have not agreed on it yet (see :func:`agree`)."""
+        return self._failure is not None and not self._errored
+
     def guard_context(self) -> str:
         """What the report says about the model (the adapter family, the model class), or ``""``."""
         return ""
@@ -142,7 +148,7 @@ class GuardedCallback(Callback):
         if self._failure is None and not self._errored:
             self._failure = _describe(err, where)
         if _world(trainer) <= 1:
-            self._switch_off(reporter_rank=0, this_rank=0)
+            self.switch_off(reporter_rank=0, this_rank=0)
         return True
 
     @staticmethod
@@ -160,7 +166,8 @@ class GuardedCallback(Callback):
             if not self.record_failure(err, where, trainer):
                 raise
 
-    def _switch_off(self, reporter_rank: int, this_rank: int) -> None:
+    def switch_off(self, reporter_rank: int, this_rank: int) -> None:
+        """Switch this callback off for the rest of the run; rank ``reporter_rank`` warns (once) with the failure."""
         if self._errored:
             return
         failure = self._failure
@@ -183,7 +190,7 @@ class GuardedCallback(Callback):
         )
 
 
-def agree(trainer: L.Trainer, callbacks: Sequence[GuardedCallback]) -> None:
+def agree(trainer: L.Trainer, callbacks: Sequence[Guarded]) -> None:
     """Switch off, on every rank, each of ``callbacks`` that failed on any rank (see the module docstring).
 
     Every rank must call this at the same point with the same callbacks in the same order (one ``all_reduce``
@@ -193,7 +200,7 @@ def agree(trainer: L.Trainer, callbacks: Sequence[GuardedCallback]) -> None:
     if not callbacks:
         return
     world, rank = trainer.world_size, trainer.global_rank
-    flags = [c._failure is not None and not c._errored for c in callbacks]
+    flags = [c.failure_pending for c in callbacks]
     if world <= 1:
         first = [0 if f else None for f in flags]
     else:
@@ -203,10 +210,10 @@ def agree(trainer: L.Trainer, callbacks: Sequence[GuardedCallback]) -> None:
         first = [None if v <= 0 else world - round(v) for v in t.tolist()]
     for c, r in zip(callbacks, first, strict=True):
         if r is not None:
-            c._switch_off(reporter_rank=r, this_rank=rank)
+            c.switch_off(reporter_rank=r, this_rank=rank)
 
 
-def fail_all(callbacks: Sequence[GuardedCallback], err: BaseException, where: str, trainer: L.Trainer) -> None:
+def fail_all(callbacks: Sequence[Guarded], err: BaseException, where: str, trainer: L.Trainer) -> None:
     """Charge ``err`` (raised by work the ``callbacks`` share, e.g. the probe forward) to each of them; re-raise it
     if any of them has ``on_error="raise"``.
     """

@@ -1,11 +1,13 @@
-"""One probe forward for every callback: the hub that schedules probes, runs them once, and shares the captures.
+"""Running probes: one probe forward for every callback due, the shared captures, the callbacks' steps.
 
-Every :class:`~pdelightning.callbacks._probe.ProbeCallback` attached to a trainer registers with that trainer's
-:class:`ProbeHub`. When a callback's hook fires, the hub collects every callback due at this step, and runs ONE
-pass over the fixed probe set: per probe batch, one forward of the model with the union of the hooks they asked for
-(:class:`~pdelightning.probing.capture.Request`), one forward of each distinct reference or null model, and hands
-every callback the same :class:`ProbeBatch`. Callbacks then finish (collectives, logging) in turn. A callback alone
-works the same way, with a hub of one.
+Every probe callback (a :class:`~pdelightning.probing.protocol.ProbeClient`, e.g.
+:class:`~pdelightning.callbacks.ProbeCallback`) attached to a trainer registers with that trainer's
+:class:`ProbeHub`. When a callback's hook fires, the hub asks its planner (:class:`~pdelightning.probing.planner.
+ProbePlanner`, pure: which callback is due at this moment, the time budget's decisions) which callbacks are due, and
+runs ONE pass over the fixed probe set: per probe batch, one forward of the model with the union of the hooks they
+asked for (:class:`~pdelightning.probing.capture.Request`), one forward of each distinct reference or null model,
+and hands every callback the same :class:`ProbeBatch`. Callbacks then finish (collectives, logging) in turn. A
+callback alone works the same way, with a hub of one.
 
 **Failures.** A probe has a rank-local part (the shared forwards, each callback's ``request``, ``begin`` and
 ``consume``: no collectives) and a collective part (each callback's ``finish``: its gathers first, then rank-zero
@@ -16,17 +18,16 @@ callbacks failed anywhere and switch those off on every rank together
 off before any collective of the probe, on every rank: no rank waits on a gather another rank skipped. The design,
 and the one case it cannot repair, are in :mod:`pdelightning.probing.guard`.
 
-The hub also keeps the time budget (:class:`~pdelightning.probing.schedule.BudgetSchedule`) shared by all callbacks
-in budget mode, measures what each probe costs, logs ``analysis/overhead/fraction`` (analysis seconds over training
-seconds so far) and ``analysis/overhead/probe_seconds``, and sends figures to the figure worker process when a probe
-is over.
+The hub measures what each probe costs (for the planner's budget), logs ``analysis/overhead/fraction`` (analysis
+seconds over training seconds so far) and ``analysis/overhead/probe_seconds``, and sends figures to the figure
+worker process when a probe is over.
 """
 
 from __future__ import annotations
 
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import lightning.pytorch as L
 import torch
@@ -39,36 +40,39 @@ from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing.capture import Request
 from pdelightning.probing.figures import FigureWorker
 from pdelightning.probing.guard import agree, fail_all
+from pdelightning.probing.planner import Moment, ProbePlanner, is_final
 from pdelightning.probing.probe_set import ProbeSet, probe_set_of
+from pdelightning.probing.protocol import Budgeted, ProbeClient
 from pdelightning.probing.schedule import BudgetSchedule
 from pdelightning.probing.session import MODEL, ProbeBatch, ProbeSession, forward_batch
 
 __all__ = ["MODEL", "ProbeBatch", "ProbeHub", "ProbeSession"]
 
-if TYPE_CHECKING:
-    from pdelightning.callbacks._probe import ProbeCallback
-
 _NONE = 2**62  # "no interior probe planned", for reductions (max wins: the most conservative plan)
 
 
 class ProbeHub:
-    """The probes of one trainer (see the module docstring). Get it with :meth:`of`."""
+    """The probes of one trainer (see the module docstring). Get it with :meth:`of`.
+
+    Attributes:
+        callbacks: the probe callbacks attached (in attach order).
+        readers: analysis that is not a probe but spends time under the shared budget (GradientFlow).
+        planner: who is due when, and the budget (:class:`~pdelightning.probing.planner.ProbePlanner`).
+        figures: the figure worker process.
+        final: whether the probes now running are the last of training (read by the callbacks' figures).
+        history: one row per probe: its step, cost and logged overhead, and each part's seconds.
+    """
 
     _hubs: ClassVar[weakref.WeakKeyDictionary[Any, ProbeHub]] = weakref.WeakKeyDictionary()
 
     def __init__(self) -> None:
-        self.callbacks: list[ProbeCallback] = []
-        self.readers: list[Any] = []
+        self.callbacks: list[ProbeClient] = []
+        self.readers: list[Budgeted] = []
+        self.planner = ProbePlanner(clock=time.perf_counter, warn=rank_zero_warn)
         self.figures = FigureWorker()
-        self.schedule: BudgetSchedule | None = None
+        self.final = False
         self._probe_sets: dict[tuple[int, int, int, int, int], ProbeSet] = {}
-        self._t0: float | None = None
-        self._wall_offset = 0.0
-        self._calibrate_at: int | None = None
-        self._started_at: int | None = None
-        self._floor_warned = False
         self._total: tuple[float | None] | None = None  # the run's total steps, read once per fit
-        self.checked: tuple[Any, ...] | None = None  # the last moment (see check_key) every callback was checked at
         self._extra: weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any]] = weakref.WeakKeyDictionary()
         self.last_timings: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
@@ -81,67 +85,44 @@ class ProbeHub:
             hub = cls._hubs[trainer] = cls()
         return hub
 
-    def attach(self, callback: ProbeCallback) -> None:
+    @property
+    def schedule(self) -> BudgetSchedule | None:
+        """The shared budget schedule (the planner's), or ``None`` while nothing is budgeted."""
+        return self.planner.schedule
+
+    def attach(self, callback: ProbeClient) -> None:
         """Register a probe callback (idempotent) and fold its budget into the shared schedule."""
         if callback not in self.callbacks:
             self.callbacks.append(callback)
-        self._fold_budgets()
+        self.planner.fold([*self.callbacks, *self.readers])
 
-    def attach_reader(self, reader: Any) -> None:
+    def attach_reader(self, reader: Budgeted) -> None:
         """Register analysis that is not a probe (GradientFlow's reads) with the shared budget."""
         if reader not in self.readers:
             self.readers.append(reader)
-        self._fold_budgets()
+        self.planner.fold([*self.callbacks, *self.readers])
 
     def record_read(self, trainer: L.Trainer, seconds: float) -> None:
         """Account one read (every rank calls this at the same steps). Without budgeted probe callbacks, reads
         drive the schedule themselves (as probes do); otherwise they only add to the time spent.
         """
-        if self.schedule is None:
-            return
-        if any(c.budget is not None and c.active for c in self.callbacks):
-            self.schedule.add(seconds)
-            return
-        self.schedule.record_probe(trainer.global_step, seconds)
-        total = self.total_steps(trainer)
-        if total is not None and trainer.global_step + 1 >= total:
-            self.schedule.tick(self.wall())
-            return
-        if self.schedule.step_time(trainer.global_step) is not None:
-            self._plan(trainer)
+        probes_budgeted = any(c.budget is not None and c.active for c in self.callbacks)
+        self.planner.after_read(trainer.global_step, seconds, probes_budgeted, *self._run_info(trainer))
 
-    def _fold_budgets(self) -> None:
-        budgeted = [c for c in [*self.callbacks, *self.readers] if c.budget is not None]
-        if budgeted:
-            budget = min(float(c.budget) for c in budgeted)  # type: ignore[arg-type]
-            spacing = max((c.every_n_steps or 0 for c in budgeted), default=0) or None
-            if self.schedule is None:
-                self.schedule = BudgetSchedule(budget, spacing)
-            else:
-                self.schedule.budget, self.schedule.min_spacing = budget, spacing
-
-    # ---- time ------------------------------------------------------------------------------------------------
+    # ---- what the planner reads from the trainer -----------------------------------------------------------------
     def start_clock(self, trainer: L.Trainer) -> None:
         """Start timing training (once per fit), continuing a restored schedule's clock."""
         self._total = None  # read again at each fit's start: max_steps or the data may have changed
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
-            if self.schedule is not None:
-                self._wall_offset = self.schedule.train_seconds + self.schedule.spent
-                if trainer.global_step == 0:
-                    self.schedule.start_step = 0
-                self._calibrate_at = trainer.global_step + 5
+        self.planner.start_clock(trainer.global_step)
 
     def wall(self) -> float:
         """Wall seconds of this fit, plus those of the run it resumed."""
-        return self._wall_offset + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
+        return self.planner.wall()
 
     def add_analysis_time(self, seconds: float) -> None:
         """Account analysis work done outside a probe (e.g. GradientFlow's gradient reads)."""
-        if self.schedule is not None:
-            self.schedule.add(seconds)
+        self.planner.add(seconds)
 
-    # ---- scheduling ----------------------------------------------------------------------------------------------
     def total_steps(self, trainer: L.Trainer) -> float | None:
         """The run's total optimizer steps, or ``None`` when unknown (read once per fit: it is asked every step)."""
         if self._total is None:
@@ -152,103 +133,80 @@ class ProbeHub:
             self._total = (total if total is not None and total > 0 else None,)
         return self._total[0]
 
-    def _agree(self, trainer: L.Trainer, value: int | None) -> int | None:
-        """The plan every rank follows: the latest (most conservative) of the ranks' plans."""
-        if trainer.world_size <= 1:
-            return value
-        t = torch.tensor([float(_NONE if value is None else value)], device=trainer.strategy.root_device)
-        agreed = int(trainer.strategy.reduce(t, reduce_op="max").item())
-        return None if agreed >= _NONE else agreed
+    def _run_info(self, trainer: L.Trainer) -> tuple[Any, Any]:
+        """``(total, agree)`` for the planner: the run's total steps (read when needed) and the plan every rank
+        follows (the latest, most conservative, of the ranks' plans).
+        """
 
-    def _plan(self, trainer: L.Trainer) -> None:
-        sched = self.schedule
-        assert sched is not None
-        sched.tick(self.wall())
-        total = self.total_steps(trainer)
-        sched.next_step = self._agree(trainer, sched.plan(trainer.global_step, total))
-        floor = sched.floor_fraction(trainer.global_step, total)
-        few = None if self._floor_warned else sched.few_probes_message(trainer.global_step, total)
-        if not self._floor_warned and floor is not None and floor > sched.budget:
-            self._floor_warned = True
-            rank_zero_warn(
-                f"analysis budget {sched.budget:.0%}: the probes at the start and the end of training alone will cost "
-                f"about {floor:.0%} of this run ({sched.last_cost:.2f} s per probe); the run gets only those two. "
-                "Attach fewer callbacks, lower their max_samples, or train longer to keep within the budget. "
-                + (sched.cadence_advice(trainer.global_step, total) or "")
-            )
-        elif few is not None:
-            self._floor_warned = True  # one message per run about too few probes
-            rank_zero_warn(few)
+        def agree_plan(value: int | None) -> int | None:
+            if trainer.world_size <= 1:
+                return value
+            t = torch.tensor([float(_NONE if value is None else value)], device=trainer.strategy.root_device)
+            agreed = int(trainer.strategy.reduce(t, reduce_op="max").item())
+            return None if agreed >= _NONE else agreed
 
-    def _calibrate(self, trainer: L.Trainer) -> None:
-        sched = self.schedule
-        assert sched is not None
-        if self._calibrate_at is not None and trainer.global_step >= self._calibrate_at and sched.last_cost is not None:
-            self._calibrate_at = None
-            if sched.next_step is None:
-                self._plan(trainer)  # the first plan needs a measured step time; every rank reaches this step
+        return (lambda: self.total_steps(trainer)), agree_plan
 
     def budget_due(self, trainer: L.Trainer) -> bool:
         """Whether the shared budget schedule has an interior probe at this step."""
-        if self.schedule is None:
-            return False
-        self._calibrate(trainer)
-        return self.schedule.due(trainer.global_step)
+        return self.planner.budget_due(trainer.global_step, *self._run_info(trainer))
 
     def gradient_read_due(self, trainer: L.Trainer) -> bool:
         """For GradientFlow in budget mode: read the gradients of the step that leads to a probe (and the first)."""
-        sched = self.schedule
-        if sched is None:
-            return False
-        self._calibrate(trainer)
-        nxt = trainer.global_step + 1
-        total = self.total_steps(trainer)
-        last = total is not None and nxt >= total
-        return trainer.global_step == 0 or last or (sched.next_step is not None and nxt >= sched.next_step)
+        return self.planner.gradient_read_due(trainer.global_step, *self._run_info(trainer))
+
+    @staticmethod
+    def moment(trainer: L.Trainer, hook: str, final: bool | None = None) -> Moment:
+        """The moment of ``hook`` now (``final`` by default from the trainer's ``max_steps`` / ``max_epochs``)."""
+        step, epoch, last = trainer.global_step, trainer.current_epoch, bool(trainer.is_last_batch)
+        if final is None:
+            final = is_final(hook, step, epoch, last, trainer.max_steps, trainer.max_epochs)
+        return Moment(step, epoch, last, hook, final)
 
     # ---- running -----------------------------------------------------------------------------------------------
+    def on_hook(self, trainer: L.Trainer, pl_module: L.LightningModule, hook: str) -> None:
+        """A probe callback's hook fired: probe every callback due now (once per moment, whichever callback asks)."""
+        m = self.moment(trainer, hook)
+        if hook != "start" and self.planner.checked == m:
+            return  # another callback's hook checked every callback at this moment already
+        self.step(trainer, pl_module, hook, m.final)
+
     def step(self, trainer: L.Trainer, pl_module: L.LightningModule, hook: str, final: bool = False) -> None:
         """Run one probe for every callback due at this hook and step (idempotent per step)."""
         if trainer.sanity_checking:
             return
+        m = self.moment(trainer, hook, final)
         if hook == "start":
-            if self._started_at == trainer.global_step:
+            if not self.planner.start_once(m.step):
                 return  # every callback's on_train_start calls this; the start probe runs once
-            self._started_at = trainer.global_step
             self.prepare(trainer, pl_module)
-        due = [c for c in self.callbacks if c.active and (c.last_probe_step != trainer.global_step or hook == "start")]
-        due = [c for c in due if c.is_due(trainer, hook, final)]
-        if due:
-            self.run(trainer, pl_module, due, final)
+        self.final = final
+        try:
+            due = self.planner.due(self.callbacks, m, *self._run_info(trainer))
+            if due:
+                self.run(trainer, pl_module, due, final)
+        finally:
+            self.final = False
         # every callback calls this from its own hook; all of them were just checked, so the others need not be
-        self.checked = None if hook == "start" else self.check_key(trainer, hook, final)
+        self.planner.checked = None if hook == "start" else m
 
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Every callback's :meth:`~pdelightning.callbacks._probe.ProbeCallback.prepare`, before the start probe.
+        """Every callback's ``prepare``, before the start probe.
 
         The start probe runs at the first probe callback's ``on_train_start``, before the later callbacks' own
         ``on_train_start``: what a callback needs from the start of training (AttentionSimilarity's copy of the
         model) is taken here, for all of them, whatever their order in the trainer's list. Rank-local (its time is
         analysis time); the ranks then agree who failed, before the probe's first collective.
         """
-        t0 = time.perf_counter()
+        t0 = self.planner.clock()
         ready = [c for c in self.callbacks if c.active]
         for c in ready:
             with c.guarded("prepare", trainer):
                 c.prepare(trainer, pl_module)
-        self.add_analysis_time(time.perf_counter() - t0)
+        self.add_analysis_time(self.planner.clock() - t0)
         agree(trainer, ready)
 
-    @staticmethod
-    def check_key(trainer: L.Trainer, hook: str, final: bool) -> tuple[Any, ...]:
-        """Everything a callback's due decision reads from the trainer at ``hook``: equal keys, equal decisions.
-
-        The step alone is not enough: with gradient accumulation or manual optimisation several batches share a
-        step, and only the epoch's last of them is due for an ``every_n_epochs`` cadence.
-        """
-        return trainer.global_step, trainer.current_epoch, bool(trainer.is_last_batch), hook, final
-
-    def probe_set(self, trainer: L.Trainer, callback: ProbeCallback) -> ProbeSet:
+    def probe_set(self, trainer: L.Trainer, callback: ProbeClient) -> ProbeSet:
         """The probe set of ``callback``'s spec (shared by callbacks with the same size, batch size and seed)."""
         key = (callback.probe_size, callback.probe_batch_size, callback.seed, trainer.global_rank, trainer.world_size)
         if key not in self._probe_sets:
@@ -258,15 +216,15 @@ class ProbeHub:
             )
         return self._probe_sets[key]
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, due: list[ProbeCallback], final: bool) -> None:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, due: list[ProbeClient], final: bool) -> None:
         """One probe of the callbacks ``due``: shared forwards per probe-set group, then each callback finishes."""
-        t0 = time.perf_counter()
+        t0 = self.planner.clock()
         step = trainer.global_step
         was_training = pl_module.training
         pl_module.eval()
         timings: dict[str, float] = {"forward": 0.0}
         try:
-            groups: dict[tuple[int, int, int], list[ProbeCallback]] = {}
+            groups: dict[tuple[int, int, int], list[ProbeClient]] = {}
             for c in due:
                 groups.setdefault((c.probe_size, c.probe_batch_size, c.seed), []).append(c)
             sessions = [(m, self._run_group(trainer, pl_module, m, final, step, timings)) for m in groups.values()]
@@ -277,20 +235,14 @@ class ProbeHub:
         finally:
             pl_module.train(was_training)
             self.figures.release()  # drawn in the worker process from now on, not competing with the probe
-        cost = time.perf_counter() - t0
+        cost = self.planner.clock() - t0
         self.last_timings = timings | {"total": cost}
         budgeted = any(c.budget is not None for c in due)
-        repeat = bool(self.schedule is not None and self.schedule.steps and self.schedule.steps[-1] == step)
-        if self.schedule is not None and budgeted and not repeat:
-            self.schedule.record_probe(step, cost)
-            if not final:
-                self._plan(trainer)
-            else:
-                self.schedule.tick(self.wall())
+        self.planner.after_probe(step, cost, final, budgeted, *self._run_info(trainer))
         self._log_overhead(trainer, step, cost)
 
     def _models(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, due: list[ProbeCallback]
+        self, trainer: L.Trainer, pl_module: L.LightningModule, due: list[ProbeClient]
     ) -> dict[str, tuple[nn.Module, Request]]:
         models: dict[str, tuple[nn.Module, Request]] = {MODEL: (pl_module, Request())}
         for c in due:
@@ -316,9 +268,14 @@ class ProbeHub:
         return self._extra[module]
 
     def _run_group(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, members: list[ProbeCallback], final: bool, step: int,
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        members: list[ProbeClient],
+        final: bool,
+        step: int,
         timings: dict[str, float],
-    ) -> ProbeSession | None:  # fmt: skip
+    ) -> ProbeSession | None:
         """The rank-local part of a probe (no collectives): the shared forwards, ``begin`` and ``consume``.
 
         A callback that raises is recorded as failed and skipped for the rest of the probe; a failure of the shared
@@ -339,9 +296,20 @@ class ProbeHub:
             fail_all([c for c in members if not c.failed], err, "the probe set up", trainer)
             return None
         session = ProbeSession(
-            trainer, pl_module, step, final, targets, adapters, {k: m for k, (m, _) in models.items()}, probe.size,
-            self.figures, timings, probe.partner, probe.rank, probe.figure_position,
-        )  # fmt: skip
+            trainer,
+            pl_module,
+            step,
+            final,
+            targets,
+            adapters,
+            modules={k: m for k, (m, _) in models.items()},
+            probe_size=probe.size,
+            figures=self.figures,
+            timings=timings,
+            partner=probe.partner,
+            rank=probe.rank,
+            figure_position=probe.figure_position,
+        )
         for c in members:
             if not c.failed:
                 with c.guarded("begin", trainer):
@@ -351,39 +319,37 @@ class ProbeHub:
                 ok = [c for c in members if not c.failed]
                 if not ok:
                     break
-                t = time.perf_counter()
+                t = self.planner.clock()
                 try:
                     pb = forward_batch(session, models, raw, index)
                 except Exception as err:
                     fail_all(ok, err, "the probe forward", trainer)
                     break
-                timings["forward"] += time.perf_counter() - t
+                timings["forward"] += self.planner.clock() - t
                 for c in ok:
-                    t = time.perf_counter()
+                    t = self.planner.clock()
                     with c.guarded("consume", trainer):
                         c.consume(pb)
-                    timings[c.name] = timings.get(c.name, 0.0) + time.perf_counter() - t
+                    timings[c.name] = timings.get(c.name, 0.0) + self.planner.clock() - t
                 del pb
         return session
 
-    def _finish(self, members: list[ProbeCallback], session: ProbeSession | None, timings: dict[str, float]) -> None:
+    def _finish(self, members: list[ProbeClient], session: ProbeSession | None, timings: dict[str, float]) -> None:
         """Each member's ``finish`` (collectives, then rank-zero logging), after the ranks agreed who failed."""
         for c in members:
             if c.failed or session is None:
                 continue
-            t = time.perf_counter()
+            t = self.planner.clock()
             with c.guarded("finish", session.trainer):
                 c.finish(session)
             c.mark_probed(session.step, session.final)
-            timings[c.name] = timings.get(c.name, 0.0) + time.perf_counter() - t
+            timings[c.name] = timings.get(c.name, 0.0) + self.planner.clock() - t
 
     def _log_overhead(self, trainer: L.Trainer, step: int, cost: float) -> None:
         metrics = {"analysis/overhead/probe_seconds": cost}
-        if self.schedule is not None:
-            self.schedule.tick(self.wall())
-            fraction = self.schedule.fraction()
-            if step > self.schedule.start_step and fraction == fraction:  # no ratio before any training (or nan)
-                metrics["analysis/overhead/fraction"] = fraction
+        fraction = self.planner.overhead(step)  # None before any training, or without a budget
+        if fraction is not None:
+            metrics["analysis/overhead/fraction"] = fraction
         self.history.append({"step": step, **metrics, **{f"seconds/{k}": v for k, v in self.last_timings.items()}})
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -392,9 +358,8 @@ class ProbeHub:
     # ---- state ---------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The schedule's state (saved by every probe callback; tiny)."""
-        return {"schedule": self.schedule.state_dict() if self.schedule is not None else None}
+        return self.planner.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the schedule (from whichever callback's checkpoint state comes first)."""
-        if self.schedule is not None and state.get("schedule"):
-            self.schedule.load_state_dict(state["schedule"])
+        self.planner.load_state_dict(state)

@@ -10,6 +10,8 @@ import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from pdelightning.compat import fit_train_dataloader, fit_val_dataloader
+
 __all__ = ["validation_loader"]
 
 
@@ -19,12 +21,14 @@ def validation_loader(trainer: L.Trainer) -> DataLoader | None:
     """
     dm = trainer.datamodule
     no_val = trainer.limit_val_batches == 0
-    getters: list[Callable[[], Any]] = [] if no_val else [
-        lambda: dm.val_dataloader() if dm is not None else None,
-        lambda: trainer.val_dataloaders,
-        # loaders given to fit() are reachable before the loops load them (setup), only through the loop's source
-        lambda: trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader(),
-    ]  # fmt: skip
+    getters: list[Callable[[], Any]] = []
+    if not no_val:
+        getters = [
+            lambda: dm.val_dataloader() if dm is not None else None,
+            lambda: trainer.val_dataloaders,
+            # loaders given to fit() are reachable before the loops load them (setup), only through the loop's source
+            lambda: fit_val_dataloader(trainer),
+        ]
     for get in getters:
         try:
             loader = get()
@@ -35,8 +39,12 @@ def validation_loader(trainer: L.Trainer) -> DataLoader | None:
         if isinstance(loader, DataLoader):
             return loader
     train = None
-    for get in (lambda: dm.train_dataloader() if dm is not None else None, lambda: trainer.train_dataloader,
-                lambda: trainer.fit_loop._data_source.dataloader()):  # fmt: skip
+    train_getters: list[Callable[[], Any]] = [
+        lambda: dm.train_dataloader() if dm is not None else None,
+        lambda: trainer.train_dataloader,
+        lambda: fit_train_dataloader(trainer),
+    ]
+    for get in train_getters:
         with contextlib.suppress(Exception):
             train = get()
         if isinstance(train, (list, tuple)):

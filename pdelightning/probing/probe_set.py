@@ -214,6 +214,13 @@ def probe_set_of(trainer: Any, loader: DataLoader, size: int, batch_size: int, s
             return -int(strategy.reduce(t, reduce_op="max").item())
 
     return ProbeSet(
-        loader.dataset, loader.collate_fn, size, batch_size, seed, trainer.global_rank, world,
-        batched=loader.batch_size is None, agree=agree,
-    )  # fmt: skip
+        loader.dataset,
+        loader.collate_fn,
+        size,
+        batch_size,
+        seed,
+        trainer.global_rank,
+        world,
+        batched=loader.batch_size is None,
+        agree=agree,
+    )

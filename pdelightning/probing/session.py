@@ -141,18 +141,26 @@ class ProbeBatch:
 
         captured = {
             key: Captured(
-                hidden={k: cut(v) for k, v in c.hidden.items()}, embedding=cut(c.embedding),
+                hidden={k: cut(v) for k, v in c.hidden.items()},
+                embedding=cut(c.embedding),
                 attention={k: cut(v) for k, v in c.attention.items()},
                 resid_pre={k: cut(v) for k, v in c.resid_pre.items()},
-                attn_out={k: cut(v) for k, v in c.attn_out.items()}, mlp_out={k: cut(v) for k, v in c.mlp_out.items()},
+                attn_out={k: cut(v) for k, v in c.attn_out.items()},
+                mlp_out={k: cut(v) for k, v in c.mlp_out.items()},
                 valid=cut(c.valid),
             )  # type: ignore[arg-type]
             for key, c in self.captured.items()
-        }  # fmt: skip
+        }
         return ProbeBatch(
-            take_rows(self.batch, rows, n), index, cut(self.labels), cut(self.valid), cut(self.logits),  # type: ignore[arg-type]
-            cut(self.loss), captured, self.session,
-        )  # fmt: skip
+            take_rows(self.batch, rows, n),
+            index,
+            cut(self.labels),
+            cut(self.valid),
+            cut(self.logits),  # type: ignore[arg-type]
+            cut(self.loss),
+            captured,
+            self.session,
+        )
 
     def forward(
         self,

@@ -165,7 +165,7 @@ def rule_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[s
     return out
 
 
-_DEFAULT_BUDGET = 0.03  # pdelightning.callbacks._probe.DEFAULT_BUDGET
+_DEFAULT_BUDGET = 0.03  # pdelightning.probing.planner.DEFAULT_BUDGET
 
 
 def _budget_of(args: Mapping[str, Any]) -> float | None:

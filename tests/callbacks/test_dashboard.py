@@ -28,7 +28,7 @@ from pdelightning.callbacks import (
     StabilityMonitor,
 )
 from pdelightning.callbacks._layout import build_layout, finite_only, quantity_chart
-from pdelightning.callbacks._probe import ProbeCallback
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.cli import build_cli
 from tests.helpers.configs import CONFIGS
 from tests.helpers.models import image_loaders, our_task
@@ -206,7 +206,7 @@ def test_figure_axes_have_no_offset_notation() -> None:
 
 
 def test_a_later_run_in_the_same_process_gets_only_its_own_charts(tmp_path: Path) -> None:
-    from pdelightning.callbacks._probe import write_layout
+    from pdelightning.callbacks._scalars import write_layout
 
     def run(directory: Path, name: str) -> list[str]:
         logger = TensorBoardLogger(str(directory))

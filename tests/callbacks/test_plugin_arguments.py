@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 
 from pdelightning.__main__ import main
 from pdelightning.callbacks import PDEFit
-from pdelightning.callbacks._probe import ProbeCallback
+from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.callbacks.plugin import build_callbacks
 from pdelightning.trust import check_kwargs, init_arguments
 from pdelightning.utils import InputError

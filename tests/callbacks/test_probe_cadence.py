@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as L
 import pytest
 
-from pdelightning.callbacks._probe import ProbeCallback
+from pdelightning.callbacks.base import ProbeCallback
 from tests.helpers.models import image_loaders, our_task
 
 

@@ -3,8 +3,10 @@
 A probe callback declares what it needs from a probe forward (:meth:`ProbeCallback.request`, and
 :meth:`ProbeCallback.extra_models` for reference and null models), and consumes the shared captures batch by
 batch (:meth:`ProbeCallback.consume`) before finishing with its collectives and logging
-(:meth:`ProbeCallback.finish`). The forwards themselves are run once for all callbacks due at a step by the
-trainer's :class:`~pdelightning.probing.hub.ProbeHub`.
+(:meth:`ProbeCallback.finish`). It implements the hub's protocol (:class:`~pdelightning.probing.ProbeClient`): the
+trainer's :class:`~pdelightning.probing.ProbeHub` decides who is due (its :class:`~pdelightning.probing.ProbePlanner`)
+and runs the forwards once for all callbacks due at a step. Subclass it to write your own analysis (an example, run
+by a test, is in this folder's ``README.md``).
 
 **Cadence.** By default a callback runs under a time budget (``budget=0.03``: analysis at most 3 % of the training
 wall time, probes spaced by measuring what they and a training step cost; always at the start and the end of
@@ -26,100 +28,40 @@ the run, on every rank together, while training goes on (:mod:`pdelightning.prob
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import lightning.pytorch as L
-import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from pdelightning._checks import check_choice
 from pdelightning.adapters.base import ModelAdapter
 from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
-from pdelightning.callbacks._layout import DETAIL, build_layout, finite_only, is_detail
-from pdelightning.callbacks._outputs import figure_outputs, log_histogram, steps_aside_without_logger
+from pdelightning.callbacks._outputs import steps_aside_without_logger
+from pdelightning.callbacks._scalars import ProbeOutput
 from pdelightning.callbacks._strategy import warn_unverified_strategy
+from pdelightning.compat import callback_state_key
 from pdelightning.models.protocol import AnalysisTargets
-from pdelightning.probing.batch import split_batch as _split
+from pdelightning.probing import (
+    DEFAULT_PROBE_SIZE,
+    GuardedCallback,
+    ProbeBatch,
+    ProbeHub,
+    ProbeSession,
+    Request,
+    check_cadence,
+    validation_loader,
+)
 from pdelightning.probing.batch import uncallable
-from pdelightning.probing.capture import Request
-from pdelightning.probing.guard import ON_ERROR, GuardedCallback
-from pdelightning.probing.hub import ProbeBatch, ProbeHub, ProbeSession
-from pdelightning.probing.loaders import validation_loader
-from pdelightning.probing.probe_set import DEFAULT_PROBE_SIZE
-from pdelightning.probing.store import GatherStore
 
-__all__ = [
-    "DEFAULT_PROBE_SIZE",
-    "ON_ERROR",
-    "GatherStore",
-    "ProbeCallback",
-    "log_scalars",
-    "split_batch",
-    "tensorboard",
-    "validation_loader",
-    "write_layout",
-]
+__all__ = ["ON_MISSING", "ProbeCallback"]
 
-DEFAULT_BUDGET = 0.03
 ON_MISSING = ("raise", "warn")
 
 
-def split_batch(batch: Any) -> tuple[Any, Tensor | None]:
-    """``(inputs, labels)`` of a batch (the first positional input, or the dict of keyword inputs)."""
-    args, kwargs, labels = _split(batch)
-    return (kwargs if kwargs else args[0]), labels
-
-
-_LAYOUT_STATE = "_pdelightning_layout"  # SummaryWriter attribute: proposed charts, tags logged, layout written
-
-
-def tensorboard(trainer: L.Trainer) -> Any | None:
-    """The ``SummaryWriter`` of the first ``TensorBoardLogger`` on rank zero, else ``None``."""
-    if not trainer.is_global_zero:
-        return None
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
-    return None
-
-
-def log_scalars(trainer: L.Trainer, metrics: Mapping[str, float | Tensor], step: int | None = None) -> None:
-    """Write scalars to every logger at ``step`` (default: the current global step), on rank zero only."""
-    if not trainer.is_global_zero or not metrics:
-        return
-    values = {k: float(v) for k, v in metrics.items()}
-    for logger in trainer.loggers:
-        logger.log_metrics(values, step=trainer.global_step if step is None else step)
-
-
-def write_layout(trainer: L.Trainer, name: str, charts: Mapping[str, list[str]], logged: Iterable[str] = ()) -> None:
-    """Propose callback ``name``'s charts ``{title: [tag regex, ...]}``, note the tags ``logged`` just now, and
-    (re)write the run's Custom Scalars layout when it changed (rank 0).
-
-    The layout holds only charts that match logged tags (:func:`~pdelightning.callbacks._layout.build_layout`): it
-    is written again as new tags appear, and TensorBoard shows the last one written.
-    """
-    writer = tensorboard(trainer)
-    if writer is None:
-        return
-    state = getattr(writer, _LAYOUT_STATE, None)  # on the writer itself: a later run's writer starts afresh
-    if state is None:
-        state = {"proposed": {}, "tags": set(), "written": None}
-        setattr(writer, _LAYOUT_STATE, state)
-    state["proposed"][name] = dict(charts)
-    state["tags"].update(t for t in logged if t.startswith(f"analysis/{name}/"))
-    layout = build_layout(state["proposed"], state["tags"])
-    if layout and layout != state["written"]:
-        state["written"] = layout
-        writer.add_custom_scalars(layout)
-
-
-class ProbeCallback(GuardedCallback):
+class ProbeCallback(ProbeOutput, GuardedCallback):
     """Base class of the probe callbacks (see the module docstring).
 
     Args:
@@ -147,14 +89,20 @@ class ProbeCallback(GuardedCallback):
     Raises:
         ValueError: for non-positive cadences or sizes, a budget outside (0, 1), an unknown ``on_missing`` or
             ``on_error``, or no cadence at all.
+
+    Example::
+
+        class HiddenNorm(ProbeCallback):  # the whole example: callbacks/README.md
+            name = "hidden_norm"
+
+            def request(self) -> Request:
+                return Request(hidden=True)
+
+            def consume(self, pb: ProbeBatch) -> None: ...  # pb.captured["model"].hidden: {layer: [B, T, d]}
     """
 
-    name: ClassVar[str] = "probe"
+    #: what the model must offer (``"layers"``, ``"attention"``, ...); setup checks it
     needs: ClassVar[tuple[str, ...]] = ("layers",)
-    #: regexes of the secondary quantities, logged as ``analysis/<name>/detail/<quantity>[/<layer>]``
-    detail: ClassVar[tuple[str, ...]] = ()
-    #: ``{quantity: why it can be undefined}``: an undefined value is not logged (and said once), never NaN
-    undefined: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -172,17 +120,7 @@ class ProbeCallback(GuardedCallback):
         on_missing: str = "raise",
         on_error: str = "raise",
     ) -> None:
-        for arg, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{arg}={value!r} must be a positive integer or None")
-        if budget == "auto":
-            budget = DEFAULT_BUDGET if every_n_steps is None and every_n_epochs is None else None
-        if budget is not None and not (isinstance(budget, (int, float)) and 0 < float(budget) < 1):
-            raise ValueError(f"budget={budget!r} must be a fraction in (0, 1) (e.g. 0.03), 'auto' or None")
-        if budget is None and every_n_steps is None and every_n_epochs is None and not probe_at_start:
-            raise ValueError(
-                "set budget, every_n_steps or every_n_epochs (or probe_at_start): this callback would never run"
-            )
+        self.budget: float | None = check_cadence(every_n_steps, every_n_epochs, budget, probe_at_start)
         for arg, value in (("probe_size", probe_size), ("probe_batch_size", probe_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{arg}={value!r} must be positive (an integer >= 1)")
@@ -194,7 +132,6 @@ class ProbeCallback(GuardedCallback):
         self.init_guard(on_error)
         self.every_n_steps = every_n_steps
         self.every_n_epochs = every_n_epochs
-        self.budget: float | None = None if budget is None else float(budget)
         self.probe_at_start = probe_at_start
         self.probe_size = probe_size
         self.probe_batch_size = probe_batch_size
@@ -205,7 +142,6 @@ class ProbeCallback(GuardedCallback):
         self.disabled: str | None = None
         self.last_probe_step = -1
         self._n_probes = 0
-        self._final = False
         self._adapter: ModelAdapter | None = None
         self._plain = False
         self._hub: ProbeHub | None = None
@@ -215,8 +151,8 @@ class ProbeCallback(GuardedCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs, **self.patterns
+        return callback_state_key(
+            self, every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs, **self.patterns
         )
 
     @property
@@ -321,34 +257,7 @@ class ProbeCallback(GuardedCallback):
     def finish(self, session: ProbeSession) -> None:
         """End of a probe (every rank): collectives, then rank-zero logging."""
 
-    # ---- cadence ---------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _steps_done(trainer: L.Trainer) -> bool:
-        return trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
-
-    @staticmethod
-    def _last_epoch(trainer: L.Trainer) -> bool:
-        return trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
-
-    def is_due(self, trainer: L.Trainer, hook: str, final: bool) -> bool:
-        """Whether this callback probes at ``hook`` (``start``, ``batch_end``, ``epoch_end``, ``train_end``) now."""
-        step = trainer.global_step
-        if hook == "start":
-            # a run resumed from a checkpoint taken right after a probe logs that probe again: the log purge on
-            # resume removed everything at the checkpoint's step (what the killed run's next batch had logged too)
-            return (self.probe_at_start and step == 0) or (step > 0 and self.last_probe_step == step)
-        if self.budget is not None:
-            if hook == "train_end":
-                return self.last_probe_step != step
-            return final or (hook == "batch_end" and self.hub.budget_due(trainer))
-        epoch_hit = bool(self.every_n_epochs) and (trainer.current_epoch + 1) % self.every_n_epochs == 0  # type: ignore[operator]
-        if hook == "batch_end":
-            step_hit = bool(self.every_n_steps) and step % self.every_n_steps == 0  # type: ignore[operator]
-            return step_hit or (epoch_hit and bool(trainer.is_last_batch))
-        if hook == "epoch_end":
-            return epoch_hit
-        return False
-
+    # ---- cadence (decided by the hub's planner, pdelightning.probing.planner) ---------------------------------------
     def mark_probed(self, step: int, final: bool) -> None:
         """Called by the hub after :meth:`finish` (a probe repeated at the same step after a resume is not counted)."""
         if step != self.last_probe_step:
@@ -359,20 +268,8 @@ class ProbeCallback(GuardedCallback):
     def figures_due(self) -> bool:
         """Whether the current probe draws figures (the last of training; also every ``figure_every_n_probes``-th)."""
         k = self.figure_every_n_probes
-        return self._final or (k is not None and self._n_probes % k == 0)
-
-    def _hub_step(self, trainer: L.Trainer, pl_module: L.LightningModule, hook: str, final: bool) -> None:
-        if self._hub is None or not self.active:
-            return
-        if hook != "start" and self._hub.checked == self._hub.check_key(trainer, hook, final):
-            return  # another callback's hook checked every callback at this step and hook already
-        for c in self._hub.callbacks:
-            c._final = final
-        try:
-            self._hub.step(trainer, pl_module, hook, final)
-        finally:
-            for c in self._hub.callbacks:
-                c._final = False
+        final = self._hub is not None and self._hub.final
+        return final or (k is not None and self._n_probes % k == 0)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -380,22 +277,25 @@ class ProbeCallback(GuardedCallback):
             return
         self._hub.start_clock(trainer)
         self.write_layout(trainer)
-        self._hub_step(trainer, pl_module, "start", final=False)
+        self._hub.on_hook(trainer, pl_module, "start")
+
+    def _on_hook(self, trainer: L.Trainer, pl_module: L.LightningModule, hook: str) -> None:
+        if self._hub is not None and self.active:
+            self._hub.on_hook(trainer, pl_module, hook)
 
     @override
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        final = self._steps_done(trainer) or (bool(trainer.is_last_batch) and self._last_epoch(trainer))
-        self._hub_step(trainer, pl_module, "batch_end", final)
+        self._on_hook(trainer, pl_module, "batch_end")
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._hub_step(trainer, pl_module, "epoch_end", self._last_epoch(trainer) or self._steps_done(trainer))
+        self._on_hook(trainer, pl_module, "epoch_end")
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._hub_step(trainer, pl_module, "train_end", final=True)
+        self._on_hook(trainer, pl_module, "train_end")
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -406,44 +306,6 @@ class ProbeCallback(GuardedCallback):
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._hub is not None:
             self._hub.figures.drain()
-
-    # ---- output ----------------------------------------------------------------------------------------------------
-    def key(self, quantity: str, layer: str | None = None) -> str:
-        """``analysis/<callback>/<quantity>[/<layer>]``, or ``analysis/<callback>/detail/...`` for a quantity that
-        matches :attr:`detail`.
-        """
-        group = f"{DETAIL}/" if is_detail(quantity, self.detail) else ""
-        return f"analysis/{self.name}/{group}{quantity}" + (f"/{layer}" if layer else "")
-
-    def log_scalars(self, trainer: L.Trainer, metrics: Mapping[str, float | Tensor], step: int | None = None) -> None:
-        """Write the finite scalars to every logger at ``step`` (default: the current global step), rank zero only;
-        an undefined value is left out and said once (:func:`finite_only`). The layout follows the tags logged.
-        """
-        if not trainer.is_global_zero:
-            return
-        kept = finite_only(metrics, self._said_undefined, type(self).__name__, self.undefined)
-        log_scalars(trainer, kept, step)
-        write_layout(trainer, self.name, self.layout(), kept)
-
-    def figure(self, session: ProbeSession, tag: str, draw: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Draw ``draw(*args, **kwargs)`` (a matplotlib figure) under ``tag`` for every logger that takes figures
-        (rank 0; see :mod:`pdelightning.callbacks._outputs`), in the figure worker process when ``draw`` is a
-        module-level function (see :mod:`pdelightning.probing.figures`).
-        """
-        if self.figures_due and (out := figure_outputs(session.trainer)):
-            session.figures.submit(out, tag, session.step, draw, *args, **kwargs)
-
-    def add_histogram(self, trainer: L.Trainer, tag: str, values: Tensor) -> None:
-        """Write a histogram to every logger that takes histograms (TensorBoard, W&B; rank zero)."""
-        log_histogram(trainer, tag, values)
-
-    def layout(self) -> dict[str, list[str]]:
-        """Custom-scalars charts: ``{chart title: [tag regex, ...]}``; one multiline chart per quantity."""
-        return {}
-
-    def write_layout(self, trainer: L.Trainer) -> None:
-        """Merge this callback's charts into the run's custom-scalars layout (rank zero)."""
-        write_layout(trainer, self.name, self.layout())
 
     # ---- state -----------------------------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
@@ -469,8 +331,3 @@ class ProbeCallback(GuardedCallback):
             else:
                 self._pending_hub_state = hub
         self.load_extra_state(state_dict)
-
-
-def no_grad_unless(needed: bool) -> Any:
-    """``torch.enable_grad()`` when ``needed``, else a null context (probes run under ``no_grad``)."""
-    return torch.enable_grad() if needed else contextlib.nullcontext()
