@@ -14,6 +14,10 @@ INPUT_KINDS = ("image", "tokens")
 # How an image becomes tokens (the models' embedding).
 Tokenization = Literal["rows", "patches"]
 TOKENIZATIONS = ("rows", "patches")
+LINKED_MODEL_ARGS = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
+"""The attributes every data module exposes that the CLI links into the model's arguments
+(``link_arguments(..., apply_on="instantiate")``): written here once, read by the CLI, its error messages, the
+resume checks, the callbacks' reference models and the reproduction."""
 
 
 def check_choice(name: str, value: T, choices: Collection[Any]) -> T:

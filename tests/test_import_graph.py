@@ -10,6 +10,7 @@ place the layering is written down (issue 19); a module is in the layer of its s
 from __future__ import annotations
 
 import ast
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def find_cycles(edges: list[Edge], package: str = LIBRARY) -> list[str]:
     for component in components:
         members = set(component)
         path = _circle_through(component[0], members, graph)
-        steps = [f"{graph[a][b].path}:{graph[a][b].line} {a} -> {b}" for a, b in zip(path, path[1:])]
+        steps = [f"{graph[a][b].path}:{graph[a][b].line} {a} -> {b}" for a, b in itertools.pairwise(path)]
         messages.append(f"import circle among {', '.join(component)}:\n    " + "\n    ".join(steps))
     return messages
 
@@ -292,7 +293,8 @@ def test_a_planted_circle_and_upward_imports_are_reported(tmp_path: Path) -> Non
             # a circle probing <-> callbacks, one side only under TYPE_CHECKING
             "pdelightning/probing/__init__.py": "",
             "pdelightning/probing/hub.py": (
-                "from typing import TYPE_CHECKING\n\nif TYPE_CHECKING:\n    from pdelightning.callbacks._probe import P\n"
+                "from typing import TYPE_CHECKING\n\n"
+                "if TYPE_CHECKING:\n    from pdelightning.callbacks._probe import P\n"
             ),
             "pdelightning/callbacks/__init__.py": "",
             "pdelightning/callbacks/_probe.py": "from pdelightning.probing import hub\n",

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from pdelightning.callbacks._reference import load_reference
-from pdelightning.callbacks.plugin import ENV_VAR, build_callbacks
 from pdelightning.checkpointing import AtomicCheckpointIO, CorruptCheckpointError, load_checkpoint_file, readable
 from pdelightning.cli import EXIT_BAD_INPUT, main
+from pdelightning.plugin import ENV_VAR, build_callbacks
 from pdelightning.trust import UntrustedClassError, UntrustedFileError, blocked_global, load_data_file
 from tests.helpers.configs import CONFIGS
 
