@@ -269,6 +269,8 @@ def load_reference(
     """
     if config is not None and not Path(config).is_file():
         raise FileNotFoundError(f"reference_config={config!r} does not exist")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"reference_checkpoint={checkpoint!r} does not exist")
     cls = import_model_class(class_path) if class_path else None
     task_class = type(pl_module) if isinstance(pl_module, L.LightningModule) else None
 
@@ -284,8 +286,6 @@ def load_reference(
     if config is not None:
         module = build_from_config(config, linked_values(pl_module), cls, default)
         if checkpoint is not None:
-            if not Path(checkpoint).is_file():
-                raise FileNotFoundError(f"reference_checkpoint={checkpoint!r} does not exist")
             ckpt = load_data_file(checkpoint, map_location="cpu", trust=trust)
             module.load_state_dict(ckpt.get("state_dict", ckpt))
         else:
