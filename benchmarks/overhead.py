@@ -31,11 +31,11 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from pdelightning.callbacks.plugin import build_callbacks
 from pdelightning.cli import build_cli
+from pdelightning.plugin import build_callbacks
 
 try:  # absent from versions before the shared probe (the script also times those, for the "before" column)
-    from pdelightning.callbacks.plugin import GROUPS
+    from pdelightning.plugin import GROUPS
     from pdelightning.probing.hub import ProbeHub
 except ImportError:
     GROUPS, ProbeHub = {"paper": "all"}, None  # type: ignore[assignment]

@@ -36,8 +36,8 @@ from lightning.pytorch.loggers import Logger
 
 import pdelightning.probing.session as session_module
 from pdelightning.callbacks.base import ProbeCallback
-from pdelightning.callbacks.plugin import build_callbacks
 from pdelightning.cli import build_cli
+from pdelightning.plugin import build_callbacks
 from pdelightning.probing.hub import ProbeHub
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from pdelightning.compat import logger_hparams, tensorboard_file_writer
 
 __all__ = ["final_metrics", "log_final_hparams"]
 
@@ -42,8 +43,9 @@ def log_final_hparams(trainer: Any) -> None:
         if not isinstance(logger, TensorBoardLogger):
             continue
         logger.log_metrics({"hp_metric": metrics["hp_metric"]}, step=trainer.global_step)  # val/* are logged already
-        params = logger._sanitize_params(_flatten_dict(_convert_params(dict(logger.hparams))))
-        writer = logger.experiment._get_file_writer()
-        for summary in hparams(params, metrics):
+        writer = tensorboard_file_writer(logger)
+        if writer is None:
+            continue
+        for summary in hparams(logger_hparams(logger), metrics):
             writer.add_summary(summary, trainer.global_step)
         logger.experiment.flush()

@@ -33,13 +33,15 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from pdelightning.trust import UntrustedFileError, load_data_file
 from pdelightning.utils import InputError
+
+PathArg = str | os.PathLike
+"""A checkpoint path as Lightning's ``CheckpointIO`` methods take it."""
 
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})$")
 _CLI_TRUST_HINT = (
@@ -158,7 +160,7 @@ def count_nonfinite(state_dict: Mapping[str, Any]) -> tuple[list[str], int]:
     return bad, total
 
 
-def _is_local(path: _PATH) -> bool:
+def _is_local(path: PathArg) -> bool:
     s = str(path)
     return "://" not in s or s.startswith("file://")
 
@@ -272,7 +274,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._nonfinite = False
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: PathArg, storage_options: Any | None = None) -> None:
         """Write ``checkpoint`` to ``path`` atomically, or not at all when its model state is non-finite.
 
         Raises:
@@ -322,7 +324,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     @override
     def load_checkpoint(
-        self, path: _PATH, map_location: Any | None = lambda storage, loc: storage, weights_only: bool | None = None
+        self, path: PathArg, map_location: Any | None = lambda storage, loc: storage, weights_only: bool | None = None
     ) -> dict[str, Any]:
         """Load ``path``; an unreadable file raises :class:`CorruptCheckpointError` naming a readable alternative.
 
@@ -337,7 +339,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         )
 
     @override
-    def remove_checkpoint(self, path: _PATH) -> None:
+    def remove_checkpoint(self, path: PathArg) -> None:
         """Delete ``path``, except while the model is non-finite (the file may be the last finite one)."""
         if self._nonfinite:
             return

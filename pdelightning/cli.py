@@ -35,6 +35,7 @@ from typing_extensions import override
 import pdelightning.callbacks
 import pdelightning.data
 import pdelightning.models  # noqa: F401
+from pdelightning._checks import LINKED_MODEL_ARGS
 from pdelightning._hparams import log_final_hparams
 from pdelightning.adapters.registry import TargetNotFoundError
 from pdelightning.checkpointing import AtomicCheckpointIO, load_checkpoint_file
@@ -46,6 +47,7 @@ from pdelightning.cli_errors import (
     storage_message,
     trainer_message,
 )
+from pdelightning.compat import disable_default_hp_metric, last_checkpoints
 from pdelightning.data.base import ClassificationDataModule
 from pdelightning.resources import list_configs, resolve_config_args
 from pdelightning.resume import (
@@ -71,7 +73,6 @@ _DEFAULT_LOGGER = {
     "init_args": {"save_dir": "logs", "name": "pdelightning", "default_hp_metric": False},
 }
 _SPECIAL_CKPT = ("last", "best", "hpc", "registry")
-_LINKED = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
 _COUNTS = "pdelightning/run/"  # RunCounts' keys in callback_metrics (removed again before the summary line)
 
 
@@ -114,16 +115,22 @@ class PDELightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         """Link the data module's attributes to the model's arguments."""
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        for attr in _LINKED:
+        for attr in LINKED_MODEL_ARGS:
             parser.link_arguments(f"data.{attr}", f"model.model.init_args.{attr}", apply_on="instantiate")
 
     # ---- before anything is built ----------------------------------------------------------------------
     def _section(self) -> Any:
         return self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
 
+    # The three LightningCLI private methods overridden here are listed in pdelightning.compat.CLI_PRIVATE_OVERRIDES
+    # (tests/test_compat.py checks they still exist); each override is thin and calls a public method of ours.
     @override
     def _parse_ckpt_path(self) -> None:
-        """Check ``--ckpt_path`` (exists, readable, same model) instead of merging its hyperparameters.
+        """Check ``--ckpt_path`` (:meth:`check_ckpt_path`) instead of merging its hyperparameters into the config."""
+        self.check_ckpt_path()
+
+    def check_ckpt_path(self) -> None:
+        """Check ``--ckpt_path``: it exists, is readable, and holds the configured model.
 
         LightningCLI would overwrite the configured model with the checkpoint's; here a different model is
         an error that says how to resume the checkpoint's own configuration.
@@ -171,7 +178,7 @@ class PDELightningCLI(LightningCLI):
         inner = model.get("model")
         init = inner.get("init_args") if inner is not None and inner.get("class_path") else None
         defaults = _class_defaults_of(inner.get("class_path")) if init is not None else {}
-        for attr in _LINKED:
+        for attr in LINKED_MODEL_ARGS:
             value = init.get(attr) if init is not None else None
             if value is not None and attr in defaults and value != defaults[attr]:
                 self._explicit[f"model.model.init_args.{attr}"] = (attr, value)
@@ -209,21 +216,8 @@ class PDELightningCLI(LightningCLI):
 
     @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Any:
-        """Add the atomic checkpoint plugin (unless one is configured) and the random-state callback."""
-        plugins = config.get("plugins")
-        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
-        strategy = config.get("strategy", "auto")
-        sharded = any(s in str(strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
-                      for s in ("deepspeed", "fsdp", "modelparallel"))  # fmt: skip
-        if not sharded and not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(AtomicCheckpointIO())
-        config = {**config, "plugins": plugins or None}
-        configured = config.get("callbacks") or []
-        configured = configured if isinstance(configured, list) else [configured]
-        if not any(isinstance(c, RNGStateCheckpoint) for c in [*configured, *callbacks]):
-            callbacks = [*callbacks, RNGStateCheckpoint()]
-        callbacks = [*callbacks, RunCounts()]
-        check_trainer_values(config)
+        """Build the trainer from :meth:`trainer_arguments`; a bad device setting is one line naming the value."""
+        config, callbacks = self.trainer_arguments(config, callbacks)
         try:
             trainer = super()._instantiate_trainer(config, callbacks)
         except MisconfigurationException as err:  # no GPU, bad devices: name the value and the fix
@@ -234,6 +228,28 @@ class PDELightningCLI(LightningCLI):
         # the PDELIGHTNING_CALLBACKS plugin's RunReport is for plain scripts: this command prints the summary itself
         trainer.callbacks = [c for c in trainer.callbacks if not getattr(c, "from_plugin", False)]
         return trainer
+
+    def trainer_arguments(
+        self, config: dict[str, Any], callbacks: list[Callback]
+    ) -> tuple[dict[str, Any], list[Callback]]:
+        """Add the atomic checkpoint plugin (unless one is configured or the strategy shards the checkpoint), the
+        random-state callback and :class:`RunCounts`; check the trainer's values.
+        """
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        strategy = config.get("strategy", "auto")
+        name = (strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
+        sharded = any(s in name for s in ("deepspeed", "fsdp", "modelparallel"))
+        if not sharded and not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        config = {**config, "plugins": plugins or None}
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if not any(isinstance(c, RNGStateCheckpoint) for c in [*configured, *callbacks]):
+            callbacks = [*callbacks, RNGStateCheckpoint()]
+        callbacks = [*callbacks, RunCounts()]
+        check_trainer_values(config)
+        return config, callbacks
 
     # ---- running ---------------------------------------------------------------------------------------
     @override
@@ -281,7 +297,7 @@ class PDELightningCLI(LightningCLI):
                 if self._ckpt is not None:
                     self._purge(logger, *self._ckpt)
                 if hparams_logged(logger.log_dir):  # once per version: a resume adds no second hp_metric point
-                    logger._default_hp_metric = False
+                    disable_default_hp_metric(logger)
         if trainer.limit_val_batches == 0:
             probes = [type(c).__name__ for c in trainer.callbacks if _is_probe(c)]
             if probes:
@@ -359,10 +375,7 @@ def _warn_if_no_last(trainer: Any) -> None:
     """``--ckpt_path last`` with no last checkpoint in this run's folder starts from scratch: say so, and name the
     newest ``last.ckpt`` of an earlier version to resume instead.
     """
-    found: set[str] = set()
-    for callback in trainer.checkpoint_callbacks:
-        if hasattr(callback, "_find_last_checkpoints"):
-            found |= {p for p in callback._find_last_checkpoints(trainer) if p and os.path.isfile(p)}
+    found = {p for c in trainer.checkpoint_callbacks for p in last_checkpoints(c, trainer) if p and os.path.isfile(p)}
     if found:
         return
     root = getattr(trainer.logger, "root_dir", None) if trainer.logger is not None else None

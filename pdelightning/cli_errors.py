@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from pdelightning._checks import LINKED_MODEL_ARGS
 from pdelightning.trust import init_arguments
 from pdelightning.utils import InputError
 
@@ -219,7 +220,7 @@ _TYPE_NAMES = {
 }
 _TYPE_RE = re.compile(r"- Expected a <class '(?:\w+\.)*(?P<t>\w+)'>")
 # The classes a key accepts must take these arguments (the CLI links them from the data module).
-_REQUIRED_ARGS = {"model.model": ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")}
+_REQUIRED_ARGS = {"model.model": LINKED_MODEL_ARGS}
 
 
 def _exported(cls: type) -> bool:

@@ -31,11 +31,10 @@ import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from typing_extensions import override
 
+from pdelightning._checks import LINKED_MODEL_ARGS
 from pdelightning.checkpointing import atomic_write
+from pdelightning.compat import set_batches_that_stepped
 from pdelightning.utils import InputError
-
-LINKED_MODEL_ARGS = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
-"""Model arguments the CLI links from the data module (compared through the state dict's shapes instead)."""
 
 
 class CheckpointMismatchError(InputError):
@@ -69,8 +68,9 @@ def model_config_diff(saved: Mapping[str, Any], configured: Mapping[str, Any]) -
     """``(key, saved value, configured value)`` for every architecture setting that differs.
 
     Both arguments are ``{"class_path": ..., "init_args": {...}}``. The class counts as the key
-    ``"class_path"``. Arguments linked from the data module (:data:`LINKED_MODEL_ARGS`) and dropout rates
-    (training-time only) are not compared; an argument missing on one side is taken at its default.
+    ``"class_path"``. Arguments linked from the data module (:data:`~pdelightning._checks.LINKED_MODEL_ARGS`,
+    compared through the state dict's shapes instead) and dropout rates (training-time only) are not compared; an
+    argument missing on one side is taken at its default.
 
     Example::
 
@@ -348,7 +348,7 @@ class RNGStateCheckpoint(L.Callback):
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._epoch_end is not None and trainer.current_epoch == self._epoch_end[0]:
-            trainer.fit_loop.epoch_loop._batches_that_stepped = self._epoch_end[1]
+            set_batches_that_stepped(trainer, self._epoch_end[1])
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -8,11 +8,12 @@ import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from pdelightning.compat import cli_hyperparameters, module_trainer
 from pdelightning.models.base import SequenceClassifier
+from pdelightning.trust import CHECKPOINT_CLASS_KEY
 from pdelightning.utils import should_log
 
 
@@ -83,7 +84,7 @@ class ClassificationTask(L.LightningModule):
         # Under LightningCLI the hyperparameters are the config (class_path + init_args, plain data), so
         # load_from_checkpoint rebuilds the model. Outside it the module (already in the state dict) and the
         # optimizer/scheduler factories (pickled callables, refused by torch.load(weights_only=True)) stay out.
-        in_cli = _given_hyperparameters.get() is not None
+        in_cli = cli_hyperparameters() is not None
         self.save_hyperparameters(ignore=None if in_cli else ["model", "optimizer", "lr_scheduler"])
         self.model = model
         self.beta = beta
@@ -125,7 +126,7 @@ class ClassificationTask(L.LightningModule):
             self.train_acc.reset()
             self._acc_epoch = self.current_epoch
         self.train_acc.update(logits.detach(), y)
-        if should_log(self._trainer):
+        if should_log(module_trainer(self)):
             if l2 is None:
                 with torch.no_grad():
                     l2 = l2_penalty(self._weights())
@@ -135,12 +136,15 @@ class ClassificationTask(L.LightningModule):
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the epoch the training accuracy's counts belong to.
+        """Record the epoch the training accuracy's counts belong to, and the class that rebuilds the checkpoint.
 
         A checkpoint saved on an epoch's last batch holds that epoch's whole count (``on_train_epoch_end``, which
         logs and resets it, has not run yet); the resumed run starts the next epoch, which must not inherit it.
+        The class path (:data:`~pdelightning.trust.CHECKPOINT_CLASS_KEY`) lets a reader such as a callback's
+        ``reference_checkpoint`` find ``load_from_checkpoint`` without knowing this class.
         """
         checkpoint["train_acc_epoch"] = self._acc_epoch
+        checkpoint[CHECKPOINT_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore :meth:`on_save_checkpoint`'s epoch; accept checkpoints written before the training accuracy's

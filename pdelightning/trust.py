@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from pdelightning.compat import lightning_class_path
 from pdelightning.utils import InputError
 
 SAFE_GLOBALS: tuple[Any, ...] = (
@@ -61,6 +62,10 @@ TRUST_HINT = (
     "(command line), which runs the file's pickle code"
 )
 """The explicit way to load an untrusted pickle, named in every refusal."""
+
+CHECKPOINT_CLASS_KEY = "pdelightning_class_path"
+"""The checkpoint entry where a pdelightning ``LightningModule`` records its own dotted class path, so a checkpoint
+names the class that rebuilds it (:func:`checkpoint_class`) without the reader importing it by name."""
 
 _BLOCKED_RE = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (?P<name>[\w.<>]+)")
 
@@ -226,3 +231,20 @@ def check_kwargs(cls: type, kwargs: dict[str, Any], where: str) -> None:
             raise InputError(
                 f"{where}: {cls.__name__} has no argument {key!r}; {hint}its arguments: {', '.join(names)}"
             )
+
+
+def checkpoint_class(checkpoint: Any, bases: tuple[type, ...], arg: str = "reference_checkpoint") -> type | None:
+    """The class a loaded checkpoint names for itself, type-checked by :func:`import_class`; ``None`` if none.
+
+    Read, in order: :data:`CHECKPOINT_CLASS_KEY` (written by pdelightning's tasks) and Lightning's own
+    ``hyper_parameters["_class_path"]`` (written by LightningCLI in subclass mode).
+
+    Raises:
+        UntrustedClassError: when the named class does not import or is not a subclass of ``bases``.
+    """
+    if not isinstance(checkpoint, dict):
+        return None
+    named = checkpoint.get(CHECKPOINT_CLASS_KEY) or lightning_class_path(checkpoint.get("hyper_parameters"))
+    if not isinstance(named, str):
+        return None
+    return import_class(named, bases, f"{arg}'s class")

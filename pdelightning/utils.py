@@ -9,6 +9,8 @@ from typing import Any
 import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_warn
 
+from pdelightning.compat import should_update_logs
+
 _WARNED: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictionary()
 
 
@@ -52,7 +54,4 @@ def should_log(trainer: L.Trainer | None) -> bool:
     """
     if trainer is None:
         return True
-    try:
-        return bool(trainer._logger_connector.should_update_logs)
-    except (AttributeError, NotImplementedError):
-        return True
+    return should_update_logs(trainer)

@@ -21,12 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pdelightning._checks import LINKED_MODEL_ARGS as LINKED
 from pdelightning_reproduce.budget import budget
 from pdelightning_reproduce.recorder import RunRecorder
 from pdelightning_reproduce.rules import DIVERGENCE_LOSS_FACTOR
 from pdelightning_reproduce.settings import CHECKPOINT_STEPS, RunSpec, quick_overrides, setting
-
-LINKED = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
 
 
 def config_record(name: str) -> str:

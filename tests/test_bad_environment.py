@@ -86,7 +86,7 @@ def test_ckpt_path_last_without_a_run_says_it_starts_fresh(tmp_path: Path) -> No
 
 
 def test_empty_plugin_yaml_says_it_attaches_nothing(tmp_path: Path) -> None:
-    from pdelightning.callbacks.plugin import build_callbacks
+    from pdelightning.plugin import build_callbacks
 
     empty = _write(tmp_path / "empty.yaml", "")
     with pytest.warns(UserWarning, match=r"empty\.yaml lists no callbacks: nothing is attached"):

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdelightning.callbacks.plugin import ENV_VAR
 from pdelightning.cli import EXIT_BAD_INPUT, main
+from pdelightning.plugin import ENV_VAR
 from tests.helpers.configs import CONFIGS
 from tests.test_cli import fake_mnist, fake_newsgroups
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pdelightning.callbacks.plugin import ENV_VAR, GROUPS, build_callbacks
 from pdelightning.cli import main
+from pdelightning.plugin import ENV_VAR, GROUPS, build_callbacks
 from pdelightning.resources import (
     UnknownConfigError,
     config_root,

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from pdelightning.callbacks._reference import load_reference
-from pdelightning.callbacks.plugin import ENV_VAR, build_callbacks
 from pdelightning.checkpointing import AtomicCheckpointIO, CorruptCheckpointError, load_checkpoint_file, readable
 from pdelightning.cli import EXIT_BAD_INPUT, main
+from pdelightning.plugin import ENV_VAR, build_callbacks
 from pdelightning.trust import UntrustedClassError, UntrustedFileError, blocked_global, load_data_file
 from tests.helpers.configs import CONFIGS
 
@@ -267,3 +267,31 @@ def test_cli_opt_in_is_what_the_message_says(
     path, marker = attack
     _run_cli(_quick(tmp_path, f"--ckpt_path={path}", "--weights_only=false"), capsys)
     assert marker.exists()
+
+
+def test_a_class_named_in_a_reference_checkpoint_is_type_checked(tmp_path: Path) -> None:
+    """The checkpoint names the class that rebuilds it (pdelightning.trust.CHECKPOINT_CLASS_KEY): a class that is no
+    LightningModule is refused before anything of it is called; with no class anywhere the message says what to give.
+    """
+    from pdelightning.callbacks._reference import load_reference_checkpoint
+    from pdelightning.trust import CHECKPOINT_CLASS_KEY
+
+    marker = tmp_path / "MARKER"
+    path = tmp_path / "named.ckpt"
+    torch.save(
+        {
+            "state_dict": {},
+            "hyper_parameters": {"args": ["touch", str(marker)]},
+            CHECKPOINT_CLASS_KEY: "subprocess.Popen",
+        },
+        path,
+    )
+    with pytest.raises(
+        UntrustedClassError, match=r"reference_checkpoint's class='subprocess\.Popen' is not a LightningModule"
+    ):
+        load_reference(nn.Linear(2, 2), None, str(path), None, "AttentionSimilarity")
+    assert not marker.exists()
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, plain)
+    with pytest.raises(TypeError, match=r"does not name the LightningModule class.*give reference_class"):
+        load_reference_checkpoint(plain, None, hint="")

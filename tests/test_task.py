@@ -227,3 +227,18 @@ def test_optimizer_and_scheduler_callables_are_used(tmp_path: Path) -> None:
 def test_default_optimizer_is_adamw_without_scheduler() -> None:
     task = ClassificationTask(_model(), num_classes=4)
     assert isinstance(task.configure_optimizers(), torch.optim.AdamW)
+
+
+def test_a_checkpoint_names_its_class(tmp_path: Path) -> None:
+    """A reader (a reference_checkpoint) finds the class that rebuilds the checkpoint without importing it."""
+    from pdelightning.callbacks._reference import named_class
+
+    class MyTask(ClassificationTask):
+        pass
+
+    checkpoint: dict = {}
+    ClassificationTask(_model()).on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "task.ckpt")
+    assert named_class(tmp_path / "task.ckpt") is ClassificationTask
+    MyTask(_model()).on_save_checkpoint(checkpoint)
+    assert checkpoint["pdelightning_class_path"].endswith("test_a_checkpoint_names_its_class.<locals>.MyTask")

@@ -6,6 +6,7 @@
 - :mod:`~pdelightning.analysis.gradients`: fused per-group gradient norms and update-to-weight ratios.
 - :mod:`~pdelightning.analysis.information`: mutual-information estimators (binning, KDE, probe) and their bias.
 - :mod:`~pdelightning.analysis.jacobian`: spectral norms of layer Jacobians, the finite-depth Lyapunov exponent.
+- :mod:`~pdelightning.analysis.laplacian`: the three-point Laplacian along tokens with its boundary conditions.
 - :mod:`~pdelightning.analysis.linear_probe`: the closed-form, cross-fitted LDA probe bound on ``I(T;Y)``.
 - :mod:`~pdelightning.analysis.mi_benchmark`: Gaussian classes with a known ``I(T;Y)``, the estimators' test bed.
 - :mod:`~pdelightning.analysis.pde_fit`: least-squares fit of a layer's update to the eq. (20) step.

@@ -4,7 +4,7 @@ Read a layer as one explicit Euler step of eq. (20) with the couplings and the f
 
     (u_{l+1} - u_l) / Δt  ≈  D ∘ ∇²u_l  +  α A_l  +  c F_l,
 
-where ``∇²`` is :func:`~pdelightning.models.pde.laplacian_1d` along the token axis (spacing ``Δx``, the model's
+where ``∇²`` is :func:`~pdelightning.analysis.laplacian.laplacian_1d` along the token axis (spacing ``Δx``, the model's
 boundary condition, padding outside the domain), ``A_l`` the attention sublayer's output *without* any ``α``
 factor, ``F_l`` the MLP's output, and ``D`` one diffusion coefficient per feature (``"diagonal"``) or one number
 (``"scalar"``). The fit runs over all valid (non-padded) token positions and all features, and reports ``D``,
@@ -45,8 +45,8 @@ import torch
 from torch import Tensor
 
 from pdelightning._checks import check_choice
+from pdelightning.analysis.laplacian import BOUNDARY_CONDITIONS, laplacian_1d
 from pdelightning.analysis.stability import eq21_number
-from pdelightning.models.pde import BOUNDARY_CONDITIONS, laplacian_1d
 
 FitDiffusion = Literal["diagonal", "scalar", "none"]
 FIT_DIFFUSION = ("diagonal", "scalar", "none")
@@ -331,7 +331,7 @@ def fit_pde_layer(
 
     Example::
 
-        >>> from pdelightning.models.pde import laplacian_1d
+        >>> from pdelightning.analysis.laplacian import laplacian_1d
         >>> g = torch.Generator().manual_seed(0)
         >>> u, a, f = (torch.randn(4, 6, 2, generator=g, dtype=torch.float64) for _ in range(3))
         >>> D = torch.tensor([0.3, 0.1], dtype=torch.float64)

@@ -6,7 +6,7 @@ import copy
 import importlib
 import inspect
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +16,19 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from pdelightning._checks import LINKED_MODEL_ARGS
 from pdelightning.adapters.registry import find_adapter
 from pdelightning.callbacks._targets import module_copy
 from pdelightning.trust import (
+    CHECKPOINT_CLASS_KEY,
     SAFE_GLOBALS,
     UntrustedFileError,
     blocked_global,
+    checkpoint_class,
     import_class,
     load_data_file,
     untrusted_message,
 )
-
-LINKED_ARGS = ("num_classes", "input_kind", "image_size", "vocab_size", "max_len")
-"""The model arguments our CLI links from the data module; copied into a ``reference_config`` that lacks them."""
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -98,10 +98,28 @@ def import_lightning_module_class(path: str) -> type[L.LightningModule]:
     return import_class(path, (L.LightningModule,), "reference_class")
 
 
-def load_reference_checkpoint(path: str | Path, cls: type | None, hint: str, trust: bool = False) -> nn.Module:
-    """Load the reference: ``cls.load_from_checkpoint(path)`` on the CPU (default ``cls``: ClassificationTask).
+def named_class(path: str | Path, trust: bool = False) -> type[L.LightningModule] | None:
+    """The ``LightningModule`` class the checkpoint at ``path`` names for itself (loaded as data), or ``None``.
 
-    The file is loaded as data (``weights_only=True``, :data:`~pdelightning.trust.SAFE_GLOBALS`) unless ``trust``.
+    See :func:`~pdelightning.trust.checkpoint_class`: pdelightning's tasks record it under
+    :data:`~pdelightning.trust.CHECKPOINT_CLASS_KEY`, LightningCLI in subclass mode in its hyperparameters.
+
+    Raises:
+        UntrustedFileError: when the file holds a pickle global outside the allow-list (nothing of it ran).
+        UntrustedClassError: when the class it names is not a ``LightningModule`` subclass.
+    """
+    return checkpoint_class(load_data_file(path, map_location="cpu", trust=trust, mmap=True), (L.LightningModule,))
+
+
+def load_reference_checkpoint(
+    path: str | Path, cls: type | None, hint: str, trust: bool = False, default: type | None = None
+) -> nn.Module:
+    """Load the reference: ``cls.load_from_checkpoint(path)`` on the CPU.
+
+    The class is ``cls`` if given, else the one the checkpoint names (:func:`named_class`: every checkpoint a
+    pdelightning task wrote, e.g. ``pdelightning fit``'s, names :class:`~pdelightning.task.ClassificationTask`),
+    else ``default``. The file is loaded as data (``weights_only=True``, :data:`~pdelightning.trust.SAFE_GLOBALS`)
+    unless ``trust``.
 
     Args:
         path: the checkpoint.
@@ -109,18 +127,25 @@ def load_reference_checkpoint(path: str | Path, cls: type | None, hint: str, tru
         hint: what to do instead when the checkpoint's hyperparameters cannot rebuild the model (a task built
             in Python rather than from a config), in the caller's argument names.
         trust: load with ``weights_only=False`` (runs the file's pickle code).
+        default: the class when neither ``cls`` nor the checkpoint names one (e.g. that of the model under
+            training).
 
     Raises:
         FileNotFoundError: when ``path`` is not a file.
         UntrustedFileError: when the file holds a pickle global outside the allow-list (nothing of it ran).
-        TypeError: when ``load_from_checkpoint`` cannot rebuild the module, with ``hint``.
+        UntrustedClassError: when the class the checkpoint names is not a ``LightningModule`` subclass.
+        TypeError: when no class is known, or ``load_from_checkpoint`` cannot rebuild the module, with ``hint``.
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"reference_checkpoint={str(path)!r} does not exist")
     if cls is None:
-        from pdelightning.task import ClassificationTask
-
-        cls = ClassificationTask
+        cls = named_class(path, trust) or default
+    if cls is None:
+        raise TypeError(
+            f"reference_checkpoint={str(path)!r} does not name the LightningModule class that wrote it (no "
+            f"{CHECKPOINT_CLASS_KEY!r} entry, no hyper_parameters._class_path): give reference_class, e.g. "
+            "'pdelightning.task.ClassificationTask' for a checkpoint of pdelightning fit"
+        )
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             return cls.load_from_checkpoint(  # type: ignore[attr-defined]
@@ -144,7 +169,7 @@ def linked_values(pl_module: nn.Module) -> dict[str, Any]:
     hp = getattr(pl_module, "hparams", None) or {}
     inner = hp.get("model") if isinstance(hp, Mapping) else None
     if isinstance(inner, Mapping) and isinstance(inner.get("init_args"), Mapping):
-        return {k: inner["init_args"][k] for k in LINKED_ARGS if k in inner["init_args"]}
+        return {k: inner["init_args"][k] for k in LINKED_MODEL_ARGS if k in inner["init_args"]}
     from pdelightning.models.base import SequenceClassifier
 
     for m in pl_module.modules():
@@ -174,18 +199,21 @@ def _init_params(class_path: str) -> set[str] | None:
         return None
 
 
-def build_from_config(path: str, linked: Mapping[str, Any], cls: type | None = None) -> nn.Module:
+def build_from_config(
+    path: str, linked: Mapping[str, Any], cls: type | None = None, default: Callable[[], type] | None = None
+) -> nn.Module:
     """Instantiate the ``model:`` section of a YAML config in our CLI format.
 
-    ``model:`` holds the :class:`~pdelightning.task.ClassificationTask` arguments (``model: {class_path,
-    init_args}``, ``num_classes``, ...), or the ``init_args`` of ``cls``, or is itself ``{class_path, init_args}``.
-    Arguments our CLI links from the data module (:data:`LINKED_ARGS`) are filled from ``linked`` where the
-    file does not give them; the file's ``data:`` section is not read. Every ``class_path`` is checked to be an
-    ``nn.Module`` subclass before anything is instantiated (nested ones by jsonargparse's typed parsing, as for a
-    ``-c`` config).
+    ``model:`` is itself ``{class_path, init_args}``, or holds the arguments of ``cls``, else of ``default()``
+    (asked only then; e.g. :class:`~pdelightning.task.ClassificationTask`'s ``model: {class_path, init_args}``,
+    ``num_classes``, ...). Arguments our CLI links from the data module
+    (:data:`~pdelightning._checks.LINKED_MODEL_ARGS`) are filled from ``linked`` where the file does not give them;
+    the file's ``data:`` section is not read. Every ``class_path`` is checked to be an ``nn.Module`` subclass before
+    anything is instantiated (nested ones by jsonargparse's typed parsing, as for a ``-c`` config).
 
     Raises:
         UntrustedClassError: for a ``class_path`` that does not import or is not an ``nn.Module`` subclass.
+        ValueError: when no class is known (no ``class_path``, ``cls`` nor ``default``).
     """
     with open(path) as f:
         config = yaml.safe_load(f) or {}
@@ -200,10 +228,6 @@ def build_from_config(path: str, linked: Mapping[str, Any], cls: type | None = N
         if cls is None:
             raise ValueError(f"reference_config={path!r}: give `model.class_path` as a dotted path")
         section = dict(section.get("init_args") or {})
-    if cls is None:
-        from pdelightning.task import ClassificationTask
-
-        cls = ClassificationTask
     inner = section.get("model")
     if isinstance(inner, Mapping) and "class_path" in inner:
         inner = section["model"] = dict(inner)
@@ -214,6 +238,10 @@ def build_from_config(path: str, linked: Mapping[str, Any], cls: type | None = N
         inner["init_args"] = {**fill, **dict(inner.get("init_args") or {})}
         if "num_classes" in linked:
             section.setdefault("num_classes", linked["num_classes"])
+    if cls is None:  # after every class_path in the file was type-checked
+        if default is None:
+            raise ValueError(f"reference_config={path!r}: its `model:` names no class_path; give reference_class")
+        cls = default()
     return instantiate_module(cls, section)
 
 
@@ -226,7 +254,11 @@ def load_reference(
     trust: bool = False,
 ) -> nn.Module:
     """A reference model from a YAML ``config`` (with ``checkpoint`` weights, or freshly initialised with a warning)
-    or from a Lightning ``checkpoint`` alone (``class_path`` or the class recorded in it).
+    or from a Lightning ``checkpoint`` alone.
+
+    The class is ``class_path``, else the class the config's ``model:`` or the checkpoint names
+    (:func:`named_class`), else that of ``pl_module`` when it is a ``LightningModule`` (the reference is a model
+    of the same task, e.g. a :class:`~pdelightning.task.ClassificationTask` under ``pdelightning fit``).
 
     Files are data: the checkpoint is loaded with ``weights_only=True`` unless ``trust`` (``trust_checkpoint``),
     and every class named is type-checked before it is called.
@@ -237,12 +269,23 @@ def load_reference(
     """
     if config is not None and not Path(config).is_file():
         raise FileNotFoundError(f"reference_config={config!r} does not exist")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise FileNotFoundError(f"reference_checkpoint={checkpoint!r} does not exist")
     cls = import_model_class(class_path) if class_path else None
+    task_class = type(pl_module) if isinstance(pl_module, L.LightningModule) else None
+
+    def default() -> type:
+        named = named_class(checkpoint, trust) if checkpoint is not None else None
+        if named is None and task_class is None:
+            raise ValueError(
+                f"{owner}: reference_config={config!r} holds the arguments of a class it does not name, and the "
+                f"model under training ({type(pl_module).__name__}) is no LightningModule; give reference_class"
+            )
+        return named or task_class  # type: ignore[return-value]
+
     if config is not None:
-        module = build_from_config(config, linked_values(pl_module), cls)
+        module = build_from_config(config, linked_values(pl_module), cls, default)
         if checkpoint is not None:
-            if not Path(checkpoint).is_file():
-                raise FileNotFoundError(f"reference_checkpoint={checkpoint!r} does not exist")
             ckpt = load_data_file(checkpoint, map_location="cpu", trust=trust)
             module.load_state_dict(ckpt.get("state_dict", ckpt))
         else:
@@ -250,6 +293,5 @@ def load_reference(
                 f"{owner}: the reference built from {config!r} is freshly initialised (no reference_checkpoint given)"
             )
         return module
-    return load_reference_checkpoint(
-        checkpoint, cls, hint="also give reference_config (a YAML describing the architecture)", trust=trust
-    )
+    hint = "also give reference_config (a YAML describing the architecture)"
+    return load_reference_checkpoint(checkpoint, cls, hint, trust=trust, default=task_class)

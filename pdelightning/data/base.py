@@ -25,8 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from typing_extensions import override
 
-from pdelightning._checks import check_choice  # noqa: F401 (re-exported for the data modules)
-from pdelightning.models.embedding import InputKind
+from pdelightning._checks import InputKind, check_choice  # noqa: F401 (check_choice: re-exported for the data modules)
 
 PAD_ID = 0
 UNK_ID = 1

@@ -5,7 +5,7 @@ from pdelightning.models.base import SequenceClassifier, masked_mean
 from pdelightning.models.bottleneck import GaussianBottleneck, gaussian_kl_to_standard_normal
 from pdelightning.models.embedding import InputEmbedding
 from pdelightning.models.hooks import HookPoint
-from pdelightning.models.pde import PDEClassifier, PDEStep, laplacian_1d
+from pdelightning.models.pde import PDEClassifier, PDEStep
 from pdelightning.models.pde_variants import DiffusionPDEClassifier, DiffusionStep, LinearPDEClassifier, LinearStep
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget, PDEStepParams, SupportsAnalysis
 from pdelightning.models.transformer import TransformerBlock, TransformerClassifier
@@ -29,6 +29,5 @@ __all__ = [
     "TransformerBlock",
     "TransformerClassifier",
     "gaussian_kl_to_standard_normal",
-    "laplacian_1d",
     "masked_mean",
 ]

@@ -6,8 +6,9 @@ from typing import Literal, overload
 
 from torch import Tensor, nn
 
+from pdelightning._checks import InputKind, Tokenization
 from pdelightning.models.bottleneck import GaussianBottleneck
-from pdelightning.models.embedding import InputEmbedding, InputKind, Tokenization
+from pdelightning.models.embedding import InputEmbedding
 from pdelightning.models.hooks import HookPoint
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget
 

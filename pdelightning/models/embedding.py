@@ -7,17 +7,11 @@ stream entering block 0 of the Transformer.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from pdelightning._checks import check_choice
-
-InputKind = Literal["image", "tokens"]
-Tokenization = Literal["rows", "patches"]
-INPUT_KINDS = ("image", "tokens")
-TOKENIZATIONS = ("rows", "patches")
+from pdelightning._checks import INPUT_KINDS, TOKENIZATIONS, InputKind, Tokenization, check_choice
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pdelightning._checks import check_choice
+from pdelightning._checks import InputKind, Tokenization, check_choice
 from pdelightning.models.attention import MultiHeadSelfAttention
 from pdelightning.models.base import NORM_PLACEMENTS, NormPlacement, SequenceClassifier
-from pdelightning.models.embedding import InputKind, Tokenization
 from pdelightning.models.hooks import HookPoint
 
 
@@ -123,9 +122,17 @@ class TransformerClassifier(SequenceClassifier):
         if d_ff <= 0:
             raise ValueError(f"d_ff={d_ff} must be positive (the FFN hidden width)")
         super().__init__(
-            num_classes, d_model, input_kind, image_size, tokenization, patch_size, vocab_size, max_len, pad_id,
+            num_classes,
+            d_model,
+            input_kind,
+            image_size,
+            tokenization,
+            patch_size,
+            vocab_size,
+            max_len,
+            pad_id,
             bottleneck_dim,
-        )  # fmt: skip
+        )
         self.blocks.extend(TransformerBlock(d_model, n_heads, d_ff, dropout, residual, norm) for _ in range(n_layers))
         if norm == "pre":
             self.ln_final = nn.LayerNorm(d_model)

@@ -223,16 +223,24 @@ def information_plane_figure(
         ax.plot(xs, ys, "-", color=color, alpha=0.35, lw=1, label=layer)
         for k in range(1, len(pts)):
             ax.annotate(
-                "", xy=(xs[k], ys[k]), xytext=(xs[k - 1], ys[k - 1]),
+                "",
+                xy=(xs[k], ys[k]),
+                xytext=(xs[k - 1], ys[k - 1]),
                 arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.6, "lw": 1},
-            )  # fmt: skip
+            )
         for k, (x, y, sat) in enumerate(pts):
             alpha = 0.3 + 0.7 * (k + 1) / max(1, n_points)
             any_saturated |= sat
             ax.scatter(
-                [x], [y], s=36, edgecolors=[color], facecolors="none" if sat else [color], alpha=alpha, linewidths=1.5,
+                [x],
+                [y],
+                s=36,
+                edgecolors=[color],
+                facecolors="none" if sat else [color],
+                alpha=alpha,
+                linewidths=1.5,
                 zorder=3,
-            )  # fmt: skip
+            )
         ax.scatter([xs[-1]], [ys[-1]], s=120, facecolors="none", edgecolors="black", linewidths=0.8, zorder=4)
     if history:
         last = history[-1]

@@ -16,7 +16,7 @@ from torch import nn
 from pdelightning.adapters import huggingface, reader_kind, resolve
 from pdelightning.adapters.readers import hf_attention_weights
 from pdelightning.callbacks import PDEFit, StabilityMonitor
-from pdelightning.callbacks.plugin import CALLBACK_NAMES
+from pdelightning.plugin import CALLBACK_NAMES
 from pdelightning.probing.batch import call_model
 from pdelightning.probing.capture import Capture, Request
 from tests.helpers.loggers import MemoryLogger

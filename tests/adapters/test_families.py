@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pdelightning.adapters import reader_kind, resolve
-from pdelightning.callbacks.plugin import CALLBACK_NAMES, build_callbacks
+from pdelightning.plugin import CALLBACK_NAMES, build_callbacks
 from pdelightning.probing.batch import call_model, valid_from_batch
 from pdelightning.probing.capture import Capture, Request
 from pdelightning.probing.hub import ProbeHub

@@ -26,8 +26,8 @@ from pdelightning.adapters.windowed import (
 )
 from pdelightning.analysis.attention import attention_entropy
 from pdelightning.analysis.rollout import attention_rollout, row_entropy
-from pdelightning.callbacks.plugin import build_callbacks
 from pdelightning.models.protocol import WindowLayout
+from pdelightning.plugin import build_callbacks
 from pdelightning.probing.batch import call_model
 from pdelightning.probing.capture import Capture, EmbeddingEdit, Request
 from pdelightning.probing.hub import ProbeHub

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from pdelightning.analysis import pde_fit
+from pdelightning.analysis.laplacian import laplacian_1d
 from pdelightning.analysis.pde_fit import (
     STAT_KEYS,
     add_pde_fit_statistics,
@@ -19,7 +20,7 @@ from pdelightning.analysis.pde_fit import (
     solve_pde_fit,
 )
 from pdelightning.analysis.stability import eq21_number
-from pdelightning.models import PDEClassifier, TransformerClassifier, laplacian_1d
+from pdelightning.models import PDEClassifier, TransformerClassifier
 
 
 def capture_layers(model: nn.Module, x: Tensor) -> list[dict[str, Tensor]]:

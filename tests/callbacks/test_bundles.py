@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 import pdelightning.callbacks
-from pdelightning.callbacks.plugin import CALLBACK_NAMES, GROUPS, LENS_NAMES
 from pdelightning.cli import build_cli
+from pdelightning.plugin import CALLBACK_NAMES, GROUPS, LENS_NAMES
 from tests.helpers.configs import CONFIGS, REPRO_CONFIGS, bare_quickstart
 from tests.test_cli import fake_mnist, fake_newsgroups
 

@@ -12,7 +12,7 @@ import lightning.pytorch as L
 import pytest
 
 from pdelightning.callbacks import GradientFlow, InformationFlow, PerturbationEval, StabilityMonitor
-from pdelightning.callbacks.plugin import CALLBACK_NAMES, ENV_VAR, LENS_NAMES, build_callbacks, callbacks_factory
+from pdelightning.plugin import CALLBACK_NAMES, ENV_VAR, LENS_NAMES, build_callbacks, callbacks_factory
 from tests.helpers.configs import CONFIGS
 from tests.helpers.tb import scalar_tags
 
@@ -78,3 +78,18 @@ def test_env_var_attaches_callbacks_to_a_plain_script(tmp_path: Path) -> None:
     tags = scalar_tags(log_dir)
     assert any(t.startswith("analysis/gradient_flow/") for t in tags)
     assert any(t.startswith("analysis/stability_monitor/") for t in tags)
+
+
+def test_the_entry_point_names_the_plugin() -> None:
+    """pyproject's ``lightning.pytorch.callbacks_factory`` entry point resolves to this factory (a stale path would
+    make every ``Trainer()`` of an installed pdelightning fail to import it)."""
+    import importlib
+    import re
+
+    header = '[project.entry-points."lightning.pytorch.callbacks_factory"]'
+    section = (ROOT / "pyproject.toml").read_text().split(header)
+    assert len(section) == 2, "pyproject.toml has no lightning.pytorch.callbacks_factory entry point"
+    entry = re.search(r'^pdelightning\s*=\s*"(?P<value>[^"]+)"', section[1], re.MULTILINE)
+    assert entry is not None
+    module, _, name = entry["value"].partition(":")
+    assert getattr(importlib.import_module(module), name) is callbacks_factory

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from pdelightning.__main__ import main
 from pdelightning.callbacks import PDEFit
 from pdelightning.callbacks.base import ProbeCallback
-from pdelightning.callbacks.plugin import build_callbacks
+from pdelightning.plugin import build_callbacks
 from pdelightning.trust import check_kwargs, init_arguments
 from pdelightning.utils import InputError
 from tests.helpers.configs import CONFIGS

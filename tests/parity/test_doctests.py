@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pdelightning import _checks
-from pdelightning.models.pde import laplacian_1d
+from pdelightning.analysis.laplacian import laplacian_1d
 
 MODULES = [
     "attention",
@@ -17,6 +17,7 @@ MODULES = [
     "estimator_bias",
     "gradients",
     "information",
+    "laplacian",
     "linear_probe",
     "perturbation",
     "representation",

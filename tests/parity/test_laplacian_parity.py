@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdelightning.models.pde import laplacian_1d
+from pdelightning.analysis.laplacian import laplacian_1d
 
 
 def dense_laplacian(t: int, dx: float, boundary: str) -> torch.Tensor:

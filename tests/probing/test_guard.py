@@ -32,7 +32,7 @@ from pdelightning.callbacks import (
     PerturbationEval,
     StabilityMonitor,
 )
-from pdelightning.callbacks.plugin import ENV_VAR, build_callbacks
+from pdelightning.plugin import ENV_VAR, build_callbacks
 from pdelightning.probing import session as session_module
 from pdelightning.probing.guard import CallbackFailedWarning
 from tests.helpers.configs import CONFIGS

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from pdelightning.adapters import resolve
-from pdelightning.callbacks.plugin import CALLBACK_NAMES
+from pdelightning.plugin import CALLBACK_NAMES
 from pdelightning.probing.batch import call_model, forward_implemented, split_batch, valid_from_batch, wrapped_model
 from pdelightning.probing.capture import Capture, Request
 from pdelightning.probing.hub import ProbeHub

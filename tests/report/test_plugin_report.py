@@ -15,7 +15,7 @@ import pytest
 
 from pdelightning.__main__ import main
 from pdelightning.callbacks import GradientFlow
-from pdelightning.callbacks.plugin import ENV_VAR, callbacks_factory
+from pdelightning.plugin import ENV_VAR, callbacks_factory
 from pdelightning.report import RunReport
 from tests.helpers.configs import bare_quickstart
 

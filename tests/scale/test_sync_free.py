@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from pdelightning.callbacks.plugin import CALLBACK_NAMES, LENS_NAMES, build_callbacks
+from pdelightning.plugin import CALLBACK_NAMES, LENS_NAMES, build_callbacks
 from tests.helpers.loggers import MemoryLogger
 from tests.helpers.models import StockEncoderModule
 
