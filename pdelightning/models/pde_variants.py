@@ -46,8 +46,8 @@ class DiffusionStep(nn.Module):
 
     ``D_l`` is per feature (``"diagonal"``) or one number (``"scalar"``); learned through a softplus (kept
     non-negative) or fixed at ``diffusion_init``. Padded positions lie outside the domain (see
-    :func:`~pdelightning.models.laplacian_1d`) and are not updated. The step is stable, eq. (21) with ``α = 0``,
-    when ``2 D_l Δt / Δx² <= 1``.
+    :func:`~pdelightning.analysis.laplacian.laplacian_1d`) and are not updated. The step is stable, eq. (21) with
+    ``α = 0``, when ``2 D_l Δt / Δx² <= 1``.
 
     Hook points:
         ``hook_resid_pre``, ``hook_diffusion`` (``D ∇²u``), ``hook_resid_post`` (``u_{l+1}``), all ``[B, T, d]``.
