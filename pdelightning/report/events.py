@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdelightning.probing.planner import DEFAULT_BUDGET
 from pdelightning.report.tags import CALLBACKS
 
 EVENT_GLOB = "events.out.tfevents.*"
@@ -165,7 +166,7 @@ def rule_settings(settings: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[s
     return out
 
 
-_DEFAULT_BUDGET = 0.03  # pdelightning.probing.planner.DEFAULT_BUDGET
+_DEFAULT_BUDGET = DEFAULT_BUDGET
 
 
 def _budget_of(args: Mapping[str, Any]) -> float | None:
