@@ -157,7 +157,7 @@ def test_thresholds_are_on_the_data_scale() -> None:
 def test_ib_rules_read_only_a_lower_bound_with_a_valid_range() -> None:
     for rid in ("ib.decline_transformer", "ib.decline_pde", "ib.pde_lower", "ib.pde_layer1_sharpest"):
         q = BY_ID[rid].quantities[0]
-        assert q.valid == (-rules_pkg.IB_BOUND_SLACK, float("inf")) and q.valid_reason
+        assert q.valid == (0.0, float("inf")) and rules_pkg.IB_LOWER_UCB in q.valid_reason
         assert rules_pkg.IB_LOWER_QUANTITY in q.definition and "I(T;Y) = H(Y) - CE of" not in q.definition
 
 
