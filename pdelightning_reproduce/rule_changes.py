@@ -58,8 +58,8 @@ PRE_RUN_SHA: dict[str, dict[str, str]] = {
     },
     "v3": {
         "sha256": "6815180b7c9c1f41127baad08faf2a207f1c28c6c6eaff8b7f85d5f95ec537a3",
-        "recorded": "2026-12-06 20:16 UTC, branch h-repro-integrate (first recorded 19:53 UTC, h-repro-stats, "
-        "sha256 42181054e5b4d065…; the changes since are CHANGES_AFTER_V3_RECORD)",
+        "recorded": "2026-12-06 20:16 UTC on h-repro-integrate; first recorded 19:53 UTC on h-repro-stats as "
+        "42181054e5b4d065…, changed since as CHANGES_AFTER_V3_RECORD says",
         "what": "rules_sha256() of the rules/ package when its v3 rules were fixed: before any v3 run was analysed, "
         "after the v2 data (docs/reproduction) had been seen and re-verdicted with them as a check",
     },

@@ -66,7 +66,8 @@ def under_trained_runs(results: Results, settings: Sequence[str]) -> list[str]:
             seeds = ", ".join(str(int(r["seed"])) for r in rows)
             how = sorted({f"{r.get('stop_reason')}, epoch {r.get('epochs')}" for r in rows})
             unrecorded = [str(int(r["seed"])) for r in rows if str(r.get("plateau_met")) in ("nan", "None", "")]
-            note = f"; seeds {', '.join(unrecorded)} recorded no plateau verdict" if unrecorded else ""
+            plural = "s" if len(unrecorded) > 1 else ""
+            note = f"; seed{plural} {', '.join(unrecorded)} recorded no plateau verdict" if unrecorded else ""
             out.append(f"`{s}` seed{'s' * (len(rows) > 1)} {seeds} (stopped at {'; '.join(how)}{note})")
     return out
 

@@ -79,8 +79,12 @@ def test_pairs_never_compare_twins_except_the_labelled_one() -> None:
             assert model.seed == ref.seed
         else:
             assert model.seed != ref.seed
-    assert {p.name for p in PAIRS} == {"pde_vs_transformer", "transformer_vs_transformer",
-                                       "pde_vs_transformer_shared_init", "pde_diffusion_vs_transformer"}  # fmt: skip
+    assert {p.name for p in PAIRS} == {
+        "pde_vs_transformer",
+        "transformer_vs_transformer",
+        "pde_vs_transformer_shared_init",
+        "pde_diffusion_vs_transformer",
+    }
 
 
 def test_run_ids_and_quick_overrides() -> None:
