@@ -158,7 +158,7 @@ def write_report(source: Path, out: Path, previous: Path | None = None) -> Path:
 def _reason(verdict: str, why: str) -> str:
     """What decides a verdict, in one phrase: a not-comparable verdict's reason, else the verdict's interval method."""
     if verdict == NOT_COMPARABLE and "Not comparable: " in why:
-        return why.split("Not comparable: ", 1)[1].split(". ", 1)[0]
+        return "; and ".join(part.split(". ", 1)[0] for part in why.split("Not comparable: ")[1:])
     return why.rsplit("Interval method: ", 1)[-1].rstrip(".") if "Interval method: " in why else "—"
 
 

@@ -449,5 +449,6 @@ def claim_result(
             why += f" Not comparable: {reason}."
     result = ClaimResult(rule, verdict, leaves, ours, null, ceiling, accuracy, why, dict(estimates or {}))
     if rule.test is not None:
-        result.why += f" Interval method: {'; '.join(result.methods) or 'none (no estimate)'}."
+        none = "none yet (no estimate; the rule's interval is named in its quantities, in the appendix)"
+        result.why += f" Interval method: {'; '.join(result.methods) or none}."
     return result
