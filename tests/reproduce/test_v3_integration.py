@@ -130,3 +130,18 @@ def test_rules_appendix_prints_each_valid_range_with_its_reason() -> None:
     text = rules_appendix()
     q = BY_ID["ib.pde_lower"].quantities[0]
     assert f"(valid range [0, inf]: {q.valid_reason})" in text
+
+
+def test_records_trained_before_the_judgement_are_judged_when_merged() -> None:
+    """A run.json with a loss series but no verdict (trained by an older train.py) gets training's verdict in its
+    runs.csv row; v2's records (no series) stay empty."""
+    from pdelightning_reproduce.summary import run_row
+
+    meta = {"setting": "sweep_pde", "cell": "dt0.5", "seed": 0, "status": "diverged", "role": "sweep"}
+    row = run_row(dict(meta, losses=[2.3, 40.0], loss_steps=[1, 2]))  # stopped at v2's bound after one update
+    assert (row["training_divergence"], row["divergence_at"]) == ("undecided", None)
+    row = run_row(dict(meta, losses=[2.3, *[1.0] * 12, float("nan")], loss_steps=list(range(1, 15))))
+    assert (row["training_divergence"], row["divergence_reason"], row["divergence_at"]) == ("diverged", "nonfinite", 14)
+    assert run_row(meta)["training_divergence"] is None
+    main = {"setting": "mnist_pde", "seed": 1, "status": "complete", "role": "main", "stop_reason": "max_epochs"}
+    assert run_row(main)["under_trained"] is True and run_row(dict(main, role="sweep"))["under_trained"] is None
