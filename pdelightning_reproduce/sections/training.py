@@ -31,6 +31,8 @@ SECTION_READS: dict[str, tuple[str, ...]] = {
     "perturbation": _NEWSGROUPS,
     "ablations": (),
 }
+#: Rules that read fewer settings than their section and whose id does not say so.
+RULE_READS: dict[str, tuple[str, ...]] = {"ib.pde_layer1_sharpest": ("newsgroups_pde",)}
 #: Settings a rule reads beyond its section's, by the last part of its id.
 EXTRA_READS: dict[str, tuple[str, ...]] = {"diffusion": ("mnist_pde_diffusion",)}
 
@@ -46,6 +48,8 @@ def settings_read(rule: Rule) -> tuple[str, ...]:
         >>> settings_read(BY_ID["grad.range_pde"]), settings_read(BY_ID["t3.cka_diffusion"])
         (('newsgroups_pde',), ('mnist_transformer', 'mnist_pde_diffusion'))
     """
+    if rule.id in RULE_READS:
+        return RULE_READS[rule.id]
     base = SECTION_READS.get(rule.section, ())
     last = re.split(r"[._]", rule.id)[-1]
     if last in ("transformer", "pde"):
@@ -80,10 +84,12 @@ def guard_under_trained(claim: ClaimResult, results: Results) -> ClaimResult:
     if not runs or claim.rule.test is None:
         return claim
     reading, claim.verdict = claim.verdict, NOT_COMPARABLE
+    context = (
+        f" Context only, not a verdict: on these runs the rule reads '{reading}'." if reading != NOT_COMPARABLE else ""
+    )
     claim.why = (
         f"Not comparable: under-trained: {'; '.join(runs)}, before the plateau criterion was met "
-        f"(pdelightning_reproduce.divergence.under_trained). Context only, not a verdict: on these runs the rule "
-        f"reads '{reading}'. " + claim.why
+        f"(pdelightning_reproduce.divergence.under_trained).{context} " + claim.why
     )
     return claim
 

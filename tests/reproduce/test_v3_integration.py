@@ -78,6 +78,7 @@ def test_settings_read_by_rule() -> None:
     assert settings_read(BY_ID["t2.transformer"]) == ("mnist_transformer",)
     assert settings_read(BY_ID["att.cosine"]) == ("mnist_transformer", "mnist_pde")
     assert settings_read(BY_ID["v2.pde_unstable"]) == ()
+    assert settings_read(BY_ID["ib.pde_layer1_sharpest"]) == ("newsgroups_pde",)
     assert settings_read(BY_ID["t3.cka_diffusion"]) == ("mnist_transformer", "mnist_pde_diffusion")
 
 
