@@ -6,7 +6,8 @@
 - :mod:`.analyze`, :mod:`.probe`, :mod:`.lens`, :mod:`.measures`: every number, computed afterwards from saved weights
   (captured through the library's adapters and :class:`pdelightning.probing.capture.Capture`).
 - :mod:`.summary`: the compact long-format results (committed in ``docs/reproduction/``).
-- :mod:`.verdicts`: bootstrap intervals and the verdict logic; :mod:`.sections`: one module per claim section.
+- :mod:`.verdicts`: small-sample intervals (:mod:`.stats`) and the verdict logic; :mod:`.sections`: one module per claim
+  section.
 - :mod:`.render`, :mod:`.figures`, :mod:`.report`: ``pdelightning-reproduce report`` (Markdown and figures).
 - :mod:`.paper`: the paper's own numbers and claims.
 """

@@ -29,6 +29,7 @@ from pdelightning.analysis.cka import linear_cka
 from pdelightning.analysis.linear_probe import crossfit_probe_information, probe_information
 from pdelightning.analysis.perturbation import amplification, format_eps, gaussian_noise, per_sample_rms
 from pdelightning.analysis.representation import layer_correlation
+from pdelightning_reproduce.ib import ib_values
 from pdelightning_reproduce.lens import lens_values
 from pdelightning_reproduce.measures import eq21_per_step, refined
 from pdelightning_reproduce.probe import (
@@ -278,6 +279,7 @@ def analyze_run(spec: RunSpec, out: Path, device: str = "cpu") -> int:
             groups.append(("representation", lambda m, r=ranks: representation_values(m, pdata, device, main, r)))
         if s.data == "newsgroups":
             groups.append(("information", lambda m: information_values(m, pdata, device)))
+            groups.append(("ib_bound", lambda m: ib_values(m, pdata, device)))  # the IB rules' lower bounds (.ib)
             groups.append(("gradients", lambda m: gradient_values(m, pdata, device)))
         if stage == "final":
             if main and s.data == "mnist":  # the others report the accuracy of their probe-set pass instead

@@ -1,9 +1,9 @@
 """Compute budgets: which seeds and grid cells a reproduction trains, and which cuts it makes to fit.
 
-The configs in ``configs/paper/`` and the grids of :mod:`.settings` are the design of the reproduction (issue 9).
-A :class:`Budget` says how much of it one machine ran: the seeds of the main settings and of the sweeps, the cells
-of each sweep, and extra ``pdelightning fit`` arguments per setting (the *cuts*), each with a sentence that the
-report prints. Every run records the budget it was trained under (``run.json``: ``budget``, ``cuts``), so a
+The configs in ``pdelightning_reproduce/configs/`` and the grids of :mod:`.settings` are the design of the reproduction
+(issue 9). A :class:`Budget` says how much of it one machine ran: the seeds of the main settings and of the sweeps,
+the cells of each sweep, and extra ``pdelightning fit`` arguments per setting (the *cuts*), each with a sentence
+that the report prints. Every run records the budget it was trained under (``run.json``: ``budget``, ``cuts``), so a
 report mixing runs of several machines names each run's budget.
 
 * :data:`FULL`: the design as configured (the GPU runs).
@@ -60,7 +60,7 @@ class Budget:
         return self.cuts.get(setting, "")
 
 
-FULL = Budget("full", "the design as configured in configs/paper/ (issue 9)")
+FULL = Budget("full", "the design as configured in pdelightning_reproduce/configs/ (issue 9)")
 
 _NG_ARGS = (
     f"--data.init_args.train_subset={NEWSGROUPS_TRAIN_POSTS}",

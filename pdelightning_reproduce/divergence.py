@@ -150,3 +150,51 @@ def under_trained(record: Mapping[str, Any]) -> bool:
     without a plateau criterion (a sweep) is never at its plateau, so only main runs should be asked.
     """
     return not record.get("plateau_met") and record.get("stop_reason") in ("max_epochs", "max_steps")
+
+
+def _field(row: Mapping[str, Any], key: str) -> Any:
+    """``row[key]`` with pandas' missing values (``nan``, ``""``) read as ``None``."""
+    v = row.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and v.strip() in ("", "nan")):
+        return None
+    return v
+
+
+def _flag(v: Any) -> bool | None:
+    if v is None:
+        return None
+    return str(v).strip().lower() in ("true", "1", "1.0")
+
+
+def recorded_divergence(row: Mapping[str, Any]) -> bool | None:
+    """A run's divergence verdict from its ``runs.csv`` row (or ``run.json``), as this module judges it.
+
+    ``True`` / ``False`` from ``training_divergence`` (``diverged`` / ``trained``); ``None`` when the verdict cannot
+    say (``undecided``, ``broken_at_init``) or the row has no verdict: a run recorded before it (v2 stopped its runs
+    at ``10 ln C`` and kept no loss series) was not measured this way.
+
+    Example::
+
+        >>> recorded_divergence({"training_divergence": "diverged"}), recorded_divergence({"diverged": True})
+        (True, None)
+    """
+    status = _field(row, "training_divergence")
+    return {"diverged": True, "trained": False}.get(str(status)) if status is not None else None
+
+
+def recorded_under_trained(row: Mapping[str, Any]) -> bool:
+    """Whether a main run's ``runs.csv`` row (or ``run.json``) says it stopped before its plateau: its recorded
+    ``under_trained`` flag, else :func:`under_trained` of its ``plateau_met`` and ``stop_reason`` (a missing
+    ``plateau_met`` is not a plateau). A run that diverged or failed is never "under-trained".
+
+    Example::
+
+        >>> recorded_under_trained({"plateau_met": float("nan"), "stop_reason": "max_epochs", "status": "complete"})
+        True
+    """
+    if _field(row, "status") in ("failed", "diverged"):
+        return False
+    flag = _flag(_field(row, "under_trained"))
+    if flag is not None:
+        return flag
+    return under_trained({"plateau_met": _flag(_field(row, "plateau_met")), "stop_reason": _field(row, "stop_reason")})

@@ -1,6 +1,6 @@
 """The report's figures: plain drawing functions of arrays (no data access), each returning a matplotlib ``Figure``.
 
-Intervals are drawn as shaded bands (95 % bootstrap over seeds), the paper's values as black markers, nulls and
+Intervals are drawn as shaded bands (95 % t intervals over seeds), the paper's values as black markers, nulls and
 ceilings as dashed lines.
 """
 

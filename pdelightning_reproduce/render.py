@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pdelightning_reproduce import figures
-from pdelightning_reproduce.rules import RULES, Rule
+from pdelightning_reproduce.rules import RULES, Quantity, Rule
 from pdelightning_reproduce.sections.common import Section, Table
 from pdelightning_reproduce.verdicts import VERDICTS, ClaimResult, rule_text
 
@@ -83,11 +83,30 @@ def changes_table(changes: Sequence[dict[str, str]]) -> str:
     )
 
 
+def v2_changes_table(rows: Sequence[dict[str, str]]) -> str:
+    """The "changed since v2" table (:func:`~pdelightning_reproduce.rule_changes.changed_since_v2` rows, each with
+    ``today``: what decides today's verdict).
+    """
+    if not rows:
+        return "No verdict changed since v2."
+    return md_table(
+        ["rule", "v2", "now", "what changed in the rule", "why", "what decides today's verdict"],
+        [[r["rule"], r["v2"], f"**{r['now']}**", r["what changed"], r["why"], r.get("today", "—")] for r in rows],
+    )
+
+
+def _valid_text(q: Quantity) -> str:
+    """A quantity's valid range and why, for the appendix ("" when it has none)."""
+    if q.valid is None:
+        return ""
+    return f" (valid range [{q.valid[0]:g}, {q.valid[1]:g}]: {q.valid_reason or 'no reason recorded'})"
+
+
 def rules_appendix(rules: Sequence[Rule] = RULES) -> str:
     """Every rule with its quantities and test, as fixed before the runs."""
     out = []
     for r in rules:
-        q = "; ".join(f"`{x.key}`: {x.definition}" for x in r.quantities) or "—"
+        q = "; ".join(f"`{x.key}`: {x.definition}{_valid_text(x)}" for x in r.quantities) or "—"
         test = rule_text(r.test) if r.test is not None else f"none: not comparable ({r.not_comparable})"
         out.append(f"- **{r.id}**: {r.claim}. Quantities: {q}. Holds if: {test}.")
     return "\n".join(out)

@@ -34,6 +34,20 @@ CHANGES_AFTER_FIXING: tuple[str, ...] = (
     "numbers.",
 )
 
+#: Changes to the v3 rules after their sha256 was first recorded (2026-12-06 19:53 UTC, h-repro-stats: sha256
+#: 42181054e5b4d065…), all before any v3 run was analysed (no v3 run had finished; the v2 data had been seen).
+CHANGES_AFTER_V3_RECORD: tuple[str, ...] = (
+    "2026-12-06 20:16 UTC, branch h-repro-integrate, before any v3 run was analysed (the v2 data had been seen, as "
+    "when the rules were first fixed): the IB rules read only pdelightning_reproduce.ib's I_TY_lower (no fallback to "
+    "v2's uncalibrated I_TY_crossfit, which reads -1.87 bits on pure noise), judge validity by each run's upper "
+    "limit I_TY_lower_ucb >= 0 instead of a fixed slack of 0.1 bit, and read a decline only from an informative "
+    "value (lower limit > 0): a fall of a lower bound from a value not known to be above 0 says nothing (advice of "
+    "the bound's author, repro-ib); the divergence-rate rules count divergence as pdelightning_reproduce.divergence "
+    "judges it from the loss series, and v2.eq21_predicts classes each run by its eq. (21) measured at "
+    "initialisation, because the v3 PDE sweeps are Δt cells, not eq. (21) targets (repro-models); t3.*_diffusion "
+    "are new: Table 3's rules on the paper's diffusion-only PDE (issue 18, item 3). No threshold changed.",
+)
+
 #: sha256 of the rules recorded before a version's runs. v2's was never written to a file before its runs; the
 #: nearest record is the rules file as first committed (e3c5aa8, 2026-11-27 18:14 UTC, before the GPU call).
 PRE_RUN_SHA: dict[str, dict[str, str]] = {
@@ -43,8 +57,9 @@ PRE_RUN_SHA: dict[str, dict[str, str]] = {
         "what": "sha256 of pdelightning/reproduce/rules.py as first committed (git show e3c5aa8:<path> | sha256sum)",
     },
     "v3": {
-        "sha256": "42181054e5b4d065c90e3d3f2bbfcf691b62b4ab4dd9c9235a4d8f9b8cf37d94",
-        "recorded": "2026-12-06 19:53 UTC, branch h-repro-stats",
+        "sha256": "6815180b7c9c1f41127baad08faf2a207f1c28c6c6eaff8b7f85d5f95ec537a3",
+        "recorded": "2026-12-06 20:16 UTC on h-repro-integrate; first recorded 19:53 UTC on h-repro-stats as "
+        "42181054e5b4d065…, changed since as CHANGES_AFTER_V3_RECORD says",
         "what": "rules_sha256() of the rules/ package when its v3 rules were fixed: before any v3 run was analysed, "
         "after the v2 data (docs/reproduction) had been seen and re-verdicted with them as a check",
     },
@@ -101,15 +116,32 @@ RULE_CHANGES_V3: dict[str, RuleChange] = {
         *(
             RuleChange(
                 f"ib.decline_{m}",
-                "reads a held-out lower bound on I(T;Y) (I_TY_lower, else v2's cross-fitted estimate) and is not "
-                "comparable when the bound reads below -0.1 bit",
+                "reads only the held-out, calibrated lower bound I_TY_lower of pdelightning_reproduce.ib; not "
+                "comparable where a run's upper limit I_TY_lower_ucb < 0 (outside the valid range) or the start's "
+                "lower limit is not above 0 (uninformative start); without I_TY_lower: not measured yet",
                 "v2's estimate ended at -1.50 / -0.76 bits: a lower bound below 0 is not an estimate of anything; "
                 "its decline measured the train/test shift of a probe fitted on training posts",
             )
             for m in ("transformer", "pde")
         ),
-        RuleChange("ib.pde_lower", "reads the held-out lower bound; Welch interval", "as for ib.decline_*"),
-        RuleChange("ib.pde_layer1_sharpest", "reads the held-out lower bound; t interval", "as for ib.decline_*"),
+        RuleChange(
+            "ib.pde_lower",
+            "reads the held-out lower bound (valid where every run's upper limit >= 0); Welch interval",
+            "as for ib.decline_*",
+        ),
+        RuleChange(
+            "ib.pde_layer1_sharpest",
+            "reads the held-out lower bound, from a peak whose lower limit is above 0; t interval",
+            "as for ib.decline_*",
+        ),
+        *(
+            RuleChange(
+                f"t3.{m}_diffusion",
+                f"new: t3.{m}'s rule on the pair pde_diffusion_vs_transformer",
+                "the paper's §3.1 model is a diffusion-only PDE, not our attention + FFN PDE (issue 18, item 3)",
+            )
+            for m in ("pearson", "spearman", "cka")
+        ),
         RuleChange("grad.pde_higher", "Welch interval of log10 per seed (ratio of geometric means)", _BOOT),
         RuleChange("grad.pde_first_layer", "t and Welch intervals", _BOOT),
         RuleChange(
@@ -143,10 +175,20 @@ RULE_CHANGES_V3: dict[str, RuleChange] = {
         *(
             RuleChange(
                 rid,
+                "divergence as training's (pdelightning_reproduce.divergence: non-finite, or above 3 x the first "
+                "loss after 10 updates, judged from the loss series; v2 stopped at 10 ln C from the first forward); "
                 "rate difference: Newcombe interval + Fisher's exact one-sided p < 0.025 on the run counts, "
-                "enveloped with the seed-paired t interval",
+                "enveloped with the seed-paired t interval"
+                + (
+                    "; runs classed by their eq. (21) measured at initialisation (v3's cells are Δt values)"
+                    if rid == "v2.eq21_predicts"
+                    else ""
+                )
+                + ("; pooled over the PDE cells that ran in both settings" if rid == "v2.pde_unstable" else ""),
                 _BOOT + "; a seed's runs share their draws (the seed-cluster bootstrap gave [0.25, 0.25] and "
-                "[0.5, 0.5] from 3/12 vs 0/12 and 3/6 vs 0/6, Fisher p = 0.109 and 0.091)",
+                "[0.5, 0.5] from 3/12 vs 0/12 and 3/6 vs 0/6, Fisher p = 0.109 and 0.091); v2's divergences were "
+                "the first forward (eq. (21) = 3, seed 1, step 1) or the first Adam step (7 of 8 no-LayerNorm runs, "
+                "lr 1e-2, step 2), not training",
             )
             for rid in ("v2.no_layernorm_explosive", "v2.pde_unstable", "v2.eq21_predicts")
         ),

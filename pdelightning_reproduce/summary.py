@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pdelightning_reproduce.divergence import divergence_of_record, under_trained
+
 COLUMNS: tuple[str, ...] = ("setting", "cell", "seed", "step", "stage", "quantity", "layer", "value")
 RUN_FIELDS: tuple[str, ...] = (
     "setting",
@@ -48,6 +50,10 @@ RUN_FIELDS: tuple[str, ...] = (
     "divergence_step",
     "first_nonfinite_step",
     "max_train_loss",
+    "training_divergence",
+    "divergence_reason",
+    "divergence_at",
+    "under_trained",
     "dt",
     "eq21_target",
     "n_layers",
@@ -134,8 +140,19 @@ def read_summary(source: Path) -> pd.DataFrame:
 
 
 def run_row(meta: dict[str, Any]) -> dict[str, Any]:
-    """The ``runs.csv`` row of one ``run.json``."""
-    return {k: meta.get(k) for k in RUN_FIELDS}
+    """The ``runs.csv`` row of one ``run.json``.
+
+    A record with a loss series but no divergence verdict (trained before ``train.py`` judged its runs) is judged
+    here by :func:`~pdelightning_reproduce.divergence.divergence_of_record`, and a main run's ``under_trained`` is
+    filled in the same way; a record without a loss series (v2's) keeps both empty: not measured.
+    """
+    row = {k: meta.get(k) for k in RUN_FIELDS}
+    if row["training_divergence"] is None and "losses" in meta and "loss_steps" in meta:
+        d = divergence_of_record(meta)
+        row.update(training_divergence=d.status, divergence_reason=d.reason, divergence_at=d.step)
+    if row["under_trained"] is None and meta.get("role") == "main" and meta.get("status") == "complete":
+        row["under_trained"] = under_trained(meta)
+    return row
 
 
 def write_runs(path: Path, metas: Iterable[dict[str, Any]]) -> int:

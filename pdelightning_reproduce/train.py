@@ -4,8 +4,14 @@
 ``pdelightning_reproduce/configs/<setting>.yaml``, and the run's overrides: seed, output folder, data folder, the
 cell's grid values, and for the PDE sweeps the Δt that puts eq. (21) at initialisation on its target), adds
 :class:`~pdelightning_reproduce.recorder.RunRecorder`, fits, and writes ``run.json``: config, overrides, seed,
-device, wall time, final accuracies, first non-finite loss step, divergence step, stop reason, and whether the
-plateau criterion was met and at which epoch.
+device, wall time, final accuracies, the training loss series, first non-finite loss step, divergence step, stop
+reason, and whether the plateau criterion was met and at which epoch.
+
+Divergence: runs of the ``v3`` budget stop only on a non-finite training loss and are judged afterwards from their
+loss series by :func:`~pdelightning_reproduce.divergence.divergence_of_record` (``training_divergence``,
+``divergence_reason``, ``divergence_at``; ``diverged`` is that verdict, ``None`` when it cannot say); the older
+budgets keep v2's stop at ``DIVERGENCE_LOSS_FACTOR x ln C`` so that their runs can be repeated. Every run also
+records :func:`~pdelightning_reproduce.divergence.under_trained` (main runs only; a sweep has no plateau criterion).
 """
 
 from __future__ import annotations
@@ -23,9 +29,13 @@ from typing import Any
 
 from pdelightning._checks import LINKED_MODEL_ARGS as LINKED
 from pdelightning_reproduce.budget import budget
+from pdelightning_reproduce.divergence import divergence_of_record, under_trained
 from pdelightning_reproduce.recorder import RunRecorder
 from pdelightning_reproduce.rules import DIVERGENCE_LOSS_FACTOR
 from pdelightning_reproduce.settings import CHECKPOINT_STEPS, RunSpec, quick_overrides, setting
+
+#: Budgets whose runs stop only on a non-finite loss and are judged by :mod:`.divergence` afterwards.
+JUDGED_AFTERWARDS = ("v3",)
 
 
 def config_record(name: str) -> str:
@@ -176,24 +186,59 @@ def train_run(
             meta.setdefault("dt", init_args.get("dt"))
             meta["n_layers"] = init_args.get("n_layers")
             meta["lr"] = meta["lr"] or _lr(cli)
-            bound = DIVERGENCE_LOSS_FACTOR * math.log(cli.datamodule.num_classes)
+            bound = stop_loss(budget_name, cli.datamodule.num_classes)
             recorder = RunRecorder(rdir, CHECKPOINT_STEPS, model_class, init_args, divergence_loss=bound)
             cli.trainer.callbacks.append(recorder)
             meta["divergence_loss"] = bound
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            rec = recorder.record
-            meta.update(rec)
-            val = rec["val_acc"]
-            meta["val_acc"] = val[-1] if val else None
-            meta["best_val_acc"] = max(val) if val else None
-            meta["diverged"] = rec["divergence_step"] is not None
-            meta["status"] = "diverged" if meta["diverged"] else "complete"
+            meta.update(recorder.record)
+            meta.update(judge_record(meta, judged_afterwards=bound is None))
         except Exception as e:  # recorded, not raised: one failed run must not stop the others
             traceback.print_exc()
             meta.update(status="failed", error=f"{type(e).__name__}: {e}")
     meta["wall_s"] = round(time.perf_counter() - start, 2)
     (rdir / "run.json").write_text(json.dumps(meta, indent=1, default=str))
     return meta
+
+
+def stop_loss(budget_name: str, num_classes: int) -> float | None:
+    """The loss that stops a run during training: ``None`` (only a non-finite loss stops it) for the budgets judged
+    afterwards (:data:`JUDGED_AFTERWARDS`), else v2's ``DIVERGENCE_LOSS_FACTOR x ln C``.
+    """
+    return None if budget_name in JUDGED_AFTERWARDS else DIVERGENCE_LOSS_FACTOR * math.log(num_classes)
+
+
+def judge_record(meta: dict[str, Any], judged_afterwards: bool) -> dict[str, Any]:
+    """The fields a finished run adds to its ``run.json``: final / best validation accuracy, the divergence verdict of
+    :func:`~pdelightning_reproduce.divergence.divergence_of_record` on its loss series, ``diverged``, ``status`` and
+    ``under_trained``.
+
+    Args:
+        meta: the run's record so far (with the recorder's ``losses``, ``loss_steps``, ``val_acc``, ...).
+        judged_afterwards: the run stopped only on a non-finite loss; ``diverged`` is then the verdict of
+            :mod:`.divergence` (``None`` when it cannot say), else v2's stop (``divergence_step`` set).
+
+    Example::
+
+        >>> rec = {"losses": [2.3, 1.0], "loss_steps": [1, 2], "val_acc": [0.5], "divergence_step": None,
+        ...        "role": "main", "plateau_met": False, "stop_reason": "max_epochs"}
+        >>> out = judge_record(rec, judged_afterwards=True)
+        >>> out["training_divergence"], out["diverged"], out["status"], out["under_trained"]
+        ('trained', False, 'complete', True)
+    """
+    val = meta.get("val_acc") or []
+    div = divergence_of_record(meta)
+    diverged = div.diverged if judged_afterwards else meta.get("divergence_step") is not None
+    return {
+        "val_acc": val[-1] if val else None,
+        "best_val_acc": max(val) if val else None,
+        "training_divergence": div.status,
+        "divergence_reason": div.reason,
+        "divergence_at": div.step,
+        "diverged": diverged,
+        "status": "diverged" if diverged else "complete",
+        "under_trained": meta.get("role") == "main" and not diverged and under_trained(meta),
+    }
 
 
 def _lr(cli: Any) -> float | None:

@@ -65,7 +65,7 @@ class Estimate:
         if self.n == 1:
             return f"{fmt(self.value)} (n=1, no interval)"
         p = f", p = {self.p:.3g}" if self.p is not None else ""
-        return f"{fmt(self.value)} [{fmt(self.lo)}, {fmt(self.hi)}] (n={self.n}, {self.method}{p})"
+        return f"{interval_text(self.value, self.lo, self.hi)} (n={self.n}, {self.method}{p})"
 
 
 MISSING = Estimate(math.nan, math.nan, math.nan, 0, "missing")
@@ -82,6 +82,25 @@ def fmt(x: float | None) -> str:
     if x == 0 or 1e-3 <= abs(x) < 1e4:
         return f"{x:.4f}"
     return f"{x:.3g}"
+
+
+def interval_text(value: float, lo: float, hi: float) -> str:
+    """``value [lo, hi]`` with enough digits that two different limits never print alike; an interval of width 0
+    (every unit equal) says so instead of printing ``[x, x]``.
+
+    Example::
+
+        >>> interval_text(9.83741, 9.83738, 9.83744), interval_text(0.0, 0.0, 0.0)
+        ('9.837410 [9.837380, 9.837440]', '0.0000 (every unit equal: no spread)')
+    """
+    if lo == hi:
+        return f"{fmt(value)} (every unit equal: no spread)"
+    text = [fmt(value), fmt(lo), fmt(hi)]
+    digits = 4
+    while text[1] == text[2] and digits < 12 and all(map(math.isfinite, (value, lo, hi))):
+        digits += 2
+        text = [f"{x:.{digits}f}" if 1e-3 <= abs(x) < 1e4 else f"{x:.{digits - 1}g}" for x in (value, lo, hi)]
+    return f"{text[0]} [{text[1]}, {text[2]}]"
 
 
 def _clean(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -430,5 +449,6 @@ def claim_result(
             why += f" Not comparable: {reason}."
     result = ClaimResult(rule, verdict, leaves, ours, null, ceiling, accuracy, why, dict(estimates or {}))
     if rule.test is not None:
-        result.why += f" Interval method: {'; '.join(result.methods) or 'none (no estimate)'}."
+        none = "none yet (no estimate; the rule's interval is named in its quantities, in the appendix)"
+        result.why += f" Interval method: {'; '.join(result.methods) or none}."
     return result

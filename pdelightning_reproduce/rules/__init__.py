@@ -61,7 +61,7 @@ from pdelightning_reproduce.rules.base import (
     Quantity,
     Rule,
 )
-from pdelightning_reproduce.rules.bottleneck import IB_BOUND_SLACK, IB_LOWER_FALLBACK, IB_LOWER_QUANTITY, IB_MIN_LAYERS
+from pdelightning_reproduce.rules.bottleneck import IB_LOWER_LCB, IB_LOWER_QUANTITY, IB_LOWER_UCB, IB_MIN_LAYERS
 from pdelightning_reproduce.rules.gradients import GRADIENT_FIRST_LAYER_FACTOR
 from pdelightning_reproduce.rules.perturbation import (
     PAPER_EPS_RANGE,
@@ -73,7 +73,7 @@ from pdelightning_reproduce.rules.perturbation import (
 from pdelightning_reproduce.rules.refinement import REFINEMENT_MAX_ACC_CHANGE, REFINEMENT_MAX_DISTANCE
 from pdelightning_reproduce.rules.runs import MIN_VAL_ACC_MNIST_TRANSFORMER
 from pdelightning_reproduce.rules.table2 import TABLE2_MIN_PAIRS, TABLE2_TOLERANCE
-from pdelightning_reproduce.rules.table3 import TABLE3_METHODS, TABLE3_NEAR_ZERO_REL
+from pdelightning_reproduce.rules.table3 import TABLE3_METHODS, TABLE3_NEAR_ZERO_REL, TABLE3_PAIRS
 
 SECTION_MODULES = (runs, table2, table3, attention, bottleneck, gradients, perturbation, ablations, refinement)
 RULES: tuple[Rule, ...] = tuple(r for m in SECTION_MODULES for r in m.RULES)
@@ -96,9 +96,9 @@ __all__ = [
     "FIT_SEED",
     "GRADIENT_FIRST_LAYER_FACTOR",
     "GRAD_N",
-    "IB_BOUND_SLACK",
-    "IB_LOWER_FALLBACK",
+    "IB_LOWER_LCB",
     "IB_LOWER_QUANTITY",
+    "IB_LOWER_UCB",
     "IB_MIN_LAYERS",
     "INTERVAL",
     "IXT_MAX_SAMPLES",
@@ -128,6 +128,7 @@ __all__ = [
     "TABLE3_LAYERS",
     "TABLE3_METHODS",
     "TABLE3_NEAR_ZERO_REL",
+    "TABLE3_PAIRS",
     "AllOf",
     "AtLeast",
     "Criterion",

@@ -3,6 +3,10 @@
 A divergence-rate difference is judged twice, and holds only when both agree: on the run counts (Newcombe's interval,
 with Fisher's exact one-sided p < 0.025), and per seed (a seed's rate over the cells in one setting minus in the
 other, paired t interval over seeds), because a seed's runs share their draws and are not independent.
+
+A run counts as diverged by the verdict of :mod:`pdelightning_reproduce.divergence` on its loss series (training made
+the loss non-finite, or above ``LOSS_MULTIPLE`` x its first loss after ``MIN_UPDATES`` updates); runs without that
+verdict (undecided, broken at initialisation, or recorded before it) are not counted.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ DRIFT_MIN_DEPTHS = 2
 DRIFT_MIN_ACC = 0.5
 
 _RATE = (
-    "Newcombe interval of the pooled rate difference on the run counts (Fisher's exact one-sided p < 0.025 needed "
-    "to hold), enveloped with the paired t interval of the per-seed rate differences"
+    "diverged as judged by pdelightning_reproduce.divergence from each run's loss series (runs it cannot judge not "
+    "counted); Newcombe interval of the pooled rate difference on the run counts (Fisher's exact one-sided "
+    "p < 0.025 needed to hold), enveloped with the paired t interval of the per-seed rate differences"
 )
 
 RULES: tuple[Rule, ...] = (
@@ -87,7 +92,8 @@ RULES: tuple[Rule, ...] = (
         quantities=(
             Quantity(
                 "divergence_rate_diff",
-                f"share of diverged runs over the eq. (21) grid, `sweep_pde` minus `sweep_pde_stabilized`; {_RATE}",
+                "share of diverged runs over the PDE cells that ran in both (Δt cells, or v2's eq. (21) targets), "
+                f"`sweep_pde` minus `sweep_pde_stabilized`; {_RATE}",
             ),
         ),
         test=Criterion("divergence_rate_diff", ">", 0.0),
@@ -103,8 +109,9 @@ RULES: tuple[Rule, ...] = (
         quantities=(
             Quantity(
                 "divergence_rate_diff",
-                f"`sweep_pde`: share of diverged runs in the cells with eq. (21) target > 1 minus in the cells with "
-                f"target <= 1; {_RATE}",
+                "`sweep_pde`: share of diverged runs among the runs whose eq. (21) coefficient measured on their "
+                "step-0 weights (maximum over steps) is > 1 minus among those where it is <= 1, every cell that ran; "
+                f"{_RATE}",
             ),
         ),
         test=Criterion("divergence_rate_diff", ">", 0.0),

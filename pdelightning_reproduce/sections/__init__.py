@@ -1,6 +1,7 @@
 """One module per claim section of the report; each returns a structured :class:`~.common.Section`.
 
 :func:`build_sections` runs them all in report order. The PDE-lens section appears only when its quantities exist.
+Every verdict that reads an under-trained main run is then made "not comparable: under-trained" (:mod:`.training`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pdelightning_reproduce.sections.lens import lens
 from pdelightning_reproduce.sections.perturbation import perturbation
 from pdelightning_reproduce.sections.refinement import refinement
 from pdelightning_reproduce.sections.runs import runs
+from pdelightning_reproduce.sections.training import guard_all
 from pdelightning_reproduce.summary import Results
 
 __all__ = ["FigureSpec", "Section", "Table", "build_sections"]
@@ -23,7 +25,9 @@ BUILDERS = (runs, table2, table3, attention, bottleneck, gradients, perturbation
 
 
 def build_sections(results: Results) -> list[Section]:
-    """Every section, in report order (the PDE lens last, when present)."""
+    """Every section, in report order (the PDE lens last, when present); verdicts on under-trained runs guarded."""
     sections = [build(results) for build in BUILDERS]
+    for sec in sections:
+        sec.claims = guard_all(sec.claims, results)
     extra = lens(results)
     return sections + ([extra] if extra is not None else [])

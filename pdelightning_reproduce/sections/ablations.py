@@ -1,4 +1,11 @@
-"""The v2 stabilizer claims on MNIST, from sweeps across the stability boundary without gradient clipping."""
+"""The v2 stabilizer claims on MNIST, from sweeps across the stability boundary without gradient clipping.
+
+Divergence is training's (:mod:`pdelightning_reproduce.divergence`): the verdict each run's record holds
+(``training_divergence``). Runs recorded before it (v2's, stopped at ``10 ln C`` without a loss series) have none:
+their divergence rules are "not comparable: not measured yet", and the cell tables show v2's stop beside it. The
+PDE sweeps are classified by each run's measured eq. (21) at initialisation, so ``eq21-…`` cells (v2) and ``dt…``
+cells (v3) are read alike.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from pdelightning_reproduce import figures, paper, stats
+from pdelightning_reproduce.divergence import LOSS_MULTIPLE, MIN_UPDATES, recorded_divergence
 from pdelightning_reproduce.rules import BY_ID, DIVERGENCE_LOSS_FACTOR, DRIFT_MIN_ACC
 from pdelightning_reproduce.sections.common import FigureSpec, Section, Table, budget_text, cell, est
-from pdelightning_reproduce.settings import EQ21_TARGETS, SWEEP_DEPTHS, SWEEP_LRS, depth_lr_cells, eq21_cells
+from pdelightning_reproduce.settings import SWEEP_DEPTHS, SWEEP_LRS, depth_lr_cells
 from pdelightning_reproduce.summary import Results
 from pdelightning_reproduce.verdicts import Estimate, claim_result, fmt, invalid_unless, rate_difference, ratio_of_means
 
@@ -18,6 +26,10 @@ PDE, PDE_STAB = "sweep_pde", "sweep_pde_stabilized"
 ACC_QUANTITY = "probe_acc"
 ACC_LABEL = "probe-set accuracy"
 ACC_NOTE = "on the probe set (the fixed 1,000 MNIST test images), at the final step"
+NOT_MEASURED = (
+    "not measured yet: no run here carries the divergence verdict of pdelightning_reproduce.divergence (v2's runs "
+    "stopped at the first loss above 10 ln 10, before that rule's 10 updates, and recorded no loss series)"
+)
 LABEL = {
     BASE: "baseline",
     NO_RES: "no residual",
@@ -39,14 +51,41 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return float(r.low), float(r.high)
 
 
-def diverged(results: Results, setting: str, cell_name: str) -> dict[int, float]:
-    """``seed -> 1.0 / 0.0`` for the trained runs of a cell (failed runs are absent)."""
+def _trained_rows(results: Results, setting: str, cell_name: str) -> list[dict]:
     rows = results.run_rows(setting, cell_name)
+    return [r for r in rows.to_dict("records") if r.get("status") in ("complete", "diverged")]
+
+
+def diverged(results: Results, setting: str, cell_name: str) -> dict[int, float]:
+    """``seed -> 1.0 / 0.0``: the divergence verdict of each trained run of a cell
+    (:func:`~pdelightning_reproduce.divergence.recorded_divergence`); runs it cannot judge, and runs recorded
+    before it, are absent.
+    """
     out = {}
-    for seed, status, flag in zip(rows["seed"], rows["status"], rows["diverged"], strict=True):
-        if status in ("complete", "diverged"):
-            out[int(seed)] = 1.0 if str(flag).lower() in ("true", "1", "1.0") else 0.0
+    for r in _trained_rows(results, setting, cell_name):
+        d = recorded_divergence(r)
+        if d is not None:
+            out[int(r["seed"])] = float(d)
     return out
+
+
+def stopped_v2(results: Results, setting: str, cell_name: str) -> dict[int, float]:
+    """``seed -> 1.0 / 0.0``: whether a trained run was stopped by v2's bound (non-finite or ``10 ln C``)."""
+    return {
+        int(r["seed"]): 1.0 if str(r.get("diverged")).lower() in ("true", "1", "1.0") else 0.0
+        for r in _trained_rows(results, setting, cell_name)
+    }
+
+
+def cells_run(results: Results, setting: str) -> list[str]:
+    """The cells of a sweep that have runs, in name order."""
+    return sorted({str(c) for c in results.run_rows(setting)["cell"]})
+
+
+def eq21_at_init(results: Results, setting: str, cell_name: str) -> dict[int, float]:
+    """``seed -> eq. (21) at initialisation`` (maximum over steps) as measured on each run's step-0 weights."""
+    tab = results.table(setting, "eq21", cell_name, "init")
+    return {} if tab.empty else {int(s): float(np.nanmax(tab.loc[s].to_numpy(dtype=float))) for s in tab.index}
 
 
 def rate_groups(
@@ -55,8 +94,13 @@ def rate_groups(
     """Run counts ``(k_a, n_a, k_b, n_b)`` pooled over the ``(setting, cell)`` lists ``a`` and ``b``, and per seed
     (seeds with runs in both groups) its rate in ``a`` minus its rate in ``b``.
     """
-    cols_a = [diverged(results, s, c) for s, c in a]
-    cols_b = [diverged(results, s, c) for s, c in b]
+    return column_rates([diverged(results, s, c) for s, c in a], [diverged(results, s, c) for s, c in b])
+
+
+def column_rates(
+    cols_a: Sequence[dict[int, float]], cols_b: Sequence[dict[int, float]]
+) -> tuple[tuple[int, int, int, int], list[float]]:
+    """:func:`rate_groups` of ``seed -> diverged`` columns (one per cell, or per cell part)."""
     flat_a = [v for col in cols_a for v in col.values()]
     flat_b = [v for col in cols_b for v in col.values()]
     counts = (int(sum(flat_a)), len(flat_a), int(sum(flat_b)), len(flat_b))
@@ -83,8 +127,8 @@ def _last(results: Results, setting: str, quantity: str, cell_name: str) -> dict
     if not layers:
         return {}
     values = results.per_seed(setting, quantity, layers[-1], cell_name)
-    div = diverged(results, setting, cell_name)
-    return {s: v for s, v in values.items() if div.get(s, 0.0) == 0.0 and np.isfinite(v)}
+    div, stop = diverged(results, setting, cell_name), stopped_v2(results, setting, cell_name)
+    return {s: v for s, v in values.items() if max(div.get(s, 0.0), stop.get(s, 0.0)) == 0.0 and np.isfinite(v)}
 
 
 def cell_table(results: Results, settings: Sequence[str], cells: Sequence[str]) -> list[list[str]]:
@@ -92,19 +136,20 @@ def cell_table(results: Results, settings: Sequence[str], cells: Sequence[str]) 
     rows = []
     for s in settings:
         for c in cells:
-            div = diverged(results, s, c)
-            if not div:
+            div, stop = diverged(results, s, c), stopped_v2(results, s, c)
+            if not stop:
                 continue
             k, n = int(sum(div.values())), len(div)
-            lo, hi = wilson(k, n)
+            lo, hi = wilson(k, n) if n else (np.nan, np.nan)
             steps = [v for v in results.run_field(s, "divergence_step", c).values() if v == v and v is not None]
             eq21 = [float(np.nanmax(v)) for v in _per_seed_layers(results, s, "eq21", c, "init")]
             rows.append(
                 [
                     LABEL.get(s, s),
                     c,
-                    str(n),
-                    f"{k}/{n} [{lo:.2f}, {hi:.2f}]",
+                    str(len(stop)),
+                    f"{k}/{n} [{lo:.2f}, {hi:.2f}]" if n else "not measured",
+                    f"{int(sum(stop.values()))}/{len(stop)}",
                     fmt(float(np.median(steps))) if steps else "—",
                     cell(est(results.values(s, ACC_QUANTITY, cell=c))),
                     cell(est(list(_last(results, s, "cka_to_embedding", c).values()))),
@@ -131,13 +176,17 @@ def ablations(results: Results) -> Section:
         f"Paper: {paper.V2_SOURCE}. Ours: {budget}; Adam, no gradient clipping; the baseline and the "
         f"two ablated Transformers at depth {' / '.join(map(str, SWEEP_DEPTHS))} x learning rate "
         f"{' / '.join(f'{x:g}' for x in SWEEP_LRS)} (the cells that ran are listed below); the PDE simulator without "
-        "and with stabilizers with Δt chosen "
-        f"per seed so that eq. (21) at initialisation is {' / '.join(f'{x:g}' for x in EQ21_TARGETS)}. A run diverged "
-        f"at the first batch whose training loss is non-finite or above {DIVERGENCE_LOSS_FACTOR:g} ln 10; it stops "
-        "there. Drift: linear CKA of the last layer to the embedding and the effective rank of its token matrix (rank "
-        "collapse), at the final step, diverged runs excluded. Rates: Wilson 95 % intervals per cell; verdicts use "
-        "differences pooled over cells: Newcombe's interval on the run counts with Fisher's exact one-sided test, "
-        f"enveloped with the paired t interval of the per-seed differences. Accuracy: {ACC_NOTE}."
+        f"and with stabilizers over the cells that ran (v2: Δt chosen per seed for an eq. (21) target, `eq21-…`; v3: "
+        "fixed Δt, `dt…`), each run classed by its eq. (21) measured at initialisation. A run diverged when training "
+        "(not the first forward) made its loss non-finite, or above "
+        f"{LOSS_MULTIPLE:g} x its first loss after at least {MIN_UPDATES} updates "
+        "(pdelightning_reproduce.divergence, judged from the run's loss series); runs recorded without that verdict "
+        f"(v2's, stopped at the first loss above {DIVERGENCE_LOSS_FACTOR:g} ln 10, with no loss series) are shown "
+        "with v2's stop but not counted. Drift: linear CKA of the last layer to the embedding and the effective rank "
+        "of its token matrix (rank collapse), at the final step, diverged or stopped runs excluded. Rates: Wilson 95 % "
+        "intervals per cell; verdicts use differences pooled over cells: Newcombe's interval on the run counts with "
+        "Fisher's exact one-sided test, enveloped with the paired t interval of the per-seed differences. Accuracy: "
+        f"{ACC_NOTE}."
     )
     tcells = [c.name for c in depth_lr_cells()]
     low = {d: next(c.name for c in depth_lr_cells() if c.depth == d and c.lr == min(SWEEP_LRS)) for d in SWEEP_DEPTHS}
@@ -167,7 +216,7 @@ def ablations(results: Results) -> Section:
     )
     pairs = [((NO_LN, c), (BASE, c)) for c in tcells]
     d_ln = rate_diff(results, [p[0] for p in pairs], [p[1] for p in pairs])
-    ran = [c for c in tcells if diverged(results, NO_LN, c) and diverged(results, BASE, c)]  # cells without runs: nan
+    ran = [c for c in tcells if stopped_v2(results, NO_LN, c) and stopped_v2(results, BASE, c)]  # cells that ran
     sec.claims.append(
         claim_result(
             BY_ID["v2.no_layernorm_explosive"],
@@ -177,37 +226,45 @@ def ablations(results: Results) -> Section:
             null=f"baseline pooled rate {_pooled(results, BASE, tcells)}",
             accuracy="see the cell table",
             estimates={"diff": d_ln},
+            missing_reason=NOT_MEASURED,
         )
     )
-    pcells = [c.name for c in eq21_cells()]
+    pcells = [c for c in cells_run(results, PDE) if c in cells_run(results, PDE_STAB)]
     d_pde = rate_diff(results, [(PDE, c) for c in pcells], [(PDE_STAB, c) for c in pcells])
     sec.claims.append(
         claim_result(
             BY_ID["v2.pde_unstable"],
             {("divergence_rate_diff", ""): d_pde},
-            ours=f"divergence rate without minus with stabilizers, pooled over the eq. (21) grid: {d_pde}",
+            ours=f"divergence rate without minus with stabilizers, pooled over the {len(pcells)} PDE cells that ran: "
+            f"{d_pde}",
             null=f"with stabilizers: {_pooled(results, PDE_STAB, pcells)}",
             accuracy="see the cell table",
             estimates={"diff": d_pde},
+            missing_reason=NOT_MEASURED,
         )
     )
-    above = [(PDE, c.name) for c in eq21_cells() if (c.eq21_target or 0) > 1]
-    below = [(PDE, c.name) for c in eq21_cells() if (c.eq21_target or 0) <= 1]
-    d_eq = rate_diff(results, above, below)
+    above, below = [], []
+    for c in cells_run(results, PDE):
+        div, eq21 = diverged(results, PDE, c), eq21_at_init(results, PDE, c)
+        above.append({k: v for k, v in div.items() if eq21.get(k, np.nan) > 1})
+        below.append({k: v for k, v in div.items() if eq21.get(k, np.nan) <= 1})
+    d_eq = rate_difference(*column_rates(above, below))
     sec.claims.append(
         claim_result(
             BY_ID["v2.eq21_predicts"],
             {("divergence_rate_diff", ""): d_eq},
-            ours=f"divergence rate at eq. (21) > 1 minus ≤ 1: {d_eq}",
+            ours=f"divergence rate of the runs with eq. (21) at initialisation > 1 minus ≤ 1: {d_eq}",
             accuracy="see the cell table",
             estimates={"diff": d_eq},
+            missing_reason=NOT_MEASURED,
         )
     )
     headers = [
         "setting",
         "cell",
         "runs",
-        "diverged [Wilson 95 %]",
+        "diverged (training's) [Wilson 95 %]",
+        "stopped at v2's bound",
         "median divergence step",
         ACC_LABEL,
         "CKA last layer to embedding",
@@ -215,7 +272,7 @@ def ablations(results: Results) -> Section:
         "eq. (21) at init (max over steps)",
     ]
     sec.tables.append(Table(headers, cell_table(results, (BASE, NO_RES, NO_LN), tcells), "Transformer sweeps."))
-    sec.tables.append(Table(headers, cell_table(results, (PDE, PDE_STAB), pcells), "PDE sweeps."))
+    sec.tables.append(Table(headers, cell_table(results, (PDE, PDE_STAB), cells_run(results, PDE)), "PDE sweeps."))
     panels = []
     for s in (BASE, NO_RES, NO_LN):
         mat = np.full((len(SWEEP_DEPTHS), len(SWEEP_LRS)), np.nan)

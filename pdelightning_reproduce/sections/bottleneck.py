@@ -11,16 +11,16 @@ from pdelightning_reproduce import figures, paper
 from pdelightning_reproduce.rules import (
     BY_ID,
     FIT_N,
-    IB_BOUND_SLACK,
-    IB_LOWER_FALLBACK,
+    IB_LOWER_LCB,
     IB_LOWER_QUANTITY,
+    IB_LOWER_UCB,
     IXT_NOISE_VARIANCE,
     NEWSGROUPS_LAYERS,
     PROBE_N,
 )
 from pdelightning_reproduce.sections.common import FigureSpec, Section, Table, accuracy_text, cell, est, per_seed
 from pdelightning_reproduce.summary import Results
-from pdelightning_reproduce.verdicts import Estimate, claim_result, difference_of_means, fmt, invalid_unless
+from pdelightning_reproduce.verdicts import claim_result, difference_of_means, fmt, invalid_unless
 
 MODELS = (("Transformer", "newsgroups_transformer"), ("PDE", "newsgroups_pde"))
 #: The model's own head bound H(Y) - CE/ln 2: pdelightning_reproduce.ib's name, else v2's.
@@ -81,28 +81,82 @@ def probe_bias_text(n: int, d: int) -> str:
     )
 
 
-_WHY = (
-    "a lower bound on I(T;Y) cannot lie below 0 beyond its stated bias; such a reading measures the estimator's "
-    "failure at this sample size, not information"
+LCB, UCB = IB_LOWER_LCB, IB_LOWER_UCB
+NOT_MEASURED = (
+    f"not measured yet: the summary has no `{IB_LOWER_QUANTITY}` (the held-out lower bound of "
+    "pdelightning_reproduce.ib, with its confidence limits); v2's analysis did not compute it"
 )
 
 
 def lower_bound_quantity(results: Results) -> str:
-    """The summary quantity the rules read: ``I_TY_lower`` (pdelightning_reproduce.ib) if present, else v2's
-    cross-fitted ``I_TY_crossfit``.
+    """The summary quantity the rules read: ``I_TY_lower`` (:mod:`pdelightning_reproduce.ib`); absent, the rules
+    are "not comparable: not measured yet" (v2's ``I_TY_crossfit`` is not a valid lower bound: uncalibrated, it reads
+    -1.87 bits on pure noise).
     """
-    present = any(results.has(s, IB_LOWER_QUANTITY) for _, s in MODELS)
-    return IB_LOWER_QUANTITY if present else IB_LOWER_FALLBACK
+    return IB_LOWER_QUANTITY
 
 
-def _valid_bound(estimates: dict[str, Estimate], parts: dict[str, list[Estimate]], label: str) -> dict[str, Estimate]:
-    """Each ``estimates[item]`` marked invalid when a seed mean it is built from (``parts[item]``) lies below
-    ``-IB_BOUND_SLACK``, with one reason naming every such reading.
+def bound_problems(
+    limits: dict[str, tuple[dict[int, np.ndarray], dict[int, np.ndarray]]],
+    layers: list[int],
+    informative_at: str | None,
+    label: str,
+) -> str:
+    """Why values of the bound may not be read ("" when they may): a run's upper limit below 0 at a value read
+    (outside the estimator's valid range), a value without limits, or, for a decline, a start whose lower limit is
+    not above 0 (uninformative: a fall from it says nothing about I(T;Y)).
+
+    Args:
+        limits: ``{stage: (seed -> per-layer lcb, seed -> per-layer ucb)}`` of the values read.
+        layers: indices into the per-layer arrays.
+        informative_at: the stage whose lower limit must be above 0 (``None``: no such requirement).
+        label: the model's name, for the reason.
     """
-    bad = {k: [p for p in ps if not p.missing and p.value < -IB_BOUND_SLACK] for k, ps in parts.items()}
-    readings = "; ".join(f"{k}: {', '.join(fmt(p.value) for p in ps)}" for k, ps in bad.items() if ps)
-    reason = f"{label}'s lower bound reads below −{IB_BOUND_SLACK} bit (seed means, {readings}): {_WHY}"
-    return {k: invalid_unless(e, not bad[k], reason) for k, e in estimates.items()}
+    out, blank, dull = [], [], []
+    for stage, (lcb, ucb) in limits.items():
+        if not ucb:
+            blank.append(stage)
+        for seed, u in ucb.items():
+            if any(np.isfinite(u[j]) and u[j] < 0 for j in layers):
+                out.append(f"seed {seed} at {stage}")
+        if stage == informative_at:
+            dull += [f"seed {seed}" for seed, lo in lcb.items() if not all(lo[j] > 0 for j in layers)]
+            dull += ["no lower limit"] if not lcb else []
+    reasons = []
+    if blank:
+        reasons.append(f"{label}: no confidence limits of the bound at {', '.join(blank)}")
+    if out:
+        reasons.append(
+            f"{label}: the bound's upper limit (`{UCB}`) is below 0 ({', '.join(out)}): outside the estimator's "
+            "valid range (the probe is worse than the prior), not a decline of information"
+        )
+    if dull:
+        reasons.append(
+            f"{label}: the start is not informative (lower limit not above 0: {', '.join(dull)}); a fall of a lower "
+            "bound from a value not known to be above 0 says nothing about I(T;Y)"
+        )
+    return "; ".join(reasons)
+
+
+def _limits(results: Results, s: str, stages: tuple[str, ...]) -> dict:
+    return {st: tuple(per_seed(results, s, q, NEWSGROUPS_LAYERS, st) for q in (LCB, UCB)) for st in stages}
+
+
+def _peak_lcb(results: Results, s: str, j: int) -> tuple[list[str], list[str]]:
+    """Per seed of ``s``: runs whose bound's upper limit is below 0 at some checkpoint of layer ``j``, and runs
+    whose lower limit at the layer's peak is not above 0.
+    """
+    out, dull = [], []
+    la = NEWSGROUPS_LAYERS[j]
+    for seed in results.seeds(s):
+        _, v = results.trajectory(s, IB_LOWER_QUANTITY, la, seed)
+        _, lo = results.trajectory(s, LCB, la, seed)
+        _, hi = results.trajectory(s, UCB, la, seed)
+        if np.isfinite(hi).any() and np.nanmin(hi) < 0:
+            out.append(f"seed {seed}")
+        if not (len(lo) == len(v) and np.isfinite(v).any() and lo[int(np.nanargmax(v))] > 0):
+            dull.append(f"seed {seed}")
+    return out, dull
 
 
 def bottleneck(results: Results) -> Section:
@@ -126,14 +180,11 @@ def bottleneck(results: Results) -> Section:
     )
     bound, head = lower_bound_quantity(results), head_quantity(results)
     sec.intro += (
-        f" The rules read only a held-out lower bound on I(T;Y): `{bound}`"
-        + (
-            " (v2's cross-fitted estimate; `I_TY_lower` of pdelightning_reproduce.ib is absent here)"
-            if bound == IB_LOWER_FALLBACK
-            else ""
-        )
-        + f"; a seed mean of it below −{IB_BOUND_SLACK} bit makes the claim not comparable. The train-fitted "
-        "estimate above is context only."
+        f" The rules read only a held-out lower bound on I(T;Y): `{bound}` (pdelightning_reproduce.ib), each run's "
+        f"value with its one-sided 95 % limits `{LCB}` / `{UCB}`; a value read whose run's upper limit is below 0 "
+        "is outside the estimator's valid range, and a decline is read only from a start whose lower limit is above "
+        "0 (either makes the claim not comparable). The train-fitted and the uncalibrated cross-fitted estimates "
+        "above are context only."
     )
     curves: dict[str, dict] = {}
     crossfit: dict[str, tuple] = {}
@@ -147,7 +198,11 @@ def bottleneck(results: Results) -> Section:
         for j, layer in enumerate(NEWSGROUPS_LAYERS):
             changes[layer] = est([lb["final"][k][j] - lb["init"][k][j] for k in lb["final"] if k in lb["init"]])
             layer_ends[layer] = [est([v[j] for v in lb[st].values()]) for st in ("init", "final")]
-        lookup = {("ity_lower_change", la): e for la, e in _valid_bound(changes, layer_ends, label).items()}
+        lim = _limits(results, s, ("init", "final"))
+        lookup = {
+            ("ity_lower_change", la): invalid_unless(e, not (why := bound_problems(lim, [j], "init", label)), why)
+            for j, (la, e) in enumerate(changes.items())
+        }
         mean_start = est([np.nanmean(v) for v in init.values()])
         mean_end = est([np.nanmean(v) for v in final.values()])
         lb_start = est([np.nanmean(v) for v in lb["init"].values()])
@@ -169,12 +224,17 @@ def bottleneck(results: Results) -> Section:
                 ceiling=f"H(Y) = {cell(hy)}",
                 accuracy=accuracy_text(results, [(label, s)]),
                 estimates={"start": lb_start, "end": lb_end},
+                missing_reason="" if results.has(s, bound) else NOT_MEASURED,
             )
         )
         curves[label] = {"final": final, "init": init}
     ends = {label: [float(np.nanmean(v)) for v in lower[label]["final"].values()] for label in lower}
     diff = difference_of_means(ends["PDE"], ends["Transformer"])
-    diff = _valid_bound({"": diff}, {"": [est(ends["PDE"]), est(ends["Transformer"])]}, "the layer mean at the end")[""]
+    why = "; ".join(
+        w for label, s in MODELS if (w := bound_problems(_limits(results, s, ("final",)), [0, 1, 2, 3], None, label))
+    )
+    diff = invalid_unless(diff, not why, why)
+    measured = all(results.has(s, bound) for _, s in MODELS)
     hb = {label: est(results.values(s, head)) for label, s in MODELS}
     sec.claims.append(
         claim_result(
@@ -185,23 +245,25 @@ def bottleneck(results: Results) -> Section:
             ceiling=f"head bounds: PDE {cell(hb['PDE'])}, Transformer {cell(hb['Transformer'])}",
             accuracy=accuracy_text(results, MODELS),
             estimates={"diff": diff},
+            missing_reason="" if measured else NOT_MEASURED,
         )
     )
     drops: dict[str, dict[int, list[float]]] = {}
-    lowest = math.inf
     for label, s in MODELS:
         drops[label] = {}
         for seed in results.seeds(s):
             trajs = [results.trajectory(s, bound, la, seed)[1] for la in NEWSGROUPS_LAYERS]
             drops[label][seed] = [max_drawdown(t) for t in trajs]
-            if label == "PDE":
-                lowest = min([lowest, *(float(np.nanmin(t)) for t in trajs if np.isfinite(t).any())])
     rel = est([d[0] - max(d[1:]) for d in drops["PDE"].values() if np.isfinite(d).all()])
-    rel = invalid_unless(
-        rel,
-        not lowest < -IB_BOUND_SLACK,
-        f"the PDE's lower bound reads {fmt(lowest)} bits at some checkpoint, below −{IB_BOUND_SLACK}: {_WHY}",
+    out, dull = [], []
+    for j in range(len(NEWSGROUPS_LAYERS)):
+        o, d = _peak_lcb(results, "newsgroups_pde", j)
+        out, dull = out + o, dull + d
+    problems = [f"the PDE bound's upper limit is below 0 at some checkpoint ({', '.join(sorted(set(out)))})"] * bool(
+        out
     )
+    problems += [f"the PDE bound is not informative at a layer's peak ({', '.join(sorted(set(dull)))})"] * bool(dull)
+    rel = invalid_unless(rel, not problems, "; ".join(problems) + ": a fall measured from there says nothing")
     sec.claims.append(
         claim_result(
             BY_ID["ib.pde_layer1_sharpest"],
@@ -213,6 +275,7 @@ def bottleneck(results: Results) -> Section:
             + f"; blocks.0 minus the largest other {cell(rel)}",
             accuracy=accuracy_text(results, [("PDE", "newsgroups_pde")]),
             estimates={"rel": rel},
+            missing_reason="" if results.has("newsgroups_pde", bound) else NOT_MEASURED,
         )
     )
     sec.notes.extend(shift_notes(crossfit))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from pdelightning_reproduce.summary import Results
-from pdelightning_reproduce.verdicts import ClaimResult, Estimate, fmt, mean_interval
+from pdelightning_reproduce.verdicts import ClaimResult, Estimate, fmt, interval_text, mean_interval
 
 
 @dataclass
@@ -71,7 +71,7 @@ def cell(e: Estimate) -> str:
         return "—"
     if e.n == 1:
         return f"{fmt(e.value)} (n=1)"
-    return f"{fmt(e.value)} [{fmt(e.lo)}, {fmt(e.hi)}]"
+    return interval_text(e.value, e.lo, e.hi)
 
 
 def per_seed(

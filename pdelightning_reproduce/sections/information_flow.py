@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pdelightning_reproduce import figures, paper
-from pdelightning_reproduce.rules import BY_ID, TABLE2_LAYERS, TABLE3_LAYERS, TABLE3_METHODS
+from pdelightning_reproduce.rules import BY_ID, TABLE2_LAYERS, TABLE3_LAYERS, TABLE3_METHODS, TABLE3_PAIRS
 from pdelightning_reproduce.sections.common import (
     FigureSpec,
     Section,
@@ -140,12 +140,15 @@ def table2(results: Results) -> Section:
     return sec
 
 
-def table3_claim(results: Results, method: str, ceiling_seeds: list[int]) -> tuple[ClaimResult, tuple]:
-    """One Table 3 rule (Pearson, Spearman or CKA): the fall over depth and the last layer against the ceiling of
-    disjoint Transformer-Transformer units; also returns ``(ours, ceiling, shared)`` per seed for the table.
+def table3_claim(
+    results: Results, method: str, ceiling_seeds: list[int], suffix: str = "", pair: str = PAIR
+) -> tuple[ClaimResult, tuple]:
+    """One Table 3 rule (Pearson, Spearman or CKA) on ``pair`` (rule ``t3.<method><suffix>``): the fall over depth
+    and the last layer against the ceiling of disjoint Transformer-Transformer units; also returns ``(ours,
+    ceiling, shared)`` per seed for the table.
     """
     key = f"{method.lower()}_vs_reference"
-    ours = per_seed(results, PAIR, key, TABLE3_LAYERS)
+    ours = per_seed(results, pair, key, TABLE3_LAYERS)
     ceil = only(per_seed(results, CEILING, key, TABLE3_LAYERS), ceiling_seeds)
     shared = per_seed(results, SHARED, key, TABLE3_LAYERS)
     fall = paired_difference([v[0] for v in ours.values()], [v[-1] for v in ours.values()])
@@ -159,7 +162,7 @@ def table3_claim(results: Results, method: str, ceiling_seeds: list[int]) -> tup
         f"are not similar by {method} either, so it cannot show a PDE-Transformer gap",
     )
     claim = claim_result(
-        BY_ID[f"t3.{method.lower()}"],
+        BY_ID[f"t3.{method.lower()}{suffix}"],
         {(f"{key}_fall", ""): fall, (f"{key}_end_rel", ""): rel},
         ours=f"{cell(first)} (layer 1) → {cell(last)} (layer 10); fall {cell(fall)}; layer 10 over the ceiling "
         f"{cell(rel)}",
@@ -168,6 +171,7 @@ def table3_claim(results: Results, method: str, ceiling_seeds: list[int]) -> tup
         f"{fmt(curve_stats(shared)[0][-1]) if shared else '—'}",
         accuracy=accuracy_text(results, ACC),
         estimates={"fall": fall, "last": last, "end_rel": rel},
+        missing_reason="" if ours else f"not measured yet: no `{pair}` pair units were analysed",
     )
     return claim, (ours, ceil, shared)
 
@@ -184,12 +188,17 @@ def table3(results: Results) -> Section:
         "same layer on the probe set, both at their final checkpoints; intervals over the pair units. Ceiling: "
         f"Transformer seed s vs Transformer seed s+1 on the {len(ceiling_seeds)} DISJOINT units (model seeds "
         f"{', '.join(map(str, ceiling_seeds)) or '—'}; no model in two units). Beside it, without verdict: the "
-        "shared-initialisation pair (PDE and Transformer of the SAME seed: the twins the old report compared)."
+        "shared-initialisation pair (PDE and Transformer of the SAME seed: the twins the old report compared). The "
+        "same rules are applied to the paper's own §3.1 model, a diffusion-only PDE (pair "
+        "`pde_diffusion_vs_transformer`, rules `t3.*_diffusion`); ours is the 'full PDE' row."
     )
     table = {}
     for method, _values in TABLE3_METHODS:
         claim, table[method] = table3_claim(results, method, ceiling_seeds)
         sec.claims.append(claim)
+    for method, _values in TABLE3_METHODS:  # the paper's own §3.1 model (pdelightning.models.pde_variants)
+        suffix, pair, _ = TABLE3_PAIRS[1]
+        sec.claims.append(table3_claim(results, method, ceiling_seeds, suffix, pair)[0])
     rows = []
     for j, layer in enumerate(TABLE3_LAYERS):
         row = [str(j + 1), layer]

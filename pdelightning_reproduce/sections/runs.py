@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 
+from pdelightning_reproduce.divergence import recorded_under_trained
 from pdelightning_reproduce.rules import BY_ID, FIT_N, GRAD_N, INTERVAL, PROBE_N, SKIP_STEPS
 from pdelightning_reproduce.sections.common import Section, Table, cell, est
 from pdelightning_reproduce.settings import CHECKPOINT_STEPS, PAIRS, SETTINGS
@@ -83,12 +84,15 @@ def runs(results: Results) -> Section:
     for s in SETTINGS:
         g = r[r["setting"] == s.name] if "setting" in r else r.iloc[0:0]
         if g.empty:
-            rows.append([s.name, s.role, "0", "—", "—", "—", "—", "—", "—"])
+            rows.append([s.name, s.role, "0", "—", "—", "—", "—", "—", "—", "—", "—"])
             continue
         status = collections.Counter(str(x) for x in g["status"])
         stops = collections.Counter(str(x) for x in g["stop_reason"])
         plateau = int(sum(_true(x) for x in g["plateau_met"]))
         vals = [float(x) for x in g["val_acc"] if x == x and x is not None]
+        recs = g.to_dict("records")
+        judged = collections.Counter(str(x) for x in g.get("training_divergence", []) if str(x) not in ("", "nan"))
+        under = sum(recorded_under_trained(rec) for rec in recs) if s.role == "main" else None
         rows.append(
             [
                 s.name,
@@ -97,6 +101,8 @@ def runs(results: Results) -> Section:
                 ", ".join(f"{k} {v}" for k, v in status.items()),
                 ", ".join(f"{k} {v}" for k, v in stops.items()),
                 f"{plateau}/{len(g)}",
+                "—" if under is None else f"{under}/{len(g)}",
+                ", ".join(f"{k} {v}" for k, v in judged.items()) or "not measured",
                 f"{np.median(steps):.0f}" if (steps := g["final_step"].dropna().astype(float)).size else "—",
                 cell(est(vals)),
                 f"{np.nansum(g['wall_s'].astype(float)):.0f}",
@@ -111,6 +117,8 @@ def runs(results: Results) -> Section:
                 "status",
                 "stop reason",
                 "plateau met",
+                "under-trained",
+                "training's divergence (divergence.py)",
                 "median final step",
                 "final val/acc",
                 "wall time total [s]",
@@ -122,7 +130,7 @@ def runs(results: Results) -> Section:
     rows = [
         [
             s.name,
-            f"configs/paper/{s.config}",
+            f"pdelightning_reproduce/configs/{s.config}",
             str(len(s.cells)) if s.role == "sweep" else "—",
             "; ".join(_ours_lines(s.config)),
         ]
@@ -196,7 +204,7 @@ def budget_table(results: Results) -> Table:
                 ]
             )
     return Table(
-        ["setting", "budget", "runs", "cuts (what differs from configs/paper/)"],
+        ["setting", "budget", "runs", "cuts (what differs from pdelightning_reproduce/configs/)"],
         rows,
         "Budgets are defined in pdelightning_reproduce/budget.py; each run records its own.",
     )

@@ -20,9 +20,18 @@ class Planter:
         self.runs: list[dict] = []
         self.rng = np.random.default_rng(seed)
 
-    def add(self, setting: str, quantity: str, values: Callable[[int], Sequence[float] | float],
-            layers: Sequence[str] = ("",), stage: str = "final", step: int = 1000, cell: str = "",
-            seeds: Sequence[int] = SEEDS, noise: float = 0.0) -> Planter:  # fmt: skip
+    def add(
+        self,
+        setting: str,
+        quantity: str,
+        values: Callable[[int], Sequence[float] | float],
+        layers: Sequence[str] = ("",),
+        stage: str = "final",
+        step: int = 1000,
+        cell: str = "",
+        seeds: Sequence[int] = SEEDS,
+        noise: float = 0.0,
+    ) -> Planter:
         """``values(seed)`` gives one value per layer (or a scalar for one layer)."""
         for s in seeds:
             v = np.atleast_1d(np.asarray(values(s), dtype=float))
@@ -31,8 +40,15 @@ class Planter:
                 self.rows.append((setting, cell, s, step, stage, quantity, layer, float(x)))
         return self
 
-    def trajectory(self, setting: str, quantity: str, layer: str, steps: Sequence[int],
-                   values: Callable[[int], Sequence[float]], seeds: Sequence[int] = SEEDS) -> Planter:  # fmt: skip
+    def trajectory(
+        self,
+        setting: str,
+        quantity: str,
+        layer: str,
+        steps: Sequence[int],
+        values: Callable[[int], Sequence[float]],
+        seeds: Sequence[int] = SEEDS,
+    ) -> Planter:
         """One value per step (first = init, last = final)."""
         for s in seeds:
             for k, (st, x) in enumerate(zip(steps, values(s), strict=True)):

@@ -29,7 +29,8 @@ def test_cpu_budget_plans_five_main_seeds_and_the_cut_sweeps() -> None:
     assert all(by[s.name] == 5 for s in SETTINGS if s.role == "main")
     assert by["sweep_no_layernorm"] == 3 * 3 * 2 and by["sweep_pde"] == 3 * 7  # seeds x depths x lrs / Δt cells
     assert {r.cell for r in runs if r.setting == "sweep_transformer"} == {
-        f"L{d}-lr{lr}" for d in (6, 12, 24) for lr in ("1e-03", "1e-02")}  # fmt: skip
+        f"L{d}-lr{lr}" for d in (6, 12, 24) for lr in ("1e-03", "1e-02")
+    }
     assert len(plan.pairs()) == 20
     args = fit_args(RunSpec("newsgroups_pde", "", 0), Path("o"), Path("d"), False, [], budget_name="cpu")
     assert "--data.init_args.train_subset=3000" in args and "--data.init_args.max_len=128" in args
@@ -62,8 +63,9 @@ def test_regenerated_initialisation_is_the_trained_runs_own(tmp_path: Path) -> N
     again = torch.load(regenerate_init(spec, tmp_path / "again", mnist, quick=True), weights_only=False)
     assert trained["init_args"] == again["init_args"] and trained["state_dict"].keys() == again["state_dict"].keys()
     assert all(torch.equal(trained["state_dict"][k], again["state_dict"][k]) for k in trained["state_dict"])
-    other = torch.load(regenerate_init(RunSpec("mnist_transformer", "", 4), tmp_path / "o", mnist, quick=True),
-                       weights_only=False)  # fmt: skip
+    other = torch.load(
+        regenerate_init(RunSpec("mnist_transformer", "", 4), tmp_path / "o", mnist, quick=True), weights_only=False
+    )
     assert not torch.equal(other["state_dict"]["head.weight"], trained["state_dict"]["head.weight"])
     final = spec.path(tmp_path / "runs") / "ckpt" / "final.pt"
     rec = import_run(spec, final, {**meta, "device": "cuda: X"}, tmp_path / "imp", mnist, "GPU run: test")
@@ -99,9 +101,13 @@ def test_attention_values_against_known_answers() -> None:
 
 def test_parity_and_cpu_seconds(tmp_path: Path) -> None:
     for root, value in (("gpu", 1.0), ("cpu", 1.0 + 2e-5)):
-        write_rows(tmp_path / root / "mnist_pde/seed2/summary.csv", [
-            Row("mnist_pde", "", 2, 0, "init", "erank", "blocks.0", value),
-            Row("mnist_pde", "", 2, 9, "final", "test_acc", "", 0.5)])  # fmt: skip
+        write_rows(
+            tmp_path / root / "mnist_pde/seed2/summary.csv",
+            [
+                Row("mnist_pde", "", 2, 0, "init", "erank", "blocks.0", value),
+                Row("mnist_pde", "", 2, 9, "final", "test_acc", "", 0.5),
+            ],
+        )
     got = parity(tmp_path / "gpu", tmp_path / "cpu")
     assert got["values"] == 2 and got["max_relative_difference"] == pytest.approx(2e-5, rel=1e-3)
     log = tmp_path / "s.log"

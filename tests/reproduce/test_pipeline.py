@@ -61,7 +61,7 @@ def test_quick_pipeline_trains_analyses_publishes_and_reports(tmp_path: Path) ->
     report = tmp_path / "report" / "REPRODUCTION.md"
     assert f"[report] {report}" in done.stdout
     text = report.read_text()
-    assert "QUICK PIPELINE CHECK" in text and "## Verdicts that changed since the previous report" in text
+    assert "QUICK PIPELINE CHECK" in text and "## Verdicts that changed since v2" in text
     assert "`pdelightning-reproduce report " in text
     pngs = list((tmp_path / "report" / "figures").glob("*.png"))
     assert pngs and all(p.stat().st_size <= 200_000 for p in pngs)

@@ -18,17 +18,25 @@ from tests.reproduce.planted import Planter
 
 def test_changed_verdicts_lists_only_changes_with_the_reason(tmp_path: Path) -> None:
     previous = tmp_path / "prev.json"
-    previous.write_text(json.dumps({"verdicts": [
-        {"claim": "PDE inter-layer correlation (Table 2)", "verdict": "holds"},
-        {"claim": "Transformer inter-layer correlation (Table 2)", "verdict": "does not hold"},
-        {"claim": "a claim nobody continues", "verdict": "holds"},
-    ]}))  # fmt: skip
+    previous.write_text(
+        json.dumps(
+            {
+                "verdicts": [
+                    {"claim": "PDE inter-layer correlation (Table 2)", "verdict": "holds"},
+                    {"claim": "Transformer inter-layer correlation (Table 2)", "verdict": "does not hold"},
+                    {"claim": "a claim nobody continues", "verdict": "holds"},
+                ]
+            }
+        )
+    )
     sec = Section(
         "table2", "t", claims=[ClaimResult(BY_ID["t2.pde"], FAILS), ClaimResult(BY_ID["t2.transformer"], FAILS)]
     )
     changes = changed_verdicts([sec], previous)
     assert [(c["rule"], c["previous"], c["now"]) for c in changes] == [
-        ("t2.pde", "holds", FAILS), ("—", "holds", "not re-tested")]  # fmt: skip
+        ("t2.pde", "holds", FAILS),
+        ("—", "holds", "not re-tested"),
+    ]
     assert changes[0]["why"] == BY_ID["t2.pde"].changes
 
 

@@ -79,8 +79,12 @@ def test_pairs_never_compare_twins_except_the_labelled_one() -> None:
             assert model.seed == ref.seed
         else:
             assert model.seed != ref.seed
-    assert {p.name for p in PAIRS} == {"pde_vs_transformer", "transformer_vs_transformer",
-                                       "pde_vs_transformer_shared_init", "pde_diffusion_vs_transformer"}  # fmt: skip
+    assert {p.name for p in PAIRS} == {
+        "pde_vs_transformer",
+        "transformer_vs_transformer",
+        "pde_vs_transformer_shared_init",
+        "pde_diffusion_vs_transformer",
+    }
 
 
 def test_run_ids_and_quick_overrides() -> None:
@@ -157,7 +161,7 @@ def test_thresholds_are_on_the_data_scale() -> None:
 def test_ib_rules_read_only_a_lower_bound_with_a_valid_range() -> None:
     for rid in ("ib.decline_transformer", "ib.decline_pde", "ib.pde_lower", "ib.pde_layer1_sharpest"):
         q = BY_ID[rid].quantities[0]
-        assert q.valid == (-rules_pkg.IB_BOUND_SLACK, float("inf")) and q.valid_reason
+        assert q.valid == (0.0, float("inf")) and rules_pkg.IB_LOWER_UCB in q.valid_reason
         assert rules_pkg.IB_LOWER_QUANTITY in q.definition and "I(T;Y) = H(Y) - CE of" not in q.definition
 
 

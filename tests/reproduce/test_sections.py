@@ -9,7 +9,7 @@ from pdelightning_reproduce import paper
 from pdelightning_reproduce.rules import EPS_GRID, MNIST_LAYERS, NEWSGROUPS_LAYERS, TABLE2_LAYERS
 from pdelightning_reproduce.sections import ablations, attention, bottleneck, gradients, perturbation, refinement, runs
 from pdelightning_reproduce.sections.information_flow import table2, table3
-from pdelightning_reproduce.settings import depth_lr_cells, eq21_cells
+from pdelightning_reproduce.settings import DT_GRID, depth_lr_cells, dt_cells
 from pdelightning_reproduce.verdicts import FAILS, HOLDS, INCONCLUSIVE, NOT_COMPARABLE
 from tests.reproduce.planted import Planter
 
@@ -109,10 +109,17 @@ def test_attention_kl_ceiling_no_closer_than_the_null() -> None:
 
 
 # ---- information bottleneck ------------------------------------------------------------------------------------------
-def _ib(p: Planter, setting: str, curve: np.ndarray, layer_scale: list[float], q: str = "I_TY_lower") -> None:
+def _ib(
+    p: Planter, setting: str, curve: np.ndarray, layer_scale: list[float], q: str = "I_TY_lower", half: float = 0.05
+) -> None:
+    """Plant ``curve`` per layer; for ``I_TY_lower`` also its one-sided limits, ``half`` below and above."""
     steps = [0, 10, 100, 1000]
     for j, la in enumerate(NEWSGROUPS_LAYERS):
         p.trajectory(setting, q, la, steps, lambda s, j=j: curve * layer_scale[j] + 0.01 * s)
+        if q == "I_TY_lower":
+            for name, sign in (("_lcb", -1.0), ("_ucb", 1.0)):
+                f = lambda s, j=j, sign=sign: curve * layer_scale[j] + 0.01 * s + sign * half  # noqa: E731
+                p.trajectory(setting, q + name, la, steps, f)
 
 
 def test_bottleneck_planted_decline_and_sharpest_first_layer() -> None:
@@ -126,20 +133,36 @@ def test_bottleneck_planted_decline_and_sharpest_first_layer() -> None:
 
 
 def test_bottleneck_reads_only_a_valid_lower_bound() -> None:
-    """v2's shape: the train-fitted estimate falls below 0 (context only); the held-out bound starts at -0.9 bit,
-    outside its valid range, so every claim that reads the start is not comparable, with the reason."""
+    """v2's shape: the train-fitted estimate falls below 0 and v2's cross-fitted one starts at -0.9 bit (both
+    context only): without pdelightning_reproduce.ib's I_TY_lower every claim is "not measured yet"."""
     p = Planter()
     for s in ("newsgroups_transformer", "newsgroups_pde"):
         _ib(p, s, np.array([0.05, -0.5, -1.0, -1.5]), [1, 1, 1, 1], q="I_TY")
         _ib(p, s, np.array([-0.9, 0.2, 0.5, 0.8]), [1, 1, 1, 1], q="I_TY_crossfit")
     sec = bottleneck(p.results())
+    assert set(verdicts(sec).values()) == {NOT_COMPARABLE}
+    assert all("not measured yet" in c.why for c in sec.claims)
+
+
+def test_bottleneck_outside_the_valid_range_or_uninformative_is_not_comparable() -> None:
+    """A start whose run's upper limit is below 0 is outside the valid range; a start whose lower limit is not
+    above 0 is uninformative: a decline from either is not comparable; the valid end values are still read."""
+    p = Planter()
+    for s in ("newsgroups_transformer", "newsgroups_pde"):
+        _ib(p, s, np.array([-0.9, 0.2, 0.5, 0.8]), [1, 1, 1, 1])
+    sec = bottleneck(p.results())
     v = verdicts(sec)
     assert v["ib.decline_transformer"] == NOT_COMPARABLE == v["ib.decline_pde"] == v["ib.pde_layer1_sharpest"]
     assert v["ib.pde_lower"] == INCONCLUSIVE  # the end values are valid; the two models are equal
-    assert "below −0.1" in sec.claims[0].why and "`I_TY_crossfit`" in sec.claims[0].ours
-    p = Planter()  # the quantity of pdelightning_reproduce.ib is read when present
+    assert "outside the estimator's valid range" in sec.claims[0].why and "`I_TY_lower`" in sec.claims[0].ours
+    p = Planter()  # informative nowhere: start 0.02 with lower limit -0.03 (upper 0.07 >= 0, so not invalid)
     for s in ("newsgroups_transformer", "newsgroups_pde"):
-        _ib(p, s, np.array([-0.9, 0.2, 0.5, 0.8]), [1, 1, 1, 1], q="I_TY_crossfit")
+        _ib(p, s, np.array([0.02, 0.9, 0.4, 0.3]), [1, 1, 1, 1])
+    sec = bottleneck(p.results())
+    assert verdicts(sec)["ib.decline_transformer"] == NOT_COMPARABLE
+    assert "not informative" in sec.claims[0].why and "outside" not in sec.claims[0].why
+    p = Planter()  # an informative start that falls: the decline holds
+    for s in ("newsgroups_transformer", "newsgroups_pde"):
         _ib(p, s, np.array([0.5, 0.9, 0.4, 0.3]), [1, 1, 1, 1])
     v = verdicts(bottleneck(p.results()))
     assert v["ib.decline_transformer"] == HOLDS == v["ib.decline_pde"]
@@ -219,13 +242,18 @@ def _sweeps(p: Planter, no_ln_diverges: bool, pde_diverges_above_1: bool, base_d
             ablated = s == "sweep_no_layernorm" and no_ln_diverges
             div = (ablated or (s == "sweep_transformer" and base_diverges)) and c.lr > 1e-3
             p.add(s, "probe_acc", lambda seed: 0.9, cell=c.name, noise=0.01)
-            p.run(s, c.name, diverged=div, status="diverged" if div else "complete")
+            p.run(s, c.name, diverged=div, status="diverged" if div else "complete", training_divergence=_v3(div))
             p.add(s, "cka_to_embedding", lambda seed, v=cka: v, (last,), cell=c.name, noise=0.01)
             p.add(s, "erank", lambda seed, v=rank: v, (last,), cell=c.name, noise=0.05)
-    for c in eq21_cells():
+    for c in dt_cells(DT_GRID[:4]):  # v3's Δt cells; eq. (21) at initialisation measured per run (planted: 12 x Δt)
         for s in ("sweep_pde", "sweep_pde_stabilized"):
-            div = s == "sweep_pde" and pde_diverges_above_1 and (c.eq21_target or 0) > 1
-            p.run(s, c.name, diverged=div, status="diverged" if div else "complete")
+            div = s == "sweep_pde" and pde_diverges_above_1 and 12 * c.dt > 1
+            p.run(s, c.name, diverged=div, status="diverged" if div else "complete", training_divergence=_v3(div))
+            p.add(s, "eq21", lambda seed, c=c: 12 * c.dt, ("blocks.0",), stage="init", step=0, cell=c.name)
+
+
+def _v3(div: bool) -> str:
+    return "diverged" if div else "trained"
 
 
 def test_ablations_planted() -> None:
@@ -249,6 +277,33 @@ def test_ablations_planted() -> None:
     assert verdicts(ablations(Planter().results()))["v2.no_residual_drift"] == NOT_COMPARABLE
 
 
+def test_divergence_rules_without_trainings_verdict_are_not_measured_yet() -> None:
+    """v2's runs (stopped at 10 ln C, no loss series) carry no training_divergence: the rate rules are not
+    comparable, "not measured yet"; the cell table still shows v2's stop."""
+    p = Planter()
+    _sweeps(p, no_ln_diverges=True, pde_diverges_above_1=True)
+    for r in p.runs:
+        r["training_divergence"] = None
+    sec = ablations(p.results())
+    for c in sec.claims:
+        if c.rule.id != "v2.no_residual_drift":
+            assert c.verdict == NOT_COMPARABLE and "not measured yet" in c.why, c.rule.id
+    assert any(row[3] == "not measured" and row[4] == "5/5" for row in sec.tables[0].rows)
+
+
+def test_eq21_rule_classes_runs_by_their_measured_eq21() -> None:
+    """Within each Δt cell the seeds straddle eq. (21) = 1 (seed-specific initial weights); exactly the runs measured
+    above 1 diverge: the rule holds (5/5 vs 0/5, Fisher p = 0.004) although no cell as a whole is "above 1"."""
+    p = Planter()
+    for c, above in zip(dt_cells(DT_GRID[:2]), ({2, 3, 4}, {0, 1}), strict=True):
+        for s in ("sweep_pde", "sweep_pde_stabilized"):
+            div = {k: s == "sweep_pde" and k in above for k in range(5)}
+            p.run(s, c.name, training_divergence=lambda k, div=div: _v3(div[k]))
+            p.add(s, "eq21", lambda k, above=above: 1.5 if k in above else 0.5, ("blocks.0",), "init", 0, c.name)
+    claim = next(c for c in ablations(p.results()).claims if c.rule.id == "v2.eq21_predicts")
+    assert claim.verdict == HOLDS and claim.estimates["diff"].value == pytest.approx(1.0)
+
+
 def test_drift_of_untrained_nets_is_not_comparable() -> None:
     p = Planter()
     _sweeps(p, no_ln_diverges=True, pde_diverges_above_1=True)
@@ -270,7 +325,7 @@ def test_no_layernorm_rate_pools_only_the_cells_that_ran() -> None:
             continue
         for s in ("sweep_transformer", "sweep_no_layernorm"):
             div = s == "sweep_no_layernorm" and c.lr > 1e-3
-            p.run(s, c.name, diverged=div, status="diverged" if div else "complete")
+            p.run(s, c.name, diverged=div, status="diverged" if div else "complete", training_divergence=_v3(div))
     claim = next(c for c in ablations(p.results()).claims if c.rule.id == "v2.no_layernorm_explosive")
     ran = len(depth_lr_cells()) - len(skipped)
     assert f"pooled over the {ran} cells that ran (of {len(depth_lr_cells())})" in claim.ours

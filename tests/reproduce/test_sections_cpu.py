@@ -15,10 +15,25 @@ from tests.reproduce.planted import Planter
 
 def test_device_and_budget_tables_name_every_run() -> None:
     p = Planter()
-    p.run("mnist_pde", seeds=(2,), device="cuda: NVIDIA H200", gpu=True, budget="full", wall_s=77.0,
-          imported="GPU run: final weights", init_regenerated=True)  # fmt: skip
-    p.run("mnist_pde", seeds=(0, 1, 3, 4), device="cpu: x86_64, 2 cores", gpu=False, budget="cpu", wall_s=1200.0,
-          cuts="none (the same config as the GPU runs)")  # fmt: skip
+    p.run(
+        "mnist_pde",
+        seeds=(2,),
+        device="cuda: NVIDIA H200",
+        gpu=True,
+        budget="full",
+        wall_s=77.0,
+        imported="GPU run: final weights",
+        init_regenerated=True,
+    )
+    p.run(
+        "mnist_pde",
+        seeds=(0, 1, 3, 4),
+        device="cpu: x86_64, 2 cores",
+        gpu=False,
+        budget="cpu",
+        wall_s=1200.0,
+        cuts="none (the same config as the GPU runs)",
+    )
     p.run("newsgroups_pde", device="cpu: x86_64, 2 cores", gpu=False, budget="cpu", wall_s=300.0, cuts="3,000 posts")
     sec = runs(p.results())
     devices = next(t for t in sec.tables if t.headers[:2] == ["setting", "device"])

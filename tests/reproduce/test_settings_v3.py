@@ -173,3 +173,8 @@ def test_newsgroups_variant_trains_and_analyses(tmp_path: Path) -> None:
     rows = pd.read_csv(spec.path(out) / "summary.csv")
     assert not rows["quantity"].str.startswith("analysis_error").any()
     assert {"I_TY", "grad_norm", "loss"} <= set(rows["quantity"])
+    # (repro-integrate) the IB rules' bounds (pdelightning_reproduce.ib) and training's divergence verdict
+    assert {"I_TY_lower", "I_TY_lower_lcb", "I_TY_lower_ucb", "I_TY_head", "I_TY_head_calibrated"} <= set(
+        rows["quantity"]
+    )
+    assert meta["training_divergence"] in ("trained", "undecided") and "under_trained" in meta

@@ -1,0 +1,102 @@
+"""Under-training (issue 18, item 5): a verdict that reads a main run stopped before its plateau is not comparable.
+
+A main run is *under-trained* when its record says its plateau criterion was not met and it stopped at its epoch or
+step cap (:func:`~pdelightning_reproduce.divergence.recorded_under_trained`). Every verdict that reads such a run,
+directly or through a pair unit built from its setting, becomes "not comparable: under-trained", naming the runs: a
+claim about trained models is never decided on models that were still learning. The sweeps have no plateau
+criterion (they are read at a fixed number of steps by design) and are not asked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from pdelightning_reproduce.divergence import recorded_under_trained
+from pdelightning_reproduce.rules import Rule
+from pdelightning_reproduce.summary import Results
+from pdelightning_reproduce.verdicts import NOT_COMPARABLE, ClaimResult
+
+_MNIST = ("mnist_transformer", "mnist_pde")
+_NEWSGROUPS = ("newsgroups_transformer", "newsgroups_pde")
+#: The main settings each report section's rules read (pair units count as their models' settings).
+SECTION_READS: dict[str, tuple[str, ...]] = {
+    "runs": ("mnist_transformer",),
+    "table2": _MNIST,
+    "table3": _MNIST,
+    "attention": _MNIST,
+    "refinement": ("mnist_pde",),
+    "bottleneck": _NEWSGROUPS,
+    "gradients": _NEWSGROUPS,
+    "perturbation": _NEWSGROUPS,
+    "ablations": (),
+}
+#: Rules that read fewer settings than their section and whose id does not say so.
+RULE_READS: dict[str, tuple[str, ...]] = {"ib.pde_layer1_sharpest": ("newsgroups_pde",)}
+#: Settings a rule reads beyond its section's, by the last part of its id.
+EXTRA_READS: dict[str, tuple[str, ...]] = {"diffusion": ("mnist_pde_diffusion",)}
+
+
+def settings_read(rule: Rule) -> tuple[str, ...]:
+    """The main settings ``rule`` reads: its section's, narrowed to one model when its id ends in ``transformer`` or
+    ``pde`` (``ib.decline_pde``, ``t2.transformer``); a ``…_diffusion`` rule reads the paper's diffusion-only PDE in
+    place of ours.
+
+    Example::
+
+        >>> from pdelightning_reproduce.rules import BY_ID
+        >>> settings_read(BY_ID["grad.range_pde"]), settings_read(BY_ID["t3.cka_diffusion"])
+        (('newsgroups_pde',), ('mnist_transformer', 'mnist_pde_diffusion'))
+    """
+    if rule.id in RULE_READS:
+        return RULE_READS[rule.id]
+    base = SECTION_READS.get(rule.section, ())
+    last = re.split(r"[._]", rule.id)[-1]
+    if last in ("transformer", "pde"):
+        return tuple(s for s in base if s.endswith(f"_{last}"))
+    if last in EXTRA_READS:
+        return tuple(s for s in base if not s.endswith("_pde")) + EXTRA_READS[last]
+    return base
+
+
+def under_trained_runs(results: Results, settings: Sequence[str]) -> list[str]:
+    """One phrase per setting of ``settings`` with runs whose record says they stopped before their plateau:
+    ``"`<setting>` seeds 0, 1 (stopped at max_epochs, epoch 10)"``; ``[]`` when there are none.
+    """
+    out = []
+    for s in settings:
+        rows = [r for r in results.run_rows(s).to_dict("records") if recorded_under_trained(r)]
+        if rows:
+            seeds = ", ".join(str(int(r["seed"])) for r in rows)
+            how = sorted({f"{r.get('stop_reason')}, epoch {r.get('epochs')}" for r in rows})
+            unrecorded = [str(int(r["seed"])) for r in rows if str(r.get("plateau_met")) in ("nan", "None", "")]
+            plural = "s" if len(unrecorded) > 1 else ""
+            note = f"; seed{plural} {', '.join(unrecorded)} recorded no plateau verdict" if unrecorded else ""
+            out.append(f"`{s}` seed{'s' * (len(rows) > 1)} {seeds} (stopped at {'; '.join(how)}{note})")
+    return out
+
+
+def guard_under_trained(claim: ClaimResult, results: Results) -> ClaimResult:
+    """``claim`` with its verdict "not comparable" when it reads an under-trained run; its numbers, and what the rule
+    reads on them, are kept as context.
+    """
+    runs = under_trained_runs(results, settings_read(claim.rule))
+    if not runs or claim.rule.test is None:
+        return claim
+    reading, claim.verdict = claim.verdict, NOT_COMPARABLE
+    context = (
+        f" Context only, not a verdict: on these runs the rule reads '{reading}'." if reading != NOT_COMPARABLE else ""
+    )
+    claim.why = (
+        f"Not comparable: under-trained: {'; '.join(runs)}, before the plateau criterion was met "
+        f"(pdelightning_reproduce.divergence.under_trained).{context} " + claim.why
+    )
+    return claim
+
+
+def guard_all(claims: Sequence[ClaimResult], results: Results) -> list[ClaimResult]:
+    """:func:`guard_under_trained` of every claim."""
+    return [guard_under_trained(c, results) for c in claims]
+
+
+__all__ = ["SECTION_READS", "guard_all", "guard_under_trained", "settings_read", "under_trained_runs"]
