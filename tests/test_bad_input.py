@@ -220,7 +220,7 @@ CASES: dict[str, Case] = {
     ),
     # ---- config files ------------------------------------------------------------------------------------------
     "config-empty": Case(_yaml("empty.yaml", "# nothing yet\n"), ["empty.yaml is empty", "trainer, model, data"]),
-    "config-missing": Case(lambda t: ["-c", str(t / "nope.yaml")], ["nope.yaml", "does not exist"]),
+    "config-missing": Case(lambda t: ["-c", str(t / "nope.yaml")], ["nope.yaml", "no such file", "quickstart"]),
     "config-yaml-syntax": Case(
         _yaml("bad.yaml", "trainer:\n  max_epochs: 3\n  callbacks: [\n model: {"),
         ["YAML syntax error in .*bad.yaml, line 4, column 10"],
