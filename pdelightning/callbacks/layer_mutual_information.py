@@ -8,9 +8,9 @@ for any plug-in estimate on ``N`` distinct samples), so every number here comes 
 meaning is spelled out below, and estimates stuck at that ceiling are flagged instead of being read as
 compression.
 
-The math lives in plain functions (:func:`binning_mutual_information`, :func:`kde_mutual_information`,
-:func:`probe_mutual_information`, :func:`is_saturated`, :func:`pool_tokens`, :func:`information_plane_figure`);
-:class:`LayerMutualInformation` is the Lightning adapter.
+The math lives in plain functions (:mod:`pdelightning.analysis.information`, and
+:mod:`pdelightning.analysis.information_layers` for all layers at once); :class:`LayerMutualInformation` is the
+Lightning adapter.
 """
 
 from __future__ import annotations
@@ -25,28 +25,20 @@ from typing_extensions import override
 
 from pdelightning._checks import check_choice
 from pdelightning.analysis.estimator_bias import LARGE_BIAS_BITS, known_bias
-from pdelightning.analysis.information import (  # noqa: F401 (moved there; the old import path keeps working)
+from pdelightning.analysis.information import (
     BINNINGS,
     KDE_RELATIVE_NOISE,
-    _codes,
-    bin_codes,
     binning_mutual_information,
     distinct_entropy_bits,
     entropy_bits,
-    fit_linear_probe,
     is_saturated,
-    kde_entropy_bits,
-    kde_mutual_information,
-    principal_components,
-    probe_mutual_information,
-    split_halves,
     subsample,
 )
-from pdelightning.analysis.linear_probe import crossfit_probe_information
+from pdelightning.analysis.information_layers import crossfit_probe_information_layers, kde_mutual_information_layers
 from pdelightning.analysis.representation import pool_tokens
+from pdelightning.callbacks._input_hash import input_hash
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
 from pdelightning.plots import information_plane_figure
-from pdelightning.probing.batch import primary_input
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 
@@ -54,9 +46,6 @@ Estimator = Literal["probe", "kde", "binning"]
 Pooling = Literal["mean", "flatten"]
 ESTIMATORS = ("probe", "kde", "binning")
 POOLINGS = ("mean", "flatten")
-
-
-# ---- the figure ----------------------------------------------------------------------------------------
 
 
 # ---- the callback -------------------------------------------------------------------------------------
@@ -188,10 +177,8 @@ class LayerMutualInformation(ProbeCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            estimator=self.estimator, pooling=self.pooling, every_n_steps=self.every_n_steps,
-            every_n_epochs=self.every_n_epochs, **self.patterns,
-        )  # fmt: skip
+        cadence = {"every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs}
+        return self._generate_state_key(estimator=self.estimator, pooling=self.pooling, **cadence, **self.patterns)
 
     @override
     def extra_state(self) -> dict[str, Any]:
@@ -246,18 +233,28 @@ class LayerMutualInformation(ProbeCallback):
             pooled[f"t/{n}"] = t
         self._store.update(pb.index, y=pb.labels.long().reshape(-1)[: len(pb.logits)], x_hash=input_hash(pb), **pooled)
 
-    def estimate(self, t: Tensor, y: Tensor) -> tuple[float, float, float, float]:
-        """``(I(X;T), I(T;Y), log2 N, H(Y))`` of one layer's gathered representations with this estimator."""
+    def estimate(self, ts: dict[str, Tensor], y: Tensor) -> tuple[dict[str, tuple[float, float]], float, float]:
+        """``({layer: (I(X;T), I(T;Y))}, log2 N, H(Y))`` of the gathered representations with this estimator.
+
+        Layers of one width are estimated together (:mod:`~pdelightning.analysis.information_layers`).
+        """
         n = len(y)
         if self.estimator == "binning":
-            i_xt, i_ty = binning_mutual_information(t, y, self.n_bins, self.n_components, bins=self.bins)
-            return i_xt, i_ty, math.log2(n), entropy_bits(y)
+            bins = {
+                k: binning_mutual_information(t, y, self.n_bins, self.n_components, bins=self.bins)
+                for k, t in ts.items()
+            }
+            return bins, math.log2(n), entropy_bits(y)
         keep = subsample(n, self.kde_max_samples, self.seed)
-        i_xt, i_ty = kde_mutual_information(t[keep], y[keep], self.noise_variance, relative=self.relative_noise)
-        if self.estimator == "kde":
-            return i_xt, i_ty, math.log2(len(keep)), entropy_bits(y[keep])
-        i_ty, h_y = crossfit_probe_information(t, y, folds=self.probe_folds, seed=self.seed)
-        return i_xt, i_ty, math.log2(len(keep)), h_y
+        out: dict[str, tuple[float, float]] = {}
+        h_y = entropy_bits(y[keep])
+        for names in _by_width(ts).values():
+            t = torch.stack([ts[k] for k in names])
+            i_xt, i_ty = kde_mutual_information_layers(t[:, keep], y[keep], self.noise_variance, self.relative_noise)
+            if self.estimator == "probe":
+                i_ty, h_y = crossfit_probe_information_layers(t, y, folds=self.probe_folds, seed=self.seed)
+            out.update({k: (float(i_xt[i]), float(i_ty[i])) for i, k in enumerate(names)})
+        return {k: out[k] for k in ts}, math.log2(len(keep)), h_y
 
     def bias_name(self) -> str:
         """This estimator's row in :data:`~pdelightning.analysis.estimator_bias.ESTIMATOR_BIAS` (for ``I(T;Y)``)."""
@@ -288,20 +285,16 @@ class LayerMutualInformation(ProbeCallback):
         # history is identical everywhere; only rank zero writes.
         entry: dict[str, Any] = {"step": session.step, "I_XT": {}, "I_TY": {}, "saturated": {}, "N": n}
         hashes = gathered["x_hash"].cpu()
+        ts = {name: gathered[f"t/{name}"].cpu().double() for name in names}
+        estimates, log2_n, h_y = self.estimate(ts, y)
+        # the ceiling of any plug-in I(X;T): the entropy of the distinct probe inputs (log2 N when distinct)
+        used = hashes if self.estimator == "binning" else hashes[subsample(n, self.kde_max_samples, self.seed)]
+        ceiling = min(log2_n, distinct_entropy_bits(used))
+        entry["log2_N"], entry["H_Y"], entry["ceiling"], entry["d"] = log2_n, h_y, ceiling, ts[names[-1]].shape[1]
         for name in names:
-            t = gathered[f"t/{name}"].cpu().double()
-            i_xt, i_ty, log2_n, h_y = self.estimate(t, y)
-            # the ceiling of any plug-in I(X;T): the entropy of the distinct probe inputs (log2 N when distinct)
-            ceiling = min(
-                log2_n,
-                distinct_entropy_bits(
-                    hashes if self.estimator == "binning" else hashes[subsample(n, self.kde_max_samples, self.seed)]
-                ),
-            )
+            i_xt, i_ty = estimates[name]
             entry["I_XT"][name], entry["I_TY"][name] = i_xt, i_ty
             entry["saturated"][name] = is_saturated(i_xt, ceiling, self.saturation_tol)
-            entry["log2_N"], entry["H_Y"], entry["ceiling"] = log2_n, h_y, ceiling
-            entry["d"] = t.shape[1]
         entry["known_bias"] = known_bias(self.bias_name(), n, entry["d"])
         if self.history and self.history[-1]["step"] == entry["step"]:
             self.history[-1] = entry  # the probe at a resumed run's first step repeats the checkpoint's last one
@@ -322,11 +315,9 @@ class LayerMutualInformation(ProbeCallback):
                 )
             )
             self._warned_saturation = True
-        metrics: dict[str, float] = {
-            self.key("H_Y"): entry["H_Y"], self.key("log2_N"): entry["log2_N"], self.key("N"): float(n),
-            self.key("I_XT_ceiling"): entry["ceiling"], self.key("known_bias"): entry["known_bias"],
-            self.key("bias_large"): float(abs(entry["known_bias"]) > LARGE_BIAS_BITS),
-        }  # fmt: skip
+        metrics = {self.key(q): float(entry[q]) for q in ("H_Y", "log2_N", "N", "known_bias")}
+        metrics[self.key("I_XT_ceiling")] = entry["ceiling"]
+        metrics[self.key("bias_large")] = float(abs(entry["known_bias"]) > LARGE_BIAS_BITS)
         if abs(entry["known_bias"]) > LARGE_BIAS_BITS and not self._warned_bias:
             rank_zero_warn(
                 f"LayerMutualInformation ({self.estimator}): at N={n} probe samples and d={entry['d']} features the "
@@ -344,15 +335,9 @@ class LayerMutualInformation(ProbeCallback):
             self.figure(session, self.key("information_plane"), information_plane_figure, history, names, title)
 
 
-def input_hash(pb: ProbeBatch) -> Tensor:
-    """One float64 per probe sample that differs between distinct inputs (a fixed random projection of the main
-    input), so the entropy of the distinct inputs can be computed after the gather without gathering the inputs.
-    """
-    x = primary_input(pb.batch)
-    n = pb.logits.shape[0]
-    if x is None:
-        return torch.arange(n, dtype=torch.float64, device=pb.logits.device)
-    flat = x.reshape(n, -1).double()
-    g = torch.Generator().manual_seed(12345)
-    proj = torch.randn(flat.shape[1], generator=g, dtype=torch.float64).to(flat.device)
-    return flat @ proj
+def _by_width(ts: dict[str, Tensor]) -> dict[int, list[str]]:
+    """The layer names grouped by their representations' width (the layers of one group are stacked)."""
+    groups: dict[int, list[str]] = {}
+    for name, t in ts.items():
+        groups.setdefault(t.shape[1], []).append(name)
+    return groups

@@ -15,8 +15,8 @@ from scipy import stats
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from pdelightning.analysis.cka import cka_matrix, gram_linear, hsic_biased, hsic_unbiased, linear_cka
 from pdelightning.analysis.representation import padding_mask_from_inputs, pool_tokens
-from pdelightning.callbacks._cka import cka_matrix, gram_linear, hsic_biased, hsic_unbiased, linear_cka
 from pdelightning.callbacks._targets import TargetNotFoundError
 from pdelightning.callbacks.information_flow import InformationFlow, consecutive_correlations, layer_correlation
 from pdelightning.models import PDEClassifier, TransformerClassifier

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
 
-from pdelightning.callbacks._cka import linear_cka
+from pdelightning.analysis.cka import linear_cka
 from pdelightning.callbacks._targets import TargetNotFoundError
 from pdelightning.callbacks.stability_monitor import (
     StabilityMonitor,
