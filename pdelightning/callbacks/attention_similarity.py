@@ -60,10 +60,10 @@ class AttentionSimilarity(ReferenceProbe):
     * **Layers**: model layer ``i`` with reference layer ``i`` for ``i < min(L, L_ref)`` (extra layers of the
       deeper model are not compared), or as given by ``layer_map``. Keys carry the model's layer names.
     * **Heads**: head order is arbitrary, so heads are paired per layer by the Hungarian method
-      (:func:`match_heads`) on the probe-set mean of the per-row cosine (``match_by="cosine"``) or JS
-      divergence; with different head counts ``min(H, H_ref)`` pairs are formed. The matching is made after
-      the gather, on the whole probe set, identically on every rank. ``cosine_unmatched`` pairs head ``i``
-      with head ``i`` for comparison.
+      (:func:`~pdelightning.analysis.attention.match_heads`) on the probe-set mean of the per-row cosine
+      (``match_by="cosine"``) or JS divergence; with different head counts ``min(H, H_ref)`` pairs are formed. The
+      matching is made after the gather, on the whole probe set, identically on every rank. ``cosine_unmatched`` pairs
+      head ``i`` with head ``i`` for comparison.
     * **Metrics**, computed per query row and then averaged over the valid rows of the probe set (never over
       flattened maps): cosine similarity, ``KL(model || reference)`` in nats with the reference clamped at
       ``eps``, and Jensen-Shannon divergence in nats (in ``[0, ln 2]``). Rows of padded queries are
@@ -94,11 +94,11 @@ class AttentionSimilarity(ReferenceProbe):
       (default :class:`~pdelightning.task.ClassificationTask`, which rebuilds from checkpoints our CLI wrote,
       whose hparams hold the model's ``class_path``);
     * ``reference_config``: a YAML config in our CLI format whose ``model:`` section is instantiated (see
-      :func:`build_from_config`; data-linked arguments such as ``num_classes`` and ``image_size`` missing from
-      the file are copied from the model under training). Alone it gives a freshly initialised reference;
-      together with ``reference_checkpoint`` the checkpoint's ``state_dict`` is loaded into it (for
-      checkpoints whose hparams cannot rebuild the model, e.g. a task built in Python). Checkpoints are
-      unpickled: give only files you trust;
+      :func:`~pdelightning.callbacks._reference.build_from_config`; data-linked arguments such as ``num_classes`` and
+      ``image_size`` missing from the file are copied from the model under training). Alone it gives a freshly
+      initialised reference; together with ``reference_checkpoint`` the checkpoint's ``state_dict`` is loaded into it
+      (for checkpoints whose hparams cannot rebuild the model, e.g. a task built in Python). Checkpoints are unpickled:
+      give only files you trust;
     * none of them: a frozen copy of the model taken at the start of training (attention drift from
       initialisation); this copy is saved in the callback state so a resumed run keeps it.
 

@@ -52,35 +52,37 @@ POOLINGS = ("mean", "flatten")
 class LayerMutualInformation(ProbeCallback):
     """Track ``I(X;T_l)`` and ``I(T_l;Y)`` of every layer over training and draw the information plane.
 
-    Paper experiment 3 (section 3.3, Figure 4): the mutual information between each layer's output and the
-    labels over training, read against the information-bottleneck objective of eq. (3). On each probe the
-    layer outputs of the fixed probe set are pooled into ``T_l`` (:func:`pool_tokens`: masked mean over
-    tokens, padding as the model itself masks it; or ``pooling="flatten"``), gathered across
-    ranks with a :class:`~pdelightning.callbacks._probe.GatherStore` (so a DDP run gives the one-process
-    numbers), and passed to the chosen estimator. All values are in bits.
+    Paper experiment 3 (section 3.3, Figure 4): the mutual information between each layer's output and the labels over
+    training, read against the information-bottleneck objective of eq. (3). On each probe the layer outputs of the fixed
+    probe set are pooled into ``T_l`` (:func:`~pdelightning.analysis.representation.pool_tokens`: masked mean over
+    tokens, padding as the model itself masks it; or ``pooling="flatten"``), gathered across ranks with a
+    :class:`~pdelightning.callbacks._probe.GatherStore` (so a DDP run gives the one-process numbers), and passed to the
+    chosen estimator. All values are in bits.
 
     Estimators (see each function for what it really measures; the measured bias of each on class-conditional
     Gaussians with a known answer is tabulated in :mod:`pdelightning.analysis.estimator_bias`):
 
-    * ``"probe"`` (default): ``I(T;Y)`` is the variational lower bound ``H(Y) - CE`` of a closed-form
-      shrinkage-LDA probe, cross-fitted over ``probe_folds`` stratified folds so every probe sample is scored
-      once by a probe that never saw it (:func:`~pdelightning.analysis.linear_probe.crossfit_probe_information`).
-      It is not clipped at 0, so a decline over training is measurable. Measured bias: -0.16 bits at N = 256,
-      d = 8; -0.54 bits at N = 256, d = 64 (-0.12 at N = 1024): it reads low for wide layers at the default N
-      (flagged: ``known_bias``, ``bias_large`` and one warning). The probe gives no bound on ``I(X;T)``: the
-      x-axis of the information plane is the Gaussian-KDE *upper* bound of :func:`kde_mutual_information`.
-    * ``"kde"``: both from the Gaussian-KDE pairwise-distance bound (:func:`kde_mutual_information`) with the
-      noise variance ``noise_variance`` read, by default (``relative_noise=True``), as a fraction of the
-      layer's total variance ``tr Cov(T)``, so unit-scale and wide activations do not saturate it. ``O(N^2)``:
-      at most ``kde_max_samples`` probe samples (a seeded subset) enter it.
-    * ``"binning"``: plug-in entropies after ``n_bins`` bins (quantile bins by default, ``bins="equal_width"``
-      for the classic ones, which stretch with the range and lose more with N) on the top ``n_components``
-      principal components (:func:`binning_mutual_information`); ``I(X;T) = H(T_binned)``.
+    * ``"probe"`` (default): ``I(T;Y)`` is the variational lower bound ``H(Y) - CE`` of a closed-form shrinkage-LDA
+      probe, cross-fitted over ``probe_folds`` stratified folds so every probe sample is scored once by a probe that
+      never saw it (:func:`~pdelightning.analysis.linear_probe.crossfit_probe_information`). It is not clipped at 0, so
+      a decline over training is measurable. Measured bias: -0.16 bits at N = 256, d = 8; -0.54 bits at N = 256, d = 64
+      (-0.12 at N = 1024): it reads low for wide layers at the default N (flagged: ``known_bias``, ``bias_large`` and
+      one warning). The probe gives no bound on ``I(X;T)``: the x-axis of the information plane is the Gaussian-KDE
+      *upper* bound of :func:`~pdelightning.analysis.information.kde_mutual_information`.
+    * ``"kde"``: both from the Gaussian-KDE pairwise-distance bound
+      (:func:`~pdelightning.analysis.information.kde_mutual_information`) with the noise variance ``noise_variance``
+      read, by default (``relative_noise=True``), as a fraction of the layer's total variance ``tr Cov(T)``, so
+      unit-scale and wide activations do not saturate it. ``O(N^2)``: at most ``kde_max_samples`` probe samples (a
+      seeded subset) enter it.
+    * ``"binning"``: plug-in entropies after ``n_bins`` bins (quantile bins by default, ``bins="equal_width"`` for the
+      classic ones, which stretch with the range and lose more with N) on the top ``n_components`` principal components
+      (:func:`~pdelightning.analysis.information.binning_mutual_information`); ``I(X;T) = H(T_binned)``.
 
     Saturation: any plug-in ``I(X;T)`` is at most the entropy of the distinct probe inputs
-    (:func:`~pdelightning.analysis.information.distinct_entropy_bits`; ``log2 N`` only when all inputs
-    differ). Estimates within ``saturation_tol`` bits of that ceiling are flagged (:func:`is_saturated`), drawn
-    hollow in the figure, and a warning is issued once: there the estimate no longer depends on the layer.
+    (:func:`~pdelightning.analysis.information.distinct_entropy_bits`; ``log2 N`` only when all inputs differ).
+    Estimates within ``saturation_tol`` bits of that ceiling are flagged
+    (:func:`~pdelightning.analysis.information.is_saturated`), drawn hollow in the figure, and a warning is issued once:
+    there the estimate no longer depends on the layer.
 
     The trajectory ``(step, I(X;T), I(T;Y), saturated)`` per layer is kept for the figure and saved in
     checkpoints (``state_dict``), so a resumed run continues its curves.
