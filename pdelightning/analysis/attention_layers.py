@@ -92,13 +92,15 @@ def compare_layers(
     null: Sequence[Tensor] | None = None,
     partner: Tensor | None = None,
     uniform: bool = True,
-    max_elements: int = 1 << 24,
+    max_elements: int = 1 << 20,
 ) -> list[dict[str, Tensor]]:
     """:func:`compare_layer` of several layer pairs on the same samples, the same numbers in fewer operations.
 
     Layer pairs of one shape are stacked along the batch axis (at most ``max_elements`` attention probabilities of
     the stacked tensors at once) and compared in one call: every quantity is per sample, so stacking changes no
-    value, only how many (small) operations run.
+    value, only how many operations run. Small layers gain (quickstart: 4 layers of ``[64, 4, 8, 8]`` in one call);
+    large ones are compared one at a time (stacking them only moves the working set out of the cache: 10 MNIST
+    layers of ``[64, 4, 28, 28]`` stacked took 1.2x as long on one CPU thread).
 
     Args:
         p: the model's attention of each layer pair, ``[B, Hp, T, K]`` (float).

@@ -7,7 +7,8 @@ tensors. The functions here take the layers stacked, ``t`` ``[L, N, d]``, do the
 tensor operation once for all ``L`` layers. Each returns, layer by layer, the numbers of its one-layer
 counterpart up to floating-point rounding (``tests/analysis/test_information_layers.py`` checks ``1e-9``):
 
-* :func:`kde_mutual_information_layers` = :func:`~pdelightning.analysis.information.kde_mutual_information`;
+* :func:`kde_mutual_information_layers` = :func:`~pdelightning.analysis.information.kde_mutual_information`
+  (:func:`kde_information_layers`: its ``I(X;T)`` alone);
 * :func:`crossfit_probe_information_layers` =
   :func:`~pdelightning.analysis.linear_probe.crossfit_probe_information`.
 """
@@ -21,6 +22,50 @@ from torch import Tensor
 
 from pdelightning.analysis.information import _LN2, entropy_bits
 from pdelightning.analysis.linear_probe import Q_FLOOR, stratified_folds
+
+
+def _scaled_distances(t: Tensor, noise_variance: float, relative: bool) -> Tensor:
+    """``-|t_i - t_j|² / 2σ²`` of each layer ``[L, N, N]`` (float64), σ² per layer as in ``kde_mutual_information``."""
+    t = t.detach().double().cpu()
+    if relative:  # tr Cov(T_l), floored at the smallest positive double as the one-layer function does
+        tv = (t - t.mean(1, keepdim=True)).square().sum(2).mean(1)
+        noise = noise_variance * tv.clamp_min(torch.finfo(torch.float64).tiny)
+    else:
+        noise = torch.full((t.shape[0],), float(noise_variance), dtype=torch.float64)
+    sq = t.square().sum(2)
+    d2 = (sq[:, :, None] + sq[:, None, :] - 2.0 * (t @ t.mT)).clamp_min_(0.0)
+    d2.diagonal(dim1=1, dim2=2).fill_(0.0)  # exactly 0 self-distances
+    return -d2 / (2.0 * noise[:, None, None])
+
+
+def _kde_entropy(scaled: Tensor) -> Tensor:
+    """The KDE entropy bound of each layer's block of samples ``[L, M, M]``, in bits."""
+    m = scaled.shape[-1]
+    if m <= 1:
+        return torch.zeros(scaled.shape[0], dtype=torch.float64)
+    return -(torch.logsumexp(scaled, dim=2) - math.log(m)).mean(1) / _LN2
+
+
+def kde_information_layers(t: Tensor, noise_variance: float = 0.1, relative: bool = False) -> Tensor:
+    """The Gaussian-KDE upper bound on ``I(X;T_l)`` in bits of every layer (Kolchinsky & Tracey, 2017).
+
+    The first value of :func:`~pdelightning.analysis.information.kde_mutual_information` (see it), without the
+    class-conditional terms ``I(T;Y)`` needs: ``-1/N Σ_i log2 1/N Σ_j exp(-|t_i - t_j|² / 2σ²)``.
+
+    Args:
+        t: representations of ``L`` layers on the same samples, ``[L, N, D]``.
+        noise_variance: ``σ²``, or with ``relative`` a fraction of each layer's total variance.
+        relative: read ``noise_variance`` relative to each layer's ``tr Cov(T_l)``.
+
+    Returns:
+        ``I(X;T)`` ``[L]`` float64.
+
+    Example::
+
+        >>> kde_information_layers(torch.tensor([[[0.0], [10.0]], [[0.0], [0.0]]]), noise_variance=0.01).tolist()
+        [1.0, 0.0]
+    """
+    return _kde_entropy(_scaled_distances(t, noise_variance, relative)) + 0.0  # + 0.0: -0.0 reads 0.0
 
 
 def kde_mutual_information_layers(
@@ -48,30 +93,14 @@ def kde_mutual_information_layers(
         >>> i_xt.tolist(), i_ty.tolist()
         ([1.0, 0.0], [1.0, 0.0])
     """
-    t = t.detach().double().cpu()
     y = y.detach().cpu()
     n = t.shape[1]
-    if relative:  # tr Cov(T_l), floored at the smallest positive double as the one-layer function does
-        tv = (t - t.mean(1, keepdim=True)).square().sum(2).mean(1)
-        noise = noise_variance * tv.clamp_min(torch.finfo(torch.float64).tiny)
-    else:
-        noise = torch.full((t.shape[0],), float(noise_variance), dtype=torch.float64)
-    sq = t.square().sum(2)
-    d2 = (sq[:, :, None] + sq[:, None, :] - 2.0 * (t @ t.mT)).clamp_min_(0.0)
-    d2.diagonal(dim1=1, dim2=2).fill_(0.0)  # exactly 0 self-distances
-    scaled = -d2 / (2.0 * noise[:, None, None])
-
-    def entropy(block: Tensor) -> Tensor:  # the KDE entropy bound of each layer's block of samples, in bits
-        m = block.shape[-1]
-        if m <= 1:
-            return torch.zeros(block.shape[0], dtype=torch.float64)
-        return -(torch.logsumexp(block, dim=2) - math.log(m)).mean(1) / _LN2
-
-    i_xt = entropy(scaled)
+    scaled = _scaled_distances(t, noise_variance, relative)
+    i_xt = _kde_entropy(scaled)
     h_cond = torch.zeros_like(i_xt)
     for c in torch.unique(y):
         member = (y == c).nonzero().flatten()
-        h_cond = h_cond + len(member) / n * entropy(scaled[:, member][:, :, member])
+        h_cond = h_cond + len(member) / n * _kde_entropy(scaled[:, member][:, :, member])
     return i_xt + 0.0, (i_xt - h_cond).clamp_min(0.0) + 0.0  # + 0.0: -0.0 reads 0.0
 
 

@@ -34,7 +34,11 @@ from pdelightning.analysis.information import (
     is_saturated,
     subsample,
 )
-from pdelightning.analysis.information_layers import crossfit_probe_information_layers, kde_mutual_information_layers
+from pdelightning.analysis.information_layers import (
+    crossfit_probe_information_layers,
+    kde_information_layers,
+    kde_mutual_information_layers,
+)
 from pdelightning.analysis.representation import pool_tokens
 from pdelightning.callbacks._input_hash import input_hash
 from pdelightning.callbacks._probe import GatherStore, ProbeCallback
@@ -249,12 +253,18 @@ class LayerMutualInformation(ProbeCallback):
             return bins, math.log2(n), entropy_bits(y)
         keep = subsample(n, self.kde_max_samples, self.seed)
         out: dict[str, tuple[float, float]] = {}
-        h_y = entropy_bits(y[keep])
-        for names in _by_width(ts).values():
+        h_y = entropy_bits(y[keep]) if self.estimator == "kde" else float("nan")  # "probe": the cross-fit's H(Y)
+        by_width: dict[int, list[str]] = {}  # the layers of one width are stacked
+        for k, t in ts.items():
+            by_width.setdefault(t.shape[1], []).append(k)
+        nv, rel = self.noise_variance, self.relative_noise
+        for names in by_width.values():
             t = torch.stack([ts[k] for k in names])
-            i_xt, i_ty = kde_mutual_information_layers(t[:, keep], y[keep], self.noise_variance, self.relative_noise)
-            if self.estimator == "probe":
+            if self.estimator == "probe":  # the x-axis is the KDE bound on I(X;T); I(T;Y) is the probe's
+                i_xt = kde_information_layers(t[:, keep], nv, rel)
                 i_ty, h_y = crossfit_probe_information_layers(t, y, folds=self.probe_folds, seed=self.seed)
+            else:
+                i_xt, i_ty = kde_mutual_information_layers(t[:, keep], y[keep], nv, rel)
             out.update({k: (float(i_xt[i]), float(i_ty[i])) for i, k in enumerate(names)})
         return {k: out[k] for k in ts}, math.log2(len(keep)), h_y
 
@@ -335,11 +345,3 @@ class LayerMutualInformation(ProbeCallback):
         if self.figures_due:
             history, title = [dict(h) for h in self.history], f"Information plane ({self.estimator})"
             self.figure(session, self.key("information_plane"), information_plane_figure, history, names, title)
-
-
-def _by_width(ts: dict[str, Tensor]) -> dict[int, list[str]]:
-    """The layer names grouped by their representations' width (the layers of one group are stacked)."""
-    groups: dict[int, list[str]] = {}
-    for name, t in ts.items():
-        groups.setdefault(t.shape[1], []).append(name)
-    return groups

@@ -9,7 +9,11 @@ import torch
 
 from pdelightning.analysis import information_layers
 from pdelightning.analysis.information import kde_mutual_information
-from pdelightning.analysis.information_layers import crossfit_probe_information_layers, kde_mutual_information_layers
+from pdelightning.analysis.information_layers import (
+    crossfit_probe_information_layers,
+    kde_information_layers,
+    kde_mutual_information_layers,
+)
 from pdelightning.analysis.linear_probe import crossfit_probe_information
 
 
@@ -35,6 +39,7 @@ def test_kde_of_all_layers_equals_each_layer(noise_variance: float, relative: bo
         expected = kde_mutual_information(t[layer], y, noise_variance, relative)
         assert (float(i_xt[layer]), float(i_ty[layer])) == pytest.approx(expected, abs=1e-9)
     assert float(i_xt[3]) == pytest.approx(0.0, abs=1e-12)  # one point: no spread, no information
+    assert torch.equal(kde_information_layers(t, noise_variance, relative), i_xt)  # I(X;T) alone: the same
 
 
 @pytest.mark.parametrize("folds", [2, 5])
