@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -121,6 +121,75 @@ def uniform_over_support(r: Tensor) -> Tensor:
     return support / support.sum(-1, keepdim=True).clamp_min(1.0)
 
 
+class Rows(NamedTuple):
+    """An attention tensor with the per-row quantities every comparison of it reuses (made by :func:`rows_of`).
+
+    Attributes:
+        probs: the probabilities ``[B, H, T, K]``.
+        norm: ``|x|`` of each row ``[B, H, T]``.
+        x_log_x: ``Σ_k x ln x`` of each row ``[B, H, T]`` (``-`` :func:`attention_entropy`).
+        keys: for a reference (``q`` of :func:`head_pair_sums`), the probabilities beside ``ln max(x, eps)``, keys
+            first for one matrix product: ``[B, T, K, 2H]``; ``None`` for a model side.
+    """
+
+    probs: Tensor
+    norm: Tensor
+    x_log_x: Tensor
+    keys: Tensor | None = None
+
+    def take(self, index: Tensor) -> Rows:
+        """The same rows for the samples ``index`` (e.g. each sample's shuffled-null partner)."""
+        return Rows(*(x[index] if x is not None else None for x in self))
+
+
+def rows_of(x: Tensor, eps: float | None = None, x_log_x: Tensor | None = None) -> Rows:
+    """:class:`Rows` of the attention ``x`` ``[B, H, T, K]``; with ``eps`` also the reference side's ``keys``.
+
+    Args:
+        x: attention probabilities.
+        eps: the KL guard of :func:`attention_kl` (``None``: ``x`` is only ever the model side ``p``).
+        x_log_x: ``Σ_k x ln x`` when the caller has it already.
+    """
+    x_log_x = torch.xlogy(x, x).sum(-1) if x_log_x is None else x_log_x
+    keys = None if eps is None else torch.cat([x, x.clamp_min(eps).log()], 1).permute(0, 2, 3, 1).contiguous()
+    return Rows(x, x.norm(dim=-1), x_log_x, keys)
+
+
+def head_pair_sums(p: Rows, q: Rows, row_mask: Tensor) -> dict[str, Tensor]:
+    """Per-sample sums over valid query rows of cosine, KL(p||q) and JS for every pair of heads.
+
+    The same per-row quantities as :func:`attention_cosine`, :func:`attention_kl` (with the guard ``eps`` that made
+    ``q``'s :class:`Rows`) and :func:`attention_js`, computed for all head pairs at once: the dot products and
+    ``Σ p ln q`` as one matrix product against ``q.keys``, the norms and ``Σ x ln x`` per head (made once per tensor,
+    however many comparisons use it), and JS as ``½ Σ p ln p + ½ Σ q ln q − Σ m ln m`` with ``m = (p + q)/2`` (the
+    only term that needs the pair, one head of ``p`` at a time).
+
+    Args:
+        p: the model side, :func:`rows_of` of ``[B, Hp, T, K]``.
+        q: the reference side, :func:`rows_of` of ``[B, Hq, T, K]`` with ``eps``.
+        row_mask: ``[B, T]``, ``True`` for the query rows to count.
+
+    Returns:
+        ``{"cosine", "kl", "js": [B, Hp, Hq]}``; divide by ``row_mask.sum()`` (over the samples you pool)
+        for the mean over rows. Memory is ``O(B Hp Hq T + B Hq T K)``.
+    """
+    assert q.keys is not None, "the reference side needs rows_of(q, eps)"
+    hq = q.probs.shape[1]
+    w = row_mask.to(p.probs.dtype)[:, None, None, :]  # (B, 1, 1, T)
+    both = (p.probs.transpose(1, 2) @ q.keys).permute(0, 2, 3, 1)  # (B, Hp, 2 Hq, T): <p, q> and <p, ln q>
+    cosine = both[:, :, :hq] / (p.norm[:, :, None] * q.norm[:, None]).clamp_min(1e-12)
+    kl = p.x_log_x[:, :, None] - both[:, :, hq:]
+    m_log_m = torch.stack(
+        [
+            m.xlogy_(m).sum(-1)
+            for m in (torch.add(p.probs[:, h : h + 1], q.probs).mul_(0.5) for h in range(p.probs.shape[1]))
+        ],
+        dim=1,
+    )  # (B, Hp, Hq, T)
+    js = (0.5 * p.x_log_x[:, :, None] + 0.5 * q.x_log_x[:, None] - m_log_m).clamp_min(0.0)
+    return {"cosine": (cosine * w).sum(-1), "kl": (kl * w).sum(-1), "js": (js * w).sum(-1)}
+
+
 def pairwise_head_sums(
     p: Tensor,
     q: Tensor,
@@ -130,37 +199,21 @@ def pairwise_head_sums(
     p_log_p: Tensor | None = None,
     q_log_q: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """Per-sample sums over valid query rows of cosine, KL(p||q) and JS for every pair of heads.
-
-    The same per-row quantities as :func:`attention_cosine`, :func:`attention_kl` and :func:`attention_js`, computed
-    for all head pairs at once: dot products and ``Σ p log q`` as one ``einsum`` each, the entropies per head, and
-    JS as ``½ Σ p log p + ½ Σ q log q − Σ m log m`` with ``m = (p + q)/2`` (the only term that needs the pair).
+    """:func:`head_pair_sums` of two attention tensors ``[B, Hp, T, K]`` and ``[B, Hq, T, K]``.
 
     Args:
-        p: attention probabilities of the model, ``[B, Hp, T, T]``.
-        q: attention probabilities of the reference, ``[B, Hq, T, T]``.
+        p: attention probabilities of the model.
+        q: attention probabilities of the reference.
         row_mask: ``[B, T]``, ``True`` for the query rows to count.
         eps: the KL guard of :func:`attention_kl`.
-        p_log_p: ``Σ_k p log p`` per row, ``[B, Hp, T]`` (``-attention_entropy(p)``), when the caller has it already
-            (a model compared with several references pays it once); computed when ``None``.
+        p_log_p: ``Σ_k p log p`` per row, ``[B, Hp, T]`` (``-attention_entropy(p)``), when the caller has it already;
+            computed when ``None``.
         q_log_q: likewise for ``q``, ``[B, Hq, T]``.
 
     Returns:
-        ``{"cosine", "kl", "js": [B, Hp, Hq]}``; divide by ``row_mask.sum()`` (over the samples you pool)
-        for the mean over rows. Memory is ``O(B Hp Hq T + B Hq T^2)``.
+        ``{"cosine", "kl", "js": [B, Hp, Hq]}`` per-sample sums over the valid rows.
     """
-    w = row_mask.to(p.dtype)[:, None, None, :]  # (B, 1, 1, T)
-    dot = torch.einsum("bhtk,bgtk->bhgt", p, q)  # (B, Hp, Hq, T)
-    norms = p.norm(dim=-1)[:, :, None] * q.norm(dim=-1)[:, None]
-    cosine = dot / norms.clamp_min(1e-12)
-    p_log_p = torch.xlogy(p, p).sum(-1) if p_log_p is None else p_log_p  # (B, Hp, T)
-    q_log_q = torch.xlogy(q, q).sum(-1) if q_log_q is None else q_log_q  # (B, Hq, T)
-    kl = p_log_p[:, :, None] - torch.einsum("bhtk,bgtk->bhgt", p, q.clamp_min(eps).log())
-    m_log_m = torch.stack(
-        [torch.xlogy(m, m).sum(-1) for m in (0.5 * (p[:, h : h + 1] + q) for h in range(p.shape[1]))], dim=1
-    )  # (B, Hp, Hq, T)
-    js = (0.5 * p_log_p[:, :, None] + 0.5 * q_log_q[:, None] - m_log_m).clamp_min(0.0)
-    return {"cosine": (cosine * w).sum(-1), "kl": (kl * w).sum(-1), "js": (js * w).sum(-1)}
+    return head_pair_sums(rows_of(p, x_log_x=p_log_p), rows_of(q, eps, x_log_x=q_log_q), row_mask)
 
 
 def match_heads(score: Tensor, maximize: bool = True) -> tuple[Tensor, Tensor]:

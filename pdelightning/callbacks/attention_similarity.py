@@ -25,44 +25,21 @@ import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-import lightning.pytorch as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from pdelightning._checks import check_choice
-from pdelightning.adapters.base import ModelAdapter
-from pdelightning.adapters.registry import resolve
 from pdelightning.adapters.windowed import dense_attention
-from pdelightning.analysis.attention import (  # noqa: F401 (the old import path keeps working)
-    MATCH_BY,
-    METRICS,
-    SKILL_MIN_ROOM,
-    attention_cosine,
-    attention_entropy,
-    attention_js,
-    attention_kl,
-    derangement,
-    masked_row_mean,
-    match_heads,
-    pairwise_head_sums,
-    skill_score,
-    summarize_pairs,
-    uniform_attention,
-    uniform_over_support,
-)
+from pdelightning.analysis.attention import MATCH_BY, METRICS, SKILL_MIN_ROOM
+from pdelightning.analysis.attention_layers import compare_layers, summarize_layer
 from pdelightning.callbacks._layout import DETAIL
-from pdelightning.callbacks._reference import freeze, load_reference, reinitialised_copy
-from pdelightning.callbacks._targets import module_copy, unwrap
-from pdelightning.callbacks.base import ProbeCallback
-from pdelightning.models.protocol import AnalysisTargets
+from pdelightning.callbacks._reference_probe import ReferenceProbe
 from pdelightning.plots import attention_by_layer_figure, attention_maps_figure
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 from pdelightning.probing.probe_set import partner_rows
-from pdelightning.probing.sharding import full, is_sharded, shard_copies, shard_like
 from pdelightning.probing.store import GatherStore
 
 NULLS = ("uniform", "shuffled", "random_init")
@@ -74,7 +51,7 @@ def _all_valid(n: int, t: int, device: torch.device) -> Tensor:
 
 
 # ---- the callback ----------------------------------------------------------------------------------------
-class AttentionSimilarity(ProbeCallback):
+class AttentionSimilarity(ReferenceProbe):
     r"""Compare the attention of the model under training with a reference model's (paper section 3.2).
 
     On a fixed probe set both models run on the same inputs; their attention probabilities (softmax of
@@ -83,10 +60,10 @@ class AttentionSimilarity(ProbeCallback):
     * **Layers**: model layer ``i`` with reference layer ``i`` for ``i < min(L, L_ref)`` (extra layers of the
       deeper model are not compared), or as given by ``layer_map``. Keys carry the model's layer names.
     * **Heads**: head order is arbitrary, so heads are paired per layer by the Hungarian method
-      (:func:`match_heads`) on the probe-set mean of the per-row cosine (``match_by="cosine"``) or JS
-      divergence; with different head counts ``min(H, H_ref)`` pairs are formed. The matching is made after
-      the gather, on the whole probe set, identically on every rank. ``cosine_unmatched`` pairs head ``i``
-      with head ``i`` for comparison.
+      (:func:`~pdelightning.analysis.attention.match_heads`) on the probe-set mean of the per-row cosine
+      (``match_by="cosine"``) or JS divergence; with different head counts ``min(H, H_ref)`` pairs are formed. The
+      matching is made after the gather, on the whole probe set, identically on every rank. ``cosine_unmatched`` pairs
+      head ``i`` with head ``i`` for comparison.
     * **Metrics**, computed per query row and then averaged over the valid rows of the probe set (never over
       flattened maps): cosine similarity, ``KL(model || reference)`` in nats with the reference clamped at
       ``eps``, and Jensen-Shannon divergence in nats (in ``[0, ln 2]``). Rows of padded queries are
@@ -117,11 +94,11 @@ class AttentionSimilarity(ProbeCallback):
       (default :class:`~pdelightning.task.ClassificationTask`, which rebuilds from checkpoints our CLI wrote,
       whose hparams hold the model's ``class_path``);
     * ``reference_config``: a YAML config in our CLI format whose ``model:`` section is instantiated (see
-      :func:`build_from_config`; data-linked arguments such as ``num_classes`` and ``image_size`` missing from
-      the file are copied from the model under training). Alone it gives a freshly initialised reference;
-      together with ``reference_checkpoint`` the checkpoint's ``state_dict`` is loaded into it (for
-      checkpoints whose hparams cannot rebuild the model, e.g. a task built in Python). Checkpoints are
-      unpickled: give only files you trust;
+      :func:`~pdelightning.callbacks._reference.build_from_config`; data-linked arguments such as ``num_classes`` and
+      ``image_size`` missing from the file are copied from the model under training). Alone it gives a freshly
+      initialised reference; together with ``reference_checkpoint`` the checkpoint's ``state_dict`` is loaded into it
+      (for checkpoints whose hparams cannot rebuild the model, e.g. a task built in Python). Checkpoints are unpickled:
+      give only files you trust;
     * none of them: a frozen copy of the model taken at the start of training (attention drift from
       initialisation); this copy is saved in the callback state so a resumed run keeps it.
 
@@ -212,18 +189,6 @@ class AttentionSimilarity(ProbeCallback):
         trust_checkpoint: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        if reference is not None and (reference_checkpoint is not None or reference_config is not None):
-            raise ValueError(
-                "give the reference either as a module (reference=...) or by file (reference_checkpoint and/or "
-                "reference_config), not both"
-            )
-        if reference is not None and not isinstance(reference, nn.Module):
-            raise ValueError(f"reference must be an nn.Module, got {type(reference).__name__}")
-        if reference_class is not None and reference_checkpoint is None and reference_config is None:
-            raise ValueError(f"reference_class={reference_class!r} needs reference_checkpoint or reference_config")
-        if reference_class is not None and "." not in reference_class:
-            raise ValueError(f"reference_class={reference_class!r} must be a dotted path such as 'my_pkg.MyModule'")
         check_choice("match_by", match_by, MATCH_BY)
         if isinstance(nulls, str):
             nulls = (nulls,)
@@ -232,40 +197,29 @@ class AttentionSimilarity(ProbeCallback):
             raise ValueError(f"nulls={list(nulls)!r} contains unknown baselines {unknown}; choose from {NULLS}")
         if not 0.0 < eps < 1.0:
             raise ValueError(f"eps={eps} must lie in (0, 1)")
-        if layer_map is not None:
-            bad = {
-                k: v
-                for k, v in layer_map.items()
-                if not (isinstance(k, int) and isinstance(v, int) and k >= 0 and v >= 0)
-            }
-            if bad or not layer_map:
-                raise ValueError(
-                    f"layer_map={layer_map!r} must map model layer indices to reference layer indices "
-                    f"(non-negative ints, at least one pair); bad entries: {bad}"
-                )
-        self.reference_checkpoint = reference_checkpoint
-        self.reference_config = reference_config
-        self.reference_class = reference_class
-        self.trust_checkpoint = bool(trust_checkpoint)
-        self.reference_patterns = {"layers": reference_layers, "attention": reference_attention}
-        self.layer_map = dict(layer_map) if layer_map is not None else None
+        super().__init__(
+            reference,
+            reference_checkpoint,
+            reference_config,
+            reference_class,
+            reference_layers,
+            reference_attention,
+            layer_map,
+            null="random_init" in nulls,
+            null_seed=null_seed,
+            trust_checkpoint=trust_checkpoint,
+            **kwargs,
+        )
         self.match_by = match_by
         self.nulls = tuple(n for n in NULLS if n in nulls)
         self.eps = eps
         self.log_figures = log_figures
-        self.null_seed = null_seed
         if not 0.0 <= skill_min_room < 1.0:
             raise ValueError(f"skill_min_room={skill_min_room} must lie in [0, 1)")
         self.skill_min_room = skill_min_room
         if max_samples is not None and (max_samples < 2 or max_samples % 2):
             raise ValueError(f"max_samples={max_samples} must be an even number >= 2 (whole shuffled pairs), or None")
         self.max_samples = max_samples
-        self.initial = reference is None and reference_checkpoint is None and reference_config is None
-        self._reference: nn.Module | None = freeze(reference) if reference is not None else None
-        self._pending_initial: dict[str, Tensor] | None = None
-        self._template: nn.Module | None = None
-        self._null_model: nn.Module | None = None
-        self._null_failed = False
         self.last_results: dict[str, dict[str, Any]] = {}
         """Per model layer, the results of the latest probe (including head matchings and pooled matrices)."""
 
@@ -277,103 +231,14 @@ class AttentionSimilarity(ProbeCallback):
             every_n_steps=self.every_n_steps, every_n_epochs=self.every_n_epochs, reference=ref, **self.patterns
         )
 
-    # ---- reference ---------------------------------------------------------------------------------------------
-    def _load_reference(self, pl_module: L.LightningModule) -> nn.Module:
-        files = (self.reference_config, self.reference_checkpoint, self.reference_class)
-        return load_reference(pl_module, *files, "AttentionSimilarity", trust=self.trust_checkpoint)
-
-    def _reference_targets(self, reference: nn.Module) -> tuple[ModelAdapter | None, AnalysisTargets]:
-        patterns = self.patterns if self.initial else self.reference_patterns
-        return resolve(reference, layers=patterns["layers"], attention=patterns["attention"], need=self.needs)
-
-    def _layer_pairs(self, n_model: int, n_ref: int) -> list[tuple[int, int]]:
-        if self.layer_map is None:
-            return [(i, i) for i in range(min(n_model, n_ref))]
-        bad = {k: v for k, v in self.layer_map.items() if k >= n_model or v >= n_ref}
-        if bad:
-            raise ValueError(
-                f"layer_map entries {bad} are out of range: the model has {n_model} layers (0..{n_model - 1}) and the "
-                f"reference {n_ref} (0..{n_ref - 1})"
-            )
-        return sorted(self.layer_map.items())
-
-    @override
-    def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().check(trainer, pl_module)
-        if self._reference is None and not self.initial:
-            self._reference = freeze(self._load_reference(pl_module))
-        if self.initial or "random_init" in self.nulls:
-            # Copied now, before the strategy wraps the model: under DDP the parameters carry the reducer's
-            # hooks, which cannot be deep-copied. The weights are loaded at train start (after DDP's broadcast).
-            self._template = module_copy(pl_module)
-        if "random_init" in self.nulls and self._null_model is None and not self._null_failed:
-            # drawn now (its weights do not depend on the model's), not inside the first probe's timing
-            self._null_model = reinitialised_copy(self._template if self._template is not None else pl_module,
-                                                  self.null_seed)  # fmt: skip
-            self._null_failed = self._null_model is None
-        reference = self._reference if self._reference is not None else pl_module
-        _, ref_targets = self._reference_targets(reference)  # fail fast, before training
-        self._layer_pairs(len(self.targets(pl_module).layers), len(ref_targets.layers))
-
-    @override
-    def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # the hub calls this before the start probe, also when another probe callback's on_train_start runs it
-        model = unwrap(pl_module)
-        sharded = is_sharded(model)  # FSDP2: the copies are sharded like the model, never whole
-        if self.initial and self._reference is None:
-            snapshot = module_copy(self._template if self._template is not None else pl_module)
-            if self._pending_initial is not None:
-                snapshot.load_state_dict(self._pending_initial)
-                self._pending_initial = None
-            else:  # sharded: each rank copies its own shards of the model's weights
-                snapshot = shard_like(snapshot, model) if sharded else snapshot
-                snapshot.load_state_dict(model.state_dict())  # after DDP's broadcast: same on every rank
-                rank_zero_info(
-                    "AttentionSimilarity: no reference given; comparing with the model at the start of training"
-                )
-            self._reference = freeze(snapshot)
-        if sharded:  # a given reference is another model and stays whole; the copies of this one are sharded
-            self._template = None
-            shard_copies(model, pl_module.device, self._reference if self.initial else None, self._null_model)
-
-    @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        self._null_model = None
-        self._template = None
-
-    @override
-    def extra_state(self) -> dict[str, Any]:
-        if self.initial and self._reference is not None:
-            state = self._reference.state_dict()  # sharded: gathered whole (every rank saves the callback's state)
-            return {"initial_reference": {k: full(v).detach().cpu() for k, v in state.items()}}
-        return {}
-
-    @override
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        if self.initial and "initial_reference" in state:
-            self._pending_initial = state["initial_reference"]
-            self._reference = None
-
     # ---- probing -----------------------------------------------------------------------------------------------
     @override
     def request(self) -> Request:
         return Request(attention=True)
 
     @override
-    def extra_models(self, pl_module: nn.Module) -> dict[str, tuple[nn.Module, Request]]:
-        assert self._reference is not None
-        request = Request(attention=True, samples=self.max_samples)
-        models = {f"reference:{id(self._reference)}": (self._reference, request)}
-        if "random_init" in self.nulls and not self._null_failed:
-            if self._null_model is None:
-                self._null_model = reinitialised_copy(
-                    self._template if self._template is not None else pl_module, self.null_seed
-                )
-                self._null_failed = self._null_model is None
-            if self._null_model is not None:
-                models[f"null:{id(self._null_model)}"] = (self._null_model, request)
-        return models
+    def reference_request(self) -> Request:
+        return Request(attention=True, samples=self.max_samples)
 
     @override
     def begin(self, session: ProbeSession) -> None:
@@ -391,12 +256,11 @@ class AttentionSimilarity(ProbeCallback):
         self._windows = {t.name: t.windows for t in targets.layers}
         comps = ["main", "shuffled"] if "shuffled" in self.nulls else ["main"]
         comps += ["random_init"] if self._null_key is not None else []
-        self._comps = comps
+        comps += ["uniform"] if "uniform" in self.nulls else []
         a_names = [a for a, _ in self._pairs]
-        keys = [f"rows/{a}" for a in a_names] + [f"rows_shuffled/{a}" for a in a_names]
-        keys += [f"{c}/{m}/{a}" for c in comps for m in METRICS for a in a_names]
-        keys += [f"uniform/{m}/{a}" for m in METRICS for a in a_names]
-        keys += [f"entropy/{a}" for a in a_names] + [f"entropy_reference/{a}" for a in a_names]
+        self._fields = ["rows", "rows_shuffled", "entropy", "entropy_reference"]
+        self._fields += [f"{c}/{m}" for c in comps for m in METRICS]
+        keys = [f"{f}/{a}" for f in self._fields for a in a_names]
         self._store = GatherStore(keys).to(session.device)
         self._maps: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -407,7 +271,8 @@ class AttentionSimilarity(ProbeCallback):
         r_all = pb.captured[self._ref_key].attention
         n_all = pb.captured[self._null_key].attention if self._null_key is not None else {}
         partner = partner_rows(pb.index, pb.session.partner) if "shuffled" in self.nulls else None
-        update: dict[str, Tensor] = {}
+        uniform = "uniform" in self.nulls
+        ps, rs, valids = [], [], []
         for a, b in self._pairs:
             p, r = p_all[a].float(), r_all[b].float()
             if p.shape[-1] != r.shape[-1]:
@@ -417,27 +282,9 @@ class AttentionSimilarity(ProbeCallback):
                 )
             n, t = p.shape[0], p.shape[-2]  # query rows (windowed attention: [B, H, T, N], one row per token)
             valid = pb.valid if pb.valid is not None and pb.valid.shape == (n, t) else _all_valid(n, t, p.device)
-            update[f"rows/{a}"] = valid.sum(-1)
-            h_p, h_r = attention_entropy(p), attention_entropy(r)  # once per layer: every comparison reuses them
-            for m, v in pairwise_head_sums(p, r, valid, self.eps, p_log_p=-h_p, q_log_q=-h_r).items():
-                update[f"main/{m}/{a}"] = v
-            for m, v in pairwise_head_sums(uniform_over_support(r), r, valid, self.eps, q_log_q=-h_r).items():
-                update[f"uniform/{m}/{a}"] = v[:, 0]
-            w = valid.float()[:, None, :]
-            update[f"entropy/{a}"] = (h_p * w).sum((-1, -2)) / p.shape[1]
-            update[f"entropy_reference/{a}"] = (h_r * w).sum((-1, -2)) / r.shape[1]
-            if self._null_key is not None:
-                for m, v in pairwise_head_sums(n_all[a].float(), r, valid, self.eps, q_log_q=-h_r).items():
-                    update[f"random_init/{m}/{a}"] = v
-            if partner is not None:
-                have = partner >= 0
-                j = partner.clamp_min(0)
-                both = valid & valid[j] & have[:, None]
-                update[f"rows_shuffled/{a}"] = both.sum(-1)
-                for m, v in pairwise_head_sums(p, r[j], both, self.eps, p_log_p=-h_p, q_log_q=-h_r[j]).items():
-                    update[f"shuffled/{m}/{a}"] = v
-            else:
-                update[f"rows_shuffled/{a}"] = torch.zeros_like(valid.sum(-1))
+            ps.append(p)
+            rs.append(r)
+            valids.append(valid)
             here = pb.index == pb.session.figure_position  # the figure's sample lives on process 0
             if self.log_figures and bool(here.any()):
                 k = int(here.nonzero()[0, 0])
@@ -446,13 +293,21 @@ class AttentionSimilarity(ProbeCallback):
                 if self._windows.get(a) is not None:  # the full token-by-token map of one sample, for the figure
                     pk, rk = dense_attention(pk, self._windows[a]), dense_attention(rk, self._windows[a])
                 self._maps[a] = (pk[0, 0][keep][:, keep].cpu(), rk[0, 0][keep][:, keep].cpu())
+        nulls = [n_all[a].float() for a, _ in self._pairs] if self._null_key is not None else None
+        if partner is not None and ps and len(partner) != len(ps[0]):  # a stand-in row (no sample selected here)
+            partner = torch.full((len(ps[0]),), -1, dtype=torch.long, device=partner.device)
+        per_layer = compare_layers(ps, rs, valids, self.eps, null=nulls, partner=partner, uniform=uniform)
+        update = {f"{k}/{a}": v for (a, _), sums in zip(self._pairs, per_layer, strict=True) for k, v in sums.items()}
         self._store.update(pb.index, **update)
 
     @override
     def finish(self, session: ProbeSession) -> None:
         out = self._store.gather()  # a collective: every rank, same tensors
         self._store = None  # type: ignore[assignment]
-        results = {a: self._summarize(out, a, self._comps) for a, _ in self._pairs}
+        results = {}
+        for a, _ in self._pairs:
+            sums = {f: out[f"{f}/{a}"] for f in self._fields}
+            results[a] = summarize_layer(sums, self.match_by, "uniform" in self.nulls, self.skill_min_room)
         self.last_results = results
         metrics: dict[str, float] = {}
         for a, res in results.items():
@@ -468,40 +323,6 @@ class AttentionSimilarity(ProbeCallback):
             if maps:
                 self.figure(session, self.key("attention_maps"), attention_maps_figure, maps, pairs)
             self.figure(session, self.key("by_layer"), attention_by_layer_figure, plain, nulls)
-
-    def _summarize(self, out: dict[str, Tensor], layer: str, comps: list[str]) -> dict[str, Any]:
-        rows = out[f"rows/{layer}"]
-        n = rows.sum().clamp_min(1).double()
-        main = summarize_pairs({m: out[f"main/{m}/{layer}"] for m in METRICS}, rows, self.match_by)
-        res: dict[str, Any] = {m: main[m] for m in METRICS}
-        res["cosine_unmatched"] = main["cosine_unmatched"]
-        res["matching"] = main["matching"]
-        res["matrix"] = main["matrix"]
-        nulls: dict[str, dict[str, float]] = {}
-        if "uniform" in self.nulls:
-            nulls["uniform"] = {m: float(out[f"uniform/{m}/{layer}"].sum(0).double().mean() / n) for m in METRICS}
-        if "shuffled" in comps:
-            s = summarize_pairs(
-                {m: out[f"shuffled/{m}/{layer}"] for m in METRICS}, out[f"rows_shuffled/{layer}"], self.match_by
-            )
-            nulls["shuffled"] = {m: s[m] for m in METRICS}
-        if "random_init" in comps:
-            s = summarize_pairs({m: out[f"random_init/{m}/{layer}"] for m in METRICS}, rows, self.match_by)
-            nulls["random_init"] = {m: s[m] for m in METRICS}
-        for null, vals in nulls.items():
-            res.update({f"{m}_null_{null}": v for m, v in vals.items()})
-        if nulls:
-            strongest_cos = max(v["cosine"] for v in nulls.values())
-            res["cosine_skill"] = skill_score(res["cosine"], strongest_cos, min_room=self.skill_min_room)
-            res["cosine_margin"] = res["cosine"] - strongest_cos
-            for m in ("kl", "js"):
-                strongest = min(v[m] for v in nulls.values())
-                res[f"{m}_skill"] = skill_score(res[m], strongest, higher_is_better=False, min_room=self.skill_min_room)
-                res[f"{m}_margin"] = strongest - res[m]
-        res["rows"] = int(rows.sum())  # valid query rows pooled (an int: not logged)
-        res["entropy"] = float(out[f"entropy/{layer}"].sum().double() / n)
-        res["entropy_reference"] = float(out[f"entropy_reference/{layer}"].sum().double() / n)
-        return res
 
     @override
     def layout(self) -> dict[str, list[str]]:

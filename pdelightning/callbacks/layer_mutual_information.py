@@ -8,9 +8,9 @@ for any plug-in estimate on ``N`` distinct samples), so every number here comes 
 meaning is spelled out below, and estimates stuck at that ceiling are flagged instead of being read as
 compression.
 
-The math lives in plain functions (:func:`binning_mutual_information`, :func:`kde_mutual_information`,
-:func:`probe_mutual_information`, :func:`is_saturated`, :func:`pool_tokens`, :func:`information_plane_figure`);
-:class:`LayerMutualInformation` is the Lightning adapter.
+The math lives in plain functions (:mod:`pdelightning.analysis.information`, and
+:mod:`pdelightning.analysis.information_layers` for all layers at once); :class:`LayerMutualInformation` is the
+Lightning adapter.
 """
 
 from __future__ import annotations
@@ -25,28 +25,24 @@ from typing_extensions import override
 
 from pdelightning._checks import check_choice
 from pdelightning.analysis.estimator_bias import LARGE_BIAS_BITS, known_bias
-from pdelightning.analysis.information import (  # noqa: F401 (moved there; the old import path keeps working)
+from pdelightning.analysis.information import (
     BINNINGS,
     KDE_RELATIVE_NOISE,
-    _codes,
-    bin_codes,
     binning_mutual_information,
     distinct_entropy_bits,
     entropy_bits,
-    fit_linear_probe,
     is_saturated,
-    kde_entropy_bits,
-    kde_mutual_information,
-    principal_components,
-    probe_mutual_information,
-    split_halves,
     subsample,
 )
-from pdelightning.analysis.linear_probe import crossfit_probe_information
+from pdelightning.analysis.information_layers import (
+    crossfit_probe_information_layers,
+    kde_information_layers,
+    kde_mutual_information_layers,
+)
 from pdelightning.analysis.representation import pool_tokens
+from pdelightning.callbacks._input_hash import input_hash
 from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.plots import information_plane_figure
-from pdelightning.probing.batch import primary_input
 from pdelightning.probing.capture import Request
 from pdelightning.probing.hub import ProbeBatch, ProbeSession
 from pdelightning.probing.store import GatherStore
@@ -57,42 +53,41 @@ ESTIMATORS = ("probe", "kde", "binning")
 POOLINGS = ("mean", "flatten")
 
 
-# ---- the figure ----------------------------------------------------------------------------------------
-
-
 # ---- the callback -------------------------------------------------------------------------------------
 class LayerMutualInformation(ProbeCallback):
     """Track ``I(X;T_l)`` and ``I(T_l;Y)`` of every layer over training and draw the information plane.
 
-    Paper experiment 3 (section 3.3, Figure 4): the mutual information between each layer's output and the
-    labels over training, read against the information-bottleneck objective of eq. (3). On each probe the
-    layer outputs of the fixed probe set are pooled into ``T_l`` (:func:`pool_tokens`: masked mean over
-    tokens, padding as the model itself masks it; or ``pooling="flatten"``), gathered across
-    ranks with a :class:`~pdelightning.probing.store.GatherStore` (so a DDP run gives the one-process
-    numbers), and passed to the chosen estimator. All values are in bits.
+    Paper experiment 3 (section 3.3, Figure 4): the mutual information between each layer's output and the labels over
+    training, read against the information-bottleneck objective of eq. (3). On each probe the layer outputs of the fixed
+    probe set are pooled into ``T_l`` (:func:`~pdelightning.analysis.representation.pool_tokens`: masked mean over
+    tokens, padding as the model itself masks it; or ``pooling="flatten"``), gathered across ranks with a
+    :class:`~pdelightning.probing.store.GatherStore` (so a DDP run gives the one-process numbers), and passed to the
+    chosen estimator. All values are in bits.
 
     Estimators (see each function for what it really measures; the measured bias of each on class-conditional
     Gaussians with a known answer is tabulated in :mod:`pdelightning.analysis.estimator_bias`):
 
-    * ``"probe"`` (default): ``I(T;Y)`` is the variational lower bound ``H(Y) - CE`` of a closed-form
-      shrinkage-LDA probe, cross-fitted over ``probe_folds`` stratified folds so every probe sample is scored
-      once by a probe that never saw it (:func:`~pdelightning.analysis.linear_probe.crossfit_probe_information`).
-      It is not clipped at 0, so a decline over training is measurable. Measured bias: -0.16 bits at N = 256,
-      d = 8; -0.54 bits at N = 256, d = 64 (-0.12 at N = 1024): it reads low for wide layers at the default N
-      (flagged: ``known_bias``, ``bias_large`` and one warning). The probe gives no bound on ``I(X;T)``: the
-      x-axis of the information plane is the Gaussian-KDE *upper* bound of :func:`kde_mutual_information`.
-    * ``"kde"``: both from the Gaussian-KDE pairwise-distance bound (:func:`kde_mutual_information`) with the
-      noise variance ``noise_variance`` read, by default (``relative_noise=True``), as a fraction of the
-      layer's total variance ``tr Cov(T)``, so unit-scale and wide activations do not saturate it. ``O(N^2)``:
-      at most ``kde_max_samples`` probe samples (a seeded subset) enter it.
-    * ``"binning"``: plug-in entropies after ``n_bins`` bins (quantile bins by default, ``bins="equal_width"``
-      for the classic ones, which stretch with the range and lose more with N) on the top ``n_components``
-      principal components (:func:`binning_mutual_information`); ``I(X;T) = H(T_binned)``.
+    * ``"probe"`` (default): ``I(T;Y)`` is the variational lower bound ``H(Y) - CE`` of a closed-form shrinkage-LDA
+      probe, cross-fitted over ``probe_folds`` stratified folds so every probe sample is scored once by a probe that
+      never saw it (:func:`~pdelightning.analysis.linear_probe.crossfit_probe_information`). It is not clipped at 0, so
+      a decline over training is measurable. Measured bias: -0.16 bits at N = 256, d = 8; -0.54 bits at N = 256, d = 64
+      (-0.12 at N = 1024): it reads low for wide layers at the default N (flagged: ``known_bias``, ``bias_large`` and
+      one warning). The probe gives no bound on ``I(X;T)``: the x-axis of the information plane is the Gaussian-KDE
+      *upper* bound of :func:`~pdelightning.analysis.information.kde_mutual_information`.
+    * ``"kde"``: both from the Gaussian-KDE pairwise-distance bound
+      (:func:`~pdelightning.analysis.information.kde_mutual_information`) with the noise variance ``noise_variance``
+      read, by default (``relative_noise=True``), as a fraction of the layer's total variance ``tr Cov(T)``, so
+      unit-scale and wide activations do not saturate it. ``O(N^2)``: at most ``kde_max_samples`` probe samples (a
+      seeded subset) enter it.
+    * ``"binning"``: plug-in entropies after ``n_bins`` bins (quantile bins by default, ``bins="equal_width"`` for the
+      classic ones, which stretch with the range and lose more with N) on the top ``n_components`` principal components
+      (:func:`~pdelightning.analysis.information.binning_mutual_information`); ``I(X;T) = H(T_binned)``.
 
     Saturation: any plug-in ``I(X;T)`` is at most the entropy of the distinct probe inputs
-    (:func:`~pdelightning.analysis.information.distinct_entropy_bits`; ``log2 N`` only when all inputs
-    differ). Estimates within ``saturation_tol`` bits of that ceiling are flagged (:func:`is_saturated`), drawn
-    hollow in the figure, and a warning is issued once: there the estimate no longer depends on the layer.
+    (:func:`~pdelightning.analysis.information.distinct_entropy_bits`; ``log2 N`` only when all inputs differ).
+    Estimates within ``saturation_tol`` bits of that ceiling are flagged
+    (:func:`~pdelightning.analysis.information.is_saturated`), drawn hollow in the figure, and a warning is issued once:
+    there the estimate no longer depends on the layer.
 
     The trajectory ``(step, I(X;T), I(T;Y), saturated)`` per layer is kept for the figure and saved in
     checkpoints (``state_dict``), so a resumed run continues its curves.
@@ -189,10 +184,8 @@ class LayerMutualInformation(ProbeCallback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            estimator=self.estimator, pooling=self.pooling, every_n_steps=self.every_n_steps,
-            every_n_epochs=self.every_n_epochs, **self.patterns,
-        )  # fmt: skip
+        cadence = {"every_n_steps": self.every_n_steps, "every_n_epochs": self.every_n_epochs}
+        return self._generate_state_key(estimator=self.estimator, pooling=self.pooling, **cadence, **self.patterns)
 
     @override
     def extra_state(self) -> dict[str, Any]:
@@ -247,18 +240,34 @@ class LayerMutualInformation(ProbeCallback):
             pooled[f"t/{n}"] = t
         self._store.update(pb.index, y=pb.labels.long().reshape(-1)[: len(pb.logits)], x_hash=input_hash(pb), **pooled)
 
-    def estimate(self, t: Tensor, y: Tensor) -> tuple[float, float, float, float]:
-        """``(I(X;T), I(T;Y), log2 N, H(Y))`` of one layer's gathered representations with this estimator."""
+    def estimate(self, ts: dict[str, Tensor], y: Tensor) -> tuple[dict[str, tuple[float, float]], float, float]:
+        """``({layer: (I(X;T), I(T;Y))}, log2 N, H(Y))`` of the gathered representations with this estimator.
+
+        Layers of one width are estimated together (:mod:`~pdelightning.analysis.information_layers`).
+        """
         n = len(y)
         if self.estimator == "binning":
-            i_xt, i_ty = binning_mutual_information(t, y, self.n_bins, self.n_components, bins=self.bins)
-            return i_xt, i_ty, math.log2(n), entropy_bits(y)
+            bins = {
+                k: binning_mutual_information(t, y, self.n_bins, self.n_components, bins=self.bins)
+                for k, t in ts.items()
+            }
+            return bins, math.log2(n), entropy_bits(y)
         keep = subsample(n, self.kde_max_samples, self.seed)
-        i_xt, i_ty = kde_mutual_information(t[keep], y[keep], self.noise_variance, relative=self.relative_noise)
-        if self.estimator == "kde":
-            return i_xt, i_ty, math.log2(len(keep)), entropy_bits(y[keep])
-        i_ty, h_y = crossfit_probe_information(t, y, folds=self.probe_folds, seed=self.seed)
-        return i_xt, i_ty, math.log2(len(keep)), h_y
+        out: dict[str, tuple[float, float]] = {}
+        h_y = entropy_bits(y[keep]) if self.estimator == "kde" else float("nan")  # "probe": the cross-fit's H(Y)
+        by_width: dict[int, list[str]] = {}  # the layers of one width are stacked
+        for k, t in ts.items():
+            by_width.setdefault(t.shape[1], []).append(k)
+        nv, rel = self.noise_variance, self.relative_noise
+        for names in by_width.values():
+            t = torch.stack([ts[k] for k in names])
+            if self.estimator == "probe":  # the x-axis is the KDE bound on I(X;T); I(T;Y) is the probe's
+                i_xt = kde_information_layers(t[:, keep], nv, rel)
+                i_ty, h_y = crossfit_probe_information_layers(t, y, folds=self.probe_folds, seed=self.seed)
+            else:
+                i_xt, i_ty = kde_mutual_information_layers(t[:, keep], y[keep], nv, rel)
+            out.update({k: (float(i_xt[i]), float(i_ty[i])) for i, k in enumerate(names)})
+        return {k: out[k] for k in ts}, math.log2(len(keep)), h_y
 
     def bias_name(self) -> str:
         """This estimator's row in :data:`~pdelightning.analysis.estimator_bias.ESTIMATOR_BIAS` (for ``I(T;Y)``)."""
@@ -289,20 +298,16 @@ class LayerMutualInformation(ProbeCallback):
         # history is identical everywhere; only rank zero writes.
         entry: dict[str, Any] = {"step": session.step, "I_XT": {}, "I_TY": {}, "saturated": {}, "N": n}
         hashes = gathered["x_hash"].cpu()
+        ts = {name: gathered[f"t/{name}"].cpu().double() for name in names}
+        estimates, log2_n, h_y = self.estimate(ts, y)
+        # the ceiling of any plug-in I(X;T): the entropy of the distinct probe inputs (log2 N when distinct)
+        used = hashes if self.estimator == "binning" else hashes[subsample(n, self.kde_max_samples, self.seed)]
+        ceiling = min(log2_n, distinct_entropy_bits(used))
+        entry["log2_N"], entry["H_Y"], entry["ceiling"], entry["d"] = log2_n, h_y, ceiling, ts[names[-1]].shape[1]
         for name in names:
-            t = gathered[f"t/{name}"].cpu().double()
-            i_xt, i_ty, log2_n, h_y = self.estimate(t, y)
-            # the ceiling of any plug-in I(X;T): the entropy of the distinct probe inputs (log2 N when distinct)
-            ceiling = min(
-                log2_n,
-                distinct_entropy_bits(
-                    hashes if self.estimator == "binning" else hashes[subsample(n, self.kde_max_samples, self.seed)]
-                ),
-            )
+            i_xt, i_ty = estimates[name]
             entry["I_XT"][name], entry["I_TY"][name] = i_xt, i_ty
             entry["saturated"][name] = is_saturated(i_xt, ceiling, self.saturation_tol)
-            entry["log2_N"], entry["H_Y"], entry["ceiling"] = log2_n, h_y, ceiling
-            entry["d"] = t.shape[1]
         entry["known_bias"] = known_bias(self.bias_name(), n, entry["d"])
         if self.history and self.history[-1]["step"] == entry["step"]:
             self.history[-1] = entry  # the probe at a resumed run's first step repeats the checkpoint's last one
@@ -323,11 +328,9 @@ class LayerMutualInformation(ProbeCallback):
                 )
             )
             self._warned_saturation = True
-        metrics: dict[str, float] = {
-            self.key("H_Y"): entry["H_Y"], self.key("log2_N"): entry["log2_N"], self.key("N"): float(n),
-            self.key("I_XT_ceiling"): entry["ceiling"], self.key("known_bias"): entry["known_bias"],
-            self.key("bias_large"): float(abs(entry["known_bias"]) > LARGE_BIAS_BITS),
-        }  # fmt: skip
+        metrics = {self.key(q): float(entry[q]) for q in ("H_Y", "log2_N", "N", "known_bias")}
+        metrics[self.key("I_XT_ceiling")] = entry["ceiling"]
+        metrics[self.key("bias_large")] = float(abs(entry["known_bias"]) > LARGE_BIAS_BITS)
         if abs(entry["known_bias"]) > LARGE_BIAS_BITS and not self._warned_bias:
             rank_zero_warn(
                 f"LayerMutualInformation ({self.estimator}): at N={n} probe samples and d={entry['d']} features the "
@@ -343,17 +346,3 @@ class LayerMutualInformation(ProbeCallback):
         if self.figures_due:
             history, title = [dict(h) for h in self.history], f"Information plane ({self.estimator})"
             self.figure(session, self.key("information_plane"), information_plane_figure, history, names, title)
-
-
-def input_hash(pb: ProbeBatch) -> Tensor:
-    """One float64 per probe sample that differs between distinct inputs (a fixed random projection of the main
-    input), so the entropy of the distinct inputs can be computed after the gather without gathering the inputs.
-    """
-    x = primary_input(pb.batch)
-    n = pb.logits.shape[0]
-    if x is None:
-        return torch.arange(n, dtype=torch.float64, device=pb.logits.device)
-    flat = x.reshape(n, -1).double()
-    g = torch.Generator().manual_seed(12345)
-    proj = torch.randn(flat.shape[1], generator=g, dtype=torch.float64).to(flat.device)
-    return flat @ proj
