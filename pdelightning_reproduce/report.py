@@ -73,8 +73,9 @@ def provenance(results: Results) -> str:
         budgets = ", ".join(sorted({str(b) for b in g["budget"] if str(b) not in ("", "nan")})) or "?"
         where = f"{len(cells)} cells x " if cells else ""
         parts.append(f"`{setting}` ({where}seeds {', '.join(map(str, seeds))}; budget {budgets})")
-    budgets = {str(b) for b in runs["budget"]}
-    if "v3" in budgets:
+    # a run trained since v2 records its loss series, so it carries training's divergence verdict; v2's runs do not
+    judged = runs["training_divergence"].astype(str) if "training_divergence" in runs else None
+    if judged is not None and judged.str.strip().replace("nan", "").ne("").any():
         return f"> **The runs judged here**: {'; '.join(parts)}."
     return (
         "> **These are v2's runs judged by the v3 rules.** Nothing was re-trained: the verdicts re-judge the runs of "

@@ -146,3 +146,18 @@ def test_records_trained_before_the_judgement_are_judged_when_merged() -> None:
     assert run_row(meta)["training_divergence"] is None
     main = {"setting": "mnist_pde", "seed": 1, "status": "complete", "role": "main", "stop_reason": "max_epochs"}
     assert run_row(main)["under_trained"] is True and run_row(dict(main, role="sweep"))["under_trained"] is None
+
+
+def test_the_banner_says_v2_only_for_runs_without_a_loss_series():
+    import types
+
+    import pandas as pd
+
+    from pdelightning_reproduce.report import provenance
+
+    rows = {"setting": ["mnist_pde", "mnist_pde"], "seed": [0, 1], "cell": ["", ""], "budget": ["full", "full"]}
+    v2 = types.SimpleNamespace(runs=pd.DataFrame({**rows, "training_divergence": [float("nan"), float("nan")]}))
+    new = types.SimpleNamespace(runs=pd.DataFrame({**rows, "training_divergence": ["trained", "trained"]}))
+    assert provenance(v2).startswith("> **These are v2's runs judged by the v3 rules.**")
+    assert provenance(types.SimpleNamespace(runs=pd.DataFrame(rows))).startswith("> **These are v2's runs")
+    assert provenance(new).startswith("> **The runs judged here**: `mnist_pde` (seeds 0, 1; budget full)")
