@@ -74,8 +74,8 @@ def provenance(results: Results) -> str:
         where = f"{len(cells)} cells x " if cells else ""
         parts.append(f"`{setting}` ({where}seeds {', '.join(map(str, seeds))}; budget {budgets})")
     # a run trained since v2 records its loss series, so it carries training's divergence verdict; v2's runs do not
-    judged = runs["training_divergence"].astype(str) if "training_divergence" in runs else None
-    if judged is not None and judged.str.strip().replace("nan", "").ne("").any():
+    judged = runs["training_divergence"].dropna() if "training_divergence" in runs else ()
+    if any(str(v).strip() not in ("", "nan", "None") for v in judged):
         return f"> **The runs judged here**: {'; '.join(parts)}."
     return (
         "> **These are v2's runs judged by the v3 rules.** Nothing was re-trained: the verdicts re-judge the runs of "
