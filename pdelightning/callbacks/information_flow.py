@@ -83,8 +83,8 @@ class InformationFlow(ProbeCallback):
             ``reference_class.load_from_checkpoint`` (a checkpoint written under ``pdelightning fit`` records
             its model's config; for one written outside the CLI pass ``reference=
             ClassificationTask.load_from_checkpoint(path, model=...)`` instead).
-        reference_class: dotted path of the ``LightningModule`` class of ``reference_checkpoint``; default
-            ``pdelightning.task.ClassificationTask``.
+        reference_class: dotted path of the ``LightningModule`` class of ``reference_checkpoint``; default: the
+            class the checkpoint names, else ``pdelightning.task.ClassificationTask``.
         reference_layers: glob of the reference's layer modules (as ``layers``, for stock reference models).
         reference_embedding: name/glob of the reference's embedding module.
         pooling: ``"mean"`` (masked mean over tokens, ``[n, d]``) or ``"flatten"`` (``[n, T*d]``, for images).
@@ -190,11 +190,12 @@ class InformationFlow(ProbeCallback):
         return self._reference
 
     def _load_reference(self) -> nn.Module:
-        # the default class is a dotted path resolved like a user's reference_class: no import of the task layer
-        cls = self._reference_cls or import_lightning_module_class(DEFAULT_REFERENCE_CLASS)
+        # without reference_class: the class the checkpoint names, else the default (a dotted path resolved like a
+        # user's reference_class: no import of the task layer)
         return load_reference_checkpoint(
             self.reference_checkpoint,
-            cls,
+            self._reference_cls,
+            default=import_lightning_module_class(DEFAULT_REFERENCE_CLASS),
             hint="pass the module itself as reference=",  # type: ignore[arg-type]
             trust=self.trust_checkpoint,
         )

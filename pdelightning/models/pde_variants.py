@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pdelightning._checks import check_choice
+from pdelightning.analysis.laplacian import BOUNDARY_CONDITIONS, BoundaryCondition, laplacian_1d
 from pdelightning.models.base import SequenceClassifier
 from pdelightning.models.embedding import InputKind, Tokenization
 from pdelightning.models.hooks import HookPoint
-from pdelightning.models.pde import BOUNDARY_CONDITIONS, BoundaryCondition, _inverse_softplus, laplacian_1d
+from pdelightning.models.pde import _inverse_softplus
 from pdelightning.models.protocol import AnalysisTargets, LayerTarget, PDEStepParams
 
 DiffusionShape = Literal["diagonal", "scalar"]
