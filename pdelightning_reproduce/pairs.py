@@ -44,6 +44,27 @@ def capture_with_patterns(model: nn.Module, pdata: ProbeData, device: str) -> tu
     return cap, layers
 
 
+def mixing_patterns(model: nn.Module, n: int, n_tokens: int, n_heads: int) -> tuple[list[Tensor], float]:
+    """The attention counterpart of a diffusion-only PDE (§3.2's model): each step's mixing matrix as a distribution.
+
+    A step ``u_{l+1} = M_l u_l`` (:meth:`~pdelightning.models.pde_variants.DiffusionStep.mixing_matrix`, one
+    ``[T, T]`` per feature) is averaged over features and each row normalised to sum 1 (a Dirichlet boundary lets
+    mass leave at the ends). It is the same for every input; it is a distribution only where every entry is
+    ``>= 0``, which eq. (21) with ``α = 0`` (``2 D Δt / Δx² <= 1``) guarantees.
+
+    Returns:
+        per layer ``[n, n_heads, T, T]`` (a broadcast view; every head the same), or ``[]`` for a model without
+        ``mixing_matrix`` steps; and the smallest entry of the averaged matrices before normalisation (``nan``
+        without them).
+    """
+    if not model.blocks or not all(hasattr(b, "mixing_matrix") for b in model.blocks):
+        return [], float("nan")
+    mats = [b.mixing_matrix(n_tokens).mean(0) for b in model.blocks]
+    low = min(float(m.min()) for m in mats)
+    rows = [m / m.sum(-1, keepdim=True) for m in mats]
+    return [r.expand(n, n_heads, n_tokens, n_tokens) for r in rows], low
+
+
 def _valid(x: Tensor, pad_id: int) -> Tensor:
     """``[N, T]`` valid query/key positions: all for images, non-padding for token ids."""
     if x.dtype.is_floating_point:
@@ -146,6 +167,12 @@ def analyze_pair(pspec: PairSpec, out: Path, device: str = "cpu") -> int:
         cr, pr = capture_with_patterns(load_model(rp, device)[0], pdata, device)
         pi = capture_with_patterns(load_model(ref_init, device)[0], pdata, device)[1] if ref_init else None
         v: dict[str, Any] = correlation_values(cm, cr)
+        if not pm and pr:  # the paper's diffusion-only PDE (§3.2): its mixing matrices, where they are distributions
+            n, heads, _, tokens = pr[0].shape
+            mix, low = mixing_patterns(model, n, tokens, heads)
+            if mix:
+                v["mixing_min"] = low
+            pm = mix if low >= 0 else []
         if pm and pr:  # (repro-models) no attention comparison for a model without attention
             v.update(attention_values(pm, pr, pi, valid))
         rows += rows_from(f"pair_{pspec.pair}", "", pspec.seed, int(payload["step"]), stage, v)

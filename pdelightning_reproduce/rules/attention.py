@@ -4,6 +4,10 @@ The paper's cosine 0.98 / KL 0.0288 are far from what any pair of independently 
 Transformers: cosine ~0.5, KL ~1.4 nats), so no interval could straddle them. The claims are read instead on the
 scale the data sets: where the PDE's agreement with the Transformer lies between the strongest null (0) and the
 ceiling (1).
+
+The paper's §3.2 model is a diffusion process ("iteratively updating states through a diffusion process based on
+differences between neighboring states"), which has no softmax: its counterpart of an attention row is the row of a
+step's mixing matrix (``att.*_diffusion``, pair ``pde_diffusion_vs_transformer``), read by the same rules.
 """
 
 from __future__ import annotations
@@ -26,7 +30,18 @@ _DEF = (
 )
 _SPREAD = "the null-to-ceiling spread must be positive (the ceiling closer than the strongest null)"
 
-RULES: tuple[Rule, ...] = (
+_DIFFUSION = (
+    "the model is the paper's diffusion-only PDE (`mnist_pde_diffusion`): its attention counterpart per layer is the "
+    "step's mixing matrix u_{l+1} = M_l u_l (DiffusionStep.mixing_matrix), averaged over features, each row "
+    "normalised to sum 1, the same for every input (pdelightning_reproduce.pairs.mixing_patterns); otherwise as "
+    "`att.{base}`, with pair `pde_diffusion_vs_transformer` in place of `pde_vs_transformer`"
+)
+_DISTRIBUTION = (
+    "every entry of the mixing matrices must be >= 0 (eq. (21) with α = 0 holds), else they are no distribution "
+    "and the pair unit records no attention measures"
+)
+
+_RULES: tuple[Rule, ...] = (
     Rule(
         id="att.cosine",
         section="attention",
@@ -82,3 +97,34 @@ RULES: tuple[Rule, ...] = (
         previous=("Low KL divergence of the attention distributions",),
     ),
 )
+
+
+_DIFFUSION_CLAIMS = {
+    "cosine": "The paper's diffusion-only PDE: its token mixing matches the Transformer's attention (cosine "
+    "similarity)",
+    "kl": "The paper's diffusion-only PDE: low KL divergence of its token mixing from the Transformer's attention",
+}
+
+
+def _diffusion(rule: Rule) -> Rule:
+    """``rule`` on the paper's diffusion-only PDE (its mixing matrices in place of attention)."""
+    base = rule.id.split(".")[1]
+    return Rule(
+        id=f"{rule.id}_diffusion",
+        section=rule.section,
+        claim=_DIFFUSION_CLAIMS[base],
+        paper=rule.paper,
+        source=rule.source,
+        quantities=tuple(
+            Quantity(q.key, q.definition + "; " + _DIFFUSION.replace("{base}", base), valid_reason=_DISTRIBUTION)
+            if i == 0
+            else Quantity(q.key, q.definition + "; pair `pde_diffusion_vs_transformer`")
+            for i, q in enumerate(rule.quantities)
+        ),
+        test=rule.test,
+        changes=f"new: att.{base}'s rule on the paper's §3.2 model (a diffusion process, no softmax)",
+        previous=(),
+    )
+
+
+RULES: tuple[Rule, ...] = (*_RULES, *(_diffusion(r) for r in _RULES))

@@ -9,7 +9,7 @@ from pdelightning_reproduce.rules.base import AllOf, Criterion, Quantity, Rule
 
 GRADIENT_FIRST_LAYER_FACTOR = 2.0
 
-RULES: tuple[Rule, ...] = (
+_RULES: tuple[Rule, ...] = (
     Rule(
         id="grad.range_transformer",
         section="gradients",
@@ -80,3 +80,34 @@ RULES: tuple[Rule, ...] = (
         previous=("PDE first layer markedly higher; Transformer more uniform",),
     ),
 )
+
+#: The paper's §3.4 model ("embedding and multiple linear layers"), read by the PDE's model-vs-model rules.
+VARIANT_SETTING = "newsgroups_pde_linear"
+_VARIANT_IDS = {
+    "grad.pde_higher": ("grad.linear_higher", "gradients higher than the Transformer's"),
+    "grad.pde_first_layer": (
+        "grad.linear_first_layer",
+        "first layer markedly higher; Transformer more uniform across layers",
+    ),
+}
+
+
+def _variant(rule: Rule) -> Rule:
+    """``rule`` (a claim on our PDE) on the paper's own §3.4 model, ``newsgroups_pde_linear``."""
+    rid, claim = _VARIANT_IDS[rule.id]
+    return Rule(
+        id=rid,
+        section=rule.section,
+        claim=f"The paper's §3.4 PDE (embedding + linear layers): {claim}",
+        paper=rule.paper,
+        source=rule.source,
+        quantities=tuple(
+            Quantity(q.key, q.definition.replace("`newsgroups_pde`", f"`{VARIANT_SETTING}`")) for q in rule.quantities
+        ),
+        test=rule.test,
+        changes=f"new: {rule.id}'s rule on the paper's §3.4 model (embedding + linear layers, no attention)",
+        previous=(),
+    )
+
+
+RULES: tuple[Rule, ...] = (*_RULES, *(_variant(r) for r in _RULES if r.id in _VARIANT_IDS))

@@ -23,6 +23,7 @@ from pdelightning_reproduce.sections.common import (
 from pdelightning_reproduce.summary import Results
 from pdelightning_reproduce.verdicts import (
     MISSING,
+    ClaimResult,
     Estimate,
     claim_result,
     difference_of_means,
@@ -36,8 +37,10 @@ PAIR, CEILING, SHARED = (
     "pair_transformer_vs_transformer",
     "pair_pde_vs_transformer_shared_init",
 )
+DIFFUSION = "pair_pde_diffusion_vs_transformer"
 NULLS = ("uniform", "shuffled", "random_init")
 ACC = (("Transformer", "mnist_transformer"), ("PDE", "mnist_pde"))
+DIFFUSION_ACC = (("Transformer", "mnist_transformer"), ("diffusion-only PDE", "mnist_pde_diffusion"))
 
 
 def _layer_means(values: dict[int, np.ndarray]) -> dict[int, float]:
@@ -88,6 +91,47 @@ def relative_gap(
     return gap, spread, rel
 
 
+def _claims(
+    results: Results, pair: str, suffix: str, acc: tuple[tuple[str, str], ...], disjoint: list[int]
+) -> list[ClaimResult]:
+    """The cosine and KL claims of one model-vs-Transformer pair (``att.cosine{suffix}``, ``att.kl{suffix}``)."""
+    out = []
+    low = results.values(pair, "mixing_min")
+    negative = low.size and float(np.nanmin(low)) < 0
+    missing = (
+        f"the diffusion steps' mixing matrices have negative entries (smallest {fmt(float(np.nanmin(low)))}): they "
+        "are no distribution, eq. (21) with α = 0 fails"
+        if negative
+        else ""
+    )
+    for metric, rid, pick in (("cosine", "att.cosine", "max"), ("kl", "att.kl", "min")):
+        values = per_seed(results, pair, metric, MNIST_LAYERS)
+        ours = _layer_means(values)
+        ceil = _layer_means(only(per_seed(results, CEILING, metric, MNIST_LAYERS), disjoint))
+        nulls = {n: _layer_means(per_seed(results, pair, f"null_{n}_{metric}", MNIST_LAYERS)) for n in NULLS}
+        null = _strongest(nulls, pick)
+        vs_null = paired_difference([ours[k] for k in null if k in ours], [null[k] for k in null if k in ours])
+        gap, spread, rel = relative_gap(list(ours.values()), list(ceil.values()), list(null.values()), metric)
+        shared = est(list(_layer_means(per_seed(results, SHARED, metric, MNIST_LAYERS)).values()))
+        out.append(
+            claim_result(
+                BY_ID[rid + suffix],
+                {(f"{metric}_gap_rel", ""): rel, (f"{metric}_minus_null", ""): vs_null},
+                ours=f"layer mean {cell(est(list(ours.values())))}; minus the strongest null {cell(vs_null)}; gap to "
+                f"the ceiling {cell(gap)} over the "
+                f"null-to-ceiling spread {cell(spread)}: relative gap {cell(rel)}",
+                null="; ".join(f"{n} {cell(est(list(d.values())))}" for n, d in nulls.items())
+                + f"; strongest per unit {cell(est(list(null.values())))}",
+                ceiling=f"Transformer vs Transformer (disjoint units) {cell(est(list(ceil.values())))}; shared "
+                f"initialisation (twins) {cell(shared)}",
+                accuracy=accuracy_text(results, acc),
+                estimates={"mean": est(list(ours.values())), "ceiling": est(list(ceil.values())), "rel": rel},
+                missing_reason=missing,
+            )
+        )
+    return out
+
+
 def attention(results: Results) -> Section:
     """The cosine and KL claims of §3.2 and the per-layer table."""
     sec = Section("attention", "Attention: PDE vs Transformer (§3.2)")
@@ -106,31 +150,12 @@ def attention(results: Results) -> Section:
     )
     cos = per_seed(results, PAIR, "cosine", MNIST_LAYERS)
     kl = per_seed(results, PAIR, "kl", MNIST_LAYERS)
-    for metric, values, rid, pick in (("cosine", cos, "att.cosine", "max"), ("kl", kl, "att.kl", "min")):
-        ours = _layer_means(values)
-        ceil = _layer_means(only(per_seed(results, CEILING, metric, MNIST_LAYERS), disjoint))
-        nulls = {n: _layer_means(per_seed(results, PAIR, f"null_{n}_{metric}", MNIST_LAYERS)) for n in NULLS}
-        null = _strongest(nulls, pick)
-        vs_null = paired_difference([ours[k] for k in null if k in ours], [null[k] for k in null if k in ours])
-        gap, spread, rel = relative_gap(list(ours.values()), list(ceil.values()), list(null.values()), metric)
-        shared = est(list(_layer_means(per_seed(results, SHARED, metric, MNIST_LAYERS)).values()))
-        sec.claims.append(
-            claim_result(
-                BY_ID[rid],
-                {(f"{metric}_gap_rel", ""): rel, (f"{metric}_minus_null", ""): vs_null},
-                ours=f"layer mean {cell(est(list(ours.values())))}; minus the strongest null {cell(vs_null)}; gap to "
-                f"the ceiling {cell(gap)} over the "
-                f"null-to-ceiling spread {cell(spread)}: relative gap {cell(rel)}",
-                null="; ".join(f"{n} {cell(est(list(d.values())))}" for n, d in nulls.items())
-                + f"; strongest per unit {cell(est(list(null.values())))}",
-                ceiling=f"Transformer vs Transformer (disjoint units) {cell(est(list(ceil.values())))}; shared "
-                f"initialisation (twins) {cell(shared)}",
-                accuracy=accuracy_text(results, ACC),
-                estimates={"mean": est(list(ours.values())), "ceiling": est(list(ceil.values())), "rel": rel},
-            )
-        )
+    for pair, suffix, acc in ((PAIR, "", ACC), (DIFFUSION, "_diffusion", DIFFUSION_ACC)):
+        sec.claims.extend(_claims(results, pair, suffix, acc, disjoint))
+    cos_diffusion = per_seed(results, DIFFUSION, "cosine", MNIST_LAYERS)
     cols = {
         "cosine": cos,
+        "cosine diffusion-only": cos_diffusion,
         "ceiling": only(per_seed(results, CEILING, "cosine", MNIST_LAYERS), disjoint),
         "shared init": per_seed(results, SHARED, "cosine", MNIST_LAYERS),
         **{f"null {n}": per_seed(results, PAIR, f"null_{n}_cosine", MNIST_LAYERS) for n in NULLS},
@@ -147,6 +172,7 @@ def attention(results: Results) -> Section:
     )
     sec.tables.append(Table(["layer", *cols], rows, caption))
     series = [("PDE vs T", *curve_stats(cos))] if cos else []
+    series += [("diffusion-only PDE vs T", *curve_stats(cos_diffusion))] if cos_diffusion else []
     dashed = [
         (name, *curve_stats(cols[name]))
         for name in ("ceiling", "shared init", *(f"null {n}" for n in NULLS))

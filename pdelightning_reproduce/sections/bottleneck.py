@@ -20,9 +20,19 @@ from pdelightning_reproduce.rules import (
 )
 from pdelightning_reproduce.sections.common import FigureSpec, Section, Table, accuracy_text, cell, est, per_seed
 from pdelightning_reproduce.summary import Results
-from pdelightning_reproduce.verdicts import claim_result, difference_of_means, fmt, invalid_unless
+from pdelightning_reproduce.verdicts import ClaimResult, claim_result, difference_of_means, fmt, invalid_unless
 
-MODELS = (("Transformer", "newsgroups_transformer"), ("PDE", "newsgroups_pde"))
+MODELS = (
+    ("Transformer", "newsgroups_transformer"),
+    ("PDE", "newsgroups_pde"),
+    ("§3.3 linear + ReLU PDE", "newsgroups_pde_linear_relu"),
+)
+DECLINE = {"Transformer": "ib.decline_transformer", "PDE": "ib.decline_pde", MODELS[2][0]: "ib.decline_linear_relu"}
+#: The PDE models compared with the Transformer, with their rules: ours, and the paper's §3.3 model.
+COMPARED = (
+    ("PDE", "newsgroups_pde", "ib.pde_lower", "ib.pde_layer1_sharpest"),
+    (MODELS[2][0], MODELS[2][1], "ib.linear_relu_lower", "ib.linear_relu_layer1_sharpest"),
+)
 #: The model's own head bound H(Y) - CE/ln 2: pdelightning_reproduce.ib's name, else v2's.
 HEAD_QUANTITIES = ("I_TY_head", "head_bound")
 
@@ -159,6 +169,66 @@ def _peak_lcb(results: Results, s: str, j: int) -> tuple[list[str], list[str]]:
     return out, dull
 
 
+def _compared_claims(
+    results: Results,
+    bound: str,
+    head: str,
+    ends: dict[str, list[float]],
+    drops: dict[str, dict[int, list[float]]],
+    label: str,
+    s: str,
+    lower_id: str,
+    sharpest_id: str,
+) -> list[ClaimResult]:
+    """A PDE model's "lower than the Transformer's" and "layer 1 has the sharpest drop" claims."""
+    pair = (("Transformer", "newsgroups_transformer"), (label, s))
+    diff = difference_of_means(ends[label], ends["Transformer"])
+    why = "; ".join(
+        w for m, ms in pair if (w := bound_problems(_limits(results, ms, ("final",)), [0, 1, 2, 3], None, m))
+    )
+    diff = invalid_unless(diff, not why, why)
+    measured = all(results.has(ms, bound) for _, ms in pair)
+    hb = {m: est(results.values(ms, head)) for m, ms in pair}
+    out = [
+        claim_result(
+            BY_ID[lower_id],
+            {("ity_lower_end_diff", ""): diff},
+            ours=f"lower bound at the end, layer mean: {label} {cell(est(ends[label]))} vs Transformer "
+            f"{cell(est(ends['Transformer']))}; difference {cell(diff)}",
+            ceiling=f"head bounds: {label} {cell(hb[label])}, Transformer {cell(hb['Transformer'])}",
+            accuracy=accuracy_text(results, pair),
+            estimates={"diff": diff},
+            missing_reason="" if measured else NOT_MEASURED,
+        )
+    ]
+    rel = est([d[0] - max(d[1:]) for d in drops[label].values() if np.isfinite(d).all()])
+    high, dull = [], []
+    for j in range(len(NEWSGROUPS_LAYERS)):
+        o, d = _peak_lcb(results, s, j)
+        high, dull = high + o, dull + d
+    problems = [f"the {label} bound's upper limit is below 0 at some checkpoint ({', '.join(sorted(set(high)))})"]
+    problems = problems * bool(high)
+    problems += [f"the {label} bound is not informative at a layer's peak ({', '.join(sorted(set(dull)))})"] * bool(
+        dull
+    )
+    rel = invalid_unless(rel, not problems, "; ".join(problems) + ": a fall measured from there says nothing")
+    out.append(
+        claim_result(
+            BY_ID[sharpest_id],
+            {("drop_first_minus_other", ""): rel},
+            ours=f"{label} drops of the lower bound (peak to lowest later point) per layer: "
+            + ", ".join(
+                f"{la} {cell(est([d[j] for d in drops[label].values()]))}" for j, la in enumerate(NEWSGROUPS_LAYERS)
+            )
+            + f"; blocks.0 minus the largest other {cell(rel)}",
+            accuracy=accuracy_text(results, [(label, s)]),
+            estimates={"rel": rel},
+            missing_reason="" if results.has(s, bound) else NOT_MEASURED,
+        )
+    )
+    return out
+
+
 def bottleneck(results: Results) -> Section:
     """The four §3.3 claims; the trajectory figure; I(X;T) against its ceiling."""
     sec = Section("bottleneck", "Information bottleneck: I(T;Y) over training (§3.3)")
@@ -184,7 +254,9 @@ def bottleneck(results: Results) -> Section:
         f"value with its one-sided 95 % limits `{LCB}` / `{UCB}`; a value read whose run's upper limit is below 0 "
         "is outside the estimator's valid range, and a decline is read only from a start whose lower limit is above "
         "0 (either makes the claim not comparable). The train-fitted and the uncalibrated cross-fitted estimates "
-        "above are context only."
+        "above are context only. The paper's §3.3 PDE is 'a custom PDE model with linear layers and ReLU "
+        "activations' (`newsgroups_pde_linear_relu`, no attention): every PDE claim is read for it too, beside ours "
+        "(the attention + FFN 'full PDE')."
     )
     curves: dict[str, dict] = {}
     crossfit: dict[str, tuple] = {}
@@ -216,7 +288,7 @@ def bottleneck(results: Results) -> Section:
         crossfit[label] = (cf_start, cf_end, mean_end, hb)
         sec.claims.append(
             claim_result(
-                BY_ID[f"ib.decline_{label.lower()}"],
+                BY_ID[DECLINE[label]],
                 lookup,
                 ours=f"lower bound `{bound}`, layer mean {cell(lb_start)} (start) → {cell(lb_end)} (end); context, "
                 f"not in the rule: the train-fitted estimate {cell(mean_start)} → {cell(mean_end)}; the head bound "
@@ -229,55 +301,14 @@ def bottleneck(results: Results) -> Section:
         )
         curves[label] = {"final": final, "init": init}
     ends = {label: [float(np.nanmean(v)) for v in lower[label]["final"].values()] for label in lower}
-    diff = difference_of_means(ends["PDE"], ends["Transformer"])
-    why = "; ".join(
-        w for label, s in MODELS if (w := bound_problems(_limits(results, s, ("final",)), [0, 1, 2, 3], None, label))
-    )
-    diff = invalid_unless(diff, not why, why)
-    measured = all(results.has(s, bound) for _, s in MODELS)
-    hb = {label: est(results.values(s, head)) for label, s in MODELS}
-    sec.claims.append(
-        claim_result(
-            BY_ID["ib.pde_lower"],
-            {("ity_lower_end_diff", ""): diff},
-            ours=f"lower bound at the end, layer mean: PDE {cell(est(ends['PDE']))} vs Transformer "
-            f"{cell(est(ends['Transformer']))}; difference {cell(diff)}",
-            ceiling=f"head bounds: PDE {cell(hb['PDE'])}, Transformer {cell(hb['Transformer'])}",
-            accuracy=accuracy_text(results, MODELS),
-            estimates={"diff": diff},
-            missing_reason="" if measured else NOT_MEASURED,
-        )
-    )
     drops: dict[str, dict[int, list[float]]] = {}
     for label, s in MODELS:
         drops[label] = {}
         for seed in results.seeds(s):
             trajs = [results.trajectory(s, bound, la, seed)[1] for la in NEWSGROUPS_LAYERS]
             drops[label][seed] = [max_drawdown(t) for t in trajs]
-    rel = est([d[0] - max(d[1:]) for d in drops["PDE"].values() if np.isfinite(d).all()])
-    out, dull = [], []
-    for j in range(len(NEWSGROUPS_LAYERS)):
-        o, d = _peak_lcb(results, "newsgroups_pde", j)
-        out, dull = out + o, dull + d
-    problems = [f"the PDE bound's upper limit is below 0 at some checkpoint ({', '.join(sorted(set(out)))})"] * bool(
-        out
-    )
-    problems += [f"the PDE bound is not informative at a layer's peak ({', '.join(sorted(set(dull)))})"] * bool(dull)
-    rel = invalid_unless(rel, not problems, "; ".join(problems) + ": a fall measured from there says nothing")
-    sec.claims.append(
-        claim_result(
-            BY_ID["ib.pde_layer1_sharpest"],
-            {("drop_first_minus_other", ""): rel},
-            ours="PDE drops of the lower bound (peak to lowest later point) per layer: "
-            + ", ".join(
-                f"{la} {cell(est([d[j] for d in drops['PDE'].values()]))}" for j, la in enumerate(NEWSGROUPS_LAYERS)
-            )
-            + f"; blocks.0 minus the largest other {cell(rel)}",
-            accuracy=accuracy_text(results, [("PDE", "newsgroups_pde")]),
-            estimates={"rel": rel},
-            missing_reason="" if results.has("newsgroups_pde", bound) else NOT_MEASURED,
-        )
-    )
+    for label, s, lower_id, sharpest_id in COMPARED:
+        sec.claims += _compared_claims(results, bound, head, ends, drops, label, s, lower_id, sharpest_id)
     sec.notes.extend(shift_notes(crossfit))
     rows, panels = [], []
     for label, s in MODELS:

@@ -32,7 +32,14 @@ SECTION_READS: dict[str, tuple[str, ...]] = {
     "ablations": (),
 }
 #: Rules that read fewer settings than their section and whose id does not say so.
-RULE_READS: dict[str, tuple[str, ...]] = {"ib.pde_layer1_sharpest": ("newsgroups_pde",)}
+RULE_READS: dict[str, tuple[str, ...]] = {
+    "ib.pde_layer1_sharpest": ("newsgroups_pde",),
+    "ib.decline_linear_relu": ("newsgroups_pde_linear_relu",),
+    "ib.linear_relu_lower": ("newsgroups_transformer", "newsgroups_pde_linear_relu"),
+    "ib.linear_relu_layer1_sharpest": ("newsgroups_pde_linear_relu",),
+    "grad.linear_higher": ("newsgroups_transformer", "newsgroups_pde_linear"),
+    "grad.linear_first_layer": ("newsgroups_transformer", "newsgroups_pde_linear"),
+}
 #: Settings a rule reads beyond its section's, by the last part of its id.
 EXTRA_READS: dict[str, tuple[str, ...]] = {"diffusion": ("mnist_pde_diffusion",)}
 
@@ -94,9 +101,31 @@ def guard_under_trained(claim: ClaimResult, results: Results) -> ClaimResult:
     return claim
 
 
+def guard_not_run(claim: ClaimResult, results: Results) -> ClaimResult:
+    """``claim``, its reason made specific when it is not comparable because a setting it reads has no run at all in
+    this summary ("not run here", naming the settings), instead of the generic "the runs or quantities are missing".
+    """
+    absent = [s for s in settings_read(claim.rule) if results.run_rows(s).empty]
+    if not absent or claim.verdict != NOT_COMPARABLE or claim.rule.test is None:
+        return claim
+    names = ", ".join(f"`{s}`" for s in absent)
+    claim.why = (
+        f"Not comparable: not run here: no run of {names} is in this summary "
+        "(docs/reproduction/v3_plan.md: which settings need a GPU). " + claim.why
+    )
+    return claim
+
+
 def guard_all(claims: Sequence[ClaimResult], results: Results) -> list[ClaimResult]:
-    """:func:`guard_under_trained` of every claim."""
-    return [guard_under_trained(c, results) for c in claims]
+    """:func:`guard_under_trained`, then :func:`guard_not_run`, of every claim."""
+    return [guard_not_run(guard_under_trained(c, results), results) for c in claims]
 
 
-__all__ = ["SECTION_READS", "guard_all", "guard_under_trained", "settings_read", "under_trained_runs"]
+__all__ = [
+    "SECTION_READS",
+    "guard_all",
+    "guard_not_run",
+    "guard_under_trained",
+    "settings_read",
+    "under_trained_runs",
+]

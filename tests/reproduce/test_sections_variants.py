@@ -1,0 +1,93 @@
+"""The paper's own PDE variants are judged by the PDE's rules in the experiment each belongs to (issue 18, item 3):
+§3.2's diffusion-only model in the attention section, §3.3's linear + ReLU model in the IB section, §3.4's linear
+model in the gradient section. Planted summaries with known verdicts; each variant is judged apart from ours."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pdelightning_reproduce.rules import MNIST_LAYERS, NEWSGROUPS_LAYERS
+from pdelightning_reproduce.sections import attention, bottleneck, gradients
+from pdelightning_reproduce.verdicts import FAILS, HOLDS, NOT_COMPARABLE
+from tests.reproduce.planted import Planter
+from tests.reproduce.test_sections import _ib, verdicts
+
+
+def _attention_pair(p: Planter, pair: str, cos: float) -> None:
+    p.add(pair, "cosine", lambda s: np.full(10, cos), MNIST_LAYERS, noise=0.02)
+    p.add(pair, "kl", lambda s: np.full(10, 0.01), MNIST_LAYERS, noise=0.001)
+    for n in ("uniform", "shuffled", "random_init"):
+        p.add(pair, f"null_{n}_cosine", lambda s: np.full(10, 0.3), MNIST_LAYERS)
+        p.add(pair, f"null_{n}_kl", lambda s: np.full(10, 0.5), MNIST_LAYERS)
+
+
+def test_the_diffusion_models_mixing_is_judged_by_the_attention_rules() -> None:
+    """Null 0.3, ceiling 0.6: our PDE at the ceiling holds; the diffusion model below the null does not."""
+    p = Planter()
+    _attention_pair(p, "pair_pde_vs_transformer", 0.595)
+    _attention_pair(p, "pair_pde_diffusion_vs_transformer", 0.2)
+    p.add("pair_pde_diffusion_vs_transformer", "mixing_min", lambda s: 0.0)
+    p.add("pair_transformer_vs_transformer", "cosine", lambda s: np.full(10, 0.6), MNIST_LAYERS)
+    p.add("pair_transformer_vs_transformer", "kl", lambda s: np.full(10, 0.011), MNIST_LAYERS)
+    v = verdicts(attention(p.results()))
+    assert v["att.cosine"] == HOLDS and v["att.cosine_diffusion"] == FAILS
+    assert v["att.kl_diffusion"] == HOLDS  # its KL was planted at the ceiling
+
+
+def test_a_diffusion_model_whose_mixing_is_no_distribution_is_not_comparable_and_says_why() -> None:
+    p = Planter()
+    _attention_pair(p, "pair_pde_vs_transformer", 0.595)
+    p.add("pair_pde_diffusion_vs_transformer", "mixing_min", lambda s: -0.3)
+    p.add("pair_transformer_vs_transformer", "cosine", lambda s: np.full(10, 0.6), MNIST_LAYERS)
+    claims = {c.rule.id: c for c in attention(p.results()).claims}
+    assert claims["att.cosine_diffusion"].verdict == NOT_COMPARABLE
+    assert "negative entries" in claims["att.cosine_diffusion"].why and "-0.3" in claims["att.cosine_diffusion"].why
+
+
+def test_the_linear_relu_model_is_judged_by_the_pde_ib_rules() -> None:
+    p = Planter()
+    _ib(p, "newsgroups_transformer", np.array([2.0, 3.0, 2.6, 2.2]), [1, 1, 1, 1.2])
+    _ib(p, "newsgroups_pde", np.array([1.5, 2.5, 1.0, 1.2]), [1.0, 0.5, 0.4, 0.3])
+    _ib(p, "newsgroups_pde_linear_relu", np.array([1.0, 2.0, 2.8, 3.2]), [1.0, 1.1, 1.2, 1.3])  # rises: no decline
+    v = verdicts(bottleneck(p.results()))
+    assert v["ib.decline_pde"] == HOLDS and v["ib.decline_linear_relu"] == FAILS
+    assert v["ib.linear_relu_lower"] == FAILS  # ends above the Transformer at every layer
+
+
+def test_without_the_linear_relu_runs_its_claims_are_not_comparable() -> None:
+    p = Planter()
+    _ib(p, "newsgroups_transformer", np.array([2.0, 3.0, 2.6, 2.2]), [1, 1, 1, 1.2])
+    _ib(p, "newsgroups_pde", np.array([1.5, 2.5, 1.0, 1.2]), [1.0, 0.5, 0.4, 0.3])
+    v = verdicts(bottleneck(p.results()))
+    assert v["ib.pde_lower"] == HOLDS
+    assert {v[k] for k in ("ib.decline_linear_relu", "ib.linear_relu_lower", "ib.linear_relu_layer1_sharpest")} == {
+        NOT_COMPARABLE
+    }
+
+
+def test_the_linear_model_is_judged_by_the_pde_gradient_rules() -> None:
+    """Ours 10x the Transformer with a first layer 5x the others; the §3.4 model 10x lower and uniform."""
+    p = Planter()
+    steps = [0, 10, 100, 1000]
+    for j, la in enumerate(NEWSGROUPS_LAYERS):
+        p.trajectory("newsgroups_transformer", "relgrad", la, steps, lambda s: [1e-3 * (1 + 0.01 * s)] * 4)
+        p.trajectory("newsgroups_pde", "relgrad", la, steps, lambda s, j=j: [1e-2 * (5 if j == 0 else 1)] * 4)
+        p.trajectory("newsgroups_pde_linear", "relgrad", la, steps, lambda s: [1e-4 * (1 + 0.01 * s)] * 4)
+    v = verdicts(gradients(p.results()))
+    assert v["grad.pde_higher"] == HOLDS and v["grad.pde_first_layer"] == HOLDS
+    assert v["grad.linear_higher"] == FAILS and v["grad.linear_first_layer"] == FAILS
+
+
+def test_claims_on_settings_with_no_run_say_not_run_here_naming_them() -> None:
+    """MNIST runs only (as on a machine without a GPU): the 20 Newsgroups claims name the settings never run; a claim
+    whose runs exist keeps its own reason."""
+    from pdelightning_reproduce.sections import build_sections
+
+    p = Planter()
+    p.run("mnist_transformer", val_acc=0.98).run("mnist_pde", val_acc=0.98)
+    claims = {c.rule.id: c for sec in build_sections(p.results()) for c in sec.claims}
+    why = claims["grad.linear_higher"].why
+    assert claims["grad.linear_higher"].verdict == NOT_COMPARABLE
+    assert why.startswith("Not comparable: not run here") and "`newsgroups_pde_linear`" in why
+    assert "`newsgroups_transformer`" in why and "`newsgroups_pde`," not in why
+    assert "not run here" not in claims["t2.transformer"].why
