@@ -16,7 +16,7 @@ import numpy as np
 from pdelightning_reproduce import figures, paper, stats
 from pdelightning_reproduce.divergence import LOSS_MULTIPLE, MIN_UPDATES, recorded_divergence
 from pdelightning_reproduce.rules import BY_ID, DIVERGENCE_LOSS_FACTOR, DRIFT_MIN_ACC
-from pdelightning_reproduce.sections.common import FigureSpec, Section, Table, budget_text, cell, est
+from pdelightning_reproduce.sections.common import FigureSpec, Section, Table, budget_text, cell, est, est_bounded
 from pdelightning_reproduce.settings import SWEEP_DEPTHS, SWEEP_LRS, depth_lr_cells
 from pdelightning_reproduce.summary import Results
 from pdelightning_reproduce.verdicts import Estimate, claim_result, fmt, invalid_unless, rate_difference, ratio_of_means
@@ -151,7 +151,7 @@ def cell_table(results: Results, settings: Sequence[str], cells: Sequence[str]) 
                     f"{k}/{n} [{lo:.2f}, {hi:.2f}]" if n else "not measured",
                     f"{int(sum(stop.values()))}/{len(stop)}",
                     fmt(float(np.median(steps))) if steps else "—",
-                    cell(est(results.values(s, ACC_QUANTITY, cell=c))),
+                    cell(est_bounded(results.values(s, ACC_QUANTITY, cell=c))),
                     cell(est(list(_last(results, s, "cka_to_embedding", c).values()))),
                     cell(est(list(_last(results, s, "erank", c).values()))),
                     cell(est(eq21)) if eq21 else "—",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,23 @@ def est(values: Sequence[float] | np.ndarray) -> Estimate:
     return mean_interval(values)
 
 
+def est_bounded(values: Sequence[float] | np.ndarray, lo: float = 0.0, hi: float = 1.0) -> Estimate:
+    """:func:`est` of a quantity that lies in ``[lo, hi]`` (an accuracy), its interval intersected with that
+    range: the true mean lies in it, so the intersection covers whenever the t interval does (same coverage), and no
+    printed limit lies where the quantity cannot.
+
+    Example::
+
+        >>> e = est_bounded([0.99, 1.0, 0.9])
+        >>> e.hi, round(est([0.99, 1.0, 0.9]).hi, 3)
+        (1.0, 1.105)
+    """
+    e = mean_interval(values)
+    if e.missing:
+        return e
+    return replace(e, lo=max(e.lo, lo), hi=min(e.hi, hi), method=f"{e.method}, within [{fmt(lo)}, {fmt(hi)}]")
+
+
 def cell(e: Estimate) -> str:
     """A table cell: ``value [lo, hi]``, or ``—``."""
     if e.missing:
@@ -91,9 +108,9 @@ def accuracy_text(results: Results, settings: Sequence[tuple[str, str]], quantit
     """
     parts = []
     for label, s in settings:
-        e, where = est(results.values(s, quantity)), ""
+        e, where = est_bounded(results.values(s, quantity)), ""
         if e.missing and quantity == "test_acc":
-            e, where = est(results.values(s, "probe_acc")), " (probe set)"
+            e, where = est_bounded(results.values(s, "probe_acc")), " (probe set)"
         if not e.missing:
             parts.append(f"{label}{where} {cell(e)}" + (f" (n={e.n})" if e.n > 1 else ""))
     return ("test accuracy: " + "; ".join(parts)) if parts else "test accuracy: —"
