@@ -9,7 +9,7 @@ from typing import Any
 from pdelightning_reproduce import figures
 from pdelightning_reproduce.rules import RULES, Quantity, Rule
 from pdelightning_reproduce.sections.common import Section, Table
-from pdelightning_reproduce.verdicts import VERDICTS, ClaimResult, rule_text
+from pdelightning_reproduce.verdicts import NOT_COMPARABLE, VERDICTS, ClaimResult, rule_text
 
 
 def md_cell(text: Any) -> str:
@@ -65,9 +65,36 @@ def render_section(sec: Section, fig_dir: Path, fig_rel: str) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+def decided_by(verdict: str, why: str) -> str:
+    """What decides a verdict, in one phrase: a not-comparable verdict's reason, else the verdict's interval method.
+
+    Example::
+
+        >>> decided_by("not comparable", "Not comparable: not run here: no run of `x`. Rule: holds if …")
+        'not run here: no run of `x`'
+    """
+    if verdict == NOT_COMPARABLE and "Not comparable: " in why:
+        return "; and ".join(part.split(". ", 1)[0] for part in why.split("Not comparable: ")[1:])
+    return why.rsplit("Interval method: ", 1)[-1].rstrip(".") if "Interval method: " in why else "—"
+
+
+def _short(text: str, limit: int = 110) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
 def summary_table(sections: Sequence[Section]) -> str:
-    """Every verdict in one table, with the counts per class."""
-    rows = [[s.title, c.rule.claim, f"**{c.verdict}**", c.ours or "—"] for s in sections for c in s.claims]
+    """Every verdict in one table, with the counts per class; a not-comparable verdict with its reason, shortened."""
+    rows = [
+        [
+            s.title,
+            c.rule.claim,
+            f"**{c.verdict}**"
+            + (f" ({_short(decided_by(c.verdict, c.why))})" if c.verdict == NOT_COMPARABLE and c.why else ""),
+            c.ours or "—",
+        ]
+        for s in sections
+        for c in s.claims
+    ]
     counts = {v: sum(c.verdict == v for s in sections for c in s.claims) for v in VERDICTS}
     head = ", ".join(f"{n} {v}" for v, n in counts.items())
     return f"{head}.\n\n" + md_table(["section", "claim", "verdict", "ours"], rows)

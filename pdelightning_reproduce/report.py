@@ -19,12 +19,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pdelightning_reproduce import rules as rules_module
-from pdelightning_reproduce.render import changes_table, render_section, rules_appendix, summary_table, v2_changes_table
+from pdelightning_reproduce.render import (
+    changes_table,
+    decided_by,
+    render_section,
+    rules_appendix,
+    summary_table,
+    v2_changes_table,
+)
 from pdelightning_reproduce.rule_changes import CHANGES_AFTER_V3_RECORD, changed_since_v2
 from pdelightning_reproduce.rules import BY_ID, CHANGES_AFTER_FIXING, INTERVAL
 from pdelightning_reproduce.sections import Section, build_sections
 from pdelightning_reproduce.summary import Results
-from pdelightning_reproduce.verdicts import NOT_COMPARABLE
 
 #: What the v3 runs are, for the banner of a report made without them.
 V3_PLAN = (
@@ -133,7 +139,7 @@ def write_report(source: Path, out: Path, previous: Path | None = None) -> Path:
     )
     claims = [c for sec in sections for c in sec.claims]
     v2_rows = changed_since_v2((c.rule.id, c.verdict) for c in claims)
-    reason = {c.rule.id: _reason(c.verdict, c.why) for c in claims}
+    reason = {c.rule.id: decided_by(c.verdict, c.why) for c in claims}
     body = [
         "## Summary",
         summary_table(sections),
@@ -154,13 +160,6 @@ def write_report(source: Path, out: Path, previous: Path | None = None) -> Path:
     path = out / "REPRODUCTION.md"
     path.write_text("\n\n".join(head + body) + "\n")
     return path
-
-
-def _reason(verdict: str, why: str) -> str:
-    """What decides a verdict, in one phrase: a not-comparable verdict's reason, else the verdict's interval method."""
-    if verdict == NOT_COMPARABLE and "Not comparable: " in why:
-        return "; and ".join(part.split(". ", 1)[0] for part in why.split("Not comparable: ")[1:])
-    return why.rsplit("Interval method: ", 1)[-1].rstrip(".") if "Interval method: " in why else "—"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,8 +110,8 @@ def guard_not_run(claim: ClaimResult, results: Results) -> ClaimResult:
         return claim
     names = ", ".join(f"`{s}`" for s in absent)
     claim.why = (
-        f"Not comparable: not run here: no run of {names} is in this summary "
-        "(docs/reproduction/v3_plan.md: which settings need a GPU). " + claim.why
+        f"Not comparable: not run here: no run of {names} in this summary. docs/reproduction/v3_plan.md says which "
+        "settings need a GPU. " + claim.why
     )
     return claim
 
