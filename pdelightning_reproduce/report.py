@@ -30,6 +30,7 @@ from pdelightning_reproduce.render import (
 from pdelightning_reproduce.rule_changes import CHANGES_AFTER_V3_RECORD, changed_since_v2
 from pdelightning_reproduce.rules import BY_ID, CHANGES_AFTER_FIXING, INTERVAL
 from pdelightning_reproduce.sections import Section, build_sections
+from pdelightning_reproduce.settings import SETTING_NAMES
 from pdelightning_reproduce.summary import Results
 
 #: What the v3 runs are, for the banner of a report made without them.
@@ -82,7 +83,14 @@ def provenance(results: Results) -> str:
     # a run trained since v2 records its loss series, so it carries training's divergence verdict; v2's runs do not
     judged = runs["training_divergence"].dropna() if "training_divergence" in runs else ()
     if any(str(v).strip() not in ("", "nan", "None") for v in judged):
-        return f"> **The runs judged here**: {'; '.join(parts)}."
+        absent = [f"`{s}`" for s in SETTING_NAMES if s not in set(runs["setting"])]
+        missing = (
+            f" **Not run here**: {', '.join(absent)}; every verdict that reads them is *not comparable: not run "
+            "here* (`docs/reproduction/v3_plan.md` says what each part costs and which need a GPU)."
+            if absent
+            else ""
+        )
+        return f"> **The runs judged here**: {'; '.join(parts)}.{missing}"
     return (
         "> **These are v2's runs judged by the v3 rules.** Nothing was re-trained: the verdicts re-judge the runs of "
         f"the v2 report ({len(runs)} runs: {'; '.join(parts)}; budgets in `pdelightning_reproduce/budget.py`) with "

@@ -91,3 +91,16 @@ def test_claims_on_settings_with_no_run_say_not_run_here_naming_them() -> None:
     assert why.startswith("Not comparable: not run here") and "`newsgroups_pde_linear`" in why
     assert "`newsgroups_transformer`" in why and "`newsgroups_pde`," not in why
     assert "not run here" not in claims["t2.transformer"].why
+
+
+def test_the_banner_names_the_settings_not_run_here() -> None:
+    from pdelightning_reproduce.report import provenance
+    from pdelightning_reproduce.settings import SETTING_NAMES
+
+    p = Planter()
+    for s in ("mnist_transformer", "mnist_pde", "mnist_pde_diffusion"):
+        p.run(s, budget="v3", training_divergence=False)
+    banner = provenance(p.results())
+    assert banner.startswith("> **The runs judged here**: `mnist_pde`")
+    not_run = banner.split("**Not run here**: ")[1].split(";")[0]
+    assert not_run == ", ".join(f"`{s}`" for s in SETTING_NAMES if not s.startswith("mnist_"))
