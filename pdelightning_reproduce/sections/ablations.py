@@ -10,6 +10,7 @@ cells (v3) are read alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from pdelightning_reproduce.rules import BY_ID, DIVERGENCE_LOSS_FACTOR, DRIFT_MI
 from pdelightning_reproduce.sections.common import FigureSpec, Section, Table, budget_text, cell, est, est_bounded
 from pdelightning_reproduce.settings import SWEEP_DEPTHS, SWEEP_LRS, depth_lr_cells
 from pdelightning_reproduce.summary import Results
-from pdelightning_reproduce.verdicts import Estimate, claim_result, fmt, invalid_unless, rate_difference, ratio_of_means
+from pdelightning_reproduce.verdicts import Estimate, claim_result, invalid_unless, rate_difference, ratio_of_means
 
 BASE, NO_RES, NO_LN = "sweep_transformer", "sweep_no_residual", "sweep_no_layernorm"
 PDE, PDE_STAB = "sweep_pde", "sweep_pde_stabilized"
@@ -69,12 +70,33 @@ def diverged(results: Results, setting: str, cell_name: str) -> dict[int, float]
     return out
 
 
+def _blank(v: Any) -> bool:
+    return v is None or str(v).strip() in ("", "nan", "None")
+
+
 def stopped_v2(results: Results, setting: str, cell_name: str) -> dict[int, float]:
-    """``seed -> 1.0 / 0.0``: whether a trained run was stopped by v2's bound (non-finite or ``10 ln C``)."""
-    return {
-        int(r["seed"]): 1.0 if str(r.get("diverged")).lower() in ("true", "1", "1.0") else 0.0
-        for r in _trained_rows(results, setting, cell_name)
-    }
+    """``seed -> 1.0 / 0.0``: whether a trained run was stopped by v2's bound (non-finite or ``10 ln C``): its
+    recorder stopped it (``stop_reason`` "diverged"), or, for a record made before training's verdict existed, its
+    ``diverged`` flag. A v3 run is never stopped by that bound; its ``diverged`` is training's verdict.
+    """
+    out = {}
+    for r in _trained_rows(results, setting, cell_name):
+        flag = str(r.get("diverged")).lower() in ("true", "1", "1.0")
+        stopped = str(r.get("stop_reason")) == "diverged" or (_blank(r.get("training_divergence")) and flag)
+        out[int(r["seed"])] = 1.0 if stopped else 0.0
+    return out
+
+
+def divergence_steps(results: Results, setting: str, cell_name: str) -> list[float]:
+    """The step at which each diverged run of a cell diverged: training's (``divergence_at``, v3) where recorded,
+    else the step v2's bound stopped it (``divergence_step``).
+    """
+    out = []
+    for r in results.run_rows(setting, cell_name).to_dict("records"):
+        v = r.get("divergence_at") if not _blank(r.get("divergence_at")) else r.get("divergence_step")
+        if not _blank(v):
+            out.append(float(v))
+    return out
 
 
 def cells_run(results: Results, setting: str) -> list[str]:
@@ -141,7 +163,7 @@ def cell_table(results: Results, settings: Sequence[str], cells: Sequence[str]) 
                 continue
             k, n = int(sum(div.values())), len(div)
             lo, hi = wilson(k, n) if n else (np.nan, np.nan)
-            steps = [v for v in results.run_field(s, "divergence_step", c).values() if v == v and v is not None]
+            steps = divergence_steps(results, s, c)
             eq21 = [float(np.nanmax(v)) for v in _per_seed_layers(results, s, "eq21", c, "init")]
             rows.append(
                 [
@@ -150,7 +172,7 @@ def cell_table(results: Results, settings: Sequence[str], cells: Sequence[str]) 
                     str(len(stop)),
                     f"{k}/{n} [{lo:.2f}, {hi:.2f}]" if n else "not measured",
                     f"{int(sum(stop.values()))}/{len(stop)}",
-                    fmt(float(np.median(steps))) if steps else "—",
+                    f"{float(np.median(steps)):g}" if steps else "—",
                     cell(est_bounded(results.values(s, ACC_QUANTITY, cell=c))),
                     cell(est(list(_last(results, s, "cka_to_embedding", c).values()))),
                     cell(est(list(_last(results, s, "erank", c).values()))),
