@@ -67,7 +67,7 @@ def test_table3_is_not_comparable_where_two_transformers_are_not_similar_either(
         noise=0.04,
     )
     claim = next(c for c in table3(p.results()).claims if c.rule.id == "t3.pearson")
-    assert claim.verdict == NOT_COMPARABLE and "not similar by Pearson either" in claim.why
+    assert claim.verdict == NOT_COMPARABLE and "not shown similar by Pearson either" in claim.why
 
 
 def test_disjoint_units_use_no_model_twice() -> None:
