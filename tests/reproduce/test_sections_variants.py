@@ -29,9 +29,12 @@ def test_the_diffusion_models_mixing_is_judged_by_the_attention_rules() -> None:
     p.add("pair_pde_diffusion_vs_transformer", "mixing_min", lambda s: 0.0)
     p.add("pair_transformer_vs_transformer", "cosine", lambda s: np.full(10, 0.6), MNIST_LAYERS)
     p.add("pair_transformer_vs_transformer", "kl", lambda s: np.full(10, 0.011), MNIST_LAYERS)
-    v = verdicts(attention(p.results()))
+    sec = attention(p.results())
+    v = verdicts(sec)
     assert v["att.cosine"] == HOLDS and v["att.cosine_diffusion"] == FAILS
     assert v["att.kl_diffusion"] == HOLDS  # its KL was planted at the ceiling
+    note = next(n for n in sec.notes if "equals its measure by construction" in n)
+    assert "cosine 0.2" in note and "uniform 0.3000" in note and "shuffled" not in note.split("against")[1]
 
 
 def test_a_diffusion_model_whose_mixing_is_no_distribution_is_not_comparable_and_says_why() -> None:
