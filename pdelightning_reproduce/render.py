@@ -47,6 +47,28 @@ def render_table(t: Table) -> str:
     return md_table(t.headers, t.rows) + (f"\n\n*{t.caption}*" if t.caption else "")
 
 
+def has_data(data: dict[str, Any]) -> bool:
+    """Whether a figure's data has anything to plot: some series (``series``, ``dashed``), panel curves
+    (``panels``) or a matrix (anything else); an axis with only the paper's marks is not a figure.
+
+    Example::
+
+        >>> has_data({"series": [], "paper": [("x", [1.0])]}), has_data({"series": [("a", [1.0])]})
+        (False, True)
+    """
+    keys = {"series", "dashed", "panels"} & set(data)
+    if not keys:
+        return True
+
+    def nonempty(x: Any) -> bool:
+        return x.size > 0 if hasattr(x, "size") else bool(x)
+
+    panels = data.get("panels") or ()
+    return (
+        nonempty(data.get("series") or []) or nonempty(data.get("dashed") or []) or any(nonempty(p[1]) for p in panels)
+    )
+
+
 def render_section(sec: Section, fig_dir: Path, fig_rel: str) -> str:
     """One section: intro, verdicts, tables, figures (drawn and saved now), notes."""
     parts = [f"## {sec.title}", sec.intro] if sec.intro else [f"## {sec.title}"]
@@ -54,6 +76,9 @@ def render_section(sec: Section, fig_dir: Path, fig_rel: str) -> str:
         parts.append(claims_table(sec.claims))
     parts += [render_table(t) for t in sec.tables]
     for f in sec.figures:
+        if not has_data(f.data):
+            parts.append(f"*Figure {f.name} not drawn: nothing to plot in this summary ({f.caption}).*")
+            continue
         try:
             fig = f.draw(**f.data)
         except (ValueError, IndexError, KeyError) as e:  # a figure never blocks the report

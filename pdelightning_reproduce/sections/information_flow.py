@@ -203,7 +203,7 @@ def table3(results: Results) -> Section:
         sec.claims.append(claim)
     for method, _values in TABLE3_METHODS:  # the paper's own §3.1 model (pdelightning.models.pde_variants)
         suffix, pair, _ = TABLE3_PAIRS[1]
-        sec.claims.append(table3_claim(results, method, ceiling_seeds, suffix, pair)[0])
+        sec.claims.append(table3_claim(results, method, ceiling_seeds, suffix, f"pair_{pair}")[0])
     rows = []
     for j, layer in enumerate(TABLE3_LAYERS):
         row = [str(j + 1), layer]

@@ -107,3 +107,18 @@ def test_the_banner_names_the_settings_not_run_here() -> None:
     assert banner.startswith("> **The runs judged here**: `mnist_pde`")
     not_run = banner.split("**Not run here**: ")[1].split(";")[0]
     assert not_run == ", ".join(f"`{s}`" for s in SETTING_NAMES if not s.startswith("mnist_"))
+
+
+def test_table3_reads_the_diffusion_pair_units() -> None:
+    """Table 3's rules on the paper's §3.1 model read `pair_pde_diffusion_vs_transformer` (a fall to the ceiling's
+    level holds for ours; the diffusion model planted flat does not)."""
+    from pdelightning_reproduce.sections.information_flow import table3
+
+    p = Planter()
+    for q in ("pearson_vs_reference", "spearman_vs_reference", "cka_vs_reference"):
+        p.add("pair_pde_vs_transformer", q, lambda s: np.linspace(0.95, -0.1, 10), MNIST_LAYERS, noise=0.04)
+        p.add("pair_pde_diffusion_vs_transformer", q, lambda s: np.linspace(0.6, 0.55, 10), MNIST_LAYERS, noise=0.04)
+        p.add("pair_transformer_vs_transformer", q, lambda s: np.linspace(0.5, 0.4, 10), MNIST_LAYERS)
+    v = verdicts(table3(p.results()))
+    assert v["t3.pearson"] == HOLDS and v["t3.cka"] == HOLDS
+    assert v["t3.pearson_diffusion"] == FAILS and v["t3.cka_diffusion"] == FAILS
