@@ -103,9 +103,12 @@ def guard_under_trained(claim: ClaimResult, results: Results) -> ClaimResult:
 
 def guard_not_run(claim: ClaimResult, results: Results) -> ClaimResult:
     """``claim``, its reason made specific when it is not comparable because a setting it reads has no run at all in
-    this summary ("not run here", naming the settings), instead of the generic "the runs or quantities are missing".
+    this summary, neither in the run table nor in the measurements ("not run here", naming the settings), instead of
+    the generic "the runs or quantities are missing".
     """
-    absent = [s for s in settings_read(claim.rule) if results.run_rows(s).empty]
+    absent = [
+        s for s in settings_read(claim.rule) if results.run_rows(s).empty and not (results.df["setting"] == s).any()
+    ]
     if not absent or claim.verdict != NOT_COMPARABLE or claim.rule.test is None:
         return claim
     names = ", ".join(f"`{s}`" for s in absent)

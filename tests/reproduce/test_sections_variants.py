@@ -122,3 +122,17 @@ def test_table3_reads_the_diffusion_pair_units() -> None:
     v = verdicts(table3(p.results()))
     assert v["t3.pearson"] == HOLDS and v["t3.cka"] == HOLDS
     assert v["t3.pearson_diffusion"] == FAILS and v["t3.cka_diffusion"] == FAILS
+
+
+def test_a_setting_measured_without_a_run_table_is_not_called_not_run() -> None:
+    """A summary with measurements but no run table (a report made from summaries alone) never says "not run here"
+    for a setting it measured."""
+    from pdelightning_reproduce.sections import build_sections
+
+    p = Planter()
+    steps = [0, 10, 100, 1000]
+    for la in NEWSGROUPS_LAYERS:
+        p.trajectory("newsgroups_transformer", "relgrad", la, steps, lambda s: [1e-3] * 4)
+    claims = {c.rule.id: c for sec in build_sections(p.results()) for c in sec.claims}
+    why = claims["grad.pde_higher"].why
+    assert "not run here: no run of `newsgroups_pde` in" in why and "`newsgroups_transformer`" not in why.split(".")[0]
