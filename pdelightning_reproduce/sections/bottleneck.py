@@ -339,7 +339,7 @@ def bottleneck(results: Results) -> Section:
             )
         layer_curves = []
         for la in NEWSGROUPS_LAYERS:
-            trajs = [results.trajectory(s, "I_TY", la, seed) for seed in results.seeds(s)]
+            trajs = [results.trajectory(s, bound, la, seed) for seed in results.seeds(s)]
             trajs = [t for t in trajs if len(t[0])]
             if not trajs:
                 continue
@@ -351,7 +351,8 @@ def bottleneck(results: Results) -> Section:
             layer_curves.append(
                 (la, np.array(steps), (la, *(np.array([getattr(e, a) for e in ests]) for a in ("value", "lo", "hi"))))
             )
-        panels.append((label, layer_curves))
+        if layer_curves:
+            panels.append((label, layer_curves))
     sec.tables.append(
         Table(
             [
@@ -376,9 +377,10 @@ def bottleneck(results: Results) -> Section:
         sec.figures.append(
             FigureSpec(
                 "information_plane",
-                "I(T;Y) per layer over training (seed mean, 95 % intervals)",
+                f"The rules' held-out lower bound on I(T;Y) (`{bound}`) per layer over training (seed mean, 95 % "
+                "intervals); models without runs are left out",
                 figures.trajectories,
-                {"panels": panels, "ylabel": "I(T;Y) [bits]"},
+                {"panels": panels, "ylabel": "I(T;Y) lower bound [bits]"},
             )
         )
     return sec
