@@ -152,15 +152,20 @@ def under_trained(record: Mapping[str, Any]) -> bool:
     return not record.get("plateau_met") and record.get("stop_reason") in ("max_epochs", "max_steps")
 
 
-def _field(row: Mapping[str, Any], key: str) -> Any:
-    """``row[key]`` with pandas' missing values (``nan``, ``""``) read as ``None``."""
+def field_value(row: Mapping[str, Any], key: str) -> Any:
+    """``row[key]`` with pandas' missing values (``nan``, ``""``, ``"None"``) read as ``None``."""
     v = row.get(key)
-    if v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and v.strip() in ("", "nan")):
+    if (
+        v is None
+        or (isinstance(v, float) and math.isnan(v))
+        or (isinstance(v, str) and v.strip() in ("", "nan", "None"))
+    ):
         return None
     return v
 
 
-def _flag(v: Any) -> bool | None:
+def flag_value(v: Any) -> bool | None:
+    """A boolean field as ``True`` / ``False`` (``"true"``, ``"1"``, ``"1.0"`` are true), ``None`` when missing."""
     if v is None:
         return None
     return str(v).strip().lower() in ("true", "1", "1.0")
@@ -178,7 +183,7 @@ def recorded_divergence(row: Mapping[str, Any]) -> bool | None:
         >>> recorded_divergence({"training_divergence": "diverged"}), recorded_divergence({"diverged": True})
         (True, None)
     """
-    status = _field(row, "training_divergence")
+    status = field_value(row, "training_divergence")
     return {"diverged": True, "trained": False}.get(str(status)) if status is not None else None
 
 
@@ -192,9 +197,11 @@ def recorded_under_trained(row: Mapping[str, Any]) -> bool:
         >>> recorded_under_trained({"plateau_met": float("nan"), "stop_reason": "max_epochs", "status": "complete"})
         True
     """
-    if _field(row, "status") in ("failed", "diverged"):
+    if field_value(row, "status") in ("failed", "diverged"):
         return False
-    flag = _flag(_field(row, "under_trained"))
+    flag = flag_value(field_value(row, "under_trained"))
     if flag is not None:
         return flag
-    return under_trained({"plateau_met": _flag(_field(row, "plateau_met")), "stop_reason": _field(row, "stop_reason")})
+    return under_trained(
+        {"plateau_met": flag_value(field_value(row, "plateau_met")), "stop_reason": field_value(row, "stop_reason")}
+    )

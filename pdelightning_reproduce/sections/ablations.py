@@ -10,12 +10,17 @@ cells (v3) are read alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from pdelightning_reproduce import figures, paper, stats
-from pdelightning_reproduce.divergence import LOSS_MULTIPLE, MIN_UPDATES, recorded_divergence
+from pdelightning_reproduce.divergence import (
+    LOSS_MULTIPLE,
+    MIN_UPDATES,
+    field_value,
+    flag_value,
+    recorded_divergence,
+)
 from pdelightning_reproduce.rules import BY_ID, DIVERGENCE_LOSS_FACTOR, DRIFT_MIN_ACC
 from pdelightning_reproduce.sections.common import FigureSpec, Section, Table, budget_text, cell, est, est_bounded
 from pdelightning_reproduce.settings import SWEEP_DEPTHS, SWEEP_LRS, depth_lr_cells
@@ -70,10 +75,6 @@ def diverged(results: Results, setting: str, cell_name: str) -> dict[int, float]
     return out
 
 
-def _blank(v: Any) -> bool:
-    return v is None or str(v).strip() in ("", "nan", "None")
-
-
 def stopped_v2(results: Results, setting: str, cell_name: str) -> dict[int, float]:
     """``seed -> 1.0 / 0.0``: whether a trained run was stopped by v2's bound (non-finite or ``10 ln C``): its
     recorder stopped it (``stop_reason`` "diverged"), or, for a record made before training's verdict existed, its
@@ -81,8 +82,10 @@ def stopped_v2(results: Results, setting: str, cell_name: str) -> dict[int, floa
     """
     out = {}
     for r in _trained_rows(results, setting, cell_name):
-        flag = str(r.get("diverged")).lower() in ("true", "1", "1.0")
-        stopped = str(r.get("stop_reason")) == "diverged" or (_blank(r.get("training_divergence")) and flag)
+        flag = bool(flag_value(field_value(r, "diverged")))
+        stopped = field_value(r, "stop_reason") == "diverged" or (
+            field_value(r, "training_divergence") is None and flag
+        )
         out[int(r["seed"])] = 1.0 if stopped else 0.0
     return out
 
@@ -93,8 +96,9 @@ def divergence_steps(results: Results, setting: str, cell_name: str) -> list[flo
     """
     out = []
     for r in results.run_rows(setting, cell_name).to_dict("records"):
-        v = r.get("divergence_at") if not _blank(r.get("divergence_at")) else r.get("divergence_step")
-        if not _blank(v):
+        v = field_value(r, "divergence_at")
+        v = v if v is not None else field_value(r, "divergence_step")
+        if v is not None:
             out.append(float(v))
     return out
 
