@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, W
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from pdelightning.callbacks._strategy import warn_unverified_strategy
 from pdelightning.probing.figures import FigureOutputs
 from pdelightning.utils import warn_once
 
@@ -124,3 +125,17 @@ def steps_aside_without_logger(callback: Any, trainer: L.Trainer) -> bool:
     if not no_logger(trainer):
         return False
     return getattr(callback, "on_missing", "raise") == "warn" and getattr(callback, "action", None) != "stop"
+
+
+def skip_fit_setup(callback: Any, trainer: L.Trainer, stage: str) -> bool:
+    """The start of a callback's ``setup``: ``True`` when it has nothing to set up, i.e. outside ``fit``, or the run
+    has no logger and the callback steps aside (:func:`steps_aside_without_logger`; ``callback.disabled`` then says
+    why). Otherwise warns once about an unverified strategy and returns ``False``.
+    """
+    if stage != "fit":
+        return True
+    if steps_aside_without_logger(callback, trainer):  # logger=False under the plugin: nothing to write to
+        callback.disabled = "the Trainer has no logger (logger=False)"
+        return True
+    warn_unverified_strategy(trainer)
+    return False

@@ -39,9 +39,8 @@ from typing_extensions import override
 from pdelightning._checks import check_choice
 from pdelightning.adapters.base import ModelAdapter
 from pdelightning.adapters.registry import TargetNotFoundError, resolve, unwrap
-from pdelightning.callbacks._outputs import steps_aside_without_logger
+from pdelightning.callbacks._outputs import skip_fit_setup
 from pdelightning.callbacks._scalars import ProbeOutput
-from pdelightning.callbacks._strategy import warn_unverified_strategy
 from pdelightning.compat import callback_state_key
 from pdelightning.models.protocol import AnalysisTargets
 from pdelightning.probing import (
@@ -203,12 +202,8 @@ class ProbeCallback(ProbeOutput, GuardedCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if skip_fit_setup(self, trainer, stage):
             return
-        if steps_aside_without_logger(self, trainer):  # logger=False under the plugin: nothing to write to
-            self.disabled = "the Trainer has no logger (logger=False)"
-            return
-        warn_unverified_strategy(trainer)
         try:
             self.check(trainer, pl_module)
         except (TargetNotFoundError, ValueError) as err:

@@ -32,9 +32,8 @@ from pdelightning.callbacks._gradient_flow import (
     write_histograms,
 )
 from pdelightning.callbacks._layout import DETAIL, finite_only, is_detail
-from pdelightning.callbacks._outputs import steps_aside_without_logger, takes_histograms
+from pdelightning.callbacks._outputs import skip_fit_setup, takes_histograms
 from pdelightning.callbacks._scalars import log_scalars, write_layout
-from pdelightning.callbacks._strategy import warn_unverified_strategy
 from pdelightning.callbacks.base import ON_MISSING
 from pdelightning.probing.guard import GuardedCallback, agree
 from pdelightning.probing.hub import ProbeHub
@@ -190,12 +189,8 @@ class GradientFlow(GuardedCallback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if skip_fit_setup(self, trainer, stage):
             return
-        if steps_aside_without_logger(self, trainer):  # logger=False under the plugin: nothing to write to
-            self.disabled = "the Trainer has no logger (logger=False)"
-            return
-        warn_unverified_strategy(trainer)
         try:
             self._layer_modules = self._layers(pl_module)  # fail fast on a bad glob, before training
         except TargetNotFoundError as err:
