@@ -54,6 +54,36 @@ POOLINGS = ("mean", "flatten")
 
 
 # ---- the callback -------------------------------------------------------------------------------------
+def sample_labels(labels: Tensor, n: int) -> Tensor:
+    """The ``[n]`` class labels of ``n`` samples: ``labels`` of shape ``[n]`` or ``[n, 1]``, as integers.
+
+    ``I(T;Y)`` here is between a layer's pooled representation of each sample and one label per sample, so labels of any
+    other shape (token-level labels ``[n, T]`` of token classification or language modelling, one-hot or soft labels
+    ``[n, C]``) are refused with the shape found rather than read as ``n`` labels of something else.
+
+        >>> sample_labels(torch.tensor([[2], [0]]), 2).tolist()
+        [2, 0]
+        >>> sample_labels(torch.zeros(2, 5, dtype=torch.long), 2)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: LayerMutualInformation needs one class label per sample ... shape [2, 5] (token-level labels, ...
+    """
+    if labels.shape[:1] == (n,) and labels.numel() == n and not labels.is_floating_point():
+        return labels.long().reshape(n)
+    shape = list(labels.shape)
+    if labels.is_floating_point():
+        kind = "not integer class labels"
+    elif labels.dim() >= 2:
+        kind = "token-level labels, as in token classification or language modelling"
+    else:
+        kind = "not one per sample"
+    raise ValueError(
+        f"LayerMutualInformation needs one class label per sample ([{n}] or [{n}, 1] for these {n} samples), but the "
+        f"probe batch's labels have shape {shape} ({kind}); I(T;Y) of pooled sample representations is defined for "
+        "sequence- or image-level classification only"
+    )
+
+
 class LayerMutualInformation(ProbeCallback):
     """Track ``I(X;T_l)`` and ``I(T_l;Y)`` of every layer over training and draw the information plane.
 
@@ -238,7 +268,9 @@ class LayerMutualInformation(ProbeCallback):
                     f"features in one probe batch and {self._widths[n]} in another; use pooling='mean'"
                 )
             pooled[f"t/{n}"] = t
-        self._store.update(pb.index, y=pb.labels.long().reshape(-1)[: len(pb.logits)], x_hash=input_hash(pb), **pooled)
+        rows = next(iter(pooled.values())).shape[0] if pooled else len(pb.logits)  # one label per pooled row
+        y = sample_labels(pb.labels, rows)
+        self._store.update(pb.index, y=y, x_hash=input_hash(pb), **pooled)
 
     def estimate(self, ts: dict[str, Tensor], y: Tensor) -> tuple[dict[str, tuple[float, float]], float, float]:
         """``({layer: (I(X;T), I(T;Y))}, log2 N, H(Y))`` of the gathered representations with this estimator.

@@ -123,9 +123,10 @@ class Capture:
         t = t.detach() if view is None else view(t.detach())
         return t[self.rows] if self.rows is not None else t
 
-    def _out_hook(self, bucket: dict[str, Tensor], layer: LayerTarget) -> Callable[..., None]:
+    def _out_hook(self, bucket: str, layer: LayerTarget) -> Callable[..., None]:
+        # the bucket is looked up at call time: after pop() the next forward fills the new Captured, not the popped one
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            bucket[layer.name] = self._keep(first_tensor(output), layer.tokens)
+            getattr(self.data, bucket)[layer.name] = self._keep(first_tensor(output), layer.tokens)
 
         return hook
 
@@ -141,7 +142,7 @@ class Capture:
         stack.enter_context(mode)
         for layer in t.layers:
             if r.hidden:
-                stack.callback(layer.module.register_forward_hook(self._out_hook(self.data.hidden, layer)).remove)
+                stack.callback(layer.module.register_forward_hook(self._out_hook("hidden", layer)).remove)
             if r.attention and layer.attention is not None:
                 sink = self._attention_sink(layer.name, layer.windows)
                 stack.enter_context(attention_reader(layer.attention, sink))
@@ -160,10 +161,10 @@ class Capture:
                 stack.callback(block.register_forward_pre_hook(pre, with_kwargs=True).remove)
             if r.sublayers:
                 if layer.attn_out is not None:
-                    hook = self._out_hook(self.data.attn_out, layer)
+                    hook = self._out_hook("attn_out", layer)
                     stack.callback(layer.attn_out.register_forward_hook(hook).remove)
                 if layer.mlp_out is not None:
-                    hook = self._out_hook(self.data.mlp_out, layer)
+                    hook = self._out_hook("mlp_out", layer)
                     stack.callback(layer.mlp_out.register_forward_hook(hook).remove)
         if r.embedding and t.embedding is not None:
             if t.embedding_is_input:

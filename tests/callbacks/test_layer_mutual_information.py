@@ -171,3 +171,40 @@ def test_checkpoint_round_trip_continues_the_trajectory(tmp_path) -> None:
     # The callback's own state is plain Python, loadable with torch.load(weights_only=True).
     torch.save(resumed.state_dict(), tmp_path / "state.pt")
     assert torch.load(tmp_path / "state.pt", weights_only=True) == resumed.state_dict()
+
+
+class _TokenTagger(StockEncoderModule):
+    """A user's token-classification model: one label per token ``[B, T]``, per-token logits ``[B, T, C]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.proj(x)))
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x).flatten(0, 1), y.flatten())
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        self.log("val/loss", torch.nn.functional.cross_entropy(self(x).flatten(0, 1), y.flatten()))
+
+
+def _token_labelled(n: int = 48) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, 8, generator=g)
+    y = (x[..., 0] > 0).long()  # one label per row token: [n, 8]
+    ds = TensorDataset(x, y)
+    return DataLoader(ds, batch_size=16, shuffle=True), DataLoader(ds, batch_size=16)
+
+
+def test_token_level_labels_are_refused_with_their_shape(tmp_path) -> None:
+    """Before: ``[B, T]`` labels were flattened and cut to B, i.e. the first sample's token labels became every
+    sample's "label". Now: attached by hand it raises naming the shape; attached as the plugin does, it warns once and
+    steps aside while the run trains on."""
+    train, val = _token_labelled()
+    with pytest.raises(ValueError, match=r"labels have shape \[32, 8\] \(token-level labels"):
+        _trainer(tmp_path / "a", [LayerMutualInformation(probe_size=32)]).fit(_TokenTagger(), train, val)
+    cb = LayerMutualInformation(probe_size=32, on_error="warn")
+    with pytest.warns(UserWarning, match=r"LayerMutualInformation.*labels have shape \[32, 8\]"):
+        trainer = _trainer(tmp_path / "b", [cb], max_epochs=2)
+        trainer.fit(_TokenTagger(), train, val)
+    assert trainer.global_step == 6 and cb.failed and cb.history == []
