@@ -14,7 +14,9 @@ Every module yields ``(x, y)`` batches and describes its data through attributes
 
 from __future__ import annotations
 
+import itertools
 import math
+import random
 from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
@@ -139,7 +141,8 @@ class ResumableDataLoader(DataLoader):
     :meth:`state_dict` holds the epoch's shuffling seed and the number of batches handed out, and after
     :meth:`load_state_dict` the next iteration replays the same order from the next batch, leaving torch's
     global RNG as the uninterrupted run had it. Orders are the ones ``DataLoader(shuffle=True)`` gives.
-    With another sampler (e.g. Lightning's ``DistributedSampler`` under DDP) it behaves as a plain loader.
+    With another sampler whose order is fixed for the epoch (Lightning's ``DistributedSampler`` under DDP, a
+    sequential one) a resumed epoch loads and drops the batches already trained on and goes on from the next one.
     """
 
     def __init__(self, dataset: Dataset, *args: Any, shuffle: bool | None = None, **kwargs: Any) -> None:
@@ -154,17 +157,27 @@ class ResumableDataLoader(DataLoader):
         sampler = self.sampler if isinstance(self.sampler, ResumableRandomSampler) else None
         pending, self._pending = self._pending, None
         skip = 0
+        if pending is not None and 0 < pending["batches"] < len(self):  # mid-epoch: the rest; at the end: a new epoch
+            skip = pending["batches"]
+        if not skip:
+            self._batches = 0
+            return self._count(super().__iter__())
+        states = torch.get_rng_state(), np.random.get_state(), random.getstate()
         if sampler is not None and pending is not None and pending.get("seed") is not None:
-            n_batches = len(self)
-            if 0 <= pending["batches"] < n_batches:  # mid-epoch: replay the rest; at the end: a fresh epoch
-                skip = pending["batches"]
-                sampler.resume_at(pending["seed"], skip * (self.batch_size or 1))
-        if skip:
-            state = torch.get_rng_state()  # the iterator draws a worker base seed the interrupted epoch had drawn
+            sampler.resume_at(pending["seed"], skip * (self.batch_size or 1))
             iterator = super().__iter__()
-            torch.set_rng_state(state)
         else:
+            # another sampler, e.g. Lightning's DistributedSampler under DDP (its order is fixed by its seed and the
+            # epoch Lightning sets): the first ``skip`` batches are loaded and dropped, so each rank continues its
+            # epoch's order from the next batch
             iterator = super().__iter__()
+            for _ in itertools.islice(iterator, skip):
+                pass
+        # the iterator drew a worker base seed (and skipped batches may have drawn more) that the interrupted epoch
+        # had drawn before its checkpoint: the random states stay as the checkpoint restored them
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
         self._batches = skip
         return self._count(iterator)
 

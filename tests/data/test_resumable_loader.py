@@ -62,3 +62,31 @@ def test_train_loader_of_the_data_modules_is_resumable() -> None:
     assert isinstance(dm.train_dataloader(), ResumableDataLoader)
     assert isinstance(dm.train_dataloader().sampler, ResumableRandomSampler)
     assert type(dm.val_dataloader()) is DataLoader  # evaluation loaders stay plain and ordered
+
+
+def test_resume_mid_epoch_with_a_distributed_sampler_continues_each_ranks_order() -> None:
+    """Under DDP Lightning gives the loader a ``DistributedSampler``: a resumed epoch drops the batches each rank
+    already trained on and goes on from the next one of that rank's order, leaving the global RNG alone."""
+    from torch.utils.data import DistributedSampler
+
+    def loader(rank: int) -> ResumableDataLoader:
+        sampler = DistributedSampler(DATA, num_replicas=2, rank=rank, shuffle=True, seed=3)
+        sampler.set_epoch(1)
+        return ResumableDataLoader(DATA, batch_size=3, sampler=sampler)
+
+    for rank in (0, 1):
+        full = [[int(v) for v in b] for (b,) in loader(rank)]  # 12 of 23 samples (one repeated to even out): 4 batches
+        assert len(full) == 4
+        interrupted = loader(rank)
+        it = iter(interrupted)
+        next(it), next(it)
+        state = interrupted.state_dict()
+        assert state == {"seed": None, "batches": 2}
+        resumed = loader(rank)
+        resumed.load_state_dict(state)
+        torch.manual_seed(0)
+        before = torch.rand(1)
+        torch.manual_seed(0)
+        rest = [[int(v) for v in b] for (b,) in resumed]
+        assert rest == full[2:] and torch.equal(torch.rand(1), before)
+        assert resumed.state_dict()["batches"] == 4
