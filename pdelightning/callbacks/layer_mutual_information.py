@@ -142,6 +142,8 @@ class LayerMutualInformation(ProbeCallback):
         TargetNotFoundError: at ``setup`` when the model has no layers to analyse (e.g. a plain MLP) and no
             ``layers`` glob is given.
         RuntimeError: when the probe batches carry no labels.
+        ValueError: in a probe, when the labels are not one integer class per sample (:func:`sample_labels`), e.g.
+            token-level labels ``[B, T]``.
 
     Example::
 
