@@ -30,7 +30,8 @@ from pdelightning_reproduce.render import (
 from pdelightning_reproduce.rule_changes import CHANGES_AFTER_V3_RECORD, changed_since_v2
 from pdelightning_reproduce.rules import BY_ID, CHANGES_AFTER_FIXING, INTERVAL
 from pdelightning_reproduce.sections import Section, build_sections
-from pdelightning_reproduce.settings import SETTING_NAMES
+from pdelightning_reproduce.sections.training import too_few_seeds
+from pdelightning_reproduce.settings import BY_NAME, SEEDS, SETTING_NAMES
 from pdelightning_reproduce.summary import Results
 
 #: What the v3 runs are, for the banner of a report made without them.
@@ -90,7 +91,15 @@ def provenance(results: Results) -> str:
             if absent
             else ""
         )
-        return f"> **The runs judged here**: {'; '.join(parts)}.{missing}"
+        mains = [s for s in SETTING_NAMES if BY_NAME[s].role == "main"]
+        short = too_few_seeds(runs, mains)
+        partial = (
+            f" **Fewer seeds than the design's {len(SEEDS)}** (still being trained): {'; '.join(short)}; every verdict "
+            "that reads them is *not comparable: too few seeds yet*, with what the rule reads on them as context."
+            if short
+            else ""
+        )
+        return f"> **The runs judged here**: {'; '.join(parts)}.{missing}{partial}"
     return (
         "> **These are v2's runs judged by the v3 rules.** Nothing was re-trained: the verdicts re-judge the runs of "
         f"the v2 report ({len(runs)} runs: {'; '.join(parts)}; budgets in `pdelightning_reproduce/budget.py`) with "

@@ -12,8 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import pandas as pd
+
 from pdelightning_reproduce.divergence import recorded_under_trained
 from pdelightning_reproduce.rules import Rule
+from pdelightning_reproduce.settings import SEEDS
 from pdelightning_reproduce.summary import Results
 from pdelightning_reproduce.verdicts import NOT_COMPARABLE, ClaimResult
 
@@ -119,16 +122,53 @@ def guard_not_run(claim: ClaimResult, results: Results) -> ClaimResult:
     return claim
 
 
+def too_few_seeds(runs: pd.DataFrame, settings: Sequence[str]) -> list[str]:
+    """One phrase per setting of ``settings`` that has rows in the run table ``runs``, but fewer trained seeds
+    (complete or diverged) than the design's :data:`~pdelightning_reproduce.settings.SEEDS`:
+    ``"`<setting>` 3 of 5 seeds (0, 1, 2)"``; ``[]`` when every setting read has them all (a setting without any run
+    is :func:`guard_not_run`'s).
+    """
+    out = []
+    for s in settings:
+        rows = runs[runs["setting"] == s] if "setting" in runs else runs.iloc[:0]
+        if rows.empty:
+            continue
+        status = rows["status"] if "status" in rows else pd.Series("", index=rows.index)
+        trained = sorted({int(x) for x in rows["seed"][status.isin(("complete", "diverged"))]})
+        if len(trained) < len(SEEDS):
+            seeds = f" ({', '.join(map(str, trained))})" if trained else ""
+            out.append(f"`{s}` {len(trained)} of {len(SEEDS)} seeds{seeds}")
+    return out
+
+
+def guard_too_few_seeds(claim: ClaimResult, results: Results) -> ClaimResult:
+    """``claim`` with its verdict "not comparable" when a setting it reads has fewer trained seeds than the design
+    asks (issue 18: n >= 5 in every cell), e.g. while a setting's runs are still being trained; what the rule reads
+    on the seeds there are is kept as context.
+    """
+    short = too_few_seeds(results.runs, settings_read(claim.rule))
+    if not short or claim.rule.test is None:
+        return claim
+    reading, claim.verdict = claim.verdict, NOT_COMPARABLE
+    context = (
+        f" Context only, not a verdict: on these seeds the rule reads '{reading}'." if reading != NOT_COMPARABLE else ""
+    )
+    claim.why = f"Not comparable: too few seeds yet: {'; '.join(short)}.{context} " + claim.why
+    return claim
+
+
 def guard_all(claims: Sequence[ClaimResult], results: Results) -> list[ClaimResult]:
-    """:func:`guard_under_trained`, then :func:`guard_not_run`, of every claim."""
-    return [guard_not_run(guard_under_trained(c, results), results) for c in claims]
+    """:func:`guard_under_trained`, :func:`guard_too_few_seeds`, then :func:`guard_not_run`, of every claim."""
+    return [guard_not_run(guard_too_few_seeds(guard_under_trained(c, results), results), results) for c in claims]
 
 
 __all__ = [
     "SECTION_READS",
     "guard_all",
     "guard_not_run",
+    "guard_too_few_seeds",
     "guard_under_trained",
     "settings_read",
+    "too_few_seeds",
     "under_trained_runs",
 ]
