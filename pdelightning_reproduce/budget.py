@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdelightning_reproduce.settings import SEEDS, SETTINGS, depth_lr_cells
+import yaml
+
+from pdelightning_reproduce.settings import SEEDS, SETTINGS, Setting, depth_lr_cells
 
 NEWSGROUPS_TRAIN_POSTS = 3000
 NEWSGROUPS_MAX_LEN = 128
@@ -117,10 +119,17 @@ CPU = Budget(
 )
 
 _V3_MAIN_CUT = {
-    "mnist": "none (the config: all 54,000 training images to the plateau criterion, 10 epochs at most)",
+    "mnist": "none (the config: all 54,000 training images to the plateau criterion, {} epochs at most)",
     "newsgroups": "none (the config: all 10,182 training posts, max_len 256, to the plateau of the validation loss, "
-    "30 epochs at most)",
+    "{} epochs at most)",
 }
+
+
+def _v3_main_cut(setting: Setting) -> str:
+    """The sentence for an uncut main setting, with its config's own epoch cap (so the two cannot drift apart)."""
+    cap = yaml.safe_load(setting.config_path.read_text())["trainer"]["max_epochs"]
+    return _V3_MAIN_CUT[setting.data].format(cap)
+
 V3 = Budget(
     "v3",
     "the v3 design (issue 18): 5 seeds in every cell, the main settings uncut (the 20 Newsgroups ones on the full "
@@ -129,7 +138,7 @@ V3 = Budget(
     main_seeds=SEEDS,
     sweep_seeds=SEEDS,
     overrides={s.name: _SWEEP_ARGS for s in SETTINGS if s.role == "sweep"},
-    cuts={s.name: _sweep_cut(SEEDS) if s.role == "sweep" else _V3_MAIN_CUT[s.data] for s in SETTINGS},
+    cuts={s.name: _sweep_cut(SEEDS) if s.role == "sweep" else _v3_main_cut(s) for s in SETTINGS},
 )
 
 BUDGETS: dict[str, Budget] = {b.name: b for b in (FULL, CPU, V3)}

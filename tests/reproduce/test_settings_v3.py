@@ -178,3 +178,12 @@ def test_newsgroups_variant_trains_and_analyses(tmp_path: Path) -> None:
         rows["quantity"]
     )
     assert meta["training_divergence"] in ("trained", "undecided") and "under_trained" in meta
+
+
+def test_the_v3_cut_of_a_main_setting_names_its_configs_epoch_cap() -> None:
+    """The sentence each run records (``cuts``) and the report prints says the cap the config trains under (it said
+    10 epochs for the MNIST mains after their configs moved to 30)."""
+    for s in SETTINGS:
+        if s.role == "main":
+            cap = _config(s.name)["trainer"]["max_epochs"]
+            assert V3.cut_for(s.name).endswith(f", {cap} epochs at most)"), s.name
