@@ -218,3 +218,43 @@ def compare_representations(
             if out.cross is not None:
                 out.values.append(("cka_vs_reference", names[i], out.cross[i, j]))
     return out
+
+
+def sample_labels(labels: Tensor | None, n: int, who: str = "LayerMutualInformation") -> Tensor:
+    """The ``[n]`` class labels of ``n`` samples: ``labels`` of shape ``[n]`` or ``[n, 1]``, as integers.
+
+    ``I(T;Y)`` here is between a layer's pooled representation of each sample and one label per sample, so labels of any
+    other shape (token-level labels ``[n, T]`` of token classification or language modelling, one-hot or soft labels
+    ``[n, C]``) are refused with the shape found rather than read as ``n`` labels of something else; ``who`` names
+    the caller in the message.
+
+    Raises:
+        RuntimeError: when there are no labels (``None``).
+        ValueError: when they are not one integer class per sample.
+
+        >>> sample_labels(torch.tensor([[2], [0]]), 2).tolist()
+        [2, 0]
+        >>> sample_labels(torch.zeros(2, 5, dtype=torch.long), 2)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: LayerMutualInformation needs one class label per sample ... shape [2, 5] (token-level labels, ...
+    """
+    if labels is None:
+        raise RuntimeError(
+            f"{who} needs labels: the validation batches must be (x, y) pairs (or dicts with a 'labels'/'label'/'y' "
+            "entry)"
+        )
+    if labels.shape[:1] == (n,) and labels.numel() == n and not labels.is_floating_point():
+        return labels.long().reshape(n)
+    shape = list(labels.shape)
+    if labels.is_floating_point():
+        kind = "not integer class labels"
+    elif labels.dim() >= 2:
+        kind = "token-level labels, as in token classification or language modelling"
+    else:
+        kind = "not one per sample"
+    raise ValueError(
+        f"{who} needs one class label per sample ([{n}] or [{n}, 1] for these {n} samples), but the "
+        f"probe batch's labels have shape {shape} ({kind}); I(T;Y) of pooled sample representations is defined for "
+        "sequence- or image-level classification only"
+    )

@@ -39,7 +39,7 @@ from pdelightning.analysis.information_layers import (
     kde_information_layers,
     kde_mutual_information_layers,
 )
-from pdelightning.analysis.representation import pool_tokens
+from pdelightning.analysis.representation import pool_tokens, sample_labels
 from pdelightning.callbacks._input_hash import input_hash
 from pdelightning.callbacks.base import ProbeCallback
 from pdelightning.plots import information_plane_figure
@@ -54,36 +54,6 @@ POOLINGS = ("mean", "flatten")
 
 
 # ---- the callback -------------------------------------------------------------------------------------
-def sample_labels(labels: Tensor, n: int) -> Tensor:
-    """The ``[n]`` class labels of ``n`` samples: ``labels`` of shape ``[n]`` or ``[n, 1]``, as integers.
-
-    ``I(T;Y)`` here is between a layer's pooled representation of each sample and one label per sample, so labels of any
-    other shape (token-level labels ``[n, T]`` of token classification or language modelling, one-hot or soft labels
-    ``[n, C]``) are refused with the shape found rather than read as ``n`` labels of something else.
-
-        >>> sample_labels(torch.tensor([[2], [0]]), 2).tolist()
-        [2, 0]
-        >>> sample_labels(torch.zeros(2, 5, dtype=torch.long), 2)  # doctest: +ELLIPSIS
-        Traceback (most recent call last):
-        ...
-        ValueError: LayerMutualInformation needs one class label per sample ... shape [2, 5] (token-level labels, ...
-    """
-    if labels.shape[:1] == (n,) and labels.numel() == n and not labels.is_floating_point():
-        return labels.long().reshape(n)
-    shape = list(labels.shape)
-    if labels.is_floating_point():
-        kind = "not integer class labels"
-    elif labels.dim() >= 2:
-        kind = "token-level labels, as in token classification or language modelling"
-    else:
-        kind = "not one per sample"
-    raise ValueError(
-        f"LayerMutualInformation needs one class label per sample ([{n}] or [{n}, 1] for these {n} samples), but the "
-        f"probe batch's labels have shape {shape} ({kind}); I(T;Y) of pooled sample representations is defined for "
-        "sequence- or image-level classification only"
-    )
-
-
 class LayerMutualInformation(ProbeCallback):
     """Track ``I(X;T_l)`` and ``I(T_l;Y)`` of every layer over training and draw the information plane.
 
@@ -142,8 +112,7 @@ class LayerMutualInformation(ProbeCallback):
         TargetNotFoundError: at ``setup`` when the model has no layers to analyse (e.g. a plain MLP) and no
             ``layers`` glob is given.
         RuntimeError: when the probe batches carry no labels.
-        ValueError: in a probe, when the labels are not one integer class per sample (:func:`sample_labels`), e.g.
-            token-level labels ``[B, T]``.
+        ValueError: in a probe, when the labels are not one class per sample (e.g. token-level ``[B, T]``).
 
     Example::
 
@@ -253,11 +222,6 @@ class LayerMutualInformation(ProbeCallback):
 
     @override
     def consume(self, pb: ProbeBatch) -> None:
-        if pb.labels is None:
-            raise RuntimeError(
-                "LayerMutualInformation needs labels: the validation batches must be (x, y) pairs "
-                "(or dicts with a 'labels'/'label'/'y' entry)"
-            )
         pad = ~pb.valid if pb.valid is not None else None
         pooled = {}
         for n in self._names:
@@ -271,7 +235,7 @@ class LayerMutualInformation(ProbeCallback):
                 )
             pooled[f"t/{n}"] = t
         rows = next(iter(pooled.values())).shape[0] if pooled else len(pb.logits)  # one label per pooled row
-        y = sample_labels(pb.labels, rows)
+        y = sample_labels(pb.labels, rows, type(self).__name__)
         self._store.update(pb.index, y=y, x_hash=input_hash(pb), **pooled)
 
     def estimate(self, ts: dict[str, Tensor], y: Tensor) -> tuple[dict[str, tuple[float, float]], float, float]:

@@ -18,6 +18,7 @@ from pdelightning.analysis.representation import (
     layer_correlation,
     padding_mask_from_inputs,
     pool_tokens,
+    sample_labels,
 )
 
 
@@ -110,3 +111,16 @@ def test_compare_representations_against_the_pairwise_functions() -> None:
 
 def test_doctests() -> None:
     assert doctest.testmod(representation, raise_on_error=False).failed == 0
+
+
+def test_sample_labels_takes_one_class_per_sample_and_names_any_other_shape() -> None:
+    assert sample_labels(torch.tensor([3, 1, 2]), 3).tolist() == [3, 1, 2]
+    assert sample_labels(torch.tensor([True, False]), 2).tolist() == [1, 0]
+    with pytest.raises(RuntimeError, match="needs labels"):
+        sample_labels(None, 3)
+    with pytest.raises(ValueError, match=r"shape \[3, 4\] \(not integer class labels\)"):
+        sample_labels(torch.rand(3, 4), 3)  # one-hot or soft labels
+    with pytest.raises(ValueError, match=r"shape \[6\] \(not one per sample\)"):
+        sample_labels(torch.arange(6), 3)
+    with pytest.raises(ValueError, match=r"^PerturbationEval needs one class label per sample \(\[2\] or \[2, 1\]"):
+        sample_labels(torch.zeros(2, 7, dtype=torch.long), 2, who="PerturbationEval")
