@@ -130,6 +130,7 @@ def _v3_main_cut(setting: Setting) -> str:
     cap = yaml.safe_load(setting.config_path.read_text())["trainer"]["max_epochs"]
     return _V3_MAIN_CUT[setting.data].format(cap)
 
+
 V3 = Budget(
     "v3",
     "the v3 design (issue 18): 5 seeds in every cell, the main settings uncut (the 20 Newsgroups ones on the full "
