@@ -1,7 +1,8 @@
 """One module per claim section of the report; each returns a structured :class:`~.common.Section`.
 
 :func:`build_sections` runs them all in report order. The PDE-lens section appears only when its quantities exist.
-Every verdict that reads an under-trained main run is then made "not comparable: under-trained" (:mod:`.training`).
+Every verdict that reads an under-trained main run is then made "not comparable: under-trained", and one that reads a
+main setting with fewer seeds than the design is judged without it (:mod:`.training`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pdelightning_reproduce.sections.lens import lens
 from pdelightning_reproduce.sections.perturbation import perturbation
 from pdelightning_reproduce.sections.refinement import refinement
 from pdelightning_reproduce.sections.runs import runs
-from pdelightning_reproduce.sections.training import guard_all
+from pdelightning_reproduce.sections.training import guard_all, held_back
 from pdelightning_reproduce.summary import Results
 
 __all__ = ["FigureSpec", "Section", "Table", "build_sections"]
@@ -25,9 +26,13 @@ BUILDERS = (runs, table2, table3, attention, bottleneck, gradients, perturbation
 
 
 def build_sections(results: Results) -> list[Section]:
-    """Every section, in report order (the PDE lens last, when present); verdicts on under-trained runs guarded."""
+    """Every section, in report order (the PDE lens last, when present); verdicts on under-trained runs and on
+    settings with too few seeds guarded.
+    """
     sections = [build(results) for build in BUILDERS]
+    partial = held_back(results)  # settings with fewer seeds than the design: claims judged without them too
+    without = {c.rule.id: c for build in BUILDERS for c in build(partial).claims} if partial is not None else None
     for sec in sections:
-        sec.claims = guard_all(sec.claims, results)
+        sec.claims = guard_all(sec.claims, results, without)
     extra = lens(results)
     return sections + ([extra] if extra is not None else [])

@@ -16,7 +16,7 @@ import pandas as pd
 
 from pdelightning_reproduce.divergence import recorded_under_trained
 from pdelightning_reproduce.rules import Rule
-from pdelightning_reproduce.settings import SEEDS
+from pdelightning_reproduce.settings import SEEDS, SETTINGS
 from pdelightning_reproduce.summary import Results
 from pdelightning_reproduce.verdicts import NOT_COMPARABLE, ClaimResult
 
@@ -141,25 +141,54 @@ def too_few_seeds(runs: pd.DataFrame, settings: Sequence[str]) -> list[str]:
     return out
 
 
-def guard_too_few_seeds(claim: ClaimResult, results: Results) -> ClaimResult:
-    """``claim`` with its verdict "not comparable" when a setting it reads has fewer trained seeds than the design
-    asks (issue 18: n >= 5 in every cell), e.g. while a setting's runs are still being trained; what the rule reads
-    on the seeds there are is kept as context.
+def guard_too_few_seeds(claim: ClaimResult, results: Results, without: ClaimResult | None = None) -> ClaimResult:
+    """``claim`` judged as if a setting with fewer trained seeds than the design asks (issue 18: n >= 5 in every cell;
+    e.g. while its runs are still being trained) had not been run, with what the rule reads on the seeds there are
+    kept as context.
+
+    ``without`` is the same rule judged on ``results`` without those settings: its verdict is taken when it is decided
+    (a claim that holds or fails whatever the partial setting shows), else the claim is "not comparable: too few seeds
+    yet". So a verdict never rests on fewer seeds than the design, and adding the partial seeds cannot decide what
+    their absence left open.
     """
     short = too_few_seeds(results.runs, settings_read(claim.rule))
     if not short or claim.rule.test is None:
         return claim
-    reading, claim.verdict = claim.verdict, NOT_COMPARABLE
-    context = (
-        f" Context only, not a verdict: on these seeds the rule reads '{reading}'." if reading != NOT_COMPARABLE else ""
-    )
+    reading = f"on the seeds there are the rule reads '{claim.verdict}'"
+    if without is not None and without.verdict != NOT_COMPARABLE:
+        without.why = f"Decided without {'; '.join(short)} (too few seeds yet; {reading}). " + without.why
+        return without
+    context = f" Context only, not a verdict: {reading}." if claim.verdict != NOT_COMPARABLE else ""
+    claim.verdict = NOT_COMPARABLE
     claim.why = f"Not comparable: too few seeds yet: {'; '.join(short)}.{context} " + claim.why
     return claim
 
 
-def guard_all(claims: Sequence[ClaimResult], results: Results) -> list[ClaimResult]:
-    """:func:`guard_under_trained`, :func:`guard_too_few_seeds`, then :func:`guard_not_run`, of every claim."""
-    return [guard_not_run(guard_too_few_seeds(guard_under_trained(c, results), results), results) for c in claims]
+def held_back(results: Results) -> Results | None:
+    """``results`` without the main settings that have fewer trained seeds than the design (:func:`too_few_seeds`),
+    or ``None`` when there are none.
+    """
+    mains = [s.name for s in SETTINGS if s.role == "main"]
+    partial = [s for s in mains if too_few_seeds(results.runs, [s])]
+    if not partial:
+        return None
+    df, runs = results.df, results.runs
+    return Results(df[~df["setting"].isin(partial)], runs[~runs["setting"].isin(partial)], results.compute)
+
+
+def guard_all(
+    claims: Sequence[ClaimResult], results: Results, without: dict[str, ClaimResult] | None = None
+) -> list[ClaimResult]:
+    """:func:`guard_under_trained`, :func:`guard_too_few_seeds` (``without``: the claims judged on
+    :func:`held_back` results, by rule id), then :func:`guard_not_run`, of every claim.
+    """
+    out = []
+    for c in claims:
+        c = guard_under_trained(c, results)
+        alt = (without or {}).get(c.rule.id)
+        c = guard_too_few_seeds(c, results, guard_under_trained(alt, results) if alt is not None else None)
+        out.append(guard_not_run(c, results))
+    return out
 
 
 __all__ = [
@@ -168,6 +197,7 @@ __all__ = [
     "guard_not_run",
     "guard_too_few_seeds",
     "guard_under_trained",
+    "held_back",
     "settings_read",
     "too_few_seeds",
     "under_trained_runs",
