@@ -31,7 +31,7 @@ from pdelightning_reproduce.rule_changes import CHANGES_AFTER_V3_RECORD, changed
 from pdelightning_reproduce.rules import BY_ID, CHANGES_AFTER_FIXING, INTERVAL
 from pdelightning_reproduce.sections import Section, build_sections
 from pdelightning_reproduce.sections.training import too_few_seeds
-from pdelightning_reproduce.settings import BY_NAME, SEEDS, SETTING_NAMES
+from pdelightning_reproduce.settings import MAIN_SETTING_NAMES, SEEDS, SETTING_NAMES
 from pdelightning_reproduce.summary import Results
 
 #: What the v3 runs are, for the banner of a report made without them.
@@ -91,11 +91,11 @@ def provenance(results: Results) -> str:
             if absent
             else ""
         )
-        mains = [s for s in SETTING_NAMES if BY_NAME[s].role == "main"]
-        short = too_few_seeds(runs, mains)
+        short = too_few_seeds(runs, MAIN_SETTING_NAMES)
         partial = (
-            f" **Fewer seeds than the design's {len(SEEDS)}** (still being trained): {'; '.join(short)}; every verdict "
-            "that reads them is *not comparable: too few seeds yet*, with what the rule reads on them as context."
+            f" **Fewer seeds than the design's {len(SEEDS)}** (still being trained): {'; '.join(short)}; they count as "
+            "not run: a verdict that reads them is judged without them (and says so) where that decides it, else it "
+            "is *not comparable: too few seeds yet*; what the rule reads on their seeds is given as context."
             if short
             else ""
         )

@@ -244,6 +244,8 @@ SETTINGS: tuple[Setting, ...] = (
     ),
 )
 SETTING_NAMES: tuple[str, ...] = tuple(s.name for s in SETTINGS)
+#: The main settings (trained to their stopping rule and analysed in full), in report order.
+MAIN_SETTING_NAMES: tuple[str, ...] = tuple(s.name for s in SETTINGS if s.role == "main")
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_resume import _config, assert_same_history, scalar_history
+from tests.test_resume import _config, scalar_history
 
 ROOT = Path(__file__).resolve().parents[1]
 # DigitsDataModule: 1293 training images over 2 ranks in batches of 128: 6 steps per epoch. A checkpoint every 4 steps
-# is mid-epoch (steps 4 and 8); the interrupted run stops at step 4, the resumed one trains on to the end of epoch 2.
-CKPT_EVERY, STOP_AT = 4, 4
+# is mid-epoch (steps 4 and 8); the interrupted run stops at step 8 (batch 2 of epoch 1, whose order differs from
+# epoch 0's), the resumed one trains on to the end of epoch 1 (step 12).
+CKPT_EVERY, STOP_AT = 4, 8
 
 
 def _fit(cfg: Path, save_dir: Path, *extra: str) -> None:
@@ -43,9 +44,9 @@ def test_ddp_mid_epoch_resume_ends_with_the_uninterrupted_weights(tmp_path: Path
     _fit(cfg, tmp_path / "reference")
     _fit(cfg, tmp_path / "stopped", f"--trainer.max_steps={STOP_AT}")
     stopped = tmp_path / "stopped" / "run" / "version_0" / "checkpoints"
-    mid = stopped / f"epoch=0-step={STOP_AT}.ckpt"
+    mid = stopped / f"epoch=1-step={STOP_AT}.ckpt"
     state = torch.load(mid, weights_only=True)
-    assert state["global_step"] == STOP_AT and state["epoch"] == 0  # a checkpoint inside epoch 0 (6 steps)
+    assert state["global_step"] == STOP_AT and state["epoch"] == 1  # a checkpoint inside epoch 1 (steps 7-12)
     _fit(cfg, tmp_path / "resumed", f"--ckpt_path={mid}")
     ref = tmp_path / "reference" / "run" / "version_0"
     res = tmp_path / "resumed" / "run" / "version_0"
@@ -55,9 +56,14 @@ def test_ddp_mid_epoch_resume_ends_with_the_uninterrupted_weights(tmp_path: Path
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
-    # what the resumed run logged is the uninterrupted run's at the same steps: validation (epoch ends, steps 6 and 12)
-    # and the training loss after the checkpoint
-    assert_same_history(ref, res, ("val/",))
+    # what the resumed run logged is the uninterrupted run's at the same steps: validation at the end of epoch 1 (logged
+    # at step 11; epoch 0's, at step 5, was logged by the interrupted run) and the training loss after the checkpoint
+    ref_val, res_val = scalar_history(ref, ("val/",)), scalar_history(res, ("val/",))
+    assert ref_val.keys() == res_val.keys() and ref_val
+    for tag, points in ref_val.items():
+        after = [p for p in points if p[0] > STOP_AT]
+        assert [s for s, _ in res_val[tag]] == [s for s, _ in after] and after, tag
+        assert [v for _, v in res_val[tag]] == pytest.approx([v for _, v in after], rel=1e-5), tag
     after = {t: [p for p in v if p[0] > STOP_AT] for t, v in scalar_history(ref, ("train/loss",)).items()}
     resumed = scalar_history(res, ("train/loss",))
     assert after.keys() == resumed.keys() and all(after.values())

@@ -221,7 +221,8 @@ def compare_representations(
 
 
 def sample_labels(labels: Tensor | None, n: int, who: str = "LayerMutualInformation") -> Tensor:
-    """The ``[n]`` class labels of ``n`` samples: ``labels`` of shape ``[n]`` or ``[n, 1]``, as integers.
+    """The ``[n]`` class labels of ``n`` samples: ``labels`` of shape ``[n]`` or ``[n, 1]`` with whole-number values
+    (integers, or floats such as a binary classifier's ``0.``/``1.`` targets), as integers.
 
     ``I(T;Y)`` here is between a layer's pooled representation of each sample and one label per sample, so labels of any
     other shape (token-level labels ``[n, T]`` of token classification or language modelling, one-hot or soft labels
@@ -230,7 +231,7 @@ def sample_labels(labels: Tensor | None, n: int, who: str = "LayerMutualInformat
 
     Raises:
         RuntimeError: when there are no labels (``None``).
-        ValueError: when they are not one integer class per sample.
+        ValueError: when they are not one whole-number class per sample.
 
         >>> sample_labels(torch.tensor([[2], [0]]), 2).tolist()
         [2, 0]
@@ -244,11 +245,13 @@ def sample_labels(labels: Tensor | None, n: int, who: str = "LayerMutualInformat
             f"{who} needs labels: the validation batches must be (x, y) pairs (or dicts with a 'labels'/'label'/'y' "
             "entry)"
         )
-    if labels.shape[:1] == (n,) and labels.numel() == n and not labels.is_floating_point():
+    one_per_sample = tuple(labels.shape) in ((n,), (n, 1))
+    whole = not labels.is_floating_point() or bool(torch.all(labels == labels.round()))  # e.g. BCE's 0./1. targets
+    if one_per_sample and whole:
         return labels.long().reshape(n)
     shape = list(labels.shape)
-    if labels.is_floating_point():
-        kind = "not integer class labels"
+    if labels.is_floating_point() and (one_per_sample or labels.dim() == 2):
+        kind = "not integer class labels" if one_per_sample else "one-hot or soft labels"
     elif labels.dim() >= 2:
         kind = "token-level labels, as in token classification or language modelling"
     else:

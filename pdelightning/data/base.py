@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import warnings
 from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
@@ -156,30 +157,56 @@ class ResumableDataLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.sampler if isinstance(self.sampler, ResumableRandomSampler) else None
         pending, self._pending = self._pending, None
-        skip = 0
-        if pending is not None and 0 < pending["batches"] < len(self):  # mid-epoch: the rest; at the end: a new epoch
-            skip = pending["batches"]
-        if not skip:
-            self._batches = 0
-            return self._count(super().__iter__())
+        batches = pending["batches"] if pending is not None else 0
+        seed = pending.get("seed") if pending is not None else None
+        n_batches = self._length()
+        if batches and n_batches is not None and batches > n_batches:
+            warnings.warn(
+                f"the checkpoint's epoch had handed out {batches} batches but this train loader has {n_batches} "
+                "(another batch size or number of processes?): the resumed run starts a new epoch",
+                stacklevel=2,
+            )
+        inside = pending is not None and 0 <= batches < (n_batches if n_batches is not None else math.inf)
+        if inside and sampler is not None and seed is not None:
+            sampler.resume_at(seed, batches * (self.batch_size or 1))
+            if batches:
+                state = torch.get_rng_state()  # the iterator draws a worker base seed the interrupted epoch had drawn
+                iterator = super().__iter__()
+                torch.set_rng_state(state)
+            else:
+                iterator = super().__iter__()
+            self._batches = batches
+            return self._count(iterator)
+        if inside and batches > 0:  # another sampler: drop what the interrupted epoch handed out
+            self._batches = batches
+            return self._count(self._after(batches))
+        self._batches = 0
+        return self._count(super().__iter__())
+
+    def _length(self) -> int | None:
+        try:
+            return len(self)
+        except TypeError:  # an iterable dataset without a length
+            return None
+
+    def _after(self, skip: int) -> Iterator[Any]:
+        """The epoch's batches after its first ``skip``, for a sampler other than :class:`ResumableRandomSampler` whose
+        order is fixed for the epoch (Lightning's ``DistributedSampler`` under DDP, a sequential one).
+
+        Nothing happens until the first batch is asked for: Lightning creates the iterator before it sets the
+        sampler's epoch (``set_epoch``), so the order is read only then. The first ``skip`` batches are loaded and
+        dropped (so each rank goes on from the next batch of its own order), and the random states (torch, numpy,
+        Python) are put back as they were before: the iterator's worker base seed and whatever loading those batches
+        drew had been drawn by the interrupted epoch before its checkpoint.
+        """
         states = torch.get_rng_state(), np.random.get_state(), random.getstate()
-        if sampler is not None and pending is not None and pending.get("seed") is not None:
-            sampler.resume_at(pending["seed"], skip * (self.batch_size or 1))
-            iterator = super().__iter__()
-        else:
-            # another sampler, e.g. Lightning's DistributedSampler under DDP (its order is fixed by its seed and the
-            # epoch Lightning sets): the first ``skip`` batches are loaded and dropped, so each rank continues its
-            # epoch's order from the next batch
-            iterator = super().__iter__()
-            for _ in itertools.islice(iterator, skip):
-                pass
-        # the iterator drew a worker base seed (and skipped batches may have drawn more) that the interrupted epoch
-        # had drawn before its checkpoint: the random states stay as the checkpoint restored them
+        iterator = super().__iter__()
+        for _ in itertools.islice(iterator, skip):
+            pass
         torch.set_rng_state(states[0])
         np.random.set_state(states[1])
         random.setstate(states[2])
-        self._batches = skip
-        return self._count(iterator)
+        yield from iterator
 
     def _count(self, iterator: Iterator[Any]) -> Iterator[Any]:
         for batch in iterator:

@@ -33,6 +33,6 @@ def build_sections(results: Results) -> list[Section]:
     partial = held_back(results)  # settings with fewer seeds than the design: claims judged without them too
     without = {c.rule.id: c for build in BUILDERS for c in build(partial).claims} if partial is not None else None
     for sec in sections:
-        sec.claims = guard_all(sec.claims, results, without)
+        sec.claims = guard_all(sec.claims, results, without, partial)
     extra = lens(results)
     return sections + ([extra] if extra is not None else [])

@@ -16,7 +16,7 @@ import pandas as pd
 
 from pdelightning_reproduce.divergence import recorded_under_trained
 from pdelightning_reproduce.rules import Rule
-from pdelightning_reproduce.settings import SEEDS, SETTINGS
+from pdelightning_reproduce.settings import MAIN_SETTING_NAMES, PAIRS, SEEDS
 from pdelightning_reproduce.summary import Results
 from pdelightning_reproduce.verdicts import NOT_COMPARABLE, ClaimResult
 
@@ -165,28 +165,35 @@ def guard_too_few_seeds(claim: ClaimResult, results: Results, without: ClaimResu
 
 
 def held_back(results: Results) -> Results | None:
-    """``results`` without the main settings that have fewer trained seeds than the design (:func:`too_few_seeds`),
-    or ``None`` when there are none.
+    """``results`` without the main settings that have fewer trained seeds than the design (:func:`too_few_seeds`)
+    and without the pair units built from them (``pair_<name>``, :data:`~pdelightning_reproduce.settings.PAIRS`), or
+    ``None`` when there are none.
     """
-    mains = [s.name for s in SETTINGS if s.role == "main"]
-    partial = [s for s in mains if too_few_seeds(results.runs, [s])]
+    partial = {s for s in MAIN_SETTING_NAMES if too_few_seeds(results.runs, [s])}
     if not partial:
         return None
+    dropped = partial | {f"pair_{p.name}" for p in PAIRS if {p.model, p.reference} & partial}
     df, runs = results.df, results.runs
-    return Results(df[~df["setting"].isin(partial)], runs[~runs["setting"].isin(partial)], results.compute)
+    return Results(df[~df["setting"].isin(dropped)], runs[~runs["setting"].isin(dropped)], results.compute)
 
 
 def guard_all(
-    claims: Sequence[ClaimResult], results: Results, without: dict[str, ClaimResult] | None = None
+    claims: Sequence[ClaimResult],
+    results: Results,
+    without: dict[str, ClaimResult] | None = None,
+    held: Results | None = None,
 ) -> list[ClaimResult]:
-    """:func:`guard_under_trained`, :func:`guard_too_few_seeds` (``without``: the claims judged on
-    :func:`held_back` results, by rule id), then :func:`guard_not_run`, of every claim.
+    """:func:`guard_under_trained`, :func:`guard_too_few_seeds`, then :func:`guard_not_run`, of every claim.
+
+    ``without``: the claims judged on ``held`` (:func:`held_back` of ``results``), by rule id; each is checked for
+    under-trained runs among the runs it was judged on.
     """
     out = []
     for c in claims:
         c = guard_under_trained(c, results)
         alt = (without or {}).get(c.rule.id)
-        c = guard_too_few_seeds(c, results, guard_under_trained(alt, results) if alt is not None else None)
+        alt = guard_under_trained(alt, held) if alt is not None and held is not None else None
+        c = guard_too_few_seeds(c, results, alt)
         out.append(guard_not_run(c, results))
     return out
 

@@ -116,11 +116,16 @@ def test_doctests() -> None:
 def test_sample_labels_takes_one_class_per_sample_and_names_any_other_shape() -> None:
     assert sample_labels(torch.tensor([3, 1, 2]), 3).tolist() == [3, 1, 2]
     assert sample_labels(torch.tensor([True, False]), 2).tolist() == [1, 0]
+    assert sample_labels(torch.tensor([[1.0], [0.0], [1.0]]), 3).tolist() == [1, 0, 1]  # BCE targets [B, 1]
     with pytest.raises(RuntimeError, match="needs labels"):
         sample_labels(None, 3)
-    with pytest.raises(ValueError, match=r"shape \[3, 4\] \(not integer class labels\)"):
-        sample_labels(torch.rand(3, 4), 3)  # one-hot or soft labels
+    with pytest.raises(ValueError, match=r"shape \[3\] \(not integer class labels\)"):
+        sample_labels(torch.tensor([0.2, 1.0, 0.0]), 3)  # regression targets
+    with pytest.raises(ValueError, match=r"shape \[3, 4\] \(one-hot or soft labels\)"):
+        sample_labels(torch.rand(3, 4), 3)
+    with pytest.raises(ValueError, match=r"shape \[3, 1, 1\] \(token-level labels"):
+        sample_labels(torch.zeros(3, 1, 1, dtype=torch.long), 3)
     with pytest.raises(ValueError, match=r"shape \[6\] \(not one per sample\)"):
         sample_labels(torch.arange(6), 3)
-    with pytest.raises(ValueError, match=r"^PerturbationEval needs one class label per sample \(\[2\] or \[2, 1\]"):
-        sample_labels(torch.zeros(2, 7, dtype=torch.long), 2, who="PerturbationEval")
+    with pytest.raises(ValueError, match=r"^MyProbe needs one class label per sample \(\[2\] or \[2, 1\]"):
+        sample_labels(torch.zeros(2, 7, dtype=torch.long), 2, who="MyProbe")

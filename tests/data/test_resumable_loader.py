@@ -66,27 +66,48 @@ def test_train_loader_of_the_data_modules_is_resumable() -> None:
 
 def test_resume_mid_epoch_with_a_distributed_sampler_continues_each_ranks_order() -> None:
     """Under DDP Lightning gives the loader a ``DistributedSampler``: a resumed epoch drops the batches each rank
-    already trained on and goes on from the next one of that rank's order, leaving the global RNG alone."""
+    already handed out and goes on from the next one of that rank's order, leaving the random states alone. Lightning
+    creates the iterator before it sets the sampler's epoch (``fit_loop.setup_data`` then ``on_advance_start``), so
+    the resumed loader is driven in that order, in epoch 1 (epoch 0's order differs)."""
+    import random
+
+    import numpy as np
     from torch.utils.data import DistributedSampler
 
-    def loader(rank: int) -> ResumableDataLoader:
+    def loader(rank: int, epoch: int | None = None) -> ResumableDataLoader:
         sampler = DistributedSampler(DATA, num_replicas=2, rank=rank, shuffle=True, seed=3)
-        sampler.set_epoch(1)
+        if epoch is not None:
+            sampler.set_epoch(epoch)
         return ResumableDataLoader(DATA, batch_size=3, sampler=sampler)
 
+    def rng() -> tuple[float, float, float]:
+        return float(torch.rand(1)), float(np.random.rand()), random.random()
+
     for rank in (0, 1):
-        full = [[int(v) for v in b] for (b,) in loader(rank)]  # 12 of 23 samples (one repeated to even out): 4 batches
-        assert len(full) == 4
-        interrupted = loader(rank)
+        full = [[int(v) for v in b] for (b,) in loader(rank, epoch=1)]  # 12 of 23 samples (one repeated): 4 batches
+        assert len(full) == 4 and full != [[int(v) for v in b] for (b,) in loader(rank, epoch=0)]
+        interrupted = loader(rank, epoch=1)
         it = iter(interrupted)
         next(it), next(it)
         state = interrupted.state_dict()
         assert state == {"seed": None, "batches": 2}
-        resumed = loader(rank)
+        resumed = loader(rank)  # a fresh sampler (epoch 0), as a restarted process builds it
         resumed.load_state_dict(state)
-        torch.manual_seed(0)
-        before = torch.rand(1)
-        torch.manual_seed(0)
-        rest = [[int(v) for v in b] for (b,) in resumed]
-        assert rest == full[2:] and torch.equal(torch.rand(1), before)
+        torch.manual_seed(0), np.random.seed(0), random.seed(0)
+        before = rng()
+        torch.manual_seed(0), np.random.seed(0), random.seed(0)
+        it = iter(resumed)
+        resumed.sampler.set_epoch(1)  # type: ignore[attr-defined]
+        rest = [[int(v) for v in b] for (b,) in it]
+        assert rest == full[2:] and rng() == before
         assert resumed.state_dict()["batches"] == 4
+
+
+def test_a_checkpoint_from_a_longer_epoch_starts_a_new_epoch_and_says_so() -> None:
+    import pytest
+
+    loader = ResumableDataLoader(DATA, batch_size=4, shuffle=True)  # 6 batches
+    loader.load_state_dict({"seed": 1, "batches": 9})
+    with pytest.warns(UserWarning, match="had handed out 9 batches but this train loader has 6"):
+        got = [int(v) for (b,) in loader for v in b]
+    assert sorted(got) == list(range(23))
