@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import random
 import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
-import numpy as np
 import torch
 import yaml
 from lightning.pytorch.cli import SaveConfigCallback
@@ -34,7 +32,7 @@ from typing_extensions import override
 from pdelightning._checks import LINKED_MODEL_ARGS
 from pdelightning.checkpointing import atomic_write
 from pdelightning.compat import set_batches_that_stepped
-from pdelightning.utils import InputError
+from pdelightning.utils import InputError, rng_states, set_rng_states
 
 
 class CheckpointMismatchError(InputError):
@@ -282,29 +280,6 @@ def hparams_logged(log_dir: str | Path) -> bool:
 
 
 # ---- random states -------------------------------------------------------------------------------------
-def rng_states() -> dict[str, Any]:
-    """The global random states of torch (CPU and CUDA), numpy and Python, as plain checkpointable values."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "python": [version, list(internal), gauss],
-    }
-
-
-def set_rng_states(states: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_states` returned."""
-    torch.set_rng_state(states["torch"])
-    if states.get("torch.cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["torch.cuda"])
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
 class RNGStateCheckpoint(L.Callback):
     """Save the global random states in every checkpoint and restore them when the checkpoint is loaded.
 

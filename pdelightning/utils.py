@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as L
+import numpy as np
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from pdelightning.compat import should_update_logs
@@ -55,3 +58,26 @@ def should_log(trainer: L.Trainer | None) -> bool:
     if trainer is None:
         return True
     return should_update_logs(trainer)
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states of torch (CPU and CUDA), numpy and Python, as plain checkpointable values."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
+    }
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    if states.get("torch.cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["torch.cuda"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 import warnings
 from collections.abc import Iterator, Sequence, Sized
 from typing import Any
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 from typing_extensions import override
 
 from pdelightning._checks import InputKind, check_choice  # noqa: F401 (check_choice: re-exported for the data modules)
+from pdelightning.utils import rng_states, set_rng_states
 
 PAD_ID = 0
 UNK_ID = 1
@@ -170,9 +170,9 @@ class ResumableDataLoader(DataLoader):
         if inside and sampler is not None and seed is not None:
             sampler.resume_at(seed, batches * (self.batch_size or 1))
             if batches:
-                state = torch.get_rng_state()  # the iterator draws a worker base seed the interrupted epoch had drawn
+                states = rng_states()  # the iterator draws a worker base seed the interrupted epoch had drawn
                 iterator = super().__iter__()
-                torch.set_rng_state(state)
+                set_rng_states(states)
             else:
                 iterator = super().__iter__()
             self._batches = batches
@@ -199,13 +199,11 @@ class ResumableDataLoader(DataLoader):
         Python) are put back as they were before: the iterator's worker base seed and whatever loading those batches
         drew had been drawn by the interrupted epoch before its checkpoint.
         """
-        states = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        states = rng_states()
         iterator = super().__iter__()
         for _ in itertools.islice(iterator, skip):
             pass
-        torch.set_rng_state(states[0])
-        np.random.set_state(states[1])
-        random.setstate(states[2])
+        set_rng_states(states)
         yield from iterator
 
     def _count(self, iterator: Iterator[Any]) -> Iterator[Any]:
