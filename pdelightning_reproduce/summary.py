@@ -205,7 +205,9 @@ class Results:
         self.df = summary.copy()
         for col in ("cell", "stage", "layer"):
             self.df[col] = self.df[col].fillna("").astype(str)
-        self.runs = runs if runs is not None else pd.DataFrame(columns=list(RUN_FIELDS))
+        runs = runs if runs is not None else pd.DataFrame()
+        # every field of a run record is a column, so a table from an older or partial record reads as missing values
+        self.runs = runs.reindex(columns=[*RUN_FIELDS, *(c for c in runs.columns if c not in RUN_FIELDS)])
         self._by_key = {k: g for k, g in self.df.groupby(["setting", "quantity"], sort=False)}
 
     @classmethod

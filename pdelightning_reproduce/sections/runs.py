@@ -12,7 +12,7 @@ from pdelightning_reproduce.rules import BY_ID, FIT_N, GRAD_N, INTERVAL, PROBE_N
 from pdelightning_reproduce.sections.common import Section, Table, cell, est
 from pdelightning_reproduce.settings import CHECKPOINT_STEPS, PAIRS, SETTINGS
 from pdelightning_reproduce.summary import Results
-from pdelightning_reproduce.verdicts import claim_result, fmt, seed_range
+from pdelightning_reproduce.verdicts import claim_result, fmt, invalid_unless, seed_range
 
 DISCLOSURES = (
     "**Twins in the old report.** `TransformerClassifier` and `PDEClassifier` build their modules in the same "
@@ -52,6 +52,14 @@ def _ours_lines(path: str) -> list[str]:
     return out
 
 
+def _number(x: object) -> float:
+    """``x`` as a float; NaN for a missing value (None, NaN, "")."""
+    try:
+        return float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def runs(results: Results) -> Section:
     """Run inventory, settings, the convergence precondition and the disclosures."""
     sec = Section("runs", "Runs, settings and disclosures")
@@ -71,13 +79,16 @@ def runs(results: Results) -> Section:
         f"steps {', '.join(map(str, SKIP_STEPS))}. "
         f"Intervals: {INTERVAL}."
     )
-    val = results.run_field("mnist_transformer", "val_acc")
-    rng = seed_range([float(v) for v in val.values() if v == v and v is not None])
+    val = {s: _number(v) for s, v in results.run_field("mnist_transformer", "val_acc").items()}
+    none = [str(s) for s, v in val.items() if v != v]
+    rng = invalid_unless(
+        seed_range(list(val.values())), not none, f"seed {', '.join(none)} of `mnist_transformer` has no final val/acc"
+    )
     sec.claims.append(
         claim_result(
             BY_ID["pre.mnist_transformer_converged"],
             {("val_acc_min", ""): rng},
-            ours=f"final val/acc per seed: {', '.join(fmt(float(v)) for v in val.values())}",
+            ours="final val/acc per seed: " + ", ".join(fmt(v) if v == v else "none" for v in val.values()),
         )
     )
     rows = []
@@ -89,7 +100,7 @@ def runs(results: Results) -> Section:
         status = collections.Counter(str(x) for x in g["status"])
         stops = collections.Counter(str(x) for x in g["stop_reason"])
         plateau = int(sum(_true(x) for x in g["plateau_met"]))
-        vals = [float(x) for x in g["val_acc"] if x == x and x is not None]
+        vals = [v for x in g["val_acc"] if (v := _number(x)) == v]
         recs = g.to_dict("records")
         judged = collections.Counter(str(x) for x in g.get("training_divergence", []) if str(x) not in ("", "nan"))
         under = sum(recorded_under_trained(rec) for rec in recs) if s.role == "main" else None
@@ -105,7 +116,7 @@ def runs(results: Results) -> Section:
                 ", ".join(f"{k} {v}" for k, v in judged.items()) or "not measured",
                 f"{np.median(steps):.0f}" if (steps := g["final_step"].dropna().astype(float)).size else "—",
                 cell(est(vals)),
-                f"{np.nansum(g['wall_s'].astype(float)):.0f}",
+                f"{np.nansum(w):.0f}" if (w := g["wall_s"].astype(float)).notna().any() else "—",
             ]
         )
     sec.tables.append(
@@ -213,7 +224,7 @@ def budget_table(results: Results) -> Table:
 def compute_table(results: Results) -> Table | None:
     """Wall time of training per device (runs.csv) and the CPU time of the background jobs (compute.json)."""
     r = results.runs
-    if r.empty or "wall_s" not in r:
+    if r.empty or r["wall_s"].isna().all():
         return None
     rows = []
     for device, d in r.groupby(r["device"].astype(str)):

@@ -8,8 +8,9 @@ import numpy as np
 
 from pdelightning_reproduce.rules import NEWSGROUPS_LAYERS
 from pdelightning_reproduce.sections.bottleneck import bottleneck
-from pdelightning_reproduce.sections.common import accuracy_text
+from pdelightning_reproduce.sections.common import accuracy_text, cell, est
 from pdelightning_reproduce.sections.runs import runs
+from pdelightning_reproduce.summary import Results
 from tests.reproduce.planted import Planter
 
 
@@ -70,3 +71,25 @@ def test_warning_when_the_fixed_estimator_reads_below_zero() -> None:
     below = planted(-1.5)
     assert len(below) == 2 and all("below zero" in n and "train/test shift" in n for n in below)
     assert planted(0.8) == []
+
+
+def test_a_seed_without_final_accuracy_cannot_pass_the_convergence_check() -> None:
+    """'Every seed must pass': a seed with no val/acc makes the precondition not comparable, never holds on the rest."""
+    p = Planter().run("mnist_transformer", val_acc=lambda s: None if s == 2 else 0.98)
+    claim = runs(p.results()).claims[0]
+    assert claim.verdict == "not comparable" and "seed 2 of `mnist_transformer` has no final val/acc" in claim.why
+    assert claim.ours == "final val/acc per seed: 0.9800, 0.9800, none, 0.9800, 0.9800"
+    full = runs(Planter().run("mnist_transformer", val_acc=0.98).results()).claims[0]
+    assert full.verdict == "holds"
+
+
+def test_a_run_table_without_some_fields_reads_as_missing_values() -> None:
+    """An older or partial runs.csv (no val_acc, final_step, wall_s column) still gives the runs section."""
+    r = Planter().run("mnist_transformer", val_acc=0.98).run("newsgroups_pde", val_acc=0.7).results()
+    thin = Results(r.df, r.runs.drop(columns=["val_acc", "final_step", "wall_s"]))
+    sec = runs(thin)
+    assert sec.claims[0].verdict == "not comparable"
+    table = next(t for t in sec.tables if t.headers[:2] == ["setting", "role"])
+    row = next(row for row in table.rows if row[0] == "newsgroups_pde")
+    assert row[2] == "5" and row[8] == "—" and row[9] == cell(est([])) and row[10] == "—"
+    assert not any(t.headers[0] == "device" for t in sec.tables)  # no wall times: no compute table
