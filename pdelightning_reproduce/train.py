@@ -134,6 +134,28 @@ def redirected(log: Path) -> Iterator[None]:
             os.close(saved[1])
 
 
+#: Where :func:`set_aside_earlier_attempt` keeps what an unfinished earlier attempt of a run left in its folder.
+EARLIER_ATTEMPT = "earlier_attempt"
+
+
+def set_aside_earlier_attempt(rdir: Path) -> None:
+    """Move what an earlier attempt left in the run folder ``rdir`` into ``rdir/earlier_attempt/`` (replacing an
+    older one there), so that nothing of it is read as this attempt's: the analysis reads every ``ckpt/step*.pt``,
+    and an attempt that was stopped after step 500 would otherwise lend its step-500 weights to a new attempt that
+    diverges at step 300. Nothing is deleted but the attempt before the last.
+    """
+    import shutil
+
+    left = [p for p in rdir.iterdir() if p.name != EARLIER_ATTEMPT] if rdir.is_dir() else []
+    if not left:
+        return
+    keep = rdir / EARLIER_ATTEMPT
+    shutil.rmtree(keep, ignore_errors=True)
+    keep.mkdir()
+    for p in left:
+        p.rename(keep / p.name)
+
+
 def train_run(
     spec: RunSpec,
     out: Path,
@@ -149,6 +171,7 @@ def train_run(
 
     s, cell = setting(spec.setting), spec.get_cell()
     rdir = spec.path(out)
+    set_aside_earlier_attempt(rdir)
     rdir.mkdir(parents=True, exist_ok=True)
     extra = list(extra or [])
     meta: dict[str, Any] = {

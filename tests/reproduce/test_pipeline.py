@@ -82,6 +82,29 @@ def test_pde_sweep_chooses_dt_so_eq21_at_initialisation_hits_its_target(tmp_path
     assert dt == pytest.approx(1.5 / coefficient) and torch.isfinite(torch.tensor(coefficient))
 
 
+def test_a_new_attempt_never_reads_what_an_earlier_attempt_left(tmp_path: Path) -> None:
+    """A run trained again (its earlier attempt was stopped) sets the earlier files aside: no stale checkpoint, event
+    file or summary is read as the new attempt's, and nothing of them is lost."""
+    mnist = fake_mnist(tmp_path / "mnist", n_train=64, n_test=16)
+    spec = RunSpec("mnist_transformer", "", 0)
+    rdir = spec.path(tmp_path / "runs")
+    (rdir / "ckpt").mkdir(parents=True)
+    stale = {"ckpt/step009999.pt": b"weights of the stopped attempt", "events.out.tfevents.1.vm.1.0": b"x"}
+    stale |= {"summary.csv": b"setting\n", "run.json": b'{"status": "running"}'}
+    for name, data in stale.items():
+        (rdir / name).write_bytes(data)
+    meta = train_run(spec, tmp_path / "runs", mnist, quick=True)
+    assert meta["status"] == "complete", meta.get("error")
+    steps = [step for step, _, _ in checkpoints(rdir)]
+    assert steps and 9999 not in steps and max(steps) == meta["final_step"]
+    assert not (rdir / "summary.csv").exists() and len(list(rdir.glob("events.out.tfevents.*"))) == 1
+    for name, data in stale.items():
+        assert (rdir / "earlier_attempt" / name).read_bytes() == data
+    meta = train_run(spec, tmp_path / "runs", mnist, quick=True)  # a third attempt keeps only the one before it
+    assert not (rdir / "earlier_attempt" / "ckpt" / "step009999.pt").exists()
+    assert json.loads((rdir / "earlier_attempt" / "run.json").read_text())["status"] == "complete"
+
+
 @pytest.mark.parametrize(
     ("bad", "says"),
     [
