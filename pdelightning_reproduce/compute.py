@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from pdelightning_reproduce.summary import COMPUTE_NAME, SUMMARY_NAME, read_summary
+from pdelightning_reproduce.summary import COMPUTE_NAME, SUMMARY_NAME, read_summary, unit_files
 
 
 def parse_duration(text: str) -> float:
@@ -85,7 +85,7 @@ def parity(gpu_units: Path, cpu_units: Path) -> dict[str, Any]:
     1e-9)``.
     """
     frames = []
-    for part in sorted(Path(gpu_units).rglob(SUMMARY_NAME)):
+    for part in unit_files(Path(gpu_units), SUMMARY_NAME):
         rel = part.parent.relative_to(gpu_units)
         mine = Path(cpu_units) / rel / SUMMARY_NAME
         if not mine.is_file():

@@ -19,6 +19,7 @@ from typing import Any
 
 from pdelightning_reproduce.recorder import CKPT_DIR, FINAL, read_payload, save_model, step_name
 from pdelightning_reproduce.settings import RunSpec
+from pdelightning_reproduce.summary import unit_files
 
 
 def regenerate_init(spec: RunSpec, out: Path, data_dir: Path, budget_name: str = "full", quick: bool = False) -> Path:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             line = next(ln for ln in reversed(progress) if f"trained {spec.id}:" in ln)
             payload = read_payload(final)
             cfg = yaml.safe_load(s.config_path.read_text())
-            device = next((json.loads(r.read_text())["device"] for r in args.units.rglob("run.json")), "cuda")
+            device = next((json.loads(r.read_text())["device"] for r in unit_files(args.units, "run.json")), "cuda")
             record = record_from_progress(line, payload, device, int(cfg["trainer"]["max_epochs"]))
             record.update(config=config_record(s.config), role=s.role, data=s.data)
             note = "GPU run: final weights from the GPU call; record rebuilt from its progress.log line"

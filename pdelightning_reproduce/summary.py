@@ -133,10 +133,19 @@ def read_summary(source: Path) -> pd.DataFrame:
         return _read_csv(source)
     if (source / MERGED_NAME).is_file():
         return _read_csv(source / MERGED_NAME)
-    parts = sorted(source.rglob(SUMMARY_NAME))
+    parts = unit_files(source, SUMMARY_NAME)
     if not parts:
         raise FileNotFoundError(f"no {MERGED_NAME} in {source} and no {SUMMARY_NAME} under it")
     return pd.concat([_read_csv(p) for p in parts], ignore_index=True)
+
+
+#: The folder inside a run's folder where ``train.train_run`` keeps what an unfinished earlier attempt left.
+EARLIER_ATTEMPT = "earlier_attempt"
+
+
+def unit_files(root: Path, name: str) -> list[Path]:
+    """Every file called ``name`` under ``root`` (sorted), except those of an earlier attempt of a run."""
+    return sorted(p for p in Path(root).rglob(name) if EARLIER_ATTEMPT not in p.relative_to(root).parts)
 
 
 def run_row(meta: dict[str, Any]) -> dict[str, Any]:
@@ -172,7 +181,7 @@ def read_runs(source: Path) -> pd.DataFrame:
         df = pd.read_csv(path, keep_default_na=False, na_values={c: [""] for c in RUN_FIELDS if c != "cell"})
         df["cell"] = df["cell"].astype(str)
         return df
-    metas = [json.loads(p.read_text()) for p in sorted(source.rglob("run.json"))]
+    metas = [json.loads(p.read_text()) for p in unit_files(source, "run.json")]
     return pd.DataFrame([run_row(m) for m in metas], columns=list(RUN_FIELDS)).fillna({"cell": ""})
 
 
@@ -181,13 +190,13 @@ def merge(root: Path, dest: Path) -> tuple[int, int]:
     ``dest/runs.csv``; returns the numbers of summary rows and runs.
     """
     root, dest = Path(root), Path(dest)
-    parts = sorted(root.rglob(SUMMARY_NAME))
+    parts = unit_files(root, SUMMARY_NAME)
     frames = [_read_csv(p) for p in parts]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(COLUMNS))
     df = df.sort_values(list(COLUMNS[:7]), kind="stable")
     rows = (Row(*r) for r in df[list(COLUMNS)].itertuples(index=False, name=None))
     n = write_rows(dest / MERGED_NAME, rows)
-    metas = [json.loads(p.read_text()) for p in sorted(root.rglob("run.json"))]
+    metas = [json.loads(p.read_text()) for p in unit_files(root, "run.json")]
     write_runs(dest / RUNS_NAME, metas)
     return n, len(metas)
 

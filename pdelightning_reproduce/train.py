@@ -33,6 +33,7 @@ from pdelightning_reproduce.divergence import divergence_of_record, under_traine
 from pdelightning_reproduce.recorder import RunRecorder
 from pdelightning_reproduce.rules import DIVERGENCE_LOSS_FACTOR
 from pdelightning_reproduce.settings import CHECKPOINT_STEPS, RunSpec, quick_overrides, setting
+from pdelightning_reproduce.summary import EARLIER_ATTEMPT
 
 #: Budgets whose runs stop only on a non-finite loss and are judged by :mod:`.divergence` afterwards.
 JUDGED_AFTERWARDS = ("v3",)
@@ -132,10 +133,6 @@ def redirected(log: Path) -> Iterator[None]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
-
-
-#: Where :func:`set_aside_earlier_attempt` keeps what an unfinished earlier attempt of a run left in its folder.
-EARLIER_ATTEMPT = "earlier_attempt"
 
 
 def set_aside_earlier_attempt(rdir: Path) -> None:

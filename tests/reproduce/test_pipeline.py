@@ -17,6 +17,7 @@ from pdelightning_reproduce.analyze import checkpoints
 from pdelightning_reproduce.measures import eq21_per_step
 from pdelightning_reproduce.recorder import load_model
 from pdelightning_reproduce.settings import RunSpec
+from pdelightning_reproduce.summary import read_runs
 from pdelightning_reproduce.train import train_run
 from tests.test_cli import fake_mnist
 
@@ -100,6 +101,8 @@ def test_a_new_attempt_never_reads_what_an_earlier_attempt_left(tmp_path: Path) 
     assert not (rdir / "summary.csv").exists() and len(list(rdir.glob("events.out.tfevents.*"))) == 1
     for name, data in stale.items():
         assert (rdir / "earlier_attempt" / name).read_bytes() == data
+    runs = read_runs(tmp_path / "runs")  # a runs root: the earlier attempt's run.json is not a run
+    assert len(runs) == 1 and runs["status"].tolist() == ["complete"]
     meta = train_run(spec, tmp_path / "runs", mnist, quick=True)  # a third attempt keeps only the one before it
     assert not (rdir / "earlier_attempt" / "ckpt" / "step009999.pt").exists()
     assert json.loads((rdir / "earlier_attempt" / "run.json").read_text())["status"] == "complete"
