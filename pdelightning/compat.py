@@ -6,7 +6,10 @@ and what it does when the name is gone. :data:`PRIVATE_NAMES` lists every privat
 methods overridden elsewhere), and ``tests/test_compat.py`` checks that each still exists in the installed
 Lightning, so an upgrade that removes one fails loudly in the tests rather than quietly in a user's run.
 
-Checked against Lightning 2.6 (2.6.6 installed when written); ``pyproject.toml`` allows ``lightning>=2.4``.
+Checked against Lightning 2.6 (2.6.6 installed when written; ``tests/test_compat.py`` passes on 2.6.0 too);
+``pyproject.toml`` asks for ``lightning>=2.6``: before 2.5.5 ``LightningCLI`` has no ``_parse_ckpt_path`` (so the
+``--ckpt_path`` check below would silently never run), and before 2.6 ``Trainer.fit`` has no ``weights_only``
+(the way to resume a trusted checkpoint that is not plain data).
 
 Overrides that cannot move here: :class:`~pdelightning.cli.PDELightningCLI` overrides three private methods of
 ``LightningCLI`` (``_parse_ckpt_path``, ``_instantiate_trainer``, ``_run_subcommand``; listed in
@@ -65,7 +68,7 @@ def callback_state_key(callback: Any, **kwargs: Any) -> str:
 # --- cli, task, resume, checkpointing ---
 
 CLI_PRIVATE_OVERRIDES = ("_parse_ckpt_path", "_instantiate_trainer", "_run_subcommand")
-"""Private methods of ``lightning.pytorch.cli.LightningCLI`` that ``PDELightningCLI`` overrides (Lightning 2.4-2.6):
+"""Private methods of ``lightning.pytorch.cli.LightningCLI`` that ``PDELightningCLI`` overrides (Lightning 2.6):
 ``_parse_ckpt_path`` (check ``--ckpt_path`` instead of merging its hyperparameters into the config),
 ``_instantiate_trainer`` (add the atomic checkpoint IO and the random-state callback) and ``_run_subcommand``
 (remove the log directory of a run that failed before its first step)."""
@@ -74,7 +77,7 @@ CLI_PRIVATE_OVERRIDES = ("_parse_ckpt_path", "_instantiate_trainer", "_run_subco
 def cli_hyperparameters() -> dict[str, Any] | None:
     """The hyperparameters LightningCLI hands the ``LightningModule`` it is instantiating, or ``None`` outside it.
 
-    Reads ``lightning.pytorch.core.mixins.hparams_mixin._given_hyperparameters`` (a ``ContextVar``; Lightning 2.4-2.6).
+    Reads ``lightning.pytorch.core.mixins.hparams_mixin._given_hyperparameters`` (a ``ContextVar``; Lightning 2.6).
     Fallback when it is gone: ``None`` (the task saves its hyperparameters as outside the CLI: the checkpoint then
     needs ``model=`` to load, as one written by a plain script).
     """
