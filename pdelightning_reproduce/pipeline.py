@@ -81,13 +81,19 @@ class Progress:
 
 
 def publish(out: Path, dest: Path, unit_dir: Path) -> None:
-    """Copy one unit's ``summary.csv`` and ``run.json`` / ``pair.json`` under ``dest/units/`` and re-merge."""
+    """Copy one unit's ``summary.csv`` and ``run.json`` / ``pair.json`` under ``dest/units/`` and re-merge.
+
+    A file the unit no longer has is removed from ``dest`` too (a redone run that failed keeps no summary of the
+    attempt before it).
+    """
     rel = unit_dir.relative_to(out)
     target = dest / "units" / rel
     target.mkdir(parents=True, exist_ok=True)
     for name in (SUMMARY_NAME, "run.json", "pair.json"):
         if (unit_dir / name).is_file():
             shutil.copy2(unit_dir / name, target / name)
+        else:
+            (target / name).unlink(missing_ok=True)
     merge(dest / "units", dest)
 
 

@@ -139,7 +139,8 @@ def read_summary(source: Path) -> pd.DataFrame:
     return pd.concat([_read_csv(p) for p in parts], ignore_index=True)
 
 
-#: The folder inside a run's folder where ``train.train_run`` keeps what an unfinished earlier attempt left.
+#: The folder inside a run's folder where ``train.train_run`` keeps what its earlier attempt left (an unfinished one,
+#: or a finished one redone with ``--no-skip-existing``).
 EARLIER_ATTEMPT = "earlier_attempt"
 
 
@@ -179,7 +180,7 @@ def read_runs(source: Path) -> pd.DataFrame:
     path = source if source.is_file() else source / RUNS_NAME
     if path.is_file():
         df = pd.read_csv(path, keep_default_na=False, na_values={c: [""] for c in RUN_FIELDS if c != "cell"})
-        df["cell"] = df["cell"].astype(str)
+        df["cell"] = df["cell"].astype(str) if "cell" in df else ""
         return df
     metas = [json.loads(p.read_text()) for p in unit_files(source, "run.json")]
     return pd.DataFrame([run_row(m) for m in metas], columns=list(RUN_FIELDS)).fillna({"cell": ""})
@@ -215,8 +216,11 @@ class Results:
         for col in ("cell", "stage", "layer"):
             self.df[col] = self.df[col].fillna("").astype(str)
         runs = runs if runs is not None else pd.DataFrame()
+        if not runs.empty and (missing := [c for c in ("setting", "seed") if c not in runs]):
+            raise ValueError(f"the run table has no {', '.join(missing)} column; its columns: {list(runs.columns)}")
         # every field of a run record is a column, so a table from an older or partial record reads as missing values
         self.runs = runs.reindex(columns=[*RUN_FIELDS, *(c for c in runs.columns if c not in RUN_FIELDS)])
+        self.runs["cell"] = self.runs["cell"].fillna("").astype(str)
         self._by_key = {k: g for k, g in self.df.groupby(["setting", "quantity"], sort=False)}
 
     @classmethod

@@ -20,6 +20,7 @@ import contextlib
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 import traceback
@@ -34,6 +35,9 @@ from pdelightning_reproduce.recorder import RunRecorder
 from pdelightning_reproduce.rules import DIVERGENCE_LOSS_FACTOR
 from pdelightning_reproduce.settings import CHECKPOINT_STEPS, RunSpec, quick_overrides, setting
 from pdelightning_reproduce.summary import EARLIER_ATTEMPT
+
+#: Where :func:`set_aside_earlier_attempt` gathers the files before they replace ``earlier_attempt/``.
+_MOVING = ".earlier_attempt.moving"
 
 #: Budgets whose runs stop only on a non-finite loss and are judged by :mod:`.divergence` afterwards.
 JUDGED_AFTERWARDS = ("v3",)
@@ -136,21 +140,26 @@ def redirected(log: Path) -> Iterator[None]:
 
 
 def set_aside_earlier_attempt(rdir: Path) -> None:
-    """Move what an earlier attempt left in the run folder ``rdir`` into ``rdir/earlier_attempt/`` (replacing an
-    older one there), so that nothing of it is read as this attempt's: the analysis reads every ``ckpt/step*.pt``,
-    and an attempt that was stopped after step 500 would otherwise lend its step-500 weights to a new attempt that
-    diverges at step 300. Nothing is deleted but the attempt before the last.
-    """
-    import shutil
+    """Move what an earlier attempt left in the run folder ``rdir`` into ``rdir/earlier_attempt/``.
 
-    left = [p for p in rdir.iterdir() if p.name != EARLIER_ATTEMPT] if rdir.is_dir() else []
-    if not left:
+    The earlier attempt is an unfinished one (stopped, killed, failed) or a finished one redone with
+    ``--no-skip-existing``. Nothing of it is then read as this attempt's: the analysis reads every
+    ``ckpt/step*.pt``, and an attempt stopped after step 500 would otherwise lend its step-500 weights to a new
+    attempt that diverges at step 300. The files go to a temporary folder first, which then replaces the
+    ``earlier_attempt/`` of the attempt before (the only thing deleted), so a kill midway loses nothing.
+
+    Raises:
+        OSError: when the files cannot be moved (``train_run`` records it as a failed run).
+    """
+    left = [p for p in rdir.iterdir() if p.name not in (EARLIER_ATTEMPT, _MOVING)] if rdir.is_dir() else []
+    moving = rdir / _MOVING
+    if not left and not moving.is_dir():
         return
-    keep = rdir / EARLIER_ATTEMPT
-    shutil.rmtree(keep, ignore_errors=True)
-    keep.mkdir()
+    moving.mkdir(exist_ok=True)
     for p in left:
-        p.rename(keep / p.name)
+        p.rename(moving / p.name)
+    shutil.rmtree(rdir / EARLIER_ATTEMPT, ignore_errors=True)
+    moving.rename(rdir / EARLIER_ATTEMPT)
 
 
 def train_run(
@@ -161,8 +170,11 @@ def train_run(
     extra: list[str] | None = None,
     budget_name: str = "full",
 ) -> dict:
-    """Train one run under the budget ``budget_name`` and write its ``run.json``; never raises (a failure is
-    recorded as ``status: failed``).
+    """Train one run under the budget ``budget_name`` and write its ``run.json``; a failure of the run is recorded
+    as ``status: failed``, not raised.
+
+    Raises:
+        OSError: only when an earlier attempt's files cannot be set aside (:func:`set_aside_earlier_attempt`).
     """
     import json
 

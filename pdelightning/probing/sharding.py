@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-try:  # torch >= 2.4
+try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover - older torch: nothing can be sharded this way
+except ImportError:  # pragma: no cover - a torch build without distributed support: nothing can be sharded this way
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 

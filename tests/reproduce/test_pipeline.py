@@ -17,7 +17,7 @@ from pdelightning_reproduce.analyze import checkpoints
 from pdelightning_reproduce.measures import eq21_per_step
 from pdelightning_reproduce.recorder import load_model
 from pdelightning_reproduce.settings import RunSpec
-from pdelightning_reproduce.summary import read_runs
+from pdelightning_reproduce.summary import read_runs, read_summary
 from pdelightning_reproduce.train import train_run
 from tests.test_cli import fake_mnist
 
@@ -103,9 +103,34 @@ def test_a_new_attempt_never_reads_what_an_earlier_attempt_left(tmp_path: Path) 
         assert (rdir / "earlier_attempt" / name).read_bytes() == data
     runs = read_runs(tmp_path / "runs")  # a runs root: the earlier attempt's run.json is not a run
     assert len(runs) == 1 and runs["status"].tolist() == ["complete"]
+    with pytest.raises(FileNotFoundError):  # nor its summary.csv the new attempt's (not analysed yet)
+        read_summary(tmp_path / "runs")
     meta = train_run(spec, tmp_path / "runs", mnist, quick=True)  # a third attempt keeps only the one before it
     assert not (rdir / "earlier_attempt" / "ckpt" / "step009999.pt").exists()
     assert json.loads((rdir / "earlier_attempt" / "run.json").read_text())["status"] == "complete"
+
+
+def test_setting_aside_survives_a_kill_midway(tmp_path: Path) -> None:
+    """Killed after some files were gathered, or after the attempt before was deleted: the next call finishes the
+    move and loses none of the earlier attempt's files."""
+    from pdelightning_reproduce.train import set_aside_earlier_attempt
+
+    rdir = tmp_path / "seed0"
+    (rdir / "earlier_attempt").mkdir(parents=True)
+    (rdir / "earlier_attempt" / "run.json").write_text("attempt 1")
+    (rdir / ".earlier_attempt.moving").mkdir()
+    (rdir / ".earlier_attempt.moving" / "run.json").write_text("attempt 2")  # gathered before the kill
+    (rdir / "summary.csv").write_text("attempt 2")  # not yet
+    set_aside_earlier_attempt(rdir)
+    assert sorted(p.name for p in rdir.iterdir()) == ["earlier_attempt"]
+    assert {p.name: p.read_text() for p in (rdir / "earlier_attempt").iterdir()} == {
+        "run.json": "attempt 2",
+        "summary.csv": "attempt 2",
+    }
+    (rdir / "earlier_attempt").rename(rdir / ".earlier_attempt.moving")  # killed after deleting attempt 1
+    set_aside_earlier_attempt(rdir)
+    assert sorted(p.name for p in rdir.iterdir()) == ["earlier_attempt"]
+    assert (rdir / "earlier_attempt" / "summary.csv").read_text() == "attempt 2"
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,18 @@ accuracy fallback to the probe set, and the warning when the rules' I(T;Y) estim
 
 from __future__ import annotations
 
-import numpy as np
+import json
+from pathlib import Path
 
+import numpy as np
+import pytest
+
+from pdelightning_reproduce.pipeline import publish
 from pdelightning_reproduce.rules import NEWSGROUPS_LAYERS
 from pdelightning_reproduce.sections.bottleneck import bottleneck
 from pdelightning_reproduce.sections.common import accuracy_text, cell, est
 from pdelightning_reproduce.sections.runs import runs
-from pdelightning_reproduce.summary import Results
+from pdelightning_reproduce.summary import Results, Row, read_runs, read_summary, write_rows
 from tests.reproduce.planted import Planter
 
 
@@ -93,3 +98,28 @@ def test_a_run_table_without_some_fields_reads_as_missing_values() -> None:
     row = next(row for row in table.rows if row[0] == "newsgroups_pde")
     assert row[2] == "5" and row[8] == "—" and row[9] == cell(est([])) and row[10] == "—"
     assert not any(t.headers[0] == "device" for t in sec.tables)  # no wall times: no compute table
+
+
+def test_a_run_table_without_cell_or_seed() -> None:
+    """No ``cell`` column: every run is a main run (cell ""); no ``seed`` or ``setting``: an error naming columns."""
+    r = Planter().run("mnist_transformer", val_acc=0.98).results()
+    no_cell = Results(r.df, r.runs.drop(columns=["cell"]))
+    assert runs(no_cell).claims[0].verdict == "holds"
+    with pytest.raises(ValueError, match=r"no seed column; its columns: \['setting'"):
+        Results(r.df, r.runs.drop(columns=["seed"]))
+
+
+def test_publishing_a_redone_unit_drops_the_files_it_no_longer_has(tmp_path: Path) -> None:
+    """A redone run that failed (run.json, no summary.csv) leaves no summary of the attempt before it in dest."""
+    out, dest = tmp_path / "runs", tmp_path / "pub"
+    unit = out / "mnist_pde" / "seed0"
+    unit.mkdir(parents=True)
+    (unit / "run.json").write_text(json.dumps({"setting": "mnist_pde", "cell": "", "seed": 0, "status": "complete"}))
+    write_rows(unit / "summary.csv", [Row("mnist_pde", "", 0, 10, "final", "val_acc", "", 0.9)])
+    publish(out, dest, unit)
+    assert len(read_summary(dest)) == 1
+    (unit / "summary.csv").unlink()
+    (unit / "run.json").write_text(json.dumps({"setting": "mnist_pde", "cell": "", "seed": 0, "status": "failed"}))
+    publish(out, dest, unit)
+    assert not (dest / "units" / "mnist_pde" / "seed0" / "summary.csv").exists() and read_summary(dest).empty
+    assert read_runs(dest)["status"].tolist() == ["failed"]
