@@ -145,8 +145,12 @@ EARLIER_ATTEMPT = "earlier_attempt"
 
 
 def unit_files(root: Path, name: str) -> list[Path]:
-    """Every file called ``name`` under ``root`` (sorted), except those of an earlier attempt of a run."""
-    return sorted(p for p in Path(root).rglob(name) if EARLIER_ATTEMPT not in p.relative_to(root).parts)
+    """Every file called ``name`` under ``root`` (sorted), except those of an earlier attempt of a run (in
+    ``earlier_attempt/`` or on their way there).
+    """
+    return sorted(
+        p for p in Path(root).rglob(name) if not any(EARLIER_ATTEMPT in part for part in p.relative_to(root).parts)
+    )
 
 
 def run_row(meta: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pdelightning_reproduce.analyze import checkpoints
 from pdelightning_reproduce.measures import eq21_per_step
 from pdelightning_reproduce.recorder import load_model
 from pdelightning_reproduce.settings import RunSpec
-from pdelightning_reproduce.summary import read_runs, read_summary
+from pdelightning_reproduce.summary import read_runs, read_summary, unit_files
 from pdelightning_reproduce.train import train_run
 from tests.test_cli import fake_mnist
 
@@ -121,6 +121,7 @@ def test_setting_aside_survives_a_kill_midway(tmp_path: Path) -> None:
     (rdir / ".earlier_attempt.moving").mkdir()
     (rdir / ".earlier_attempt.moving" / "run.json").write_text("attempt 2")  # gathered before the kill
     (rdir / "summary.csv").write_text("attempt 2")  # not yet
+    assert unit_files(tmp_path, "run.json") == []  # neither folder is read as a run
     set_aside_earlier_attempt(rdir)
     assert sorted(p.name for p in rdir.iterdir()) == ["earlier_attempt"]
     assert {p.name: p.read_text() for p in (rdir / "earlier_attempt").iterdir()} == {
