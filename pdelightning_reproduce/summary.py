@@ -140,17 +140,17 @@ def read_summary(source: Path) -> pd.DataFrame:
 
 
 #: The folder inside a run's folder where ``train.train_run`` keeps what its earlier attempt left (an unfinished one,
-#: or a finished one redone with ``--no-skip-existing``).
+#: or a finished one redone with ``--no-skip-existing``), and the folder the files gather in on their way there.
 EARLIER_ATTEMPT = "earlier_attempt"
+EARLIER_ATTEMPT_MOVING = ".earlier_attempt.moving"
 
 
 def unit_files(root: Path, name: str) -> list[Path]:
     """Every file called ``name`` under ``root`` (sorted), except those of an earlier attempt of a run (in
     ``earlier_attempt/`` or on their way there).
     """
-    return sorted(
-        p for p in Path(root).rglob(name) if not any(EARLIER_ATTEMPT in part for part in p.relative_to(root).parts)
-    )
+    aside = {EARLIER_ATTEMPT, EARLIER_ATTEMPT_MOVING}
+    return sorted(p for p in Path(root).rglob(name) if not aside & set(p.relative_to(root).parts))
 
 
 def run_row(meta: dict[str, Any]) -> dict[str, Any]:

@@ -35,9 +35,7 @@ from pdelightning_reproduce.recorder import RunRecorder
 from pdelightning_reproduce.rules import DIVERGENCE_LOSS_FACTOR
 from pdelightning_reproduce.settings import CHECKPOINT_STEPS, RunSpec, quick_overrides, setting
 from pdelightning_reproduce.summary import EARLIER_ATTEMPT
-
-#: Where :func:`set_aside_earlier_attempt` gathers the files before they replace ``earlier_attempt/``.
-_MOVING = ".earlier_attempt.moving"
+from pdelightning_reproduce.summary import EARLIER_ATTEMPT_MOVING as _MOVING
 
 #: Budgets whose runs stop only on a non-finite loss and are judged by :mod:`.divergence` afterwards.
 JUDGED_AFTERWARDS = ("v3",)

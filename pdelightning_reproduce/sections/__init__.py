@@ -17,7 +17,7 @@ from pdelightning_reproduce.sections.lens import lens
 from pdelightning_reproduce.sections.perturbation import perturbation
 from pdelightning_reproduce.sections.refinement import refinement
 from pdelightning_reproduce.sections.runs import runs
-from pdelightning_reproduce.sections.training import guard_all, held_back
+from pdelightning_reproduce.sections.training import guard_all, guard_under_trained, held_back
 from pdelightning_reproduce.summary import Results
 
 __all__ = ["FigureSpec", "Section", "Table", "build_sections"]
@@ -31,8 +31,12 @@ def build_sections(results: Results) -> list[Section]:
     """
     sections = [build(results) for build in BUILDERS]
     partial = held_back(results)  # settings with fewer seeds than the design: claims judged without them too
-    without = {c.rule.id: c for build in BUILDERS for c in build(partial).claims} if partial is not None else None
+    without = (  # each checked for under-trained runs among the runs it was judged on
+        {c.rule.id: guard_under_trained(c, partial) for build in BUILDERS for c in build(partial).claims}
+        if partial is not None
+        else None
+    )
     for sec in sections:
-        sec.claims = guard_all(sec.claims, results, without, partial)
+        sec.claims = guard_all(sec.claims, results, without)
     extra = lens(results)
     return sections + ([extra] if extra is not None else [])

@@ -6,6 +6,7 @@ import collections
 import re
 
 import numpy as np
+import pandas as pd
 
 from pdelightning_reproduce.divergence import recorded_under_trained
 from pdelightning_reproduce.rules import BY_ID, FIT_N, GRAD_N, INTERVAL, PROBE_N, SKIP_STEPS
@@ -52,14 +53,6 @@ def _ours_lines(path: str) -> list[str]:
     return out
 
 
-def _number(x: object) -> float:
-    """``x`` as a float; NaN for a missing value (None, NaN, "")."""
-    try:
-        return float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return float("nan")
-
-
 def runs(results: Results) -> Section:
     """Run inventory, settings, the convergence precondition and the disclosures."""
     sec = Section("runs", "Runs, settings and disclosures")
@@ -79,7 +72,8 @@ def runs(results: Results) -> Section:
         f"steps {', '.join(map(str, SKIP_STEPS))}. "
         f"Intervals: {INTERVAL}."
     )
-    val = {s: _number(v) for s, v in results.run_field("mnist_transformer", "val_acc").items()}
+    field = results.run_field("mnist_transformer", "val_acc")
+    val = dict(zip(field, pd.to_numeric(pd.Series(list(field.values()), dtype=object), errors="coerce"), strict=True))
     none = [str(s) for s, v in val.items() if v != v]
     rng = invalid_unless(
         seed_range(list(val.values())), not none, f"seed {', '.join(none)} of `mnist_transformer` has no final val/acc"
@@ -100,7 +94,7 @@ def runs(results: Results) -> Section:
         status = collections.Counter(str(x) for x in g["status"])
         stops = collections.Counter(str(x) for x in g["stop_reason"])
         plateau = int(sum(_true(x) for x in g["plateau_met"]))
-        vals = [v for x in g["val_acc"] if (v := _number(x)) == v]
+        vals = pd.to_numeric(g["val_acc"], errors="coerce").dropna().tolist()
         recs = g.to_dict("records")
         judged = collections.Counter(str(x) for x in g.get("training_divergence", []) if str(x) not in ("", "nan"))
         under = sum(recorded_under_trained(rec) for rec in recs) if s.role == "main" else None

@@ -178,22 +178,17 @@ def held_back(results: Results) -> Results | None:
 
 
 def guard_all(
-    claims: Sequence[ClaimResult],
-    results: Results,
-    without: dict[str, ClaimResult] | None = None,
-    held: Results | None = None,
+    claims: Sequence[ClaimResult], results: Results, without: dict[str, ClaimResult] | None = None
 ) -> list[ClaimResult]:
     """:func:`guard_under_trained`, :func:`guard_too_few_seeds`, then :func:`guard_not_run`, of every claim.
 
-    ``without``: the claims judged on ``held`` (:func:`held_back` of ``results``), by rule id; each is checked for
-    under-trained runs among the runs it was judged on.
+    ``without``: the claims judged on :func:`held_back` results, by rule id, each already guarded for under-trained
+    runs among the runs it was judged on.
     """
     out = []
     for c in claims:
         c = guard_under_trained(c, results)
-        alt = (without or {}).get(c.rule.id)
-        alt = guard_under_trained(alt, held) if alt is not None and held is not None else None
-        c = guard_too_few_seeds(c, results, alt)
+        c = guard_too_few_seeds(c, results, (without or {}).get(c.rule.id))
         out.append(guard_not_run(c, results))
     return out
 
